@@ -1,0 +1,277 @@
+"""The model: configuration, the flat parameter buffer with named views, and the Python-facing
+forward/backward, step and generation calls that check their inputs and then call the kernels.
+
+Not here: training policy (train.py), file formats (checkpoint.py), sampling strategy options
+(generate.py). The maths lives in charrnn/kernels/core.py.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from charrnn import threads
+
+CELLS = ("lstm", "gru", "rnn")
+NONLINEARITIES = ("tanh", "relu")
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cell: str = "lstm"  # lstm | gru | rnn
+    layers: int = 2  # L, stacked recurrent layers
+    hidden: int = 256  # H, units per layer
+    vocab_size: int = 0  # V, tokens including <START>, <END>, <UNK>
+    nonlinearity: str = "tanh"  # rnn only: tanh | relu
+    dropout: float = 0.0  # on every layer's output (training only), never on the recurrent path
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}")
+        if self.nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}")
+        if self.layers < 1 or self.hidden < 1 or self.vocab_size < 4:
+            raise ValueError("layers and hidden must be >= 1 and the vocabulary must hold a character")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+
+    @property
+    def cell_id(self) -> int:
+        from charrnn.kernels import core
+
+        if self.cell == "lstm":
+            return core.LSTM
+        if self.cell == "gru":
+            return core.GRU
+        return core.RNN_RELU if self.nonlinearity == "relu" else core.RNN_TANH
+
+    @property
+    def G(self) -> int:
+        return GATES[self.cell]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def param_shapes(cfg: ModelConfig) -> "OrderedDict[str, tuple]":
+    """Checkpoint names and shapes, PyTorch's: (G*H, V|H), (G*H, H), (G*H,), (G*H,) per layer, then decoder."""
+    GH, H, V = cfg.G * cfg.hidden, cfg.hidden, cfg.vocab_size
+    shapes = OrderedDict()
+    for k in range(cfg.layers):
+        shapes[f"rnn.weight_ih_l{k}"] = (GH, V if k == 0 else H)
+        shapes[f"rnn.weight_hh_l{k}"] = (GH, H)
+        shapes[f"rnn.bias_ih_l{k}"] = (GH,)
+        shapes[f"rnn.bias_hh_l{k}"] = (GH,)
+    shapes["decoder.weight"] = (V, H)
+    shapes["decoder.bias"] = (V,)
+    return shapes
+
+
+class FlatParams:
+    """One contiguous buffer with a named view per parameter (so clipping and optimizers are one loop)."""
+
+    def __init__(self, cfg: ModelConfig, dtype=np.float32, data=None):
+        self.shapes = param_shapes(cfg)
+        self.offsets = OrderedDict()
+        o = 0
+        for name, shape in self.shapes.items():
+            self.offsets[name] = o
+            o += int(np.prod(shape))
+        self.size = o
+        if data is None:
+            data = np.zeros(o, dtype=dtype)
+        if data.shape != (o,) or not data.flags.c_contiguous:
+            raise ValueError(f"flat buffer must be contiguous of shape ({o},)")
+        self.data = data
+        self.views = OrderedDict(
+            (name, data[self.offsets[name] : self.offsets[name] + int(np.prod(s))].reshape(s))
+            for name, s in self.shapes.items()
+        )
+        # (L+1, 4) table of view starts for the kernels (row L: decoder weight, decoder bias)
+        L = cfg.layers
+        offs = np.zeros((L + 1, 4), dtype=np.int64)
+        for k in range(L):
+            for i, part in enumerate(("weight_ih", "weight_hh", "bias_ih", "bias_hh")):
+                offs[k, i] = self.offsets[f"rnn.{part}_l{k}"]
+        offs[L, 0] = self.offsets["decoder.weight"]
+        offs[L, 1] = self.offsets["decoder.bias"]
+        self.table = offs
+
+    def __getitem__(self, name):
+        return self.views[name]
+
+    def items(self):
+        return self.views.items()
+
+
+def _chunk_bounds(B: int, n: int) -> np.ndarray:
+    """Split B streams into n nearly equal contiguous chunks."""
+    n = max(1, min(n, B))
+    return np.array([(B * i) // n for i in range(n + 1)], dtype=np.int64)
+
+
+class Model:
+    """A character-level recurrent network with its parameters and the work buffers of its kernels."""
+
+    def __init__(self, cfg: ModelConfig, dtype=np.float32, theta=None):
+        self.cfg = cfg
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError("dtype must be float32 or float64")
+        self.params = FlatParams(cfg, self.dtype, theta)
+        self._ws_key = None
+        self._w0t = np.zeros((cfg.vocab_size, cfg.G * cfg.hidden), dtype=self.dtype)
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def theta(self) -> np.ndarray:
+        return self.params.data
+
+    @property
+    def n_params(self) -> int:
+        return self.params.size
+
+    def init(self, seed: int, forget_bias: float = 0.0) -> "Model":
+        """PyTorch's initialisation: every parameter uniform in +-1/sqrt(H); optionally the LSTM
+        forget-gate biases (bias_ih's f part) set to `forget_bias`."""
+        rng = np.random.Generator(np.random.PCG64(seed))
+        bound = 1.0 / np.sqrt(self.cfg.hidden)
+        self.params.data[:] = rng.uniform(-bound, bound, size=self.params.size)
+        if forget_bias and self.cfg.cell == "lstm":
+            H = self.cfg.hidden
+            for k in range(self.cfg.layers):
+                self.params[f"rnn.bias_ih_l{k}"][H : 2 * H] = forget_bias
+                self.params[f"rnn.bias_hh_l{k}"][H : 2 * H] = 0.0
+        return self
+
+    def zero_state(self, B: int):
+        L, H = self.cfg.layers, self.cfg.hidden
+        h = np.zeros((L, B, H), dtype=self.dtype)
+        c = np.zeros((L, B, H), dtype=self.dtype)  # used by LSTM only; kept for one layout
+        return h, c
+
+    # ------------------------------------------------------------------ work buffers
+    def _workspace(self, T: int, B: int, backward: bool):
+        from charrnn.kernels import core
+
+        nch = min(threads.get_threads(), B)
+        key = (T, B, nch, backward)
+        if self._ws_key != key:
+            cfg = self.cfg
+            bounds = _chunk_bounds(B, nch)
+            nb_max = int(np.max(np.diff(bounds)))
+            n = int(core._ws_size(cfg.cell_id, cfg.layers, T, nb_max, cfg.hidden, cfg.vocab_size))
+            self._ws = np.zeros((len(bounds) - 1, n), dtype=self.dtype)
+            self._gws = np.zeros((len(bounds) - 1 if backward else 1, self.params.size), dtype=self.dtype)
+            self._bounds = bounds
+            self._ws_key = key
+        return self._ws, self._gws, self._bounds
+
+    # ------------------------------------------------------------------ forward / backward
+    def _check_batch(self, x, y, h, c, masks):
+        cfg = self.cfg
+        if x.ndim != 2 or x.dtype != np.int32 or not x.flags.c_contiguous:
+            raise ValueError("x must be a contiguous int32 (T, B) array")
+        if y.shape != x.shape or y.dtype != np.int32 or not y.flags.c_contiguous:
+            raise ValueError("y must be a contiguous int32 array shaped like x")
+        T, B = x.shape
+        if T < 1 or B < 1:
+            raise ValueError("a batch needs T >= 1 and B >= 1")
+        V = cfg.vocab_size
+        for a in (x, y):
+            if a.min() < 0 or a.max() >= V:
+                raise ValueError(f"token ids must be in [0, {V})")
+        shape = (cfg.layers, B, cfg.hidden)
+        for s in (h, c):
+            if s.shape != shape or s.dtype != self.dtype or not s.flags.c_contiguous:
+                raise ValueError(f"state must be contiguous {self.dtype} arrays of shape {shape}")
+        if masks is not None:
+            if masks.shape != (cfg.layers, T, B, cfg.hidden) or masks.dtype != self.dtype or not masks.flags.c_contiguous:
+                raise ValueError("masks must be a contiguous (L, T, B, H) array of the model's dtype")
+
+    def forward_backward(self, x, y, h, c, masks=None, backward=True):
+        """Loss of a (T, B) batch from state (h, c), and, if `backward`, its gradients.
+
+        Returns a dict: loss (mean NLL over T*B), nll (T, B) float64, h and c (final state, new
+        arrays), and with backward: grad (flat, same layout as theta; valid until the next call),
+        dh0 and dc0 (gradient of the initial state).
+        """
+        from charrnn.kernels import core
+
+        self._check_batch(x, y, h, c, masks)
+        cfg = self.cfg
+        T, B = x.shape
+        ws, gws, bounds = self._workspace(T, B, backward)
+        hT, cT = self.zero_state(B)
+        dh0, dc0 = self.zero_state(B)
+        nll = np.zeros((T, B), dtype=np.float64)
+        grad = np.zeros(self.params.size, dtype=self.dtype) if backward else np.zeros(1, dtype=self.dtype)
+        if masks is None:
+            masks = np.zeros((0, 1, 1, 1), dtype=self.dtype)
+        core._forward_backward(
+            cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
+            x, y, h, c, masks, hT, cT, nll, grad, dh0, dc0, self._w0t, ws, gws, bounds, backward,
+        )
+        out = {"loss": float(nll.mean()), "nll": nll, "h": hT, "c": cT}
+        if backward:
+            out.update(grad=grad, dh0=dh0, dc0=dc0)
+        return out
+
+    def dropout_masks(self, T: int, B: int, seed: int, step: int, out=None):
+        """Inverted-dropout masks (L, T, B, H) for a training step, decided by (seed, step) alone."""
+        from charrnn.kernels import core
+
+        cfg = self.cfg
+        shape = (cfg.layers, T, B, cfg.hidden)
+        if out is None or out.shape != shape:
+            out = np.empty(shape, dtype=self.dtype)
+        core._dropout_masks(out, np.uint64(seed), np.uint64(step), float(cfg.dropout))
+        return out
+
+    # ------------------------------------------------------------------ single steps and sampling
+    def _step_workspace(self, nb: int):
+        from charrnn.kernels import core
+
+        cfg = self.cfg
+        key = ("step", nb)
+        if getattr(self, "_step_key", None) != key:
+            n = int(core._ws_size(cfg.cell_id, cfg.layers, 1, nb, cfg.hidden, cfg.vocab_size))
+            self._step_ws = np.zeros(n, dtype=self.dtype)
+            core._fill_w0t(self._w0t, self.theta, self.params.table, cfg.G * cfg.hidden, cfg.vocab_size)
+            self._step_key = key
+        return self._step_ws
+
+    def refresh(self):
+        """Call after changing theta in place between single steps (the transposed layer-0 copy)."""
+        self._step_key = None
+
+    def feed(self, tokens, h, c):
+        """Feed a sequence of token ids (N,) to nb=state-width streams in lock step; returns logits of
+        the last step (nb, V). Used to warm the state up with a prime text."""
+        from charrnn.kernels import core
+
+        cfg = self.cfg
+        nb = h.shape[1]
+        ws = self._step_workspace(nb)
+        logits = np.zeros((nb, cfg.vocab_size), dtype=self.dtype)
+        tok = np.zeros(nb, dtype=np.int32)
+        for t in np.asarray(tokens, dtype=np.int32):
+            tok[:] = t
+            core._step(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
+                       self._w0t, tok, h, c, logits, ws)
+        return logits
+
+    def generate(self, tok, h, c, out, temp, top_k, top_p, banned, end_id, done, rng_state):
+        """Run the compiled generation loop for out.shape[0] steps; see kernels.core._generate."""
+        from charrnn.kernels import core
+
+        cfg = self.cfg
+        ws = self._step_workspace(tok.shape[0])
+        return int(core._generate(
+            cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table, self._w0t,
+            tok, h, c, out, out.shape[0], float(temp), int(top_k), float(top_p), banned, int(end_id), done,
+            rng_state, ws,
+        ))

@@ -1,0 +1,180 @@
+"""The vocabulary: characters <-> integer ids, the special tokens, one-hot encoding, JSON form.
+
+A token is one Unicode code point or one of the special tokens <START>, <END>, <UNK>, which have
+the fixed ids 0, 1, 2. Characters follow in code-point order. This module knows nothing about
+files or models.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from charrnn.errors import VocabError
+
+START, END, UNK = "<START>", "<END>", "<UNK>"
+SPECIALS = (START, END, UNK)
+START_ID, END_ID, UNK_ID = 0, 1, 2
+N_SPECIAL = len(SPECIALS)
+
+# Encoding works on chunks so a 100 MB text never needs a 400 MB UTF-32 copy at once.
+_CHUNK = 1 << 22
+
+
+def _code_points(text: str) -> np.ndarray:
+    """The code points of `text` as uint32 (surrogates pass through, so every str encodes)."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+
+
+def describe_chars(chars) -> str:
+    """A readable list of characters for error messages: printable ones quoted, others as U+XXXX."""
+    shown = []
+    for ch in chars:
+        if ch.isprintable() and not ch.isspace():
+            shown.append(repr(ch))
+        else:
+            shown.append(f"U+{ord(ch):04X}")
+    return ", ".join(shown)
+
+
+class Vocab:
+    """Characters and special tokens with fixed ids; immutable once built."""
+
+    def __init__(self, chars):
+        chars = sorted(set(chars))
+        for ch in chars:
+            if not isinstance(ch, str) or len(ch) != 1:
+                raise ValueError(f"vocabulary entries must be single characters, got {ch!r}")
+        self.chars = tuple(chars)
+        self.tokens = SPECIALS + self.chars
+        # Sorted code points: encoding is a binary search per character, done by numpy.
+        self._cps = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        self._index = {tok: i for i, tok in enumerate(self.tokens)}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_text(cls, text: str) -> "Vocab":
+        """The vocabulary of every distinct character in `text`."""
+        seen = np.zeros(0, dtype=np.uint32)
+        for start in range(0, len(text), _CHUNK):
+            seen = np.union1d(seen, _code_points(text[start : start + _CHUNK]))
+        return cls(chr(int(cp)) for cp in seen)
+
+    @classmethod
+    def from_tokens(cls, tokens) -> "Vocab":
+        """Rebuild from the list of tokens in id order (the checkpoint form); validates it strictly."""
+        tokens = list(tokens)
+        if tuple(tokens[:N_SPECIAL]) != SPECIALS:
+            raise ValueError(f"a vocabulary must start with {list(SPECIALS)}")
+        chars = tokens[N_SPECIAL:]
+        vocab = cls(chars)
+        if list(vocab.chars) != chars:
+            raise ValueError("vocabulary characters must be distinct single characters in code-point order")
+        return vocab
+
+    def to_json(self) -> str:
+        return json.dumps({"tokens": list(self.tokens)}, ensure_ascii=True)
+
+    @classmethod
+    def from_json(cls, data: str) -> "Vocab":
+        obj = json.loads(data)
+        if not isinstance(obj, dict) or not isinstance(obj.get("tokens"), list):
+            raise ValueError("vocabulary JSON must be an object with a 'tokens' list")
+        return cls.from_tokens(obj["tokens"])
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def size(self) -> int:
+        """V, the number of tokens including the special ones."""
+        return len(self.tokens)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Vocab) and self.tokens == other.tokens
+
+    def __hash__(self) -> int:
+        return hash(self.tokens)
+
+    def __repr__(self) -> str:
+        return f"Vocab({len(self.chars)} characters + {N_SPECIAL} special tokens)"
+
+    def __contains__(self, ch) -> bool:
+        return ch in self._index
+
+    def id_of(self, token: str) -> int:
+        return self._index[token]
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """The distinct characters of `text` that are not in the vocabulary, in code-point order."""
+        missing = np.zeros(0, dtype=np.uint32)
+        for start in range(0, len(text), _CHUNK):
+            cps = _code_points(text[start : start + _CHUNK])
+            _, known = self._lookup(cps)
+            missing = np.union1d(missing, cps[~known])
+        return [chr(int(cp)) for cp in missing]
+
+    # ------------------------------------------------------------------ encoding
+    def _lookup(self, cps: np.ndarray):
+        """(ids, known): ids of the code points (arbitrary where unknown) and a mask of known ones."""
+        if len(self._cps) == 0:
+            return np.full(len(cps), UNK_ID, dtype=np.int64), np.zeros(len(cps), dtype=bool)
+        pos = np.searchsorted(self._cps, cps)
+        pos_clipped = np.minimum(pos, len(self._cps) - 1)
+        known = self._cps[pos_clipped] == cps
+        return pos_clipped + N_SPECIAL, known
+
+    def encode(self, text: str, unknown: str = "error", dtype=np.int32) -> np.ndarray:
+        """Token ids of the characters of `text` (no START/END added).
+
+        unknown: "error" raises VocabError listing the unknown characters, "unk" maps them to
+        <UNK>, "skip" drops them.
+        """
+        if unknown not in ("error", "unk", "skip"):
+            raise ValueError(f"unknown must be 'error', 'unk' or 'skip', not {unknown!r}")
+        if unknown == "error":
+            missing = self.unknown_chars(text)
+            if missing:
+                raise VocabError(
+                    f"{len(missing)} character(s) not in the model's vocabulary: {describe_chars(missing[:20])}"
+                    + (" ..." if len(missing) > 20 else ""),
+                    unknown=missing,
+                )
+        parts = []
+        for start in range(0, len(text), _CHUNK):
+            ids, known = self._lookup(_code_points(text[start : start + _CHUNK]))
+            if unknown == "skip":
+                ids = ids[known]
+            else:
+                ids = np.where(known, ids, UNK_ID)
+            parts.append(ids.astype(dtype))
+        if not parts:
+            return np.zeros(0, dtype=dtype)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def decode(self, ids, specials: str = "drop") -> str:
+        """Text of a sequence of ids.
+
+        specials: "drop" omits <START>/<END> and shows <UNK> as U+FFFD (the replacement character);
+        "show" spells every special token out, e.g. "<END>".
+        """
+        ids = np.asarray(ids).ravel()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.size):
+            raise ValueError(f"token ids must be in [0, {self.size}), got {ids.min()}..{ids.max()}")
+        if specials == "show":
+            return "".join(self.tokens[i] for i in ids.tolist())
+        if specials != "drop":
+            raise ValueError(f"specials must be 'drop' or 'show', not {specials!r}")
+        table = ["", "", "\ufffd"] + list(self.chars)
+        return "".join(table[i] for i in ids.tolist())
+
+    def one_hot(self, ids, dtype=np.float32) -> np.ndarray:
+        """The real one-hot encoding: shape ids.shape + (V,), a 1 at each id."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.size):
+            raise ValueError(f"token ids must be in [0, {self.size})")
+        out = np.zeros(ids.shape + (self.size,), dtype=dtype)
+        np.put_along_axis(out, ids[..., None].astype(np.intp), 1, axis=-1)
+        return out
