@@ -1,0 +1,276 @@
+"""The command line: `charrnn train`, `charrnn sample`, `charrnn eval`.
+
+Thin on purpose: parse options, call the library, report. Results (samples, scores) go to stdout;
+everything else (progress, notes, errors) to stderr. Errors are one line and an exit status:
+1 a failed operation, 2 bad usage, 130 / 143 after SIGINT / SIGTERM. Heavy imports (numpy, numba)
+happen inside the commands so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from charrnn import __version__
+from charrnn.config import DEFAULTS
+
+EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
+EPILOG_SAMPLE = "Example: charrnn sample --temp 0.8 --length 500 | head -n 20"
+EPILOG_EVAL = "Example: charrnn eval sonnets.txt --json"
+
+
+def _fail(message: str, code: int):
+    click.echo(f"charrnn: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _quiet_exit_on_broken_pipe():
+    """The reader went away (`| head`): stop quietly with status 0, and keep Python's final flush
+    of stdout from complaining."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(0)
+
+
+def handle_errors(fn):
+    """Map charrnn's exceptions to a one-line message and an exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from charrnn.errors import CharrnnError
+
+        try:
+            return fn(*args, **kwargs)
+        except CharrnnError as e:
+            _fail(str(e), e.exit_code)
+        except BrokenPipeError:
+            _quiet_exit_on_broken_pipe()
+        except KeyboardInterrupt:
+            click.echo("charrnn: interrupted", err=True)
+            sys.exit(130)
+        except MemoryError:
+            _fail("out of memory; try a smaller model, batch or text", 1)
+
+    return wrapper
+
+
+def _threads_option(f):
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="Threads for the compiled core (default: every core).")(f)
+
+
+def _model_option(f):
+    return click.option("--model", "model_path", type=str, default=None, metavar="PATH",
+                        help="A checkpoint file, or a run directory (its best.npz). Default: the most recent run under ./runs.")(f)
+
+
+def _quiet_option(f):
+    return click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="charrnn")
+def cli():
+    """Character-level language models (LSTM, GRU, RNN) on the command line.
+
+    Train on a text file, then generate text in its style, or score other text.
+
+    \b
+      charrnn train shakespeare.txt
+      charrnn sample --temp 0.8 | head -n 20
+      charrnn eval sonnets.txt --json
+    """
+
+
+# ------------------------------------------------------------------------------------------ train
+@cli.command(epilog=EPILOG_TRAIN)
+@click.argument("corpus", nargs=-1, type=str)
+@click.option("--out", type=str, default=None, metavar="DIR", help="Run directory. Default: runs/<corpus file stem> (a new one if that holds a run).")
+@click.option("--resume", type=str, default=None, metavar="DIR", help="Continue the run in DIR from its last.npz (corpus and options come from it).")
+@click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=DEFAULTS.cell, help="Recurrent cell.")
+@click.option("--nonlinearity", type=click.Choice(["tanh", "relu"]), default=DEFAULTS.nonlinearity, help="For --cell rnn.")
+@click.option("--layers", type=click.IntRange(min=1), default=DEFAULTS.layers, help="Stacked recurrent layers.")
+@click.option("--hidden", type=click.IntRange(min=1), default=None, help="Units per layer. Default: chosen from the corpus size and time budget.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout on each layer's output. Default: chosen with the model size.")
+@click.option("--batch", type=click.IntRange(min=1), default=DEFAULTS.batch, help="Parallel streams per step (B).")
+@click.option("--seq", type=click.IntRange(min=1), default=DEFAULTS.seq, help="Backprop-through-time steps per update (T).")
+@click.option("--seq-warmup", type=click.IntRange(min=0), default=DEFAULTS.seq_warmup, metavar="STEPS", help="Grow T from 8 to --seq over this many steps (0: off).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr, help="Peak learning rate.")
+@click.option("--optimizer", type=click.Choice(["adam", "rmsprop", "sgd"]), default=DEFAULTS.optimizer, help="Optimizer.")
+@click.option("--schedule", type=click.Choice(["constant", "step", "cosine"]), default=DEFAULTS.schedule, help="Learning-rate schedule (cosine needs --decay-steps).")
+@click.option("--warmup", type=click.IntRange(min=0), default=DEFAULTS.warmup, metavar="STEPS", help="Linear learning-rate warm-up.")
+@click.option("--decay-every", type=click.IntRange(min=1), default=DEFAULTS.decay_every, metavar="STEPS", help="Step schedule: decay interval.")
+@click.option("--decay-factor", type=click.FloatRange(0, 1, min_open=True), default=DEFAULTS.decay_factor, help="Step schedule: decay factor.")
+@click.option("--decay-steps", type=click.IntRange(min=1), default=None, metavar="STEPS", help="Cosine schedule length.")
+@click.option("--clip", type=click.FloatRange(min=0), default=DEFAULTS.clip, help="Gradient clipping threshold (0: off).")
+@click.option("--clip-mode", type=click.Choice(["norm", "value"]), default=DEFAULTS.clip_mode, help="Clip the global norm, or each value.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this many passes over the text (default 10 if no budget is given).")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this much wall-clock time (with --resume: additional time).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Stop after this many updates in total.")
+@click.option("--val-frac", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.val_frac, help="Fraction of the text (its end) held out for validation.")
+@click.option("--docs", type=click.Choice(["line", "blank"]), default=None, help="Documents: one per line, or separated by blank lines.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="Steps between validations (default: about once per epoch, 200-2000).")
+@click.option("--patience", type=click.IntRange(min=1), default=None, help="Stop after this many validations without improvement.")
+@click.option("--forget-bias", type=float, default=DEFAULTS.forget_bias, help="LSTM forget-gate bias at initialisation.")
+@click.option("--encoding", type=str, default=None, help="Text encoding of the corpus (default: strict UTF-8).")
+@click.option("--seed", type=int, default=DEFAULTS.seed, help="Seed for initialisation and dropout.")
+@_threads_option
+@_quiet_option
+@handle_errors
+def train(corpus, out, resume, quiet, **opts):
+    """Train a model on CORPUS (one or more text files; - for stdin)."""
+    from charrnn.config import TrainConfig
+    from charrnn.errors import UsageError
+    from charrnn.train import Trainer
+
+    if resume:
+        if corpus:
+            raise UsageError("--resume takes the corpus from the run; do not give CORPUS too")
+        ctx = click.get_current_context()
+        changed = [k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
+                   and k not in ("steps", "epochs", "minutes", "threads")]
+        if changed:
+            raise UsageError("with --resume only --steps, --epochs, --minutes and --threads may be given "
+                             f"(options come from the run): {', '.join('--' + k.replace('_', '-') for k in changed)}")
+        trainer = Trainer.resume(resume, steps=opts["steps"], epochs=opts["epochs"], minutes=opts["minutes"],
+                                 quiet=quiet, threads_n=opts["threads"])
+    else:
+        if not corpus:
+            raise UsageError("give a corpus file (or - for stdin), or --resume DIR")
+        if opts["schedule"] == "cosine" and opts["decay_steps"] is None:
+            raise UsageError("--schedule cosine needs --decay-steps (the schedule must not depend on the budget, so runs resume exactly)")
+        cfg = TrainConfig(**opts)
+        trainer = Trainer.new(corpus, cfg, out, quiet=quiet)
+    result = trainer.run()
+    if not quiet:
+        import math
+
+        best = result["best_val"]
+        click.echo(f"done: {result['stop'] or 'finished'} after {result['step']} steps, "
+                   f"{result['chars_per_s']:,.0f} chars/s", err=True)
+        if math.isfinite(best):
+            click.echo(f"best validation loss {best:.4f} nats/char ({best / math.log(2):.4f} bits/char)", err=True)
+        click.echo(f"model: {os.path.join(result['out'], 'best.npz')}", err=True)
+        click.echo(f"sample from it: charrnn sample --model {result['out']}", err=True)
+
+
+# ------------------------------------------------------------------------------------------ sample
+@cli.command(epilog=EPILOG_SAMPLE)
+@_model_option
+@click.option("--temp", type=click.FloatRange(min=0), default=1.0, help="Softmax temperature (0: greedy).")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample only from the K most likely characters.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Sample from the smallest set holding probability P (nucleus).")
+@click.option("--length", type=click.IntRange(min=0), default=1000, help="Characters per sample (0: unbounded, or until the document ends).")
+@click.option("--num", type=click.IntRange(min=1), default=1, help="Number of samples, separated by a newline.")
+@click.option("--prime", type=str, default="", help="Text to warm the model up with; printed first.")
+@click.option("--no-prime-echo", is_flag=True, help="Do not print the prime text.")
+@click.option("--unknown", type=click.Choice(["error", "skip", "unk"]), default="error", help="Prime characters the model never saw.")
+@click.option("--seed", type=int, default=None, help="Seed for identical output on every run (default: random).")
+@_threads_option
+@_quiet_option
+@handle_errors
+def sample(model_path, temp, top_k, top_p, length, num, prime, no_prime_echo, unknown, seed, threads, quiet):
+    """Generate text from a trained model, streamed to stdout."""
+    from charrnn import checkpoint
+    from charrnn import threads as th
+    from charrnn.errors import VocabError
+    from charrnn.generate import SampleOptions, sample_chunks
+
+    path, guessed = checkpoint.resolve(model_path)
+    ck = checkpoint.load(path)
+    if not quiet:
+        cfg = ck.model.cfg
+        click.echo(f"charrnn: sampling from {path} ({cfg.cell} {cfg.layers}x{cfg.hidden})", err=True)
+    th.set_threads(threads)
+    opts = SampleOptions(temp=temp, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0,
+                         length=length, num=num, prime=prime, unknown=unknown, seed=seed)
+    try:
+        chunks = sample_chunks(ck.model, ck.vocab, opts)
+        out = sys.stdout
+        # samples advance in lock step; print them in order, buffering later ones
+        pending = [[] for _ in range(num)]
+        finished = [False] * num
+        current = 0
+        echo = prime if (prime and not no_prime_echo) else ""
+        out.write(echo)
+        out.flush()
+        for b, text, fin in chunks:
+            if b == current:
+                out.write(text)
+            else:
+                pending[b].append(text)
+            finished[b] = finished[b] or fin
+            while current < num and finished[current]:
+                out.write("\n")
+                current += 1
+                if current < num:
+                    out.write(echo + "".join(pending[current]))
+                    pending[current] = []
+            out.flush()
+    except VocabError as e:
+        from charrnn.errors import UsageError
+
+        raise UsageError(f"--prime: {e} (use --unknown skip or --unknown unk to go on anyway)") from None
+
+
+# ------------------------------------------------------------------------------------------ eval
+@cli.command("eval", epilog=EPILOG_EVAL)
+@click.argument("files", nargs=-1, required=True, type=str)
+@_model_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file on stdout.")
+@click.option("--docs", type=click.Choice(["line", "blank", "none"]), default=None,
+              help="Score as documents (default: as the model was trained).")
+@click.option("--encoding", type=str, default=None, help="Text encoding of the files (default: strict UTF-8).")
+@_threads_option
+@_quiet_option
+@handle_errors
+def eval_cmd(files, model_path, as_json, docs, encoding, threads, quiet):
+    """Score text: negative log-likelihood per character (nats), bits per character, perplexity."""
+    from charrnn import checkpoint
+    from charrnn import threads as th
+    from charrnn.data import read_text
+    from charrnn.evaluate import score_text
+
+    path, guessed = checkpoint.resolve(model_path)
+    ck = checkpoint.load(path)
+    if not quiet:
+        click.echo(f"charrnn: scoring with {path}", err=True)
+    th.set_threads(threads)
+    if docs is None:
+        docs = (ck.meta.get("train") or {}).get("docs")
+    elif docs == "none":
+        docs = None
+    for fname in files:
+        text = read_text(fname, encoding)
+        bar = None
+        if not quiet and len(text) > 200_000 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(text), unit="char", unit_scale=True, file=sys.stderr, leave=False)
+        score = score_text(ck.model, ck.vocab, text, docs=docs, progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        name = "<stdin>" if fname == "-" else fname
+        if as_json:
+            record = {"file": name, "model": path, "docs": docs}
+            record.update(score.to_dict())
+            click.echo(json.dumps(record))
+        else:
+            click.echo(f"{name}: {score.nats:.4f} nats/char, {score.bits:.4f} bits/char, perplexity {score.perplexity:.3f}, "
+                       f"{score.tokens:,} {'tokens' if docs else 'chars'} scored ({score.unk:,} unknown)")
+        sys.stdout.flush()
+
+
+def main():
+    cli(prog_name="charrnn")
+
+
+if __name__ == "__main__":
+    main()

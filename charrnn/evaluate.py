@@ -1,0 +1,76 @@
+"""Scoring text with a model: mean negative log-likelihood per character, bits per character and
+perplexity, exactly as DESIGN.md defines them. `charrnn eval` and training's validation both use
+this module, so the two numbers agree by construction.
+
+Definition. Stream mode: the text is fed as <START> c1 ... cN from a zero state and every c1..cN is
+scored (no <END>). Document mode: the model sees <START> d1 <END> <START> d2 <END> ... as in
+training, with the state carried across documents; every character and every <END> is scored, the
+<START> that follows an <END> is not (it is certain by construction). Characters outside the
+vocabulary are scored as <UNK> and counted separately.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from charrnn.data import encode_stream
+from charrnn.vocab import START_ID, UNK_ID, Vocab
+
+CHUNK = 512  # time steps per kernel call; state is carried between calls, so the result is exact
+
+
+@dataclass
+class Score:
+    nll: float  # total negative log-likelihood, nats
+    tokens: int  # positions scored (characters, plus one <END> per document in document mode)
+    unk: int  # scored positions whose character is not in the vocabulary
+
+    @property
+    def nats(self) -> float:
+        return self.nll / self.tokens if self.tokens else float("nan")
+
+    @property
+    def bits(self) -> float:
+        return self.nats / math.log(2)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats) if self.tokens else float("nan")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(nats_per_char=self.nats, bits_per_char=self.bits, perplexity=self.perplexity)
+        return d
+
+
+def score_tokens(model, tokens: np.ndarray, progress=None) -> Score:
+    """Score a token stream (starting with <START>) from a zero state, one stream, in chunks."""
+    tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+    n = len(tokens) - 1
+    total = 0.0
+    scored = 0
+    unk = 0
+    if n <= 0:
+        return Score(0.0, 0, 0)
+    h, c = model.zero_state(1)
+    for p in range(0, n, CHUNK):
+        q = min(p + CHUNK, n)
+        x = tokens[p:q].reshape(-1, 1)
+        y = tokens[p + 1 : q + 1].reshape(-1, 1)
+        out = model.forward_backward(np.ascontiguousarray(x), np.ascontiguousarray(y), h, c, backward=False)
+        keep = y[:, 0] != START_ID
+        total += float(out["nll"][keep, 0].sum())
+        scored += int(keep.sum())
+        unk += int((y[keep, 0] == UNK_ID).sum())
+        h, c = out["h"], out["c"]
+        if progress is not None:
+            progress(q - p)
+    return Score(total, scored, unk)
+
+
+def score_text(model, vocab: Vocab, text: str, docs: str | None = None, progress=None) -> Score:
+    tokens = encode_stream(vocab, text, docs, unknown="unk", end=docs is not None)
+    return score_tokens(model, tokens, progress=progress)
