@@ -1,0 +1,137 @@
+"""Compiled optimizer kernels over flat 1-D buffers: sum of squares, scaling, clipping by value, and
+the Adam, RMSprop and SGD updates.
+
+Numba only: no I/O, no allocation, no checks. The Python layer (charrnn/optim.py) checks dtypes,
+shapes and contiguity and then calls these `_` kernels, which trust their inputs. Parameters `theta`,
+gradients `g` and moments share one length and one dtype (float32 in real use, float64 in tests);
+each update is one loop over the buffer.
+
+Update rules are PyTorch's (torch.optim, single-tensor path), with step count t starting at 1:
+    Adam     g += wd*theta (if wd != 0); m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2
+             theta -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+    RMSprop  sq = alpha sq + (1-alpha) g^2; theta -= lr g / (sqrt(sq) + eps)
+    SGD      buf = g (t == 1) else momentum buf + g; theta -= lr buf      (momentum 0: theta -= lr g)
+"""
+
+import math
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from charrnn.kernels.jit import JIT
+
+
+def _like(a, v):  # pragma: no cover - `v` as the element type of array `a` (overload below)
+    return v
+
+
+@overload(_like)
+def _like_ov(a, v):
+    # Scalars arrive as float64; casting them once to the buffer's type keeps the float32 loops in
+    # float32 (Numba would otherwise promote every float32 op float64 to float64 and stop vectorising).
+    if isinstance(a, types.Array) and a.dtype == types.float32:
+        return lambda a, v: np.float32(v)
+    return lambda a, v: np.float64(v)
+
+
+@njit(**JIT)
+def _sumsq(g):
+    """Sum of g[i]^2 over the flat buffer g (n,), accumulated in float64. NaN/Inf propagate."""
+    s = 0.0
+    for i in range(g.size):
+        x = np.float64(g[i])
+        s += x * x
+    return s
+
+
+@njit(**JIT)
+def _scale(g, s):
+    """g (n,) *= s, in place."""
+    c = _like(g, s)
+    for i in range(g.size):
+        g[i] *= c
+
+
+@njit(**JIT)
+def _clip_value(g, c):
+    """Clamp each element of g (n,) to [-c, c] in place. NaN stays NaN (as torch.clamp_)."""
+    hi = _like(g, c)
+    lo = -hi
+    for i in range(g.size):
+        x = g[i]
+        # written as two comparisons so a NaN fails both and is kept
+        if x > hi:
+            g[i] = hi
+        elif x < lo:
+            g[i] = lo
+
+
+@njit(**JIT)
+def _adam(theta, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
+    """One Adam step on theta (n,) with gradient g (n,) and moments m, v (n,), all updated in place.
+
+    g is not modified (weight decay is added to a local copy of each element). t >= 1 is the step
+    count including this step.
+    """
+    # bias corrections in float64: 1 - beta2^t is tiny early on and float32 would lose its digits
+    step = _like(theta, lr / (1.0 - beta1**t))
+    bc2 = _like(theta, math.sqrt(1.0 - beta2**t))
+    b1 = _like(theta, beta1)
+    b2 = _like(theta, beta2)
+    a1 = _like(theta, 1.0 - beta1)
+    a2 = _like(theta, 1.0 - beta2)
+    e = _like(theta, eps)
+    wd = _like(theta, weight_decay)
+    if weight_decay != 0.0:
+        for i in range(theta.size):
+            gi = g[i] + wd * theta[i]  # L2 penalty folded into the gradient, as PyTorch does
+            mi = b1 * m[i] + a1 * gi
+            vi = b2 * v[i] + a2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            theta[i] -= step * mi / (math.sqrt(vi) / bc2 + e)
+    else:
+        # separate loop so wd*theta (NaN for an infinite theta) never enters when wd is 0
+        for i in range(theta.size):
+            gi = g[i]
+            mi = b1 * m[i] + a1 * gi
+            vi = b2 * v[i] + a2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            theta[i] -= step * mi / (math.sqrt(vi) / bc2 + e)
+
+
+@njit(**JIT)
+def _rmsprop(theta, g, sq, lr, alpha, eps):
+    """One RMSprop step (no momentum, not centred) on theta (n,), g (n,), running mean square sq (n,)."""
+    a = _like(theta, alpha)
+    a1 = _like(theta, 1.0 - alpha)
+    r = _like(theta, lr)
+    e = _like(theta, eps)
+    for i in range(theta.size):
+        gi = g[i]
+        s = a * sq[i] + a1 * gi * gi
+        sq[i] = s
+        theta[i] -= r * gi / (math.sqrt(s) + e)
+
+
+@njit(**JIT)
+def _sgd(theta, g, buf, lr, momentum, t):
+    """One SGD step on theta (n,) with gradient g (n,); momentum buffer buf (n,), unused (may be
+    empty) when momentum == 0. t >= 1 is the step count including this step."""
+    r = _like(theta, lr)
+    mu = _like(theta, momentum)
+    if momentum == 0.0:
+        for i in range(theta.size):
+            theta[i] -= r * g[i]
+    elif t == 1:
+        # PyTorch starts the buffer as a copy of the first gradient (no dampening)
+        for i in range(theta.size):
+            buf[i] = g[i]
+            theta[i] -= r * g[i]
+    else:
+        for i in range(theta.size):
+            b = mu * buf[i] + g[i]
+            buf[i] = b
+            theta[i] -= r * b
