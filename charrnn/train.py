@@ -29,7 +29,7 @@ from charrnn.data import BatchStream, compact_dtype, encode_stream, read_corpus,
 from charrnn.errors import CharrnnError, DataError, Interrupted, TrainingError, UsageError
 from charrnn.evaluate import score_tokens
 from charrnn.model import Model, ModelConfig
-from charrnn.optim import Schedule, clip_grad_norm, clip_grad_value, make_optimizer
+from charrnn.optim import Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
 from charrnn.vocab import Vocab
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
@@ -257,9 +257,10 @@ class Trainer:
             out = default_out_dir(corpus.name, runs_dir)
         elif os.path.exists(os.path.join(out, "last.npz")) or os.path.exists(os.path.join(out, "best.npz")):
             raise UsageError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-        _check_out_dir(out, need_bytes=4 * model.n_params * 4 * 3)
         opt = make_optimizer(cfg.optimizer, model.n_params, model.dtype, cfg.lr)
+        # everything that can reject the input happens in the constructor, before the directory exists
         trainer = cls(cfg, corpus, vocab, model, out, quiet, RunState(), opt, None)
+        _check_out_dir(out, need_bytes=4 * model.n_params * 4 * 3)
         if model.n_params > 2 * n_train and not quiet:
             print(f"warning: the model has {model.n_params:,} parameters for {n_train:,} training characters; "
                   "expect overfitting (consider a smaller --hidden or --layers, or more --dropout)", file=sys.stderr)
@@ -409,9 +410,11 @@ class Trainer:
                     grad = out["grad"]
                     if cfg.clip > 0 and cfg.clip_mode == "value":
                         clip_grad_value(grad, cfg.clip)
-                        norm = math.sqrt(float(np.dot(grad.astype(np.float64), grad)))
+                        norm = grad_norm(grad)
+                    elif cfg.clip > 0:
+                        norm = clip_grad_norm(grad, cfg.clip)
                     else:
-                        norm = clip_grad_norm(grad, cfg.clip if cfg.clip > 0 else math.inf)
+                        norm = grad_norm(grad)
                     if not (math.isfinite(loss) and math.isfinite(norm)):
                         bad += 1
                         st.lr_scale *= 0.5

@@ -1,0 +1,178 @@
+"""Training-step throughput of charrnn's compiled core against PyTorch, side by side.
+
+A full step: forward, backward, global-norm clipping, Adam update, hidden state carried. For each
+configuration (layers x hidden / batch x steps, V = 68 as tiny Shakespeare plus 3 special tokens)
+each side runs in its own subprocess (so peak RSS is its own), interleaved charrnn, torch,
+charrnn, torch ... and the medians are reported with the ratio, effective GFLOP/s and peak RSS.
+The CPU time other processes used during each timed part is measured (from /proc/stat) and a
+measurement is flagged when the machine was busy, since two threads on two cores collapse under
+any other load.
+
+    python benchmarks/train_throughput.py                 # all configs, 3 rounds
+    python benchmarks/train_throughput.py --configs A,B --rounds 5 --seconds 8
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/train_throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {  # name: (layers, hidden, batch, seq)
+    "A": (2, 128, 50, 50),
+    "B": (2, 256, 32, 64),
+    "C": (2, 512, 50, 50),
+    "D": (3, 512, 64, 100),
+}
+V = 68
+
+
+def step_flops(L, H, B, T, G=4):
+    """Effective FLOPs of one training step, one-hot input counted as a dense product (as PyTorch
+    computes it): forward matrix products, and twice that for backward."""
+    fwd = 0
+    for k in range(L):
+        In = V if k == 0 else H
+        fwd += 2 * G * H * (In + H)
+    fwd += 2 * V * H
+    return 3 * fwd * B * T
+
+
+def _busy_jiffies():
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    vals = [int(x) for x in parts]
+    idle = vals[3] + vals[4]
+    return sum(vals) - idle
+
+
+def _own_cpu():
+    t = os.times()
+    return t.user + t.system
+
+
+def worker(side, name, seconds, threads):
+    L, H, B, T = CONFIGS[name]
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(3, V, size=(T, B)).astype(np.int32)
+    y = rng.integers(3, V, size=(T, B)).astype(np.int32)
+    if side == "charrnn":
+        from charrnn import threads as th
+        from charrnn.model import Model, ModelConfig
+        from charrnn.optim import clip_grad_norm, make_optimizer
+
+        th.set_threads(threads)
+        m = Model(ModelConfig(cell="lstm", layers=L, hidden=H, vocab_size=V)).init(0)
+        opt = make_optimizer("adam", m.n_params, m.dtype, 2e-3)
+        h, c = m.zero_state(B)
+
+        def step():
+            nonlocal h, c
+            out = m.forward_backward(x, y, h, c)
+            clip_grad_norm(out["grad"], 5.0)
+            opt.step(m.theta, out["grad"], 2e-3)
+            h, c = out["h"], out["c"]
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        rnn = torch.nn.LSTM(V, H, L)
+        dec = torch.nn.Linear(H, V)
+        params = list(rnn.parameters()) + list(dec.parameters())
+        opt = torch.optim.Adam(params, lr=2e-3)
+        xt = torch.nn.functional.one_hot(torch.from_numpy(x).long(), V).float()
+        yt = torch.from_numpy(y).long().reshape(-1)
+        state = (torch.zeros(L, B, H), torch.zeros(L, B, H))
+
+        def step():
+            nonlocal state
+            opt.zero_grad(set_to_none=True)
+            out, (hn, cn) = rnn(xt, state)
+            loss = torch.nn.functional.cross_entropy(dec(out).reshape(-1, V), yt)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            state = (hn.detach(), cn.detach())
+
+    t_first = time.perf_counter()
+    step()  # compile / first call
+    first = time.perf_counter() - t_first
+    for _ in range(2):
+        step()
+    n = 0
+    j0, c0 = _busy_jiffies(), _own_cpu()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds or n < 3:
+        step()
+        n += 1
+    dt = time.perf_counter() - t0
+    j1, c1 = _busy_jiffies(), _own_cpu()
+    hz = os.sysconf("SC_CLK_TCK")
+    others = max(0.0, (j1 - j0) / hz - (c1 - c0))
+    print(json.dumps({
+        "side": side, "config": name, "chars_per_s": n * B * T / dt, "steps": n, "first_call_s": first,
+        "gflops": step_flops(L, H, B, T) * n / dt / 1e9,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "other_cpu_frac": others / dt,
+    }))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="A,B,C,D")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sides", default="charrnn,torch")
+    ap.add_argument("--worker", nargs=2, metavar=("SIDE", "CONFIG"))
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker[0], args.worker[1], args.seconds, args.threads)
+        return
+    sides = args.sides.split(",")
+    if "torch" in sides:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("torch not importable: charrnn only", file=sys.stderr)
+            sides = [s for s in sides if s != "torch"]
+    env_note = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    print(f"# env {env_note}, threads {args.threads}, {args.rounds} rounds x {args.seconds}s", flush=True)
+    results = {}
+    for r in range(args.rounds):
+        for name in args.configs.split(","):
+            for side in sides:
+                out = subprocess.run([sys.executable, __file__, "--worker", side, name, "--seconds", str(args.seconds),
+                                      "--threads", str(args.threads)], capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(out.stderr, file=sys.stderr)
+                    raise SystemExit(f"worker {side} {name} failed")
+                rec = json.loads(out.stdout.strip().splitlines()[-1])
+                flag = "  BUSY" if rec["other_cpu_frac"] > 0.1 else ""
+                print(f"round {r} {name} {side:8s} {rec['chars_per_s']:>10,.0f} chars/s {rec['gflops']:6.1f} GFLOP/s "
+                      f"rss {rec['peak_rss_mib']:6.0f} MiB  others {rec['other_cpu_frac']:.2f}{flag}", flush=True)
+                results.setdefault((name, side), []).append(rec)
+    print()
+    print(f"{'cfg':4s} {'charrnn chars/s':>16s} {'torch chars/s':>14s} {'ratio':>6s} {'GFLOP/s':>8s} {'rss MiB':>8s} {'torch rss':>9s}")
+    for name in args.configs.split(","):
+        c = results.get((name, "charrnn"), [])
+        t = results.get((name, "torch"), [])
+        cm = statistics.median(x["chars_per_s"] for x in c) if c else float("nan")
+        tm = statistics.median(x["chars_per_s"] for x in t) if t else float("nan")
+        g = statistics.median(x["gflops"] for x in c) if c else float("nan")
+        rc = max(x["peak_rss_mib"] for x in c) if c else float("nan")
+        rt = max(x["peak_rss_mib"] for x in t) if t else float("nan")
+        print(f"{name:4s} {cm:16,.0f} {tm:14,.0f} {cm / tm:6.2f} {g:8.1f} {rc:8.0f} {rt:9.0f}")
+
+
+if __name__ == "__main__":
+    main()

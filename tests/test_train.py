@@ -1,0 +1,205 @@
+"""charrnn train: exact resume, reproducibility, interrupts, bad input, validation = eval."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from charrnn import checkpoint
+from charrnn.cli import cli
+from charrnn.data import split_text
+from charrnn.evaluate import score_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--hidden", "24", "--layers", "2", "--batch", "8", "--seq", "16", "--threads", "1", "-q"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    p = d / "markov.txt"
+    with open(os.path.join(ROOT, "corpora", "markov.txt"), encoding="utf-8") as f:
+        p.write_text(f.read()[:12000], encoding="utf-8")
+    return str(p)
+
+
+def run(args, cwd=None):
+    runner = CliRunner()
+    old = os.getcwd()
+    if cwd:
+        os.chdir(cwd)
+    try:
+        res = runner.invoke(cli, args, catch_exceptions=False)
+    finally:
+        os.chdir(old)
+    return res
+
+
+def params_of(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files if k != "meta"}
+
+
+def meta_of(path):
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(str(z["meta"][()]))
+
+
+def test_resumed_run_equals_uninterrupted_run(corpus, tmp_path):
+    opts = SMALL + ["--dropout", "0.2", "--eval-every", "7", "--seq-warmup", "10"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run(["train", corpus, "--out", a, "--steps", "24", *opts]).exit_code == 0
+    assert run(["train", corpus, "--out", b, "--steps", "11", *opts]).exit_code == 0
+    assert meta_of(os.path.join(b, "last.npz"))["step"] == 11
+    res = run(["train", "--resume", b, "--steps", "24", "-q"])
+    assert res.exit_code == 0, res.output
+    pa, pb = params_of(os.path.join(a, "last.npz")), params_of(os.path.join(b, "last.npz"))
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+    # and the run's position, step and carried state agree too
+    ma, mb = meta_of(os.path.join(a, "last.npz")), meta_of(os.path.join(b, "last.npz"))
+    assert ma["run"]["step"] == mb["run"]["step"] == 24
+    assert ma["run"]["pos"] == mb["run"]["pos"]
+
+
+def test_same_seed_same_model_and_different_seed_differs(corpus, tmp_path):
+    outs = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        out = str(tmp_path / name)
+        assert run(["train", corpus, "--out", out, "--steps", "12", "--seed", str(seed), *SMALL]).exit_code == 0
+        outs.append(params_of(os.path.join(out, "best.npz")))
+    for k in outs[0]:
+        np.testing.assert_array_equal(outs[0][k], outs[1][k])
+    assert any(not np.array_equal(outs[0][k], outs[2][k]) for k in outs[0])
+
+
+def test_validation_loss_equals_eval_of_the_held_out_text(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    assert run(["train", corpus, "--out", out, "--steps", "15", *SMALL]).exit_code == 0
+    meta = meta_of(os.path.join(out, "best.npz"))
+    with open(corpus, encoding="utf-8") as f:
+        text = f.read()
+    val_text = split_text(text, meta["train"]["val_frac"], None).val_text
+    val_file = tmp_path / "val.txt"
+    val_file.write_text(val_text, encoding="utf-8")
+    res = run(["eval", str(val_file), "--model", out, "--json", "-q"])
+    assert res.exit_code == 0
+    rec = json.loads(res.output)
+    assert rec["tokens"] == len(val_text)
+    assert math.isclose(rec["nats_per_char"], meta["best_val"], rel_tol=1e-9)
+    ck = checkpoint.load(os.path.join(out, "best.npz"))
+    assert math.isclose(score_text(ck.model, ck.vocab, val_text).nats, meta["best_val"], rel_tol=1e-9)
+
+
+def test_metrics_and_checkpoints_written(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    assert run(["train", corpus, "--out", out, "--steps", "20", "--eval-every", "5", *SMALL]).exit_code == 0
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == [5, 10, 15, 20]
+    for x in lines:
+        assert set(x) >= {"step", "epoch", "train_loss", "val_loss", "chars_per_s", "elapsed_s"}
+    best = min(x["val_loss"] for x in lines)
+    assert math.isclose(meta_of(os.path.join(out, "best.npz"))["best_val"], best)
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_existing_run_is_not_overwritten(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    assert run(["train", corpus, "--out", out, "--steps", "3", *SMALL]).exit_code == 0
+    before = open(os.path.join(out, "best.npz"), "rb").read()
+    res = run(["train", corpus, "--out", out, "--steps", "3", *SMALL])
+    assert res.exit_code == 2
+    assert open(os.path.join(out, "best.npz"), "rb").read() == before
+    # without --out a fresh directory is chosen
+    res = run(["train", corpus, "--steps", "3", *SMALL], cwd=tmp_path)
+    res2 = run(["train", corpus, "--steps", "3", *SMALL], cwd=tmp_path)
+    assert res.exit_code == res2.exit_code == 0
+    assert sorted(os.listdir(tmp_path / "runs")) == ["markov", "markov-2"]
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [(b"", "is empty"), (b"\x00\x01\x02binary", "binary"), (b"abc\xff\xfe", "not valid UTF-8 at byte offset 3"),
+     (b"tiny", "too small")],
+)
+def test_bad_corpus_one_line_error_nothing_written(tmp_path, content, needle):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(content)
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "charrnn", "train", str(p), "--out", str(out), "--steps", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert needle in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert res.stdout == ""
+    assert not out.exists()
+
+
+def test_directory_missing_file_and_unwritable_output(tmp_path, corpus):
+    res = run(["train", str(tmp_path)])
+    assert res.exit_code == 1 and "is a directory" in res.output
+    res = run(["train", str(tmp_path / "nope.txt")])
+    assert res.exit_code == 1 and "no such file" in res.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run(["train", corpus, "--out", str(blocker / "sub"), "--steps", "2", *SMALL])
+    assert res.exit_code == 1 and "output directory" in res.output
+
+
+def test_resume_refuses_changed_corpus_and_options(corpus, tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text(open(corpus, encoding="utf-8").read(), encoding="utf-8")
+    out = str(tmp_path / "run")
+    assert run(["train", str(src), "--out", out, "--steps", "4", *SMALL]).exit_code == 0
+    res = run(["train", "--resume", out, "--hidden", "64"])
+    assert res.exit_code == 2 and "--hidden" in res.output
+    src.write_text(src.read_text() + "more", encoding="utf-8")
+    res = run(["train", "--resume", out, "--steps", "8"])
+    assert res.exit_code == 1 and "changed" in res.output
+
+
+def test_divergence_is_caught_and_checkpoints_stay_finite(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    res = run(["train", corpus, "--out", out, "--steps", "40", "--cell", "rnn", "--nonlinearity", "relu",
+               "--clip", "0", "--lr", "1e4", "--warmup", "0", *SMALL[:-1]])
+    assert res.exit_code in (0, 1)
+    if res.exit_code == 1:
+        assert "non-finite" in res.output
+    for name in ("best.npz", "last.npz"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            for v in params_of(path).values():
+                assert np.all(np.isfinite(v))
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_and_resumes(corpus, tmp_path, sig, code):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charrnn", "train", corpus, "--out", str(out), "--steps", "100000", "--eval-every", "1000000",
+         "--hidden", "24", "--batch", "8", "--seq", "16", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # wait until training has really started (the first progress line goes to stderr)
+    deadline = time.time() + 120
+    line = ""
+    while time.time() < deadline and "step" not in line:
+        line = proc.stderr.readline()
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert stdout == ""
+    assert "saved" in stderr and "Traceback" not in stderr
+    meta = meta_of(str(out / "last.npz"))
+    assert meta["step"] > 0
+    res = run(["train", "--resume", str(out), "--steps", str(meta["step"] + 3), "-q"])
+    assert res.exit_code == 0
+    assert meta_of(str(out / "last.npz"))["step"] == meta["step"] + 3
