@@ -192,7 +192,8 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, no_prime_echo, un
     opts = SampleOptions(temp=temp, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0,
                          length=length, num=num, prime=prime, unknown=unknown, seed=seed)
     try:
-        chunks = sample_chunks(ck.model, ck.vocab, opts)
+        documents = (ck.meta.get("train") or {}).get("docs") is not None
+        chunks = sample_chunks(ck.model, ck.vocab, opts, documents=documents)
         out = sys.stdout
         # samples advance in lock step; print them in order, buffering later ones
         pending = [[] for _ in range(num)]

@@ -163,6 +163,14 @@ def encode_stream(vocab: Vocab, text: str, docs: str | None, unknown: str = "unk
     return out
 
 
+def corpus_vocab(text: str, docs: str | None) -> Vocab:
+    """The vocabulary a model trained on `text` needs: every character, but in document mode only
+    those inside documents (the separators become <START>/<END>, so line mode never emits \n)."""
+    if docs is None:
+        return Vocab.from_text(text)
+    return Vocab.from_text("".join(split_documents(text, docs)))
+
+
 def compact_dtype(vocab_size: int):
     """The smallest unsigned integer type that holds every id (memory: 100 MB of text -> 100 MB of ids)."""
     if vocab_size <= 256:

@@ -33,20 +33,21 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
-def sample_chunks(model, vocab: Vocab, opts: SampleOptions, target_s: float = 0.05):
+def sample_chunks(model, vocab: Vocab, opts: SampleOptions, documents: bool = False, target_s: float = 0.05):
     """An iterator of (stream index, text, finished) pieces as samples are generated.
 
     All `num` samples advance in lock step; each chunk of steps takes about `target_s` seconds so
-    output can be flushed promptly. A sample ends at <END> or after `length` characters. Bad
+    output can be flushed promptly. A sample ends after `length` characters or, for a model trained
+    on documents, at <END>; a stream model (which saw <END> at most once) never draws it. Bad
     options and unknown prime characters raise here, before anything is generated.
     """
     if opts.length == 0 and opts.num > 1:
         raise UsageError("--length 0 (unbounded) works with a single sample (--num 1)")
     prime_ids = vocab.encode(opts.prime, unknown=opts.unknown) if opts.prime else np.zeros(0, np.int32)
-    return _chunks(model, vocab, opts, prime_ids, target_s)
+    return _chunks(model, vocab, opts, prime_ids, documents, target_s)
 
 
-def _chunks(model, vocab, opts, prime_ids, target_s):
+def _chunks(model, vocab, opts, prime_ids, documents, target_s):
     from charrnn.kernels.core import _seed_state
 
     tokens = np.concatenate([[START_ID], prime_ids]).astype(np.int32)
@@ -58,6 +59,7 @@ def _chunks(model, vocab, opts, prime_ids, target_s):
     banned = np.zeros(vocab.size, dtype=np.bool_)
     banned[START_ID] = True
     banned[UNK_ID] = True
+    banned[END_ID] = not documents
     done = np.zeros(nb, dtype=np.bool_)
     produced = np.zeros(nb, dtype=np.int64)
     state = _seed_state(np.uint64(opts.seed if opts.seed is not None else random_seed()))

@@ -25,7 +25,7 @@ import numpy as np
 
 from charrnn import checkpoint, threads
 from charrnn.config import TrainConfig
-from charrnn.data import BatchStream, compact_dtype, encode_stream, read_corpus, split_text
+from charrnn.data import BatchStream, compact_dtype, corpus_vocab, encode_stream, read_corpus, split_text
 from charrnn.errors import CharrnnError, DataError, Interrupted, TrainingError, UsageError
 from charrnn.evaluate import score_tokens
 from charrnn.model import Model, ModelConfig
@@ -247,7 +247,7 @@ class Trainer:
         corpus = read_corpus(paths, cfg.encoding)
         if cfg.docs is not None and not any(p.strip() for p in corpus.text.split("\n")):
             raise DataError("the corpus holds no documents")
-        vocab = Vocab.from_text(corpus.text)
+        vocab = corpus_vocab(corpus.text, cfg.docs)
         n_train = int(len(corpus.text) * (1 - cfg.val_frac))
         cfg = choose_size(cfg, n_train)
         mcfg = ModelConfig(cell=cfg.cell, layers=cfg.layers, hidden=cfg.hidden, vocab_size=vocab.size,
@@ -285,7 +285,7 @@ class Trainer:
         corpus = read_corpus(paths, cfg.encoding)
         if corpus.sha256 != sha:
             raise CharrnnError(f"cannot resume: the corpus {', '.join(paths)} changed since the run started")
-        if Vocab.from_text(corpus.text) != ck.vocab:
+        if corpus_vocab(corpus.text, cfg.docs) != ck.vocab:
             raise CharrnnError("cannot resume: the corpus's characters differ from the checkpoint's vocabulary")
         if steps is not None or epochs is not None:
             cfg = replace(cfg, steps=steps, epochs=epochs, minutes=None)

@@ -1,0 +1,193 @@
+"""charrnn sample and eval through the command line: pipes, seeds, documents, bad input, exit codes."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from charrnn import __version__
+from charrnn.cli import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--hidden", "32", "--batch", "16", "--seq", "32", "--threads", "1", "-q"]
+
+
+def run(args, input=None):
+    return CliRunner().invoke(cli, args, input=input, catch_exceptions=False)
+
+
+def sh(args, input=None, cwd=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "charrnn", *args], input=input, capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def stream_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stream")
+    corpus = d / "markov.txt"
+    corpus.write_text(open(os.path.join(ROOT, "corpora", "markov.txt"), encoding="utf-8").read()[:40000])
+    out = d / "run"
+    res = run(["train", str(corpus), "--out", str(out), "--steps", "60", *SMALL])
+    assert res.exit_code == 0, res.output
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def docs_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("docs")
+    corpus = d / "arith.txt"
+    corpus.write_text(open(os.path.join(ROOT, "corpora", "arithmetic.txt"), encoding="utf-8").read()[:30000])
+    out = d / "run"
+    res = run(["train", str(corpus), "--docs", "line", "--out", str(out), "--steps", "80", *SMALL])
+    assert res.exit_code == 0, res.output
+    return str(out)
+
+
+def test_version_and_help():
+    assert __version__ in run(["--version"]).output
+    for cmd in ("train", "sample", "eval"):
+        res = run([cmd, "--help"])
+        assert res.exit_code == 0 and "Example:" in res.output
+    assert "default: 1.0" in run(["sample", "--help"]).output
+    res = sh(["--help"])
+    assert res.returncode == 0 and "train" in res.stdout
+
+
+def test_sample_is_reproducible_with_seed_and_streams_only_text(stream_model):
+    a = sh(["sample", "--model", stream_model, "--seed", "7", "--length", "300"])
+    b = sh(["sample", "--model", stream_model, "--seed", "7", "--length", "300"])
+    c = sh(["sample", "--model", stream_model, "--seed", "8", "--length", "300"])
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout != c.stdout
+    assert len(a.stdout) == 301  # 300 characters and the separating newline
+    assert "sampling from" in a.stderr
+    q = sh(["sample", "--model", stream_model, "--seed", "7", "--length", "300", "-q"])
+    assert q.stderr == "" and q.stdout == a.stdout
+
+
+def test_greedy_is_deterministic_without_seed(stream_model):
+    a = run(["sample", "--model", stream_model, "--temp", "0", "--length", "100", "-q"]).output
+    b = run(["sample", "--model", stream_model, "--temp", "0", "--length", "100", "-q"]).output
+    assert a == b and len(a) == 101
+
+
+def test_prime_echo_and_unknown_characters(stream_model):
+    res = run(["sample", "--model", stream_model, "--prime", "the ", "--length", "50", "--seed", "1", "-q"])
+    assert res.exit_code == 0 and res.output.startswith("the ") and len(res.output) == 4 + 50 + 1
+    res = run(["sample", "--model", stream_model, "--prime", "the ", "--no-prime-echo", "--length", "50", "-q"])
+    assert not res.output.startswith("the ") or len(res.output) == 51
+    res = sh(["sample", "--model", stream_model, "--prime", "QZ€ the"])
+    assert res.returncode == 2 and "'Q'" in res.stderr and "'€'" in res.stderr and res.stdout == ""
+    assert len(res.stderr.strip().splitlines()) == 2  # "sampling from ..." and the error
+    res = run(["sample", "--model", stream_model, "--prime", "QZ the", "--unknown", "skip", "--length", "5", "-q"])
+    assert res.exit_code == 0
+
+
+@pytest.mark.parametrize("args", [["--temp", "-1"], ["--top-p", "1.5"], ["--top-k", "0"], ["--length", "-3"], ["--num", "0"]])
+def test_invalid_values_are_usage_errors(stream_model, args):
+    res = sh(["sample", "--model", stream_model, *args])
+    assert res.returncode == 2 and res.stdout == ""
+
+
+def test_docs_model_prints_whole_documents(docs_model):
+    res = run(["sample", "--model", docs_model, "--num", "10", "--seed", "3", "-q"])
+    assert res.exit_code == 0
+    lines = res.output.split("\n")
+    assert lines[-1] == "" and len(lines) == 11
+    assert all("<" not in ln for ln in lines)
+
+
+def test_top_k_1_equals_greedy(stream_model):
+    a = run(["sample", "--model", stream_model, "--top-k", "1", "--length", "80", "--seed", "1", "-q"]).output
+    b = run(["sample", "--model", stream_model, "--temp", "0", "--length", "80", "-q"]).output
+    assert a == b
+
+
+@pytest.mark.parametrize("pipe", ["head -c 100", "head -n 1", "wc -c"])
+def test_pipes_end_quietly(stream_model, pipe):
+    length = "2000" if pipe == "wc -c" else "0"
+    cmd = f"{shlex_join([sys.executable, '-m', 'charrnn', 'sample', '--model', stream_model, '--length', length, '--seed', '1'])} | {pipe}; echo \"status=${{PIPESTATUS[0]}}\""
+    res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert "status=0" in res.stdout
+    assert "Traceback" not in res.stderr and "Error" not in res.stderr
+    if pipe == "wc -c":
+        assert re.search(r"^\s*2001\s*$", res.stdout, re.M)
+
+
+def shlex_join(args):
+    import shlex
+
+    return shlex.join(args)
+
+
+def test_bad_checkpoints(stream_model, tmp_path):
+    good = os.path.join(stream_model, "best.npz")
+    cases = {}
+    trunc = tmp_path / "trunc.npz"
+    trunc.write_bytes(open(good, "rb").read()[:2000])
+    cases[str(trunc)] = "corrupt or truncated"
+    text = tmp_path / "text.npz"
+    text.write_text("hello")
+    cases[str(text)] = "not a charrnn checkpoint"
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, a=np.zeros(3))
+    cases[str(foreign)] = "not a charrnn checkpoint"
+    newer = tmp_path / "newer.npz"
+    with np.load(good, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"][()]))
+    meta["version"] = 99
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(newer, **arrays)
+    cases[str(newer)] = "newer charrnn"
+    cases[str(tmp_path / "missing.npz")] = "no such checkpoint"
+    for path, needle in cases.items():
+        for cmd in (["sample"], ["eval", os.path.join(ROOT, "corpora", "markov.txt")]):
+            res = sh([*cmd, "--model", path])
+            assert res.returncode == 1, (path, res.stderr)
+            assert needle in res.stderr and "Traceback" not in res.stderr
+            assert len(res.stderr.strip().splitlines()) == 1
+            assert res.stdout == ""
+
+
+def test_no_run_found(tmp_path):
+    res = sh(["sample"], cwd=tmp_path)
+    assert res.returncode == 1 and "no trained model" in res.stderr
+
+
+def test_default_model_is_the_latest_run(stream_model, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(stream_model, runs / "one")
+    res = sh(["sample", "--length", "5"], cwd=tmp_path)
+    assert res.returncode == 0 and os.path.join("runs", "one") in res.stderr
+
+
+def test_eval_json_text_stdin_and_unknown(stream_model, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("the cat sat. QQ\n", encoding="utf-8")
+    res = run(["eval", str(f), "-", "--model", stream_model, "--json", "-q"], input="abc")
+    assert res.exit_code == 0
+    recs = [json.loads(x) for x in res.output.splitlines()]
+    assert [r["file"] for r in recs] == [str(f), "<stdin>"]
+    assert recs[0]["tokens"] == 16 and recs[0]["unk"] == 2
+    assert recs[1]["tokens"] == 3 and recs[1]["unk"] == 0
+    for r in recs:
+        assert abs(r["bits_per_char"] - r["nats_per_char"] / np.log(2)) < 1e-12
+        assert abs(r["perplexity"] - np.exp(r["nats_per_char"])) < 1e-9
+    res = run(["eval", str(f), "--model", stream_model, "-q"])
+    assert "nats/char" in res.output and "bits/char" in res.output and "2 unknown" in res.output
+
+
+def test_eval_bad_files(stream_model, tmp_path):
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(b"\x00\x01\x02")
+    for path, needle in ((empty, "empty"), (binary, "binary"), (tmp_path / "none.txt", "no such file")):
+        res = sh(["eval", str(path), "--model", stream_model])
+        assert res.returncode == 1 and needle in res.stderr and res.stdout == ""
