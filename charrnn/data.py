@@ -145,13 +145,14 @@ def encode_stream(vocab: Vocab, text: str, docs: str | None, unknown: str = "unk
     if not documents:
         return np.zeros(0, dtype=dtype)
     # Encode all documents in one call (fast), then insert the markers at the boundaries.
-    lengths = np.array([len(d) for d in documents], dtype=np.int64)
-    body = vocab.encode("".join(documents), unknown=unknown, dtype=dtype)
     if unknown == "skip":
-        # Lengths change when characters are dropped; fall back to per-document encoding.
+        # lengths change when characters are dropped, so encode document by document
         encoded = [vocab.encode(d, unknown="skip", dtype=dtype) for d in documents]
         lengths = np.array([len(e) for e in encoded], dtype=np.int64)
         body = np.concatenate(encoded) if encoded else np.zeros(0, dtype=dtype)
+    else:
+        lengths = np.array([len(d) for d in documents], dtype=np.int64)
+        body = vocab.encode("".join(documents), unknown=unknown, dtype=dtype)
     out = np.empty(len(body) + 2 * len(lengths), dtype=dtype)
     starts = np.concatenate([[0], np.cumsum(lengths + 2)[:-1]])
     out[starts] = START_ID
@@ -197,10 +198,26 @@ def split_text(text: str, val_frac: float, docs: str | None) -> Split:
         return Split(text, "")
     cut = int(round(len(text) * (1.0 - val_frac)))
     if docs is not None:
-        sep = "\n" if docs == "line" else "\n\n"
-        nxt = text.find(sep, cut)
-        cut = len(text) if nxt < 0 else nxt + len(sep)
+        # move the cut to the end of the first separator that ends at or after it, using the same
+        # separators as split_documents (so a cut already on a boundary stays there)
+        sep = re.compile(r"\n") if docs == "line" else _BLANK_SPLIT
+        start = max(cut - 1, 0) if docs == "line" else _blank_scan_start(text, cut)
+        for m in sep.finditer(text, start):
+            if m.end() >= cut:
+                cut = m.end()
+                break
+        else:
+            cut = len(text)
     return Split(text[:cut], text[cut:])
+
+
+def _blank_scan_start(text: str, cut: int) -> int:
+    """Where to start looking for a blank-line separator that may straddle `cut`: the start of the
+    run of newlines, spaces and tabs that `cut` sits in (so huge texts are not scanned from 0)."""
+    i = cut
+    while i > 0 and text[i - 1] in " \t\n":
+        i -= 1
+    return i
 
 
 # ---------------------------------------------------------------------------- batches
@@ -225,9 +242,11 @@ class BatchStream:
                 "one step; use a smaller --batch or a larger corpus"
             )
         S, B = self.S, batch
-        # grid[t, b] = ids[b*S + t]; a strided view, then one contiguous copy.
-        idx = np.arange(S + 1)[:, None] + (np.arange(B) * S)[None, :]
-        self.grid = np.ascontiguousarray(ids[idx])
+        # grid[t, b] = ids[b*S + t], copied stream by stream: no index array, so the only memory
+        # beyond the ids themselves is the grid (same dtype, same size).
+        self.grid = np.empty((S + 1, B), dtype=ids.dtype)
+        for b in range(B):
+            self.grid[:, b] = ids[b * S : b * S + S + 1]
         self.n_tokens = len(ids)
 
     def batches_per_epoch(self, T: int) -> int:

@@ -42,10 +42,11 @@ class Vocab:
     """Characters and special tokens with fixed ids; immutable once built."""
 
     def __init__(self, chars):
-        chars = sorted(set(chars))
+        chars = list(chars)
         for ch in chars:
             if not isinstance(ch, str) or len(ch) != 1:
                 raise ValueError(f"vocabulary entries must be single characters, got {ch!r}")
+        chars = sorted(set(chars))
         self.chars = tuple(chars)
         self.tokens = SPECIALS + self.chars
         # Sorted code points: encoding is a binary search per character, done by numpy.

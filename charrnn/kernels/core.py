@@ -725,7 +725,7 @@ def _draw(z, temp, top_k, top_p, banned, state, scratch, order):
         acc = 0.0
         for i in range(n):
             acc += scratch[order[i]]
-            if acc >= top_p * s:
+            if acc >= top_p * s * (1.0 - 1e-12):  # slack: an exact boundary must not lose to rounding
                 n = i + 1
                 s = acc
                 break
