@@ -107,10 +107,18 @@ class FlatParams:
         return self.views.items()
 
 
-def _chunk_bounds(B: int, n: int) -> np.ndarray:
-    """Split B streams into n nearly equal contiguous chunks."""
-    n = max(1, min(n, B))
-    return np.array([(B * i) // n for i in range(n + 1)], dtype=np.int64)
+def _bounds(n: int, parts: int, align: int = 1) -> np.ndarray:
+    """Split range(n) into `parts` contiguous blocks, each (but the last) a multiple of `align`."""
+    parts = max(1, min(parts, n))
+    size = -(-n // parts)
+    size = -(-size // align) * align
+    edges = [min(i * size, n) for i in range(parts)] + [n]
+    # drop empty blocks that alignment may create at the end
+    out = [edges[0]]
+    for e in edges[1:]:
+        if e > out[-1]:
+            out.append(e)
+    return np.array(out, dtype=np.int64)
 
 
 class Model:
@@ -123,6 +131,7 @@ class Model:
             raise ValueError("dtype must be float32 or float64")
         self.params = FlatParams(cfg, self.dtype, theta)
         self._ws_key = None
+        self._grad = None
         self._w0t = np.zeros((cfg.vocab_size, cfg.G * cfg.hidden), dtype=self.dtype)
 
     # ------------------------------------------------------------------ parameters
@@ -154,21 +163,50 @@ class Model:
         return h, c
 
     # ------------------------------------------------------------------ work buffers
+    # Threads share a time loop by blocks of hidden units from this size on (one parallel region
+    # per step, all streams in each product), and by blocks of streams below it (one region for all
+    # steps). Measured with benchmarks/train_throughput.py: see the closing note of the core issue.
+    UNITS_SPLIT_MIN_H = 128
+    MIN_UNITS_PER_THREAD = 32
+
+    def plan(self, T: int, B: int):
+        """How threads share a (T, B) batch: (by_units, unit bounds, stream bounds, row bounds)."""
+        H = self.cfg.hidden
+        n = max(1, min(threads.get_threads(), T * B))
+        by_units = H >= self.UNITS_SPLIT_MIN_H or B == 1
+        if by_units:
+            n = min(n, max(1, H // self.MIN_UNITS_PER_THREAD))
+            if B * H < 256 and self.MIN_UNITS_PER_THREAD >= 32:  # a region per step would cost more than the step
+                n = 1
+            ub = _bounds(H, n, align=16 if H >= 16 * n else 1)
+            n = len(ub) - 1
+            sb = np.array([0, B], dtype=np.int64)
+        else:
+            sb = _bounds(B, n)
+            n = len(sb) - 1
+            ub = np.array([0, H], dtype=np.int64)
+        return by_units, ub, sb, _bounds(T * B, n)
+
     def _workspace(self, T: int, B: int, backward: bool):
         from charrnn.kernels import core
 
-        nch = min(threads.get_threads(), B)
-        key = (T, B, nch, backward)
+        key = (T, B, threads.get_threads(), backward)
         if self._ws_key != key:
             cfg = self.cfg
-            bounds = _chunk_bounds(B, nch)
-            nb_max = int(np.max(np.diff(bounds)))
-            n = int(core._ws_size(cfg.cell_id, cfg.layers, T, nb_max, cfg.hidden, cfg.vocab_size))
-            self._ws = np.zeros((len(bounds) - 1, n), dtype=self.dtype)
-            self._gws = np.zeros((len(bounds) - 1 if backward else 1, self.params.size), dtype=self.dtype)
-            self._bounds = bounds
+            by_units, ub, sb, rb = self.plan(T, B)
+            n = len(rb) - 1
+            if by_units:
+                per = core._pws_size(cfg.cell_id, B, cfg.hidden, int(np.max(np.diff(ub))), cfg.vocab_size)
+            else:
+                per = core._pws_size(cfg.cell_id, int(np.max(np.diff(sb))), cfg.hidden, cfg.hidden, cfg.vocab_size)
+            self._ws = np.zeros(int(core._ws_size(cfg.cell_id, cfg.layers, T, B, cfg.hidden, cfg.vocab_size)), dtype=self.dtype)
+            self._pws = np.zeros((n, int(per)), dtype=self.dtype)
+            self._gws = np.zeros((n if backward else 1, self.params.size if backward else 1), dtype=self.dtype)
+            if backward and self._grad is None:
+                self._grad = np.zeros(self.params.size, dtype=self.dtype)
+            self._plan = (by_units, ub, sb, rb)
             self._ws_key = key
-        return self._ws, self._gws, self._bounds
+        return self._ws, self._pws, self._gws, self._plan
 
     # ------------------------------------------------------------------ forward / backward
     def _check_batch(self, x, y, h, c, masks):
@@ -204,16 +242,17 @@ class Model:
         self._check_batch(x, y, h, c, masks)
         cfg = self.cfg
         T, B = x.shape
-        ws, gws, bounds = self._workspace(T, B, backward)
+        ws, pws, gws, (by_units, ub, sb, rb) = self._workspace(T, B, backward)
         hT, cT = self.zero_state(B)
         dh0, dc0 = self.zero_state(B)
         nll = np.zeros((T, B), dtype=np.float64)
-        grad = np.zeros(self.params.size, dtype=self.dtype) if backward else np.zeros(1, dtype=self.dtype)
+        # the gradient buffer is reused from call to call (a fresh 20 MB array per step costs page faults)
+        grad = self._grad if backward else np.zeros(1, dtype=self.dtype)
         if masks is None:
             masks = np.zeros((0, 1, 1, 1), dtype=self.dtype)
         core._forward_backward(
             cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
-            x, y, h, c, masks, hT, cT, nll, grad, dh0, dc0, self._w0t, ws, gws, bounds, backward,
+            x, y, h, c, masks, hT, cT, nll, grad, dh0, dc0, self._w0t, ws, pws, gws, ub, sb, rb, by_units, backward,
         )
         out = {"loss": float(nll.mean()), "nll": nll, "h": hT, "c": cT}
         if backward:
@@ -257,11 +296,8 @@ class Model:
         nb = h.shape[1]
         ws = self._step_workspace(nb)
         logits = np.zeros((nb, cfg.vocab_size), dtype=self.dtype)
-        tok = np.zeros(nb, dtype=np.int32)
-        for t in np.asarray(tokens, dtype=np.int32):
-            tok[:] = t
-            core._step(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
-                       self._w0t, tok, h, c, logits, ws)
+        core._feed(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
+                   self._w0t, np.ascontiguousarray(tokens, dtype=np.int32), h, c, logits, ws)
         return logits
 
     def generate(self, tok, h, c, out, temp, top_k, top_p, banned, end_id, done, rng_state):

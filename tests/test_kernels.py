@@ -374,11 +374,12 @@ def replay_logits(m, tok, h, c, out):
     nb = tok.shape[0]
     tok, h, c = tok.copy(), h.copy(), c.copy()
     ws = m._step_workspace(nb)
+    views = core._step_views(ws, cfg.cell_id, nb, cfg.hidden, cfg.vocab_size)
     logits = np.zeros((nb, cfg.vocab_size), dtype=m.dtype)
     all_logits = []
     for s in range(out.shape[0]):
         core._step(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, m.theta, m.params.table, m._w0t,
-                   tok, h, c, logits, ws)
+                   tok, h, c, logits, *views)
         all_logits.append(logits.astype(np.float64))
         tok = np.where(out[s] >= 0, out[s], tok).astype(np.int32)
     return np.array(all_logits), h, c  # (n, nb, V)
@@ -554,3 +555,29 @@ def test_draw_top_k_and_top_p_frequencies():
         assert chi2_ok(draw_counts(z, 40000, top_p=p), pp / pp.sum()), p
     # a top-1 prefix: the argmax only
     assert np.all(draw_counts(z, 1000, top_p=1e-9)[order[1:]] == 0)
+
+
+@pytest.mark.parametrize("cell,nonlin", CASES)
+@pytest.mark.parametrize("by_units", [True, False])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_both_thread_plans_match_reference(cell, nonlin, by_units, nthreads, monkeypatch):
+    """Threads split the time loops by units (large H) or by streams (small H); both equal the reference."""
+    monkeypatch.setattr(Model, "UNITS_SPLIT_MIN_H", 0 if by_units else 10**9)
+    monkeypatch.setattr(Model, "MIN_UNITS_PER_THREAD", 1)
+    threads.set_threads(nthreads)
+    m, x, y, h, c = make(cell, nonlin, 2, V=6, H=9, T=5, B=4, dropout=0.25)
+    T, B = x.shape
+    plan = m.plan(T, B)
+    assert plan[0] == by_units and len(plan[3]) - 1 == nthreads
+    masks = m.dropout_masks(T, B, seed=2, step=1)
+    out = m.forward_backward(x, y, h, c, masks=masks)
+    c0 = c if cell == "lstm" else None
+    loss, logits, hT, cT, grads, dh0, dc0 = ref.loss_and_grads(cell, ref_params(m), x, y, h, c0, list(masks), nonlin)
+    assert abs(out["loss"] - loss) < 1e-12
+    np.testing.assert_allclose(out["h"], hT, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out["dh0"], dh0, rtol=0, atol=1e-12)
+    if cell == "lstm":
+        np.testing.assert_allclose(out["dc0"], dc0, rtol=0, atol=1e-12)
+    grad = Model(m.cfg, dtype=np.float64, theta=out["grad"].copy()).params
+    for name in param_shapes(m.cfg):
+        np.testing.assert_allclose(grad[name], grads[name], rtol=0, atol=1e-12, err_msg=name)
