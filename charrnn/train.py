@@ -238,6 +238,7 @@ class Trainer:
         )
         self.bpe = self.stream.batches_per_epoch(cfg.seq)
         self.eval_every = cfg.eval_every or int(min(2000, max(200, self.bpe)))
+        self._auto_eval = False
         self.h, self.c = model.zero_state(cfg.batch)
         self.metrics_path = os.path.join(out, "metrics.jsonl")
 
@@ -373,6 +374,7 @@ class Trainer:
             budget_s = max(0.0, cfg.minutes * 60 - st.elapsed)
         if cfg.steps is None and cfg.epochs is None and budget_s is None:
             cfg.epochs = 10.0  # the documented default budget
+        self._auto_eval = cfg.eval_every is None and budget_s is not None and cfg.steps is None and cfg.epochs is None
         total = cfg.steps if cfg.steps is not None else (self._epoch_steps(cfg.epochs) if cfg.epochs is not None else None)
         rep = Reporter(self.quiet, total, st.step)
         rep.message(
@@ -451,6 +453,11 @@ class Trainer:
                                            "val": f"{st.best_val:.3f}" if math.isfinite(st.best_val) else "-",
                                            "chars/s": f"{cps:,.0f}",
                                            "left": _remaining(st.step, total, t_steps, steps_here, budget_s, t_start)})
+                    if self._auto_eval and steps_here == 30:
+                        # a time budget and no --eval-every: validate about every max(1 min, budget/8),
+                        # from the measured step time (validation's cost counts against the budget)
+                        per_step = t_steps / steps_here
+                        self.eval_every = max(50, int(max(60.0, budget_s / 8) / per_step) // 50 * 50)
                     if st.step % self.eval_every == 0:
                         te = time.monotonic()
                         stop = self._evaluate(rep, smooth, cps, t_start)

@@ -1,0 +1,64 @@
+"""Validation loss against wall-clock minutes for `charrnn train` runs on tiny Shakespeare.
+
+Runs each configuration (extra `charrnn train` options) with a time budget, one after another
+(never two at once: two-thread runs collapse under load), and prints the curve from each run's
+metrics.jsonl: minutes, step, epoch, validation nats/char. The default split holds out the last
+10% of the text.
+
+    python benchmarks/quality_curve.py --minutes 5 -- "" "--hidden 384" "--dropout 0.1 --lr 3e-3"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+
+CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpora", "tinyshakespeare.txt")
+
+
+def run(opts: str, minutes: float, corpus: str, out_root: str):
+    out = tempfile.mkdtemp(prefix="run-", dir=out_root)
+    os.rmdir(out)
+    cmd = [sys.executable, "-m", "charrnn", "train", corpus, "--minutes", str(minutes), "--out", out, "-q", *shlex.split(opts)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        print(res.stderr, file=sys.stderr)
+        return None
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    with open(os.path.join(out, "best.npz"), "rb"):
+        pass
+    return out, rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--corpus", default=CORPUS)
+    ap.add_argument("--out", default=None, help="directory for the runs (default: a temporary one)")
+    ap.add_argument("configs", nargs="*", default=[""], help="extra charrnn train options per run")
+    args = ap.parse_args()
+    if not os.path.exists(args.corpus):
+        raise SystemExit(f"corpus not found: {args.corpus}")
+    out_root = args.out or tempfile.mkdtemp(prefix="charrnn-quality-")
+    os.makedirs(out_root, exist_ok=True)
+    for opts in args.configs:
+        r = run(opts, args.minutes, args.corpus, out_root)
+        if r is None:
+            print(f"[{opts or 'defaults'}] failed")
+            continue
+        out, rows = r
+        best = min(x["val_loss"] for x in rows)
+        print(f"[{opts or 'defaults'}] --minutes {args.minutes:g}: best val {best:.4f} nats/char ({out})")
+        for x in rows:
+            print(f"   {x['elapsed_s'] / 60:6.2f} min  step {x['step']:6d}  epoch {x['epoch']:6.2f}  val {x['val_loss']:.4f}"
+                  f"  train {x['train_loss']:.4f}  {x['chars_per_s']:9,.0f} chars/s")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
