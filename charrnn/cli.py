@@ -104,7 +104,8 @@ def cli():
 @click.option("--seq-warmup", type=click.IntRange(min=0), default=DEFAULTS.seq_warmup, metavar="STEPS", help="Grow T from 8 to --seq over this many steps (0: off).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr, help="Peak learning rate.")
 @click.option("--optimizer", type=click.Choice(["adam", "rmsprop", "sgd"]), default=DEFAULTS.optimizer, help="Optimizer.")
-@click.option("--schedule", type=click.Choice(["constant", "step", "cosine"]), default=DEFAULTS.schedule, help="Learning-rate schedule (cosine needs --decay-steps).")
+@click.option("--schedule", type=click.Choice(["auto", "constant", "step", "cosine"]), default=DEFAULTS.schedule,
+              help="Learning-rate schedule. auto: a cosine fitted to a --minutes budget, else constant. cosine needs --decay-steps.")
 @click.option("--warmup", type=click.IntRange(min=0), default=DEFAULTS.warmup, metavar="STEPS", help="Linear learning-rate warm-up.")
 @click.option("--decay-every", type=click.IntRange(min=1), default=DEFAULTS.decay_every, metavar="STEPS", help="Step schedule: decay interval.")
 @click.option("--decay-factor", type=click.FloatRange(0, 1, min_open=True), default=DEFAULTS.decay_factor, help="Step schedule: decay factor.")
@@ -189,6 +190,10 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, no_prime_echo, un
         cfg = ck.model.cfg
         click.echo(f"charrnn: sampling from {path} ({cfg.cell} {cfg.layers}x{cfg.hidden})", err=True)
     th.set_threads(threads)
+    from charrnn.model import core_is_compiled
+
+    if not quiet and not core_is_compiled("_generate"):
+        click.echo("charrnn: compiling the sampler for this machine (first run only) ...", err=True)
     opts = SampleOptions(temp=temp, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0,
                          length=length, num=num, prime=prime, unknown=unknown, seed=seed)
     try:

@@ -107,6 +107,19 @@ class FlatParams:
         return self.views.items()
 
 
+def core_is_compiled(kernel: str = "_forward_backward") -> bool:
+    """Whether Numba's on-disk cache already holds `kernel` (the first run on a machine compiles the
+    core, which takes a minute; callers say so on stderr instead of appearing to hang)."""
+    import glob
+    import os
+
+    from charrnn.kernels import core
+
+    here = os.path.join(os.path.dirname(core.__file__), "__pycache__", f"core.{kernel}-*.nbi")
+    elsewhere = os.path.join(os.environ.get("NUMBA_CACHE_DIR", "") or "/nonexistent", "**", f"core.{kernel}-*.nbi")
+    return bool(glob.glob(here) or glob.glob(elsewhere, recursive=True))
+
+
 def _bounds(n: int, parts: int, align: int = 1) -> np.ndarray:
     """Split range(n) into `parts` contiguous blocks, each (but the last) a multiple of `align`."""
     parts = max(1, min(parts, n))
@@ -300,14 +313,35 @@ class Model:
                    self._w0t, np.ascontiguousarray(tokens, dtype=np.int32), h, c, logits, ws)
         return logits
 
+    # Sampling uses threads (splitting each layer's units) from this hidden size on; below it one
+    # step is too small to pay for a parallel region per layer (benchmarks/sample_throughput.py).
+    GEN_THREADS_MIN_H = 256
+
     def generate(self, tok, h, c, out, temp, top_k, top_p, banned, end_id, done, rng_state):
         """Run the compiled generation loop for out.shape[0] steps; see kernels.core._generate."""
         from charrnn.kernels import core
 
         cfg = self.cfg
-        ws = self._step_workspace(tok.shape[0])
-        return int(core._generate(
-            cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table, self._w0t,
-            tok, h, c, out, out.shape[0], float(temp), int(top_k), float(top_p), banned, int(end_id), done,
-            rng_state, ws,
-        ))
+        nb = tok.shape[0]
+        ws = self._step_workspace(nb)
+        args = (float(temp), int(top_k), float(top_p), banned, int(end_id), done, rng_state)
+        n = min(threads.get_threads(), cfg.hidden // 64)
+        if n < 2 or cfg.hidden < self.GEN_THREADS_MIN_H:
+            return int(core._generate(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
+                                      self._w0t, tok, h, c, out, out.shape[0], *args, ws))
+        key = ("gen", nb, n)
+        if getattr(self, "_gen_key", None) != key:
+            ub = _bounds(cfg.hidden, n, align=16)
+            hp_max = int(np.max(np.diff(ub)))
+            L, H = cfg.layers, cfg.hidden
+            self._gen = dict(
+                ub=ub,
+                pws=np.zeros((len(ub) - 1, int(core._gen_pws_size(cfg.cell_id, L, nb, H, hp_max))), dtype=self.dtype),
+                hs2=np.zeros((L, 2, nb, H), dtype=self.dtype), cs2=np.zeros((L, 2, nb, H), dtype=self.dtype),
+                gates=np.zeros((1, nb, cfg.G * H), dtype=self.dtype), tcs=np.zeros((1, nb, H), dtype=self.dtype),
+            )
+            self._gen_key = key
+        g = self._gen
+        return int(core._generate_par(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
+                                      self._w0t, tok, h, c, out, out.shape[0], *args, g["pws"], g["ub"], g["hs2"],
+                                      g["cs2"], g["gates"], g["tcs"]))

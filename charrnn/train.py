@@ -28,12 +28,13 @@ from charrnn.config import TrainConfig
 from charrnn.data import BatchStream, compact_dtype, corpus_vocab, encode_stream, read_corpus, split_text
 from charrnn.errors import CharrnnError, DataError, Interrupted, TrainingError, UsageError
 from charrnn.evaluate import score_tokens
-from charrnn.model import Model, ModelConfig
+from charrnn.model import Model, ModelConfig, core_is_compiled
 from charrnn.optim import Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
 from charrnn.vocab import Vocab
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
 MIN_SEQ = 8  # first BPTT length of the --seq-warmup curriculum
+AUTO_MEASURE_STEPS = 30  # steps timed before a --minutes run fits its schedule and validation interval
 
 
 # ---------------------------------------------------------------------------------- model sizing
@@ -57,7 +58,7 @@ def choose_size(cfg: TrainConfig, n_train_chars: int) -> TrainConfig:
             hidden //= 2
     dropout = cfg.dropout
     if dropout is None:
-        dropout = 0.0 if n_train_chars < 50_000 else (0.2 if hidden <= 256 else 0.25)
+        dropout = 0.0 if n_train_chars < 50_000 else (0.1 if hidden <= 256 else 0.25)
     return replace(cfg, hidden=hidden, dropout=dropout)
 
 
@@ -232,9 +233,12 @@ class Trainer:
         self.val_tokens = (
             encode_stream(vocab, split.val_text, cfg.docs, end=cfg.docs is not None) if split.val_text else None
         )
+        # "auto" runs as constant (with warm-up) until a time-budgeted run has measured its speed;
+        # then it becomes a cosine over the expected number of steps, stored in the config, so
+        # from there on the schedule is a function of the step alone and resume stays exact
         self.schedule = Schedule(
-            cfg.schedule, cfg.lr, warmup=cfg.warmup, decay_every=cfg.decay_every,
-            decay_factor=cfg.decay_factor, decay_steps=cfg.decay_steps,
+            "constant" if cfg.schedule == "auto" else cfg.schedule, cfg.lr, warmup=cfg.warmup,
+            decay_every=cfg.decay_every, decay_factor=cfg.decay_factor, decay_steps=cfg.decay_steps,
         )
         self.bpe = self.stream.batches_per_epoch(cfg.seq)
         self.eval_every = cfg.eval_every or int(min(2000, max(200, self.bpe)))
@@ -382,6 +386,8 @@ class Trainer:
             f"vocabulary {self.vocab.size}, {self.stream.n_tokens:,} training tokens, batch {cfg.batch}x{cfg.seq}, "
             f"{n_threads} thread(s) -> {self.out}"
         )
+        if not core_is_compiled("_forward_backward"):
+            rep.message("charrnn: compiling the core for this machine (first run only; about a minute) ...")
         masks = None
         smooth = None
         self._snapshot()
@@ -391,6 +397,7 @@ class Trainer:
         t_steps = 0.0  # seconds spent in training steps (excluding evaluation) in this process
         chars_done = 0
         steps_here = 0
+        t_steps5 = 0.0
         eval_cost = 0.0
         bad = 0
         stop = None
@@ -453,11 +460,18 @@ class Trainer:
                                            "val": f"{st.best_val:.3f}" if math.isfinite(st.best_val) else "-",
                                            "chars/s": f"{cps:,.0f}",
                                            "left": _remaining(st.step, total, t_steps, steps_here, budget_s, t_start)})
-                    if self._auto_eval and steps_here == 30:
-                        # a time budget and no --eval-every: validate about every max(1 min, budget/8),
-                        # from the measured step time (validation's cost counts against the budget)
-                        per_step = t_steps / steps_here
-                        self.eval_every = max(50, int(max(60.0, budget_s / 8) / per_step) // 50 * 50)
+                    if steps_here == 5:
+                        t_steps5 = t_steps  # the first steps may include compilation: time the next ones
+                    if steps_here == AUTO_MEASURE_STEPS and budget_s is not None:
+                        per_step = (t_steps - t_steps5) / (steps_here - 5)
+                        if self._auto_eval:
+                            # no --eval-every: validate about every max(1 min, budget/8), from the
+                            # measured step time (validation's cost counts against the budget)
+                            self.eval_every = max(50, int(max(60.0, budget_s / 8) / per_step) // 50 * 50)
+                        if cfg.schedule == "auto":
+                            self._fix_auto_schedule(st.step, (budget_s - (time.monotonic() - t_start)) * 0.92 / per_step)
+                            rep.message(f"schedule: cosine from {cfg.lr:g} over {cfg.decay_steps} steps after warm-up "
+                                        f"(fitted to the time budget)")
                     if st.step % self.eval_every == 0:
                         te = time.monotonic()
                         stop = self._evaluate(rep, smooth, cps, t_start)
@@ -484,6 +498,20 @@ class Trainer:
         st.elapsed = self._elapsed0 + time.monotonic() - t_start
         return {"stop": stop, "step": st.step, "best_val": st.best_val, "out": self.out,
                 "chars_per_s": chars_done / t_steps if t_steps else 0.0}
+
+    def _fix_auto_schedule(self, step: int, steps_left: float):
+        """Turn the "auto" schedule into a cosine ending when the time budget should end."""
+        cfg = self.cfg
+        if cfg.schedule != "auto":
+            return
+        total = step + max(1, int(steps_left))
+        decay = max(1, total - cfg.warmup)
+        if step >= cfg.warmup:
+            # already past warm-up at a constant rate: keep the steps done on the cosine's flat top
+            decay = max(1, total - step)
+        cfg.schedule, cfg.decay_steps = "cosine", decay
+        self.schedule = Schedule("cosine", cfg.lr, warmup=cfg.warmup, decay_every=cfg.decay_every,
+                                 decay_factor=cfg.decay_factor, decay_steps=decay)
 
     def _snapshot(self):
         """Remember the current parameters and optimizer state as the last good ones."""

@@ -908,6 +908,31 @@ def _draw(z, temp, top_k, top_p, banned, state, scratch, order):
 
 
 @njit(**JIT)
+def _draw_step(s, logits, out, tok, done, temp, top_k, top_p, banned, end_id, state, z, scratch, order):
+    """Draw the next token of every unfinished stream from its logits; record it in out[s]."""
+    nb, V = logits.shape
+    for b in range(nb):
+        if done[b]:
+            out[s, b] = -1
+            continue
+        for v in range(V):
+            z[v] = logits[b, v]
+        t = _draw(z, temp, top_k, top_p, banned, state, scratch, order)
+        out[s, b] = t
+        tok[b] = t
+        if t == end_id:
+            done[b] = True
+
+
+@njit(**JIT)
+def _all_done(done):
+    for b in range(done.shape[0]):
+        if not done[b]:
+            return False
+    return True
+
+
+@njit(**JIT)
 def _generate(cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, temp, top_k, top_p, banned, end_id, done, state, ws):
     """Generate up to n_steps tokens for nb streams. tok (nb,) holds each stream's last token and is
     updated; h, c carry the state; out (n_steps, nb) receives the tokens (-1 after a stream is done);
@@ -919,22 +944,104 @@ def _generate(cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, temp, to
     order = np.empty(V, dtype=np.int64)
     gates, hs, cs, tcs, hp = _step_views(ws, cell, nb, H, V)
     for s in range(n_steps):
-        all_done = True
-        for b in range(nb):
-            if not done[b]:
-                all_done = False
-        if all_done:
+        if _all_done(done):
             return s
         _step(cell, L, H, V, theta, offs, w0t, tok, h, c, logits, gates, hs, cs, tcs, hp)
+        _draw_step(s, logits, out, tok, done, temp, top_k, top_p, banned, end_id, state, z, scratch, order)
+    return n_steps
+
+
+# ----------------------------------------------------------------------------- generation, threads
+# With large layers one step of a few streams is memory-bound on the weights (a 2x512 LSTM reads
+# 12 MB per character). Threads then split each layer's units as in training, each keeping its own
+# packed rows of W_ih and W_hh (packed once per call, not per step), one parallel region per layer.
+@njit(**JIT)
+def _gen_pws_size(cell, L, nb, H, Hp):
+    G = _n_gates(cell)
+    return L * G * Hp * H + (L - 1) * G * Hp * H + 2 * nb * G * Hp
+
+
+@njit(**JIT)
+def _gen_views(pw, cell, L, nb, H, Hp, k):
+    """Thread views for layer k: Wf (G*Hp, H), Wi (G*Hp, H) (layers above 0), hp, gp (nb, G*Hp)."""
+    G = _n_gates(cell)
+    n = G * Hp * H
+    Wf = pw[k * n : (k + 1) * n].reshape((G * Hp, H))
+    o = L * n + max(k - 1, 0) * n
+    Wi = pw[o : o + n].reshape((G * Hp, H))
+    o = L * n + (L - 1) * n
+    hp = pw[o : o + nb * G * Hp].reshape((nb, G * Hp))
+    gp = pw[o + nb * G * Hp : o + 2 * nb * G * Hp].reshape((nb, G * Hp))
+    return Wf, Wi, hp, gp
+
+
+@njit(**JIT_PARALLEL)
+def _generate_par(cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, temp, top_k, top_p, banned, end_id,
+                  done, state, pws, ub, hs2, cs2, gates, tcs):
+    """_generate with threads splitting every layer's units (ub (nthr+1,) bounds over H).
+
+    hs2, cs2 (L, 2, nb, H), gates (1, nb, G*H), tcs (1, nb, H) work buffers; pws (nthr, n) per-thread.
+    """
+    nb = tok.shape[0]
+    G = _n_gates(cell)
+    GH = G * H
+    nthr = ub.shape[0] - 1
+    logits = np.empty((nb, V), dtype=theta.dtype)
+    z = np.empty(V, dtype=np.float64)
+    scratch = np.empty(V, dtype=np.float64)
+    order = np.empty(V, dtype=np.int64)
+    for p in prange(nthr):  # pack each thread's rows of the recurrent and input weights, once
+        u0, u1 = ub[p], ub[p + 1]
+        Hp = u1 - u0
+        for k in range(L):
+            In = V if k == 0 else H
+            W_ih, W_hh, b_ih, b_hh = _layer_weights(theta, offs, k, GH, In, H)
+            Wf, Wi, hp, gp = _gen_views(pws[p], cell, L, nb, H, Hp, k)
+            for g in range(G):
+                for u in range(Hp):
+                    dst, src = Wf[g * Hp + u], W_hh[g * H + u0 + u]
+                    for j in range(H):
+                        dst[j] = src[j]
+                    if k > 0:
+                        dst, src = Wi[g * Hp + u], W_ih[g * H + u0 + u]
+                        for j in range(H):
+                            dst[j] = src[j]
+    Wd, bd = _decoder_weights(theta, offs, L, V, H)
+    for s in range(n_steps):
+        if _all_done(done):
+            return s
+        for k in range(L):
+            hs2[k, 0] = h[k]
+            if cell == LSTM:
+                cs2[k, 0] = c[k]
+            In = V if k == 0 else H
+            W_ih, W_hh, b_ih, b_hh = _layer_weights(theta, offs, k, GH, In, H)
+            for p in prange(nthr):
+                u0, u1 = ub[p], ub[p + 1]
+                Hp = u1 - u0
+                Wf, Wi, hp, gp = _gen_views(pws[p], cell, L, nb, H, Hp, k)
+                if k > 0:
+                    _rec_fwd(hs2[k - 1, 1], 0, nb, Wi, gp)  # this block's input products
+                for b in range(nb):
+                    row = gates[0, b]
+                    for g in range(G):
+                        dst = row[g * H + u0 : g * H + u1]
+                        bi, bh = b_ih[g * H + u0 : g * H + u1], b_hh[g * H + u0 : g * H + u1]
+                        if k == 0:
+                            src = w0t[tok[b], g * H + u0 : g * H + u1]
+                        else:
+                            src = gp[b, g * Hp : (g + 1) * Hp]
+                        for j in range(Hp):
+                            dst[j] = src[j] + (bi[j] if cell == GRU else bi[j] + bh[j])
+                _fwd_block(cell, 0, 0, nb, u0, u1, gates, hs2[k], cs2[k], tcs, Wf, b_hh, hp)
+        for k in range(L):
+            h[k] = hs2[k, 1]
+            if cell == LSTM:
+                c[k] = cs2[k, 1]
+        np.dot(hs2[L - 1, 1], Wd.T, logits)
         for b in range(nb):
-            if done[b]:
-                out[s, b] = -1
-                continue
+            row = logits[b]
             for v in range(V):
-                z[v] = logits[b, v]
-            t = _draw(z, temp, top_k, top_p, banned, state, scratch, order)
-            out[s, b] = t
-            tok[b] = t
-            if t == end_id:
-                done[b] = True
+                row[v] += bd[v]
+        _draw_step(s, logits, out, tok, done, temp, top_k, top_p, banned, end_id, state, z, scratch, order)
     return n_steps
