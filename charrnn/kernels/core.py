@@ -197,8 +197,8 @@ def _decoder_weights(theta, offs, L, V, H):
 # vectorising the loop (measured: 21 ns per LSTM unit instead of 3).
 @njit(**JIT)
 def _rec_fwd(h_prev, s0, s1, Wf, hp):
-    """hp (s1-s0, G*Hp) <- h_prev[s0:s1] @ Wf^T. A single stream uses a matrix-vector product: BLAS
-    would otherwise pack all of Wf for one row (measured: 2.7k vs ... chars/s scoring a 2x512 LSTM)."""
+    """hp (s1-s0, n) <- h_prev[s0:s1] @ Wf^T for Wf (n, H). A single stream uses a matrix-vector
+    product: a matrix product would make BLAS pack all of Wf for one row, every step."""
     if s1 - s0 == 1:
         np.dot(Wf, h_prev[s0], hp[0])
     else:
@@ -685,7 +685,11 @@ def _forward_backward(cell, L, H, V, theta, offs, x, y, h0, c0, masks, hT, cT, n
         if cell == LSTM:
             cs[0] = c0[k]
         # 2. the recurrence
-        if by_units:
+        if single:  # no parallel region per step when there is one thread (single-stream scoring)
+            Wf, Wb, hp, dhn, dcn, direct, w0g = _thread_views(pws[0], cell, B, H, V, 0, ub, sb, by_units, W_hh, True)
+            for t in range(T):
+                _fwd_block(cell, t, 0, B, 0, H, gates, hs, cs, tcs, W_hh, b_hh, hp)
+        elif by_units:
             for t in range(T):
                 for p in prange(nthr):
                     Wf, Wb, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, True, W_hh, single)
@@ -735,7 +739,18 @@ def _forward_backward(cell, L, H, V, theta, offs, x, y, h0, c0, masks, hT, cT, n
                 Wf, Wb, hp, dhn, dcn, direct, w0g = _pcarve(pws[p], cell, B, H, ub[p + 1] - ub[p], V)
                 _pack_block(W_hh, G, H, ub[p], ub[p + 1], Wf, Wb)
         # 2. backprop through time
-        if by_units:
+        if single:
+            Wf, Wb, hp, dhn, dcn, direct, w0g = _thread_views(pws[0], cell, B, H, V, 0, ub, sb, by_units, W_hh, True)
+            dhn[:] = 0
+            dcn[:] = 0
+            for t in range(T - 1, -1, -1):
+                _bwd_block(cell, t, 0, B, 0, H, dG, dGh, dH, gates, hs, cs, tcs, dhn, dcn, direct)
+                _rec_bwd_block(cell, dGrec[t], 0, B, W_hh, dhn, direct)
+            for b in range(B):
+                dh0[k, b] = dhn[b]
+                if cell == LSTM:
+                    dc0[k, b] = dcn[b]
+        elif by_units:
             # step t-1's gate gradients for a block of units need only dGrec[t] @ W_hh for those
             # units, which the same thread computes: one region per step
             for p in prange(nthr):
@@ -808,7 +823,7 @@ def _step(cell, L, H, V, theta, offs, w0t, tok, h, c, logits, gates, hs, cs, tcs
                 for j in range(GH):
                     dst[j] = src[j]
         else:
-            np.dot(hs[1], W_ih.T, g2)  # hs[1] still holds the output of layer k-1
+            _rec_fwd(hs[1], 0, nb, W_ih, g2)  # hs[1] still holds the output of layer k-1
         for b in range(nb):
             row = g2[b]
             for j in range(GH):
@@ -821,7 +836,7 @@ def _step(cell, L, H, V, theta, offs, w0t, tok, h, c, logits, gates, hs, cs, tcs
             c[k] = cs[1]
         h[k] = hs[1]
     Wd, bd = _decoder_weights(theta, offs, L, V, H)
-    np.dot(hs[1], Wd.T, logits)
+    _rec_fwd(hs[1], 0, nb, Wd, logits)
     for b in range(nb):
         row = logits[b]
         for v in range(V):
@@ -1038,7 +1053,7 @@ def _generate_par(cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, temp
             h[k] = hs2[k, 1]
             if cell == LSTM:
                 c[k] = cs2[k, 1]
-        np.dot(hs2[L - 1, 1], Wd.T, logits)
+        _rec_fwd(hs2[L - 1, 1], 0, nb, Wd, logits)
         for b in range(nb):
             row = logits[b]
             for v in range(V):
