@@ -272,6 +272,15 @@ class Model:
             out.update(grad=grad, dh0=dh0, dc0=dc0)
         return out
 
+    def warm_up(self):
+        """Compile (or load from Numba's cache) the training kernels on a tiny batch, so that the
+        first real step, and a --minutes budget, do not include compilation."""
+        x = np.zeros((2, 2), dtype=np.int32)
+        h, c = self.zero_state(2)
+        masks = self.dropout_masks(2, 2, 0, 0) if self.cfg.dropout > 0 else None
+        self.forward_backward(x, x, h, c, masks=masks)
+        self._ws_key = None  # the real batches get their own buffers
+
     def dropout_masks(self, T: int, B: int, seed: int, step: int, out=None):
         """Inverted-dropout masks (L, T, B, H) for a training step, decided by (seed, step) alone."""
         from charrnn.kernels import core

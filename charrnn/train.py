@@ -388,6 +388,7 @@ class Trainer:
         )
         if not core_is_compiled("_forward_backward"):
             rep.message("charrnn: compiling the core for this machine (first run only; about a minute) ...")
+        model.warm_up()  # compilation is not counted against --minutes
         masks = None
         smooth = None
         self._snapshot()
