@@ -55,9 +55,16 @@ def test_quickstart_command_trains_and_samples(tmp_path):
         outputs.append(res)
     samples = outputs[1].stdout.splitlines()
     assert len(samples) == 10
-    # a minute of training on arithmetic gives mostly well-formed equations
+    # the samples are arithmetic lines (the model's alphabet), and some are well-formed equations
+    # (a minute of training gives about half; the sampler's seed is random, so ask for a few)
+    import json
     import re
 
+    assert all(re.fullmatch(r"[0-9+*=-]+", s) for s in samples), samples
     wellformed = [s for s in samples if re.fullmatch(r"\d{1,3}[-+*]\d{1,3}=\d{1,5}", s)]
-    assert len(wellformed) >= 5, samples
-    assert (tmp_path / "runs" / "arithmetic" / "best.npz").exists()
+    assert len(wellformed) >= 2, samples
+    # and the model really learned: far below the 2.83 nats/char of guessing among its 17 tokens
+    run = tmp_path / "runs" / "arithmetic"
+    assert (run / "best.npz").exists()
+    best = min(json.loads(line)["val_loss"] for line in open(run / "metrics.jsonl"))
+    assert best < 1.8, best
