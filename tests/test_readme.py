@@ -60,7 +60,7 @@ def test_quickstart_command_trains_and_samples(tmp_path):
     import json
     import re
 
-    assert all(re.fullmatch(r"[0-9+*=-]+", s) for s in samples), samples
+    assert all(re.fullmatch(r"[0-9+*=-]*", s) for s in samples), samples  # empty: <END> drawn first
     wellformed = [s for s in samples if re.fullmatch(r"\d{1,3}[-+*]\d{1,3}=\d{1,5}", s)]
     assert len(wellformed) >= 2, samples
     # and the model really learned: far below the 2.83 nats/char of guessing among its 17 tokens
