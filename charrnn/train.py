@@ -337,12 +337,10 @@ class Trainer:
 
     def _save_last(self):
         extra = {"train.h": self.h, "train.c": self.c}
-        views = Model(self.model.cfg, dtype=self.model.dtype)
         for key, flat in self.opt.state_buffers().items():
             fp = Model(self.model.cfg, dtype=self.model.dtype, theta=flat).params
             for pname, arr in fp.items():
                 extra[f"optim.{key}.{pname}"] = arr
-        del views
         checkpoint.save(os.path.join(self.out, "last.npz"), self.model, self.vocab, self._meta(), extra)
 
     def _save_best(self):
