@@ -276,6 +276,44 @@ def test_state_carry_chained_batches(cell, nonlin, dtype, atol):
     np.testing.assert_allclose(np.concatenate([a["nll"], b["nll"]]), full["nll"], rtol=0, atol=atol)
 
 
+# ----------------------------------------------------------------------------- 5b. scoring one stream
+@pytest.mark.parametrize("nthreads,chunk", [(1, 256), (2, 3), (2, 256)], ids=["1thr", "2thr-chunk3", "2thr-chunk256"])
+@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("cell,nonlin", CASES, ids=CASE_IDS)
+def test_score_matches_reference(cell, nonlin, L, nthreads, chunk, restore_threads, monkeypatch):
+    """Model.score (the layer pipeline with 2 threads and 2+ layers, else the batch forward) gives
+    the reference's -log p(y) at every position and its final state, whatever the chunking."""
+    if nthreads == 2:
+        two_threads()
+    else:
+        threads.set_threads(1)
+    monkeypatch.setattr(Model, "PIPE_CHUNK", chunk)
+    m, x, y, h, c = make(cell, nonlin, L, V=9, H=8, T=23, B=1, seed=31)
+    _loss, logits, hT, cT, *_ = ref_run(m, x, y, h, c)
+    h1, c1 = h.copy(), c.copy()
+    nll = m.score(x[:, 0], y[:, 0], h1, c1)
+    np.testing.assert_allclose(nll, ref_nll(logits, y)[:, 0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(h1, hT, rtol=0, atol=1e-12)
+    if cell == "lstm":
+        np.testing.assert_allclose(c1, cT, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell,nonlin", CASES, ids=CASE_IDS)
+def test_score_float32_pipeline_equals_batch_forward(cell, nonlin, restore_threads, monkeypatch):
+    """In float32 the pipeline and the batch forward agree to rounding (same products, same order
+    within a chunk), so eval and the training-time forward are interchangeable."""
+    two_threads()
+    m64, x, y, h, c = make(cell, nonlin, 2, V=9, H=32, T=300, B=1, seed=7)
+    m = Model(m64.cfg, dtype=np.float32, theta=m64.theta.astype(np.float32))
+    h, c = h.astype(np.float32), c.astype(np.float32)
+    full = m.forward_backward(x, y, h, c, backward=False)
+    monkeypatch.setattr(Model, "PIPE_CHUNK", 64)
+    h1, c1 = h.copy(), c.copy()
+    nll = m.score(x[:, 0], y[:, 0], h1, c1)
+    np.testing.assert_allclose(nll, full["nll"][:, 0], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(h1, full["h"], rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("dtype,atol", [(np.float64, 1e-12), (np.float32, 2e-6)])
 @pytest.mark.parametrize("cell,nonlin", CASES, ids=CASE_IDS)
 def test_feed_matches_forward(cell, nonlin, dtype, atol):

@@ -20,12 +20,11 @@ Parameters live in one flat buffer `theta`; `offs` (L+1, 4) holds the start of e
 row k < L = [weight_ih, weight_hh, bias_ih, bias_hh] of layer k, row L = [decoder.weight,
 decoder.bias, 0, 0].
 
-Speed structure: the batch is cut into `nch` chunks of streams, one per thread, and each thread
-runs the whole forward and backward of its chunk with single-threaded BLAS calls (streams are
-independent, so no synchronisation inside the time loop). Per-thread gradients are summed in a
-fixed order afterwards, so a fixed thread count gives identical results. Inside a chunk: input
-products of all T steps as one GEMM, only h @ W_hh^T in the time loop, fused gate loops, and weight
-gradients as one GEMM over all T steps after the loop.
+Speed structure: input products of all T steps as one GEMM per layer, only h @ W_hh^T inside the
+time loop, fused gate loops, weight gradients as one GEMM over all T*B positions after the loop.
+Threads share the time loop by blocks of units (large H) or of streams (small H); see
+_forward_backward. Per-thread gradients are summed in a fixed order afterwards, so a fixed thread
+count gives identical results. Scoring one stream pipelines the layers instead (_score_pipe).
 """
 
 import math
@@ -794,6 +793,90 @@ def _forward_backward(cell, L, H, V, theta, offs, x, y, h0, c0, masks, hT, cT, n
     grad[:] = gws[0]
     for p in range(1, nthr):
         grad += gws[p]
+
+
+# ----------------------------------------------------------------------------- scoring pipeline
+@njit(**JIT)
+def _pipe_size(cell, H, V, C):
+    """One layer's workspace for _score_pipe: gates (C, GH), hs and cs double-buffered (2, C+1, H),
+    tanh(c) (C, H), hp (GH,), probabilities (C, V)."""
+    GH = _n_gates(cell) * H
+    return C * GH + 4 * (C + 1) * H + C * H + GH + C * V
+
+
+@njit(**JIT)
+def _pipe_task(cell, L, H, V, theta, offs, w0t, x2, y2, nll2, h, c, k, j, C, N, wk, wbelow):
+    """Layer k's part of chunk j (positions j*C ..) in _score_pipe: input products, recurrence,
+    and for the top layer the decoder and -log p(y). wk, wbelow: this layer's and the layer
+    below's workspace (the layer below finished chunk j in the previous superstep)."""
+    GH = _n_gates(cell) * H
+    In = V if k == 0 else H
+    p0 = j * C
+    Cj = min(C, N - p0)
+    W_ih, W_hh, b_ih, b_hh = _layer_weights(theta, offs, k, GH, In, H)
+    o = 0
+    gates = wk[o : o + Cj * GH].reshape((Cj, 1, GH))
+    o += C * GH
+    hs2 = wk[o : o + 2 * (C + 1) * H].reshape((2, C + 1, 1, H))
+    o += 2 * (C + 1) * H
+    cs2 = wk[o : o + 2 * (C + 1) * H].reshape((2, C + 1, 1, H))
+    o += 2 * (C + 1) * H
+    tcs = wk[o : o + Cj * H].reshape((Cj, 1, H))
+    o += C * H
+    hp = wk[o : o + GH].reshape((1, GH))
+    o += GH
+    P2 = wk[o : o + Cj * V].reshape((Cj, V))
+    cur, prev = j % 2, (j + 1) % 2
+    if k == 0:
+        inp2 = np.zeros((0, H), dtype=theta.dtype)
+    else:
+        below = wbelow[C * GH : C * GH + 2 * (C + 1) * H].reshape((2, C + 1, H))
+        inp2 = _sub(below[cur], 1, Cj + 1)
+    xs = x2[p0 : p0 + Cj]
+    _input_rows(cell, 0, Cj, gates.reshape((Cj, GH)), xs, w0t, inp2, W_ih, b_ih, b_hh, 1)
+    hs, cs = hs2[cur], cs2[cur]
+    if j == 0:
+        hs[0, 0] = h[k, 0]
+        cs[0, 0] = c[k, 0]
+    else:
+        hs[0] = hs2[prev, C]
+        cs[0] = cs2[prev, C]
+    for t in range(Cj):
+        _fwd_block(cell, t, 0, 1, 0, H, gates, hs, cs, tcs, W_hh, b_hh, hp)
+    if p0 + Cj == N:  # the last chunk: hand the state back
+        h[k, 0] = hs[Cj, 0]
+        if cell == LSTM:
+            c[k, 0] = cs[Cj, 0]
+    if k == L - 1:
+        Wd, bd = _decoder_weights(theta, offs, L, V, H)
+        _decoder_rows(0, Cj, _sub(hs.reshape((C + 1, H)), 1, Cj + 1), Wd, bd, P2, y2[p0 : p0 + Cj],
+                      nll2[p0 : p0 + Cj], 1)
+
+
+@njit(**JIT_PARALLEL)
+def _score_pipe(cell, L, H, V, theta, offs, w0t, x, y, h, c, nll, C):
+    """Forward of one stream (scoring): tokens x, targets y (N,), state h, c (L, 1, H) carried in
+    place, nll (N,) out: -log p(y) at every position.
+
+    One stream leaves nothing to share inside a time step but its small matrix-vector products, and
+    a parallel region per step costs about as much as the step. So the layers run as a pipeline over
+    chunks of C steps instead: in superstep s, layer k processes chunk s - k, and the layers are the
+    parallel tasks (one region per chunk). Each thread keeps its own layer's weights in its cache.
+    The arithmetic is the same as _forward_backward with one stream, position by position.
+    """
+    N = x.shape[0]
+    nc = (N + C - 1) // C
+    _fill_w0t(w0t, theta, offs, _n_gates(cell) * H, V)
+    ws = np.zeros((L, _pipe_size(cell, H, V, C)), dtype=theta.dtype)
+    x2 = x.reshape((N, 1))
+    y2 = y.reshape((N, 1))
+    nll2 = nll.reshape((N, 1))
+    for s in range(nc + L - 1):
+        for k in prange(L):
+            j = s - k
+            if j >= 0 and j < nc:
+                _pipe_task(cell, L, H, V, theta, offs, w0t, x2, y2, nll2, h, c, k, j, C, N, ws[k],
+                           ws[k - 1] if k > 0 else ws[k])
 
 
 # ----------------------------------------------------------------------------- generation
