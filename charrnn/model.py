@@ -357,11 +357,12 @@ class Model:
         return logits
 
     # Sampling uses threads (splitting each layer's units) from this hidden size on; below it one
-    # step is too small to pay for a parallel region per layer (benchmarks/sample_throughput.py).
-    GEN_THREADS_MIN_H = 256
+    # step is too small to pay for the barriers (benchmarks/sample_throughput.py).
+    GEN_THREADS_MIN_H = 128
 
     def generate(self, tok, h, c, out, temp, top_k, top_p, banned, end_id, done, rng_state):
-        """Run the compiled generation loop for out.shape[0] steps; see kernels.core._generate."""
+        """Run the compiled generation loop for out.shape[0] steps; see kernels.core._generate (one
+        thread) and _generate_spin (threads splitting each layer's units)."""
         from charrnn.kernels import core
 
         cfg = self.cfg
@@ -382,9 +383,10 @@ class Model:
                 pws=np.zeros((len(ub) - 1, int(core._gen_pws_size(cfg.cell_id, L, nb, H, hp_max))), dtype=self.dtype),
                 hs2=np.zeros((L, 2, nb, H), dtype=self.dtype), cs2=np.zeros((L, 2, nb, H), dtype=self.dtype),
                 gates=np.zeros((1, nb, cfg.G * H), dtype=self.dtype), tcs=np.zeros((1, nb, H), dtype=self.dtype),
+                sync=np.zeros((2 + 2 * (len(ub) - 1)) * 8, dtype=np.int64),
             )
             self._gen_key = key
         g = self._gen
-        return int(core._generate_par(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
-                                      self._w0t, tok, h, c, out, out.shape[0], *args, g["pws"], g["ub"], g["hs2"],
-                                      g["cs2"], g["gates"], g["tcs"]))
+        return int(core._generate_spin(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta,
+                                       self.params.table, self._w0t, tok, h, c, out, out.shape[0], *args, g["pws"],
+                                       g["ub"], g["hs2"], g["cs2"], g["gates"], g["tcs"], g["sync"], ws))

@@ -624,8 +624,8 @@ def test_both_thread_plans_match_reference(cell, nonlin, by_units, nthreads, mon
 @pytest.mark.parametrize("cell,nonlin", CASES)
 @pytest.mark.parametrize("nb", [1, 3])
 def test_threaded_generation_equals_single_threaded(cell, nonlin, nb, monkeypatch):
-    """Large models sample with threads splitting each layer's units (_generate_par); it must follow
-    the same trajectory as the single-threaded loop: identical greedy tokens, the same final state."""
+    """Models from H = 128 sample with threads splitting each layer's units (_generate_spin); it must
+    follow the same trajectory as the single-threaded loop: identical greedy tokens, the same final state."""
     for dtype in (np.float64, np.float32):
         m = Model(ModelConfig(cell=cell, layers=3, hidden=128, vocab_size=12, nonlinearity=nonlin), dtype=dtype).init(4)
         m.params["decoder.weight"][:] *= 6
@@ -644,3 +644,50 @@ def test_threaded_generation_equals_single_threaded(cell, nonlin, nb, monkeypatc
             if cell == "lstm":
                 np.testing.assert_allclose(a[4], b[4], rtol=0, atol=tol)
         assert getattr(m, "_gen_key", None) is not None  # the threaded path really ran
+
+
+def test_threaded_generation_stops_at_end_like_serial(monkeypatch):
+    """Streams ending at different steps: the threads agree on when to stop, and the tokens, the
+    step count and the state equal the serial loop's."""
+    m = Model(ModelConfig(layers=2, hidden=128, vocab_size=12), dtype=np.float64).init(4)
+    m.params["decoder.weight"][:] *= 6
+    m.params["decoder.bias"][1] += 2.0
+    m.refresh()
+    tok, h, c = gen_start(m, 5)
+    two_threads()
+    results = []
+    for min_h in (10**9, 0):
+        monkeypatch.setattr(Model, "GEN_THREADS_MIN_H", min_h)
+        results.append(run_generate(m, tok, h, c, 200, end_id=1, seed=3))
+    (o1, s1, d1, h1, c1), (o2, s2, d2, h2, c2) = results
+    assert d1.all() and s1 < 200  # the case under test: every stream ended, early
+    assert s1 == s2
+    np.testing.assert_array_equal(o1, o2)
+    np.testing.assert_array_equal(d1, d2)
+    np.testing.assert_allclose(h2, h1, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(c2, c1, rtol=0, atol=1e-10)
+
+
+def test_threaded_generation_never_waits_for_a_thread_that_does_not_come(restore_threads):
+    """A pool may run the region's tasks one after another (here: one Numba thread for two tasks).
+    Thread 0 must then give up on its helper and generate alone, not spin forever."""
+    m = Model(ModelConfig(layers=2, hidden=128, vocab_size=12), dtype=np.float64).init(4)
+    m.params["decoder.weight"][:] *= 6
+    m.refresh()
+    tok, h, c = gen_start(m, 2)
+    two_threads()
+    out2, steps2, _, h2, _ = run_generate(m, tok, h, c, 30, temp=0.0)
+    assert m._gen_key is not None  # that was the threaded path
+    g = m._gen
+    threads.set_threads(1)
+    cfg = m.cfg
+    tok1, h1, c1 = tok.copy(), h.copy(), c.copy()
+    out1 = np.full((30, 2), -7, dtype=np.int32)
+    steps1 = core._generate_spin(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, m.theta, m.params.table,
+                                 m._w0t, tok1, h1, c1, out1, 30, 0.0, 0, 1.0, np.zeros(12, np.bool_), -1,
+                                 np.zeros(2, np.bool_), core._seed_state(5), g["pws"], g["ub"], g["hs2"], g["cs2"],
+                                 g["gates"], g["tcs"], g["sync"], m._step_workspace(2))
+    assert len(g["ub"]) == 3 and steps1 == steps2 == 30
+    assert g["sync"][0] == core.GO_SERIAL  # thread 0 gave up on its helper
+    np.testing.assert_array_equal(out1, out2)
+    np.testing.assert_allclose(h1, h2, rtol=0, atol=1e-10)

@@ -30,8 +30,10 @@ count gives identical results. Scoring one stream pipelines the layers instead (
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from charrnn.kernels.jit import JIT, JIT_PARALLEL
 
@@ -1050,9 +1052,9 @@ def _generate(cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, temp, to
 
 
 # ----------------------------------------------------------------------------- generation, threads
-# With large layers one step of a few streams is memory-bound on the weights (a 2x512 LSTM reads
-# 12 MB per character). Threads then split each layer's units as in training, each keeping its own
-# packed rows of W_ih and W_hh (packed once per call, not per step), one parallel region per layer.
+# One step of a few streams is memory-bound on the weights (a 2x512 LSTM reads 12 MB per character).
+# Threads split each layer's units as in training, each keeping its own packed rows of W_ih and W_hh
+# (packed once per call, not per step) in its own cache.
 @njit(**JIT)
 def _gen_pws_size(cell, L, nb, H, Hp):
     G = _n_gates(cell)
@@ -1073,73 +1075,217 @@ def _gen_views(pw, cell, L, nb, H, Hp, k):
     return Wf, Wi, hp, gp
 
 
-@njit(**JIT_PARALLEL)
-def _generate_par(cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, temp, top_k, top_p, banned, end_id,
-                  done, state, pws, ub, hs2, cs2, gates, tcs):
-    """_generate with threads splitting every layer's units (ub (nthr+1,) bounds over H).
+# ----------------------------------------------------------------------------- generation, spinning threads
+# One stream of a 2x128 model takes ~20 us per character, and a parallel region per layer costs
+# several microseconds, which ate what splitting the units saved (measured: one region per layer
+# per step gave 1.0x the serial loop at 2x128, spinning threads 1.56x). So the threads stay in one
+# region for the whole call and meet at spin barriers (~0.4 us): per step, one barrier after each
+# layer and one after the draw. Atomics come from LLVM through these intrinsics.
+@intrinsic
+def _atomic_load(typingctx, arr, idx):
+    sig = arr.dtype(arr, idx)
 
-    hs2, cs2 (L, 2, nb, H), gates (1, nb, G*H), tcs (1, nb, H) work buffers; pws (nthr, n) per-thread.
-    """
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+        return builder.load_atomic(ptr, ordering="acquire", align=8)
+
+    return sig, codegen
+
+
+@intrinsic
+def _atomic_store(typingctx, arr, idx, val):
+    sig = types.void(arr, idx, arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+        builder.store_atomic(args[2], ptr, ordering="release", align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _atomic_cas(typingctx, arr, idx, expected, new):
+    """arr[idx] = new if arr[idx] == expected, atomically; returns whether it did."""
+    sig = types.boolean(arr, idx, arr.dtype, arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+        res = builder.cmpxchg(ptr, args[2], args[3], "acq_rel", "acquire")
+        return builder.extract_value(res, 1)
+
+    return sig, codegen
+
+
+@intrinsic
+def _sched_yield(typingctx):
+    """Give the core away for a moment (libc's sched_yield) while waiting for another thread."""
+    sig = types.void()
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+SPINS_BEFORE_YIELD = 2000
+JOIN_PATIENCE = 20000  # yields thread 0 waits for a helper thread to show up before going alone
+_SLOT = 8  # int64 words per sync slot: one cache line each
+PENDING, JOINED, ABANDONED, GO_PARALLEL, GO_SERIAL = 0, 1, 2, 1, 2
+
+
+@njit(**JIT)
+def _wait_while(sync, i, below):
+    """Spin until sync[i] >= below, yielding the core after a while."""
+    n = 0
+    while _atomic_load(sync, i) < below:
+        n += 1
+        if n > SPINS_BEFORE_YIELD:
+            _sched_yield()
+
+
+@njit(**JIT)
+def _barrier(sync, p, nthr, epoch):
+    """All nthr threads reach this point (the epoch-th barrier) before any goes on. Thread p's
+    epoch slot is sync[(1 + nthr + p) * _SLOT]; each thread writes only its own slot."""
+    _atomic_store(sync, (1 + nthr + p) * _SLOT, epoch)
+    for q in range(nthr):
+        if q != p:
+            _wait_while(sync, (1 + nthr + q) * _SLOT, epoch)
+
+
+@njit(**JIT)
+def _join(sync, p, nthr):
+    """Whether thread p takes part in a parallel run. A thread pool may run the region's tasks one
+    after another (TBB can), so helpers must never be waited for blindly: thread 0 waits a while
+    for each helper's claim and otherwise abandons it (one compare-and-swap decides), then says
+    GO_PARALLEL or GO_SERIAL in sync[0]. A helper whose slot was abandoned returns at once."""
+    if p > 0:
+        if not _atomic_cas(sync, p * _SLOT, PENDING, JOINED):
+            return False
+        _wait_while(sync, 0, 1)
+        return _atomic_load(sync, 0) == GO_PARALLEL
+    alone = False
+    for q in range(1, nthr):
+        n = 0
+        while _atomic_load(sync, q * _SLOT) == PENDING and n < SPINS_BEFORE_YIELD + JOIN_PATIENCE:
+            n += 1
+            if n > SPINS_BEFORE_YIELD:
+                _sched_yield()
+        if _atomic_cas(sync, q * _SLOT, PENDING, ABANDONED):
+            alone = True
+    _atomic_store(sync, 0, GO_SERIAL if alone else GO_PARALLEL)
+    return not alone
+
+
+@njit(**JIT)
+def _gen_thread(p, cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, temp, top_k, top_p, banned,
+                end_id, done, state, pw, ub, hs2, cs2, gates, tcs, sync, logits, z, scratch, order, taken):
+    """Thread p's part of _generate_spin: its units of every layer; thread 0 also decodes and draws."""
     nb = tok.shape[0]
     G = _n_gates(cell)
     GH = G * H
+    nthr = ub.shape[0] - 1
+    u0, u1 = ub[p], ub[p + 1]
+    Hp = u1 - u0
+    STOP = (1 + 2 * nthr) * _SLOT
+    for k in range(L):  # pack this thread's rows of the recurrent and input weights, once
+        In = V if k == 0 else H
+        W_ih, W_hh, b_ih, b_hh = _layer_weights(theta, offs, k, GH, In, H)
+        Wf, Wi, hp, gp = _gen_views(pw, cell, L, nb, H, Hp, k)
+        for g in range(G):
+            for u in range(Hp):
+                dst, src = Wf[g * Hp + u], W_hh[g * H + u0 + u]
+                for j in range(H):
+                    dst[j] = src[j]
+                if k > 0:
+                    dst, src = Wi[g * Hp + u], W_ih[g * H + u0 + u]
+                    for j in range(H):
+                        dst[j] = src[j]
+    Wd, bd = _decoder_weights(theta, offs, L, V, H)
+    epoch = 1
+    if p == 0:
+        _atomic_store(sync, STOP, 1 if _all_done(done) else 0)
+    _barrier(sync, p, nthr, epoch)
+    s = 0
+    while s < n_steps and _atomic_load(sync, STOP) == 0:
+        for k in range(L):
+            In = V if k == 0 else H
+            W_ih, W_hh, b_ih, b_hh = _layer_weights(theta, offs, k, GH, In, H)
+            Wf, Wi, hp, gp = _gen_views(pw, cell, L, nb, H, Hp, k)
+            if k > 0:
+                _rec_fwd(hs2[k - 1, 1], 0, nb, Wi, gp)  # this block's input products
+            for b in range(nb):
+                row = gates[0, b]
+                for g in range(G):
+                    dst = row[g * H + u0 : g * H + u1]
+                    bi, bh = b_ih[g * H + u0 : g * H + u1], b_hh[g * H + u0 : g * H + u1]
+                    if k == 0:
+                        src = w0t[tok[b], g * H + u0 : g * H + u1]
+                    else:
+                        src = gp[b, g * Hp : (g + 1) * Hp]
+                    for j in range(Hp):
+                        dst[j] = src[j] + (bi[j] if cell == GRU else bi[j] + bh[j])
+            _fwd_block(cell, 0, 0, nb, u0, u1, gates, hs2[k], cs2[k], tcs, Wf, b_hh, hp)
+            epoch += 1
+            _barrier(sync, p, nthr, epoch)  # layer k's new state is complete
+            for b in range(nb):  # own units: the new state becomes the previous one of the next step
+                hs2[k, 0, b, u0:u1] = hs2[k, 1, b, u0:u1]
+                if cell == LSTM:
+                    cs2[k, 0, b, u0:u1] = cs2[k, 1, b, u0:u1]
+        if p == 0:
+            _rec_fwd(hs2[L - 1, 1], 0, nb, Wd, logits)
+            for b in range(nb):
+                row = logits[b]
+                for v in range(V):
+                    row[v] += bd[v]
+            _draw_step(s, logits, out, tok, done, temp, top_k, top_p, banned, end_id, state, z, scratch, order)
+            if _all_done(done):
+                _atomic_store(sync, STOP, 1)
+        s += 1
+        epoch += 1
+        _barrier(sync, p, nthr, epoch)  # the drawn tokens and the stop flag are visible
+    if p == 0:
+        taken[0] = s
+
+
+@njit(**JIT_PARALLEL)
+def _generate_spin(cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, temp, top_k, top_p, banned, end_id,
+                   done, state, pws, ub, hs2, cs2, gates, tcs, sync, ws):
+    """_generate with threads splitting every layer's units (ub (nthr+1,) bounds over H) inside one
+    parallel region, meeting at spin barriers. Same tokens as _generate up to the rounding of the
+    split products. hs2, cs2 (L, 2, nb, H), gates (1, nb, G*H), tcs (1, nb, H) work buffers; pws
+    (nthr, n) per-thread; sync ((2 + 2*nthr) * 8,) int64; ws the serial kernel's workspace, for the
+    fallback when the pool will not run the threads side by side. Returns the steps taken."""
+    nb = tok.shape[0]
     nthr = ub.shape[0] - 1
     logits = np.empty((nb, V), dtype=theta.dtype)
     z = np.empty(V, dtype=np.float64)
     scratch = np.empty(V, dtype=np.float64)
     order = np.empty(V, dtype=np.int64)
-    for p in prange(nthr):  # pack each thread's rows of the recurrent and input weights, once
-        u0, u1 = ub[p], ub[p + 1]
-        Hp = u1 - u0
-        for k in range(L):
-            In = V if k == 0 else H
-            W_ih, W_hh, b_ih, b_hh = _layer_weights(theta, offs, k, GH, In, H)
-            Wf, Wi, hp, gp = _gen_views(pws[p], cell, L, nb, H, Hp, k)
-            for g in range(G):
-                for u in range(Hp):
-                    dst, src = Wf[g * Hp + u], W_hh[g * H + u0 + u]
-                    for j in range(H):
-                        dst[j] = src[j]
-                    if k > 0:
-                        dst, src = Wi[g * Hp + u], W_ih[g * H + u0 + u]
-                        for j in range(H):
-                            dst[j] = src[j]
-    Wd, bd = _decoder_weights(theta, offs, L, V, H)
-    for s in range(n_steps):
-        if _all_done(done):
-            return s
-        for k in range(L):
-            hs2[k, 0] = h[k]
-            if cell == LSTM:
-                cs2[k, 0] = c[k]
-            In = V if k == 0 else H
-            W_ih, W_hh, b_ih, b_hh = _layer_weights(theta, offs, k, GH, In, H)
-            for p in prange(nthr):
-                u0, u1 = ub[p], ub[p + 1]
-                Hp = u1 - u0
-                Wf, Wi, hp, gp = _gen_views(pws[p], cell, L, nb, H, Hp, k)
-                if k > 0:
-                    _rec_fwd(hs2[k - 1, 1], 0, nb, Wi, gp)  # this block's input products
-                for b in range(nb):
-                    row = gates[0, b]
-                    for g in range(G):
-                        dst = row[g * H + u0 : g * H + u1]
-                        bi, bh = b_ih[g * H + u0 : g * H + u1], b_hh[g * H + u0 : g * H + u1]
-                        if k == 0:
-                            src = w0t[tok[b], g * H + u0 : g * H + u1]
-                        else:
-                            src = gp[b, g * Hp : (g + 1) * Hp]
-                        for j in range(Hp):
-                            dst[j] = src[j] + (bi[j] if cell == GRU else bi[j] + bh[j])
-                _fwd_block(cell, 0, 0, nb, u0, u1, gates, hs2[k], cs2[k], tcs, Wf, b_hh, hp)
-        for k in range(L):
-            h[k] = hs2[k, 1]
-            if cell == LSTM:
-                c[k] = cs2[k, 1]
-        _rec_fwd(hs2[L - 1, 1], 0, nb, Wd, logits)
-        for b in range(nb):
-            row = logits[b]
-            for v in range(V):
-                row[v] += bd[v]
-        _draw_step(s, logits, out, tok, done, temp, top_k, top_p, banned, end_id, state, z, scratch, order)
-    return n_steps
+    taken = np.zeros(1, dtype=np.int64)
+    sync[:] = 0
+    for k in range(L):
+        hs2[k, 0] = h[k]
+        if cell == LSTM:
+            cs2[k, 0] = c[k]
+    parallel = np.zeros(1, dtype=np.int64)
+    for p in prange(nthr):
+        if _join(sync, p, nthr):
+            if p == 0:
+                parallel[0] = 1
+            _gen_thread(p, cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, temp, top_k, top_p, banned,
+                        end_id, done, state, pws[p], ub, hs2, cs2, gates, tcs, sync, logits, z, scratch, order, taken)
+    if parallel[0] == 0:
+        return _generate(cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, temp, top_k, top_p, banned,
+                         end_id, done, state, ws)
+    for k in range(L):
+        h[k] = hs2[k, 0]
+        if cell == LSTM:
+            c[k] = cs2[k, 0]
+    return taken[0]
