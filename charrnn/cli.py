@@ -104,8 +104,9 @@ def cli():
 @click.option("--seq-warmup", type=click.IntRange(min=0), default=DEFAULTS.seq_warmup, metavar="STEPS", help="Grow T from 8 to --seq over this many steps (0: off).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr, help="Peak learning rate.")
 @click.option("--optimizer", type=click.Choice(["adam", "rmsprop", "sgd"]), default=DEFAULTS.optimizer, help="Optimizer.")
-@click.option("--schedule", type=click.Choice(["auto", "constant", "step", "cosine"]), default=DEFAULTS.schedule,
-              help="Learning-rate schedule. auto: a cosine fitted to a --minutes budget, else constant. cosine needs --decay-steps.")
+@click.option("--schedule", type=click.Choice(["auto", "constant", "step", "cosine", "wsd"]), default=DEFAULTS.schedule,
+              help="Learning-rate schedule. auto: wsd fitted to a --minutes budget, else constant. cosine and wsd "
+                   "(constant, then a linear decay over the last 20%) need --decay-steps.")
 @click.option("--warmup", type=click.IntRange(min=0), default=DEFAULTS.warmup, metavar="STEPS", help="Linear learning-rate warm-up.")
 @click.option("--decay-every", type=click.IntRange(min=1), default=DEFAULTS.decay_every, metavar="STEPS", help="Step schedule: decay interval.")
 @click.option("--decay-factor", type=click.FloatRange(0, 1, min_open=True), default=DEFAULTS.decay_factor, help="Step schedule: decay factor.")
@@ -145,8 +146,8 @@ def train(corpus, out, resume, quiet, **opts):
     else:
         if not corpus:
             raise UsageError("give a corpus file (or - for stdin), or --resume DIR")
-        if opts["schedule"] == "cosine" and opts["decay_steps"] is None:
-            raise UsageError("--schedule cosine needs --decay-steps (the schedule must not depend on the budget, so runs resume exactly)")
+        if opts["schedule"] in ("cosine", "wsd") and opts["decay_steps"] is None:
+            raise UsageError(f"--schedule {opts['schedule']} needs --decay-steps (the schedule must not depend on the budget, so runs resume exactly)")
         cfg = TrainConfig(**opts)
         trainer = Trainer.new(corpus, cfg, out, quiet=quiet)
     result = trainer.run()

@@ -19,18 +19,18 @@ class TrainConfig:
     # ---- data
     batch: int = 32  # B parallel streams per step
     seq: int = 64  # T steps of backprop-through-time per update
-    seq_warmup: int = 0  # steps over which T grows from 8 to --seq (0: off; measured, see README)
+    seq_warmup: int = 300  # steps over which T grows from 8 to --seq (0: off); measured, see README
     val_frac: float = 0.1  # last fraction of the text held out for validation
     docs: str | None = None  # None: one stream; line | blank: documents wrapped in <START> ... <END>
     encoding: str | None = None  # text encoding of the corpus (default strict UTF-8)
     # ---- optimisation
     optimizer: str = "adam"  # adam | rmsprop | sgd
     lr: float = 3e-3  # peak learning rate (3e-3 beat 2e-3 in 5-minute runs, benchmarks/quality_curve.py)
-    schedule: str = "auto"  # auto | constant | step | cosine; auto: cosine over a --minutes budget, else constant
+    schedule: str = "auto"  # auto | constant | step | cosine | wsd; auto: wsd over a --minutes budget, else constant
     warmup: int = 100  # linear learning-rate warm-up, steps
     decay_every: int = 1000  # step schedule: multiply the rate by decay_factor every this many steps
     decay_factor: float = 0.9  # step schedule factor
-    decay_steps: int | None = None  # cosine schedule length, steps
+    decay_steps: int | None = None  # cosine / wsd schedule length, steps
     clip: float = 5.0  # clip the gradient's global norm at this value (0: off)
     clip_mode: str = "norm"  # norm | value
     # ---- budget and evaluation

@@ -198,7 +198,8 @@ def make_optimizer(name: str, size: int, dtype, lr: float, **kw) -> Optimizer:
 
 
 # ----------------------------------------------------------------------------- schedules
-KINDS = ("constant", "step", "cosine")
+KINDS = ("constant", "step", "cosine", "wsd")
+WSD_DECAY_FRAC = 0.2  # the final part of a "wsd" schedule that decays linearly
 
 
 class Schedule:
@@ -209,6 +210,8 @@ class Schedule:
       constant  lr
       step      lr * decay_factor ** ((step - warmup) // decay_every)  (char-rnn's learning_rate_decay)
       cosine    from lr down to lr * min_lr_frac over decay_steps steps, then flat at lr * min_lr_frac
+      wsd       "warm-up, stable, decay": lr for the first 80% of decay_steps, then linearly down to
+                lr * min_lr_frac at decay_steps, then flat there
     """
 
     def __init__(self, kind="constant", lr=2e-3, warmup=0, decay_every=1000, decay_factor=0.97,
@@ -221,8 +224,8 @@ class Schedule:
         self.decay_every = _check_int("decay_every", decay_every, 1)
         self.decay_factor = _check_scalar("decay_factor", decay_factor, lo_open=True)
         self.min_lr_frac = _check_scalar("min_lr_frac", min_lr_frac, hi=1.0)
-        if kind == "cosine" and decay_steps is None:
-            raise ValueError("a cosine schedule needs decay_steps")
+        if kind in ("cosine", "wsd") and decay_steps is None:
+            raise ValueError(f"a {kind} schedule needs decay_steps")
         self.decay_steps = None if decay_steps is None else _check_int("decay_steps", decay_steps, 1)
 
     def lr_at(self, step: int) -> float:
@@ -238,6 +241,14 @@ class Schedule:
             if s >= self.decay_steps:
                 return lo
             return lo + 0.5 * (1.0 + math.cos(math.pi * s / self.decay_steps)) * (self.lr - lo)
+        if self.kind == "wsd":
+            lo = self.lr * self.min_lr_frac
+            d0 = self.decay_steps * (1.0 - WSD_DECAY_FRAC)
+            if s <= d0:
+                return self.lr
+            if s >= self.decay_steps:
+                return lo
+            return self.lr + (lo - self.lr) * (s - d0) / (self.decay_steps - d0)
         return self.lr
 
     def to_dict(self) -> dict:

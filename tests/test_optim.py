@@ -351,9 +351,21 @@ def test_cosine_endpoints_and_monotone():
         Schedule("cosine", lr=1.0)
 
 
+def test_wsd_flat_then_linear_to_the_floor():
+    s = Schedule("wsd", lr=2.0, warmup=5, decay_steps=100, min_lr_frac=0.1)
+    assert s.lr_at(4) == 2.0
+    assert [s.lr_at(5 + i) for i in (0, 40, 80)] == [2.0, 2.0, 2.0]  # flat for the first 80%
+    assert s.lr_at(5 + 90) == pytest.approx(1.1, rel=1e-14)  # halfway down the final 20%
+    assert s.lr_at(105) == pytest.approx(0.2) and s.lr_at(10_000) == pytest.approx(0.2)
+    lrs = [s.lr_at(i) for i in range(85, 106)]
+    assert all(a > b for a, b in zip(lrs[:-1], lrs[1:]))
+    with pytest.raises(ValueError):
+        Schedule("wsd", lr=1.0)
+
+
 @settings(max_examples=50, deadline=None)
 @given(
-    st.sampled_from(["constant", "step", "cosine"]),
+    st.sampled_from(["constant", "step", "cosine", "wsd"]),
     st.floats(1e-5, 1.0),
     st.integers(0, 20),
     st.integers(1, 50),
@@ -367,8 +379,10 @@ def test_schedule_pure_and_bounded(kind, lr, warmup, every, factor, frac, step):
     s.lr_at(step + 7)
     assert s.lr_at(step) == a  # no hidden state
     assert Schedule.from_dict(s.to_dict()).lr_at(step) == a
-    assert 0.0 < a <= lr * (1 + 1e-12)
-    if kind == "cosine" and step >= warmup:
+    assert 0.0 <= a <= lr * (1 + 1e-12)
+    if frac > 0 or kind in ("constant", "step") or step < warmup:
+        assert a > 0.0  # only a decay to a floor of 0 reaches 0
+    if kind in ("cosine", "wsd") and step >= warmup:
         assert a >= lr * frac * (1 - 1e-12)
 
 

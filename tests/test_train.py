@@ -203,3 +203,25 @@ def test_signal_saves_and_resumes(corpus, tmp_path, sig, code):
     res = run(["train", "--resume", str(out), "--steps", str(meta["step"] + 3), "-q"])
     assert res.exit_code == 0
     assert meta_of(str(out / "last.npz"))["step"] == meta["step"] + 3
+
+
+@pytest.mark.parametrize("seq_warmup,step", [(0, 0), (100, 0), (100, 40), (100, 150)])
+def test_budget_fit_follows_the_seq_curriculum(seq_warmup, step):
+    """A --minutes run fits its schedule from the measured time per character; with --seq-warmup
+    the early steps are shorter, so more of them fit. Checked against counting step by step."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from charrnn.config import TrainConfig
+    from charrnn.train import Trainer, seq_len_at
+
+    cfg = replace(TrainConfig(), batch=3, seq=64, seq_warmup=seq_warmup)
+    per_char, seconds = 1e-3, 25.0
+    n, t = 0, 0.0
+    while t + per_char * seq_len_at(cfg, step + n) * cfg.batch <= seconds:
+        t += per_char * seq_len_at(cfg, step + n) * cfg.batch
+        n += 1
+    got = Trainer._steps_in(SimpleNamespace(cfg=cfg), seconds, per_char, step)
+    assert abs(got - n) <= 1  # the closed form past the curriculum may round differently
+    if seq_warmup and step < seq_warmup:
+        assert got > seconds / (per_char * cfg.seq * cfg.batch) + 5  # more than full-length steps would give
