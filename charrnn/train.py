@@ -58,7 +58,7 @@ def choose_size(cfg: TrainConfig, n_train_chars: int) -> TrainConfig:
             hidden //= 2
     dropout = cfg.dropout
     if dropout is None:
-        dropout = 0.0 if n_train_chars < 50_000 else (0.1 if hidden <= 256 else 0.25)
+        dropout = 0.0 if n_train_chars < 50_000 else (0.1 if hidden <= 256 else 0.4)
     return replace(cfg, hidden=hidden, dropout=dropout)
 
 

@@ -691,3 +691,21 @@ def test_threaded_generation_never_waits_for_a_thread_that_does_not_come(restore
     assert g["sync"][0] == core.GO_SERIAL  # thread 0 gave up on its helper
     np.testing.assert_array_equal(out1, out2)
     np.testing.assert_allclose(h1, h2, rtol=0, atol=1e-10)
+
+
+def test_thread_join_protocol_cannot_deadlock_in_either_order():
+    """The join of _generate_spin, run by one thread as a pool might run the tasks: helper first
+    (it claims its slot, waits a bounded time for thread 0, then decides serial), or thread 0 first
+    (it waits a bounded time, then abandons the helper's slot). Either way both return, and they
+    agree that the run is serial."""
+    sync = np.zeros((2 + 2 * 2) * 8, dtype=np.int64)
+    assert not core._join(sync, 1, 2)  # the helper arrives first and gives up waiting
+    assert sync[0] == core.GO_SERIAL and sync[8] == core.JOINED
+    assert not core._join(sync, 0, 2)  # thread 0 then finds the decision taken
+    sync[:] = 0
+    assert not core._join(sync, 0, 2)  # thread 0 first: abandons the helper's slot
+    assert sync[0] == core.GO_SERIAL and sync[8] == core.ABANDONED
+    assert not core._join(sync, 1, 2)  # the helper finds its slot abandoned
+    sync[:] = 0
+    sync[8] = core.JOINED  # the helper already claimed its slot: thread 0 goes parallel
+    assert core._join(sync, 0, 2) and sync[0] == core.GO_PARALLEL

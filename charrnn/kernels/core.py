@@ -1160,26 +1160,41 @@ def _barrier(sync, p, nthr, epoch):
 
 
 @njit(**JIT)
+def _patient_wait(sync, i, value):
+    """Spin (then yield) while sync[i] == value, for a bounded time; whether it changed."""
+    n = 0
+    while _atomic_load(sync, i) == value:
+        n += 1
+        if n > SPINS_BEFORE_YIELD + JOIN_PATIENCE:
+            return False
+        if n > SPINS_BEFORE_YIELD:
+            _sched_yield()
+    return True
+
+
+@njit(**JIT)
 def _join(sync, p, nthr):
     """Whether thread p takes part in a parallel run. A thread pool may run the region's tasks one
-    after another (TBB can), so helpers must never be waited for blindly: thread 0 waits a while
-    for each helper's claim and otherwise abandons it (one compare-and-swap decides), then says
-    GO_PARALLEL or GO_SERIAL in sync[0]. A helper whose slot was abandoned returns at once."""
+    after another, in any order (TBB can; so does a pool with one thread), so no thread waits for
+    another without a bound: each claim and each decision is one compare-and-swap.
+    Thread 0 waits a while for each helper to claim its slot (PENDING -> JOINED) and otherwise
+    abandons the slot (PENDING -> ABANDONED); then it decides GO_PARALLEL or GO_SERIAL in sync[0]
+    (0 -> decision). A joined helper waits a while for that decision and otherwise decides
+    GO_SERIAL itself and leaves; thread 0 then finds the decision taken and runs alone."""
     if p > 0:
         if not _atomic_cas(sync, p * _SLOT, PENDING, JOINED):
-            return False
-        _wait_while(sync, 0, 1)
+            return False  # thread 0 gave up on this slot
+        if not _patient_wait(sync, 0, 0):
+            if _atomic_cas(sync, 0, 0, GO_SERIAL):
+                return False
         return _atomic_load(sync, 0) == GO_PARALLEL
     alone = False
     for q in range(1, nthr):
-        n = 0
-        while _atomic_load(sync, q * _SLOT) == PENDING and n < SPINS_BEFORE_YIELD + JOIN_PATIENCE:
-            n += 1
-            if n > SPINS_BEFORE_YIELD:
-                _sched_yield()
+        _patient_wait(sync, q * _SLOT, PENDING)
         if _atomic_cas(sync, q * _SLOT, PENDING, ABANDONED):
             alone = True
-    _atomic_store(sync, 0, GO_SERIAL if alone else GO_PARALLEL)
+    if not _atomic_cas(sync, 0, 0, GO_SERIAL if alone else GO_PARALLEL):
+        return False  # a helper that waited too long has decided GO_SERIAL
     return not alone
 
 
