@@ -193,7 +193,7 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, no_prime_echo, un
     th.set_threads(threads)
     from charrnn.model import core_is_compiled
 
-    if not quiet and not core_is_compiled("_generate"):
+    if not quiet and not core_is_compiled(ck.model.generation_kernel()):
         click.echo("charrnn: compiling the sampler for this machine (first run only) ...", err=True)
     opts = SampleOptions(temp=temp, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0,
                          length=length, num=num, prime=prime, unknown=unknown, seed=seed)

@@ -360,6 +360,15 @@ class Model:
     # step is too small to pay for the barriers (benchmarks/sample_throughput.py).
     GEN_THREADS_MIN_H = 128
 
+    def _gen_threads(self) -> int:
+        """Threads the generation loop uses: 1 (the serial kernel) or n >= 2 (_generate_spin)."""
+        n = min(threads.get_threads(), self.cfg.hidden // 64)
+        return n if n >= 2 and self.cfg.hidden >= self.GEN_THREADS_MIN_H else 1
+
+    def generation_kernel(self) -> str:
+        """The compiled kernel `generate` runs with the current thread count (for the compile notice)."""
+        return "_generate_spin" if self._gen_threads() >= 2 else "_generate"
+
     def generate(self, tok, h, c, out, temp, top_k, top_p, banned, end_id, done, rng_state):
         """Run the compiled generation loop for out.shape[0] steps; see kernels.core._generate (one
         thread) and _generate_spin (threads splitting each layer's units)."""
@@ -369,8 +378,8 @@ class Model:
         nb = tok.shape[0]
         ws = self._step_workspace(nb)
         args = (float(temp), int(top_k), float(top_p), banned, int(end_id), done, rng_state)
-        n = min(threads.get_threads(), cfg.hidden // 64)
-        if n < 2 or cfg.hidden < self.GEN_THREADS_MIN_H:
+        n = self._gen_threads()
+        if n < 2:
             return int(core._generate(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
                                       self._w0t, tok, h, c, out, out.shape[0], *args, ws))
         key = ("gen", nb, n)

@@ -236,10 +236,7 @@ class Trainer:
         # "auto" runs as constant (with warm-up) until a time-budgeted run has measured its speed;
         # then it becomes "wsd" over the expected number of steps, stored in the config, so
         # from there on the schedule is a function of the step alone and resume stays exact
-        self.schedule = Schedule(
-            "constant" if cfg.schedule == "auto" else cfg.schedule, cfg.lr, warmup=cfg.warmup,
-            decay_every=cfg.decay_every, decay_factor=cfg.decay_factor, decay_steps=cfg.decay_steps,
-        )
+        self.schedule = self._make_schedule()
         self.bpe = self.stream.batches_per_epoch(cfg.seq)
         self.eval_every = cfg.eval_every or int(min(2000, max(200, self.bpe)))
         self._auto_eval = False
@@ -528,8 +525,13 @@ class Trainer:
         total = step + max(1, int(steps_left))
         decay = max(1, total - cfg.warmup)
         cfg.schedule, cfg.decay_steps = "wsd", decay
-        self.schedule = Schedule("wsd", cfg.lr, warmup=cfg.warmup, decay_every=cfg.decay_every,
-                                 decay_factor=cfg.decay_factor, decay_steps=decay)
+        self.schedule = self._make_schedule()
+
+    def _make_schedule(self) -> Schedule:
+        """The schedule the config describes ("auto" is constant until _fix_auto_schedule)."""
+        cfg = self.cfg
+        return Schedule("constant" if cfg.schedule == "auto" else cfg.schedule, cfg.lr, warmup=cfg.warmup,
+                        decay_every=cfg.decay_every, decay_factor=cfg.decay_factor, decay_steps=cfg.decay_steps)
 
     def _snapshot(self):
         """Remember the current parameters and optimizer state as the last good ones."""
