@@ -709,3 +709,74 @@ def test_thread_join_protocol_cannot_deadlock_in_either_order():
     sync[:] = 0
     sync[8] = core.JOINED  # the helper already claimed its slot: thread 0 goes parallel
     assert core._join(sync, 0, 2) and sync[0] == core.GO_PARALLEL
+
+
+# ----------------------------------------------------------------------------- packed-weight GEMM
+def _packed_case(dtype, G, H, u0, u1, M, seed=0):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((G * H, H)).astype(dtype)
+    return W, rng.standard_normal((M, H)).astype(dtype), rng.standard_normal((M, G * H)).astype(dtype)
+
+
+def _guarded(M, N, dtype, guard=80):
+    """A C-contiguous (M, N) array followed by NaN guard elements: a write past it shows."""
+    buf = np.full(M * N + guard, np.nan, dtype=dtype)
+    return buf, buf[: M * N].reshape((M, N))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-13), (np.float32, 2e-6)])
+@pytest.mark.parametrize("G,H,u0,u1", [(1, 1, 0, 1), (4, 5, 0, 5), (3, 40, 7, 33), (4, 70, 35, 70), (1, 300, 0, 300)])
+@pytest.mark.parametrize("M", [1, 2, core._MR - 1, core._MR, core._MR + 1, 2 * core._MR + 3])
+def test_packed_matmul_matches_numpy(dtype, rtol, G, H, u0, u1, M):
+    """_mm_packed over _pack_fwd / _pack_bwd panels equals the float64 product, for row counts
+    around the tile height, partial last panels and column blocks, and K above the k block (the
+    accumulating path); nothing is written past C."""
+    W, A, D = _packed_case(dtype, G, H, u0, u1, M)
+    Hp = u1 - u0
+    Wf = np.concatenate([W[g * H + u0 : g * H + u1] for g in range(G)])  # the block's rows, gate-major
+    Wp = np.full(core._packed_size(H, G * Hp), np.nan, dtype=dtype)
+    core._pack_fwd(W, G, H, u0, u1, Wp)
+    buf, C = _guarded(M, G * Hp, dtype)
+    core._mm_packed(A, Wp, C, H)
+    want = A.astype(np.float64) @ Wf.T.astype(np.float64)
+    np.testing.assert_allclose(C, want, rtol=0, atol=rtol * np.abs(want).max() * max(1, H) ** 0.5)
+    assert np.isnan(buf[C.size :]).all()
+    Wp = np.full(core._packed_size(G * H, Hp), np.nan, dtype=dtype)
+    core._pack_bwd(W, u0, u1, Wp)
+    buf, C = _guarded(M, Hp, dtype)
+    core._mm_packed(D, Wp, C, G * H)
+    want = D.astype(np.float64) @ W[:, u0:u1].astype(np.float64)
+    np.testing.assert_allclose(C, want, rtol=0, atol=rtol * np.abs(want).max() * max(1, G * H) ** 0.5)
+    assert np.isnan(buf[C.size :]).all()
+
+
+def test_packed_matmul_reads_only_k_columns_of_a():
+    """A may be wider than K (a row view of a larger matrix); columns past K must not count."""
+    W, A, _ = _packed_case(np.float64, 1, 300, 0, 300, 9)
+    Wp = np.zeros(core._packed_size(300, 300))
+    core._pack_fwd(W, 1, 300, 0, 300, Wp)
+    wide = np.concatenate([A, np.full((9, 17), np.nan)], axis=1)
+    C = np.zeros((9, 300))
+    core._mm_packed(wide, Wp, C, 300)
+    np.testing.assert_allclose(C, A @ W.T, rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell,nonlin", CASES)
+@pytest.mark.parametrize("by_units", [True, False])
+def test_packed_recurrence_matches_reference(cell, nonlin, by_units, monkeypatch, restore_threads):
+    """A batch large enough for the packed products' every path (several row tiles, a partial
+    panel, k blocks for the LSTM's backward) equals the float64 reference, with 2 threads."""
+    monkeypatch.setattr(Model, "UNITS_SPLIT_MIN_H", 0 if by_units else 10**9)
+    threads.set_threads(2)
+    m, x, y, h, c = make(cell, nonlin, 2, V=6, H=70, T=3, B=2 * core._MR + 5, dropout=0.2)
+    T, B = x.shape
+    masks = m.dropout_masks(T, B, seed=4, step=2)
+    out = m.forward_backward(x, y, h, c, masks=masks)
+    c0 = c if cell == "lstm" else None
+    loss, logits, hT, cT, grads, dh0, dc0 = ref.loss_and_grads(cell, ref_params(m), x, y, h, c0, list(masks), nonlin)
+    assert abs(out["loss"] - loss) < 1e-12
+    np.testing.assert_allclose(out["h"], hT, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out["dh0"], dh0, rtol=0, atol=1e-12)
+    grad = Model(m.cfg, dtype=np.float64, theta=out["grad"].copy()).params
+    for name in param_shapes(m.cfg):
+        np.testing.assert_allclose(grad[name], grads[name], rtol=0, atol=1e-12, err_msg=name)

@@ -118,6 +118,179 @@ def _cast_ov(x, v):
     return lambda x, v: np.float64(v)
 
 
+# ----------------------------------------------------------------------------- packed-weight GEMM
+# The recurrent product inside the time loop multiplies a few dozen rows (streams) by a weight
+# matrix that stays the same for the whole batch. BLAS re-packs that matrix into its own panel
+# layout on every call, every step; at 2x512 a thread's share is 2 MiB, which is the L2 cache,
+# so the re-packing cost about a third of each product (measured: OpenBLAS 65-97 GFLOP/s per
+# core on 50x512x1024, this kernel 110-130 in the same runs). So the weights are packed once per
+# batch into panels of NR columns (_pack_fwd, _pack_bwd) and multiplied by a register-tiled
+# micro-kernel written in LLVM IR (_tile): MR rows x NR columns of accumulators live in vector
+# registers through the k loop, with one broadcast of A and NV vector loads of the panel per k.
+# Numba's own loops cannot keep a 2-D accumulator tile in registers, hence the intrinsic.
+def _host_has_avx512():
+    try:
+        from llvmlite import binding
+
+        return bool(binding.get_host_cpu_features().get("avx512f", False))
+    except Exception:  # pragma: no cover - any failure only costs speed
+        return False
+
+
+_VEC_BYTES = 64 if _host_has_avx512() else 32  # one vector register: zmm (32 of them) or ymm (16)
+_MR = 8 if _VEC_BYTES == 64 else 6  # rows per tile: MR*NV accumulators + NV loads + a broadcast fit
+_NV = 2  # vectors per tile row: NR = NV * lanes columns
+PANEL_BYTES = _NV * _VEC_BYTES  # one panel row; NR = PANEL_BYTES // itemsize
+_KC = 256  # k block: a 256 x NR block of a panel (32 KiB in float32) stays in L1 across row tiles
+
+
+@intrinsic
+def _tile(typingctx, a, a0, lda, w, w0, c, c0, ldc, K, rows, cols, accum):
+    """C[c0 + r*ldc + j] (+)= sum_k A[a0 + r*lda + k] * Wp[w0 + k*NR + j] for r < rows <= MR,
+    j < cols <= NR, k < K (K >= 1): one tile of C from one packed panel. `accum` adds to C instead
+    of overwriting it. a, w, c: arrays of one float type, indexed flat from their first element."""
+    sig = types.void(a, a0, lda, w, w0, c, c0, ldc, K, rows, cols, accum)
+
+    def codegen(context, builder, sig, args):
+        a_v, a0_v, lda_v, w_v, w0_v, c_v, c0_v, ldc_v, K_v, rows_v, cols_v, acc_v = args
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        fty = context.get_value_type(sig.args[0].dtype)
+        VL = _VEC_BYTES // context.get_abi_sizeof(fty)
+        vty = ir.VectorType(fty, VL)
+        suffix = "v%d%s" % (VL, "f32" if isinstance(fty, ir.FloatType) else "f64")
+        mty = ir.VectorType(ir.IntType(1), VL)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), "llvm.fma." + suffix)
+        mload = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty.as_pointer(), i32, mty, vty]), "llvm.masked.load.%s.p0" % suffix)
+        mstore = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [vty, vty.as_pointer(), i32, mty]), "llvm.masked.store.%s.p0" % suffix)
+
+        def base(i, off):
+            return builder.gep(context.make_array(sig.args[i])(context, builder, args[i]).data, [off])
+
+        def splat(x, ty):
+            undef = ir.Constant(ir.VectorType(ty, VL), ir.Undefined)
+            v = builder.insert_element(undef, x, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(i32, VL), [0] * VL))
+
+        ap, wp, cp = base(0, a0_v), base(3, w0_v), base(5, c0_v)
+        lanes = ir.Constant(ir.VectorType(i64, VL), list(range(VL)))
+        masks = [builder.icmp_signed("<", lanes, splat(builder.sub(cols_v, ir.Constant(i64, h * VL)), i64)) for h in range(_NV)]
+        zero = ir.Constant(vty, None)
+        done = builder.append_basic_block("tile.done")
+        sw = builder.switch(rows_v, done)
+        for m in range(1, _MR + 1):  # one loop per row count, so a short last tile does no wasted work
+            entry = builder.append_basic_block("tile.rows%d" % m)
+            sw.add_case(ir.Constant(i64, m), entry)
+            builder.position_at_end(entry)
+            arow = [builder.gep(ap, [builder.mul(ir.Constant(i64, r), lda_v)]) for r in range(m)]
+            cvec = [[builder.bitcast(builder.gep(builder.gep(cp, [builder.mul(ir.Constant(i64, r), ldc_v)]),
+                                                 [ir.Constant(i64, h * VL)]), vty.as_pointer())
+                     for h in range(_NV)] for r in range(m)]
+            init = []
+            for r in range(m):
+                for h in range(_NV):
+                    old = builder.call(mload, [cvec[r][h], ir.Constant(i32, 4), builder.and_(masks[h], splat(acc_v, ir.IntType(1))), zero])
+                    init.append(old)
+            pre = builder.block
+            loop = builder.append_basic_block("tile.loop%d" % m)
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(ir.Constant(i64, 0), pre)
+            accs = []
+            for v in init:
+                phi = builder.phi(vty)
+                phi.add_incoming(v, pre)
+                accs.append(phi)
+            wk = builder.gep(wp, [builder.mul(k, ir.Constant(i64, _NV * VL))])
+            wx = [builder.load(builder.bitcast(builder.gep(wk, [ir.Constant(i64, h * VL)]), vty.as_pointer()), align=4)
+                  for h in range(_NV)]
+            new = []
+            for r in range(m):
+                s = splat(builder.load(builder.gep(arow[r], [k]), align=4), fty)
+                for h in range(_NV):
+                    new.append(builder.call(fma, [s, wx[h], accs[_NV * r + h]]))
+            k1 = builder.add(k, ir.Constant(i64, 1))
+            k.add_incoming(k1, loop)
+            for phi, v in zip(accs, new):
+                phi.add_incoming(v, loop)
+            end = builder.append_basic_block("tile.end%d" % m)
+            builder.cbranch(builder.icmp_signed("<", k1, K_v), loop, end)
+            builder.position_at_end(end)
+            for r in range(m):
+                for h in range(_NV):
+                    builder.call(mstore, [new[_NV * r + h], cvec[r][h], ir.Constant(i32, 4), masks[h]])
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(**JIT)
+def _panel_cols(a):
+    """NR, the columns of one packed panel, for a's float type."""
+    return PANEL_BYTES // a.itemsize
+
+
+@njit(**JIT)
+def _packed_size(K, N):
+    """Elements a (K, N) matrix takes packed, in either float type (float32 panels are the widest)."""
+    nr = PANEL_BYTES // 4
+    return ((N + nr - 1) // nr) * nr * K
+
+
+@njit(**JIT)
+def _mm_packed(A, Wp, C, K):
+    """C (M, N) <- A (M, >=K)[:, :K] @ B for B (K, N) packed in panels (_pack_fwd, _pack_bwd).
+    A and C are C-contiguous; C's columns are N."""
+    M, N = C.shape
+    lda, nr = A.shape[1], _panel_cols(Wp)
+    for jp in range((N + nr - 1) // nr):
+        cols = min(nr, N - jp * nr)
+        for k0 in range(0, K, _KC):
+            kk = min(_KC, K - k0)
+            for i in range(0, M, _MR):
+                _tile(A, i * lda + k0, lda, Wp, (jp * K + k0) * nr, C, i * N + jp * nr, N, kk, min(_MR, M - i), cols, k0 > 0)
+
+
+@njit(**JIT)
+def _pack_fwd(W_hh, G, H, u0, u1, Wp):
+    """Pack B = Wf^T (H, G*Hp), where column g*Hp + u is row g*H + u0 + u of W_hh (the block's rows,
+    gate-major): panel p holds B[k, p*NR + j] at Wp[(p*H + k)*NR + j], zero beyond the last column."""
+    Hp = u1 - u0
+    N, nr = G * Hp, _panel_cols(Wp)
+    zero = _cast(Wp[0], 0.0)
+    for n0 in range(0, N, nr):
+        panel = Wp[(n0 // nr) * H * nr : (n0 // nr + 1) * H * nr]
+        for j in range(nr):
+            n = n0 + j
+            if n < N:
+                src = W_hh[(n // Hp) * H + u0 + n % Hp]
+                for k in range(H):
+                    panel[k * nr + j] = src[k]
+            else:
+                for k in range(H):
+                    panel[k * nr + j] = zero
+
+
+@njit(**JIT)
+def _pack_bwd(W_hh, u0, u1, Wp):
+    """Pack B = W_hh[:, u0:u1] (G*H, Hp) in panels, as _pack_fwd does."""
+    K, N, nr = W_hh.shape[0], u1 - u0, _panel_cols(Wp)
+    zero = _cast(Wp[0], 0.0)
+    for n0 in range(0, N, nr):
+        panel = Wp[(n0 // nr) * K * nr : (n0 // nr + 1) * K * nr]
+        w = min(nr, N - n0)
+        for k in range(K):
+            src, dst = W_hh[k, u0 + n0 : u0 + n0 + w], panel[k * nr : (k + 1) * nr]
+            for j in range(w):
+                dst[j] = src[j]
+            for j in range(w, nr):
+                dst[j] = zero
+
+
 # ----------------------------------------------------------------------------- random numbers
 # One counter-based generator for everything random in the core: splitmix64's output function
 # applied to a counter. Dropout masks hash (seed, step, element index), so they do not depend on
@@ -189,25 +362,28 @@ def _decoder_weights(theta, offs, L, V, H):
 
 # ----------------------------------------------------------------------------- one step, one block of units
 # Threads split a layer's hidden units into blocks [u0, u1); each thread sees all B streams, so its
-# recurrent product keeps all B rows (BLAS is markedly faster with more rows) and packs only its
-# share of W_hh. The forward of a block needs the rows of W_hh for its units (Wf: (G*Hp, H), gate-
-# major), the backward its columns (Wb: (G*H, Hp)); with a single block both are W_hh itself.
+# recurrent product keeps all B rows (a matrix product is markedly faster with more rows) and packs
+# only its share of W_hh. The forward of a block needs the rows of W_hh for its units (Wf: (G*Hp, H),
+# gate-major), the backward its columns (Wb: (G*H, Hp)); with several streams both are packed in
+# panels for _mm_packed, with one they stay matrices (W_hh itself for a block of all units).
 #
 # Every inner loop runs j over range(n) from 0 on 1-D row views: an index like `H + j` or a loop
 # from a non-zero start makes Numba emit negative-index wraparound checks, which stop LLVM from
 # vectorising the loop (measured: 21 ns per LSTM unit instead of 3).
 @njit(**JIT)
-def _rec_fwd(h_prev, s0, s1, Wf, hp):
-    """hp (s1-s0, n) <- h_prev[s0:s1] @ Wf^T for Wf (n, H). A single stream uses a matrix-vector
-    product: a matrix product would make BLAS pack all of Wf for one row, every step."""
-    if s1 - s0 == 1:
+def _rec_fwd(h_prev, s0, s1, Wf, Wp, hp):
+    """hp (s1-s0, n) <- h_prev[s0:s1] @ Wf^T for Wf (n, H), or with Wf^T packed in Wp (when Wp is
+    not empty). A single stream uses a matrix-vector product, which needs no packing."""
+    if Wp.shape[0] > 0:
+        _mm_packed(_sub(h_prev, s0, s1), Wp, _sub(hp, 0, s1 - s0), h_prev.shape[1])
+    elif s1 - s0 == 1:
         np.dot(Wf, h_prev[s0], hp[0])
     else:
         np.dot(_sub(h_prev, s0, s1), Wf.T, hp)
 
 
 @njit(**JIT)
-def _lstm_fwd_block(t, s0, s1, u0, u1, gates, hs, cs, tcs, Wf, hp):
+def _lstm_fwd_block(t, s0, s1, u0, u1, gates, hs, cs, tcs, Wf, Wp, hp):
     """Step t of an LSTM layer for streams s0..s1-1 and units u0..u1-1.
 
     gates (T, B, 4H)  in: x W_ih^T + b_ih + b_hh;  out: activated i, f, g, o (saved for backward)
@@ -217,7 +393,7 @@ def _lstm_fwd_block(t, s0, s1, u0, u1, gates, hs, cs, tcs, Wf, hp):
     """
     H = hs.shape[2]
     Hp = u1 - u0
-    _rec_fwd(hs[t], s0, s1, Wf, hp)  # the only product inside the time loop
+    _rec_fwd(hs[t], s0, s1, Wf, Wp, hp)  # the only product inside the time loop
     for b in range(s0, s1):
         row, p = gates[t, b], hp[b - s0]
         gi, gf, gg, go = row[u0:u1], row[H + u0 : H + u1], row[2 * H + u0 : 2 * H + u1], row[3 * H + u0 : 3 * H + u1]
@@ -270,7 +446,7 @@ def _lstm_bwd_block(t, s0, s1, u0, u1, dG, dH, gates, cs, tcs, dhn, dcn):
 
 
 @njit(**JIT)
-def _gru_fwd_block(t, s0, s1, u0, u1, gates, hs, hn, Wf, b_hh, hp):
+def _gru_fwd_block(t, s0, s1, u0, u1, gates, hs, hn, Wf, Wp, b_hh, hp):
     """Step t of a GRU layer for units u0..u1-1.
 
     gates (T, B, 3H) in: x W_ih^T + b_ih;  out: activated r, z, n (saved)
@@ -281,7 +457,7 @@ def _gru_fwd_block(t, s0, s1, u0, u1, gates, hs, hn, Wf, b_hh, hp):
     Hp = u1 - u0
     one = _cast(gates[0, 0, 0], 1.0)
     br, bz, bn = b_hh[u0:u1], b_hh[H + u0 : H + u1], b_hh[2 * H + u0 : 2 * H + u1]
-    _rec_fwd(hs[t], s0, s1, Wf, hp)
+    _rec_fwd(hs[t], s0, s1, Wf, Wp, hp)
     for b in range(s0, s1):
         row, p = gates[t, b], hp[b - s0]
         gr, gz, gn = row[u0:u1], row[H + u0 : H + u1], row[2 * H + u0 : 2 * H + u1]
@@ -334,12 +510,12 @@ def _gru_bwd_block(t, s0, s1, u0, u1, dG, dGh, dH, gates, hs, hn, dhn, direct):
 
 
 @njit(**JIT)
-def _rnn_fwd_block(t, s0, s1, u0, u1, gates, hs, Wf, hp, relu):
+def _rnn_fwd_block(t, s0, s1, u0, u1, gates, hs, Wf, Wp, hp, relu):
     """Step t of an Elman RNN layer for units u0..u1-1. gates (T, B, H) in: x W_ih^T + b_ih + b_hh;
     out: h_t (saved). Wf (Hp, H); hp (B, Hp) scratch."""
     Hp = u1 - u0
     zero = _cast(gates[0, 0, 0], 0.0)
-    _rec_fwd(hs[t], s0, s1, Wf, hp)
+    _rec_fwd(hs[t], s0, s1, Wf, Wp, hp)
     for b in range(s0, s1):
         g, p, h_t = gates[t, b, u0:u1], hp[b - s0], hs[t + 1, b, u0:u1]
         for j in range(Hp):
@@ -366,14 +542,14 @@ def _rnn_bwd_block(t, s0, s1, u0, u1, dG, dH, gates, dhn, relu):
 
 
 @njit(**JIT)
-def _fwd_block(cell, t, s0, s1, u0, u1, gates, hs, cs, tcs, Wf, b_hh, hp):
+def _fwd_block(cell, t, s0, s1, u0, u1, gates, hs, cs, tcs, Wf, Wp, b_hh, hp):
     """Dispatch one step of one block to the cell's kernel (cs holds hn for GRU)."""
     if cell == LSTM:
-        _lstm_fwd_block(t, s0, s1, u0, u1, gates, hs, cs, tcs, Wf, hp)
+        _lstm_fwd_block(t, s0, s1, u0, u1, gates, hs, cs, tcs, Wf, Wp, hp)
     elif cell == GRU:
-        _gru_fwd_block(t, s0, s1, u0, u1, gates, hs, cs[1:], Wf, b_hh, hp)
+        _gru_fwd_block(t, s0, s1, u0, u1, gates, hs, cs[1:], Wf, Wp, b_hh, hp)
     else:
-        _rnn_fwd_block(t, s0, s1, u0, u1, gates, hs, Wf, hp, cell == RNN_RELU)
+        _rnn_fwd_block(t, s0, s1, u0, u1, gates, hs, Wf, Wp, hp, cell == RNN_RELU)
 
 
 @njit(**JIT)
@@ -387,10 +563,12 @@ def _bwd_block(cell, t, s0, s1, u0, u1, dG, dGh, dH, gates, hs, cs, tcs, dhn, dc
 
 
 @njit(**JIT)
-def _rec_bwd_block(cell, dGrec_t, s0, s1, Wb, dhn, direct):
+def _rec_bwd_block(cell, dGrec_t, s0, s1, Wb, Wp, dhn, direct):
     """dhn (s1-s0, Hp) <- gradient on h_{t-1} for the block: dGrec_t[s0:s1] (., GH) @ Wb (GH, Hp),
-    plus the GRU's direct path."""
-    if s1 - s0 == 1:
+    with Wb packed in Wp when Wp is not empty, plus the GRU's direct path."""
+    if Wp.shape[0] > 0:
+        _mm_packed(_sub(dGrec_t, s0, s1), Wp, _sub(dhn, 0, s1 - s0), dGrec_t.shape[1])
+    elif s1 - s0 == 1:
         np.dot(dGrec_t[s0], Wb, dhn[0])  # one stream: a matrix-vector product, no packing
     else:
         np.dot(_sub(dGrec_t, s0, s1), Wb, dhn)
@@ -455,18 +633,20 @@ def _carve(ws, cell, L, T, B, H, V):
 def _pws_size(cell, B, H, Hp, V):
     """Size of one thread's private workspace for blocks of at most Hp units (see _pcarve)."""
     G = _n_gates(cell)
-    return G * Hp * H + G * H * Hp + B * G * Hp + 3 * B * Hp + V * G * H
+    return _packed_size(H, G * Hp) + _packed_size(G * H, Hp) + B * G * Hp + 3 * B * Hp + V * G * H
 
 
 @njit(**JIT)
 def _pcarve(pw, cell, B, H, Hp, V):
-    """One thread's views: Wf (G*Hp, H), Wb (G*H, Hp), hp (B, G*Hp), dhn, dcn, direct (B, Hp), w0g (V, G*H)."""
+    """One thread's views: wf, wb (flat: the block's rows and columns of W_hh, as matrices or packed,
+    see _block_views), hp (B, G*Hp), dhn, dcn, direct (B, Hp), w0g (V, G*H)."""
     G = _n_gates(cell)
     o = 0
-    Wf = pw[o : o + G * Hp * H].reshape((G * Hp, H))
-    o += G * Hp * H
-    Wb = pw[o : o + G * H * Hp].reshape((G * H, Hp))
-    o += G * H * Hp
+    nf, nb = _packed_size(H, G * Hp), _packed_size(G * H, Hp)
+    Wf = pw[o : o + nf]
+    o += nf
+    Wb = pw[o : o + nb]
+    o += nb
     hp = pw[o : o + B * G * Hp].reshape((B, G * Hp))
     o += B * G * Hp
     dhn = pw[o : o + B * Hp].reshape((B, Hp))
@@ -480,13 +660,36 @@ def _pcarve(pw, cell, B, H, Hp, V):
 
 
 @njit(**JIT)
-def _block_views(pw, cell, B, H, u0, u1, V, W_hh, single):
-    """A thread's views for units u0..u1-1 (see _pcarve); with a single block the packed weight
-    matrices are W_hh itself and are not copied."""
-    Wf, Wb, hp, dhn, dcn, direct, w0g = _pcarve(pw, cell, B, H, u1 - u0, V)
-    if single:
-        return W_hh, W_hh, hp, dhn, dcn, direct, w0g
-    return Wf, Wb, hp, dhn, dcn, direct, w0g
+def _block_views(pw, cell, B, H, u0, u1, V, W_hh):
+    """A thread's views for units u0..u1-1 of B streams: Wf, Wb, Wfp, Wbp, hp, dhn, dcn, direct, w0g.
+
+    Its recurrent products take the block's rows of W_hh (forward) and columns (backward) either
+    packed in panels, Wfp and Wbp, for several streams, or as the matrices Wf (G*Hp, H) and
+    Wb (G*H, Hp) for one stream (matrix-vector products); the other pair is a placeholder. A block
+    of all units uses W_hh itself as its matrices. _block_pack fills them.
+    """
+    G, Hp = _n_gates(cell), u1 - u0
+    Wf, Wb, hp, dhn, dcn, direct, w0g = _pcarve(pw, cell, B, H, Hp, V)
+    if B > 1:
+        return W_hh, W_hh, Wf, Wb, hp, dhn, dcn, direct, w0g
+    if Hp == H:
+        return W_hh, W_hh, Wf[:0], Wb[:0], hp, dhn, dcn, direct, w0g
+    return (Wf[: G * Hp * H].reshape((G * Hp, H)), Wb[: G * H * Hp].reshape((G * H, Hp)), Wf[:0], Wb[:0],
+            hp, dhn, dcn, direct, w0g)
+
+
+@njit(**JIT)
+def _block_pack(pw, cell, B, H, u0, u1, V, W_hh, backward):
+    """Fill the weight views of _block_views from W_hh: for the forward pass, or the backward."""
+    G, Hp = _n_gates(cell), u1 - u0
+    Wf, Wb, hp, dhn, dcn, direct, w0g = _pcarve(pw, cell, B, H, Hp, V)
+    if B > 1:
+        if backward:
+            _pack_bwd(W_hh, u0, u1, Wb)
+        else:
+            _pack_fwd(W_hh, G, H, u0, u1, Wf)
+    elif Hp < H:
+        _pack_block(W_hh, G, H, u0, u1, Wf[: G * Hp * H].reshape((G * Hp, H)), Wb[: G * H * Hp].reshape((G * H, Hp)))
 
 
 @njit(**JIT)
@@ -629,12 +832,21 @@ def _fill_w0t(w0t, theta, offs, GH, V):
 
 
 @njit(**JIT)
-def _thread_views(pw, cell, B, H, V, p, ub, sb, by_units, W_hh, single):
-    """Thread p's views: a block of units of all streams (by_units), or all units of a block of
-    streams (whose recurrence needs no other thread, so it uses W_hh unpacked)."""
+def _thread_views(pw, cell, B, H, V, p, ub, sb, by_units, W_hh):
+    """Thread p's views (see _block_views): a block of units of all streams (by_units), or all
+    units of a block of streams."""
     if by_units:
-        return _block_views(pw, cell, B, H, ub[p], ub[p + 1], V, W_hh, single)
-    return _block_views(pw, cell, sb[p + 1] - sb[p], H, 0, H, V, W_hh, True)
+        return _block_views(pw, cell, B, H, ub[p], ub[p + 1], V, W_hh)
+    return _block_views(pw, cell, sb[p + 1] - sb[p], H, 0, H, V, W_hh)
+
+
+@njit(**JIT)
+def _thread_pack(pw, cell, B, H, V, p, ub, sb, by_units, W_hh, backward):
+    """Thread p's _block_pack, for the block _thread_views gives it."""
+    if by_units:
+        _block_pack(pw, cell, B, H, ub[p], ub[p + 1], V, W_hh, backward)
+    else:
+        _block_pack(pw, cell, sb[p + 1] - sb[p], H, 0, H, V, W_hh, backward)
 
 
 # ----------------------------------------------------------------------------- whole batch
@@ -679,27 +891,25 @@ def _forward_backward(cell, L, H, V, theta, offs, x, y, h0, c0, masks, hT, cT, n
         # 1. input products of all T steps at once; each thread packs its share of W_hh
         for p in prange(nthr):
             _input_rows(cell, rb[p], rb[p + 1], gates.reshape((T * B, GH)), x, w0t, inp2, W_ih, b_ih, b_hh, B)
-            if by_units and not single:
-                Wf, Wb, hp, dhn, dcn, direct, w0g = _pcarve(pws[p], cell, B, H, ub[p + 1] - ub[p], V)
-                _pack_block(W_hh, G, H, ub[p], ub[p + 1], Wf, Wb)
+            _thread_pack(pws[p], cell, B, H, V, p, ub, sb, by_units, W_hh, False)
         hs[0] = h0[k]
         if cell == LSTM:
             cs[0] = c0[k]
         # 2. the recurrence
         if single:  # no parallel region per step when there is one thread (single-stream scoring)
-            Wf, Wb, hp, dhn, dcn, direct, w0g = _thread_views(pws[0], cell, B, H, V, 0, ub, sb, by_units, W_hh, True)
+            Wf, Wb, Wfp, Wbp, hp, dhn, dcn, direct, w0g = _thread_views(pws[0], cell, B, H, V, 0, ub, sb, by_units, W_hh)
             for t in range(T):
-                _fwd_block(cell, t, 0, B, 0, H, gates, hs, cs, tcs, W_hh, b_hh, hp)
+                _fwd_block(cell, t, 0, B, 0, H, gates, hs, cs, tcs, Wf, Wfp, b_hh, hp)
         elif by_units:
             for t in range(T):
                 for p in prange(nthr):
-                    Wf, Wb, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, True, W_hh, single)
-                    _fwd_block(cell, t, 0, B, ub[p], ub[p + 1], gates, hs, cs, tcs, Wf, b_hh, hp)
+                    Wf, Wb, Wfp, Wbp, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, True, W_hh)
+                    _fwd_block(cell, t, 0, B, ub[p], ub[p + 1], gates, hs, cs, tcs, Wf, Wfp, b_hh, hp)
         else:
             for p in prange(nthr):
-                Wf, Wb, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, False, W_hh, single)
+                Wf, Wb, Wfp, Wbp, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, False, W_hh)
                 for t in range(T):
-                    _fwd_block(cell, t, sb[p], sb[p + 1], 0, H, gates, hs, cs, tcs, W_hh, b_hh, hp)
+                    _fwd_block(cell, t, sb[p], sb[p + 1], 0, H, gates, hs, cs, tcs, Wf, Wfp, b_hh, hp)
         hT[k] = hs[T]
         if cell == LSTM:
             cT[k] = cs[T]
@@ -736,17 +946,15 @@ def _forward_backward(cell, L, H, V, theta, offs, x, y, h0, c0, masks, hT, cT, n
         for p in prange(nthr):
             if dropout:
                 _scale_rows(rb[p], rb[p + 1], dH2, m2)
-            if by_units and not single:
-                Wf, Wb, hp, dhn, dcn, direct, w0g = _pcarve(pws[p], cell, B, H, ub[p + 1] - ub[p], V)
-                _pack_block(W_hh, G, H, ub[p], ub[p + 1], Wf, Wb)
+            _thread_pack(pws[p], cell, B, H, V, p, ub, sb, by_units, W_hh, True)
         # 2. backprop through time
         if single:
-            Wf, Wb, hp, dhn, dcn, direct, w0g = _thread_views(pws[0], cell, B, H, V, 0, ub, sb, by_units, W_hh, True)
+            Wf, Wb, Wfp, Wbp, hp, dhn, dcn, direct, w0g = _thread_views(pws[0], cell, B, H, V, 0, ub, sb, by_units, W_hh)
             dhn[:] = 0
             dcn[:] = 0
             for t in range(T - 1, -1, -1):
                 _bwd_block(cell, t, 0, B, 0, H, dG, dGh, dH, gates, hs, cs, tcs, dhn, dcn, direct)
-                _rec_bwd_block(cell, dGrec[t], 0, B, W_hh, dhn, direct)
+                _rec_bwd_block(cell, dGrec[t], 0, B, Wb, Wbp, dhn, direct)
             for b in range(B):
                 dh0[k, b] = dhn[b]
                 if cell == LSTM:
@@ -755,18 +963,18 @@ def _forward_backward(cell, L, H, V, theta, offs, x, y, h0, c0, masks, hT, cT, n
             # step t-1's gate gradients for a block of units need only dGrec[t] @ W_hh for those
             # units, which the same thread computes: one region per step
             for p in prange(nthr):
-                Wf, Wb, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, True, W_hh, single)
+                Wf, Wb, Wfp, Wbp, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, True, W_hh)
                 dhn[:] = 0
                 dcn[:] = 0
                 _bwd_block(cell, T - 1, 0, B, ub[p], ub[p + 1], dG, dGh, dH, gates, hs, cs, tcs, dhn, dcn, direct)
             for t in range(T - 1, 0, -1):
                 for p in prange(nthr):
-                    Wf, Wb, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, True, W_hh, single)
-                    _rec_bwd_block(cell, dGrec[t], 0, B, Wb, dhn, direct)
+                    Wf, Wb, Wfp, Wbp, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, True, W_hh)
+                    _rec_bwd_block(cell, dGrec[t], 0, B, Wb, Wbp, dhn, direct)
                     _bwd_block(cell, t - 1, 0, B, ub[p], ub[p + 1], dG, dGh, dH, gates, hs, cs, tcs, dhn, dcn, direct)
             for p in prange(nthr):
-                Wf, Wb, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, True, W_hh, single)
-                _rec_bwd_block(cell, dGrec[0], 0, B, Wb, dhn, direct)
+                Wf, Wb, Wfp, Wbp, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, True, W_hh)
+                _rec_bwd_block(cell, dGrec[0], 0, B, Wb, Wbp, dhn, direct)
                 for b in range(B):
                     dh0[k, b, ub[p] : ub[p + 1]] = dhn[b]
                     if cell == LSTM:
@@ -774,12 +982,12 @@ def _forward_backward(cell, L, H, V, theta, offs, x, y, h0, c0, masks, hT, cT, n
         else:
             for p in prange(nthr):
                 s0, s1 = sb[p], sb[p + 1]
-                Wf, Wb, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, False, W_hh, single)
+                Wf, Wb, Wfp, Wbp, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, False, W_hh)
                 dhn[:] = 0
                 dcn[:] = 0
                 for t in range(T - 1, -1, -1):
                     _bwd_block(cell, t, s0, s1, 0, H, dG, dGh, dH, gates, hs, cs, tcs, dhn, dcn, direct)
-                    _rec_bwd_block(cell, dGrec[t], s0, s1, W_hh, dhn, direct)
+                    _rec_bwd_block(cell, dGrec[t], s0, s1, Wb, Wbp, dhn, direct)
                 for b in range(s0, s1):
                     dh0[k, b] = dhn[b - s0]
                     if cell == LSTM:
@@ -789,7 +997,7 @@ def _forward_backward(cell, L, H, V, theta, offs, x, y, h0, c0, masks, hT, cT, n
         inp2 = empty if k == 0 else _layer_out_flat(XS_all, HS_all, k - 1, T, B, H, dropout).reshape((T * B, H))
         for p in prange(nthr):
             gW_ih, gW_hh, gb_ih, gb_hh = _layer_weights(gws[p], offs, k, GH, In, H)
-            Wf, Wb, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, by_units, W_hh, single)
+            Wf, Wb, Wfp, Wbp, hp, dhn, dcn, direct, w0g = _thread_views(pws[p], cell, B, H, V, p, ub, sb, by_units, W_hh)
             _layer_grad_rows(cell, rb[p], rb[p + 1], dG.reshape((T * B, GH)), dGrec.reshape((T * B, GH)), hprev2, inp2,
                              x, B, W_ih, gW_ih, gW_hh, gb_ih, gb_hh, dH2, w0g)
     grad[:] = gws[0]
@@ -844,7 +1052,7 @@ def _pipe_task(cell, L, H, V, theta, offs, w0t, x2, y2, nll2, h, c, k, j, C, N, 
         hs[0] = hs2[prev, C]
         cs[0] = cs2[prev, C]
     for t in range(Cj):
-        _fwd_block(cell, t, 0, 1, 0, H, gates, hs, cs, tcs, W_hh, b_hh, hp)
+        _fwd_block(cell, t, 0, 1, 0, H, gates, hs, cs, tcs, W_hh, theta[:0], b_hh, hp)
     if p0 + Cj == N:  # the last chunk: hand the state back
         h[k, 0] = hs[Cj, 0]
         if cell == LSTM:
@@ -908,7 +1116,7 @@ def _step(cell, L, H, V, theta, offs, w0t, tok, h, c, logits, gates, hs, cs, tcs
                 for j in range(GH):
                     dst[j] = src[j]
         else:
-            _rec_fwd(hs[1], 0, nb, W_ih, g2)  # hs[1] still holds the output of layer k-1
+            _rec_fwd(hs[1], 0, nb, W_ih, theta[:0], g2)  # hs[1] still holds the output of layer k-1
         for b in range(nb):
             row = g2[b]
             for j in range(GH):
@@ -916,12 +1124,12 @@ def _step(cell, L, H, V, theta, offs, w0t, tok, h, c, logits, gates, hs, cs, tcs
         hs[0] = h[k]
         if cell == LSTM:
             cs[0] = c[k]
-        _fwd_block(cell, 0, 0, nb, 0, H, gates, hs, cs, tcs, W_hh, b_hh, hp)
+        _fwd_block(cell, 0, 0, nb, 0, H, gates, hs, cs, tcs, W_hh, theta[:0], b_hh, hp)
         if cell == LSTM:
             c[k] = cs[1]
         h[k] = hs[1]
     Wd, bd = _decoder_weights(theta, offs, L, V, H)
-    _rec_fwd(hs[1], 0, nb, Wd, logits)
+    _rec_fwd(hs[1], 0, nb, Wd, theta[:0], logits)
     for b in range(nb):
         row = logits[b]
         for v in range(V):
@@ -1234,7 +1442,7 @@ def _gen_thread(p, cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, tem
             W_ih, W_hh, b_ih, b_hh = _layer_weights(theta, offs, k, GH, In, H)
             Wf, Wi, hp, gp = _gen_views(pw, cell, L, nb, H, Hp, k)
             if k > 0:
-                _rec_fwd(hs2[k - 1, 1], 0, nb, Wi, gp)  # this block's input products
+                _rec_fwd(hs2[k - 1, 1], 0, nb, Wi, theta[:0], gp)  # this block's input products
             for b in range(nb):
                 row = gates[0, b]
                 for g in range(G):
@@ -1246,7 +1454,7 @@ def _gen_thread(p, cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, tem
                         src = gp[b, g * Hp : (g + 1) * Hp]
                     for j in range(Hp):
                         dst[j] = src[j] + (bi[j] if cell == GRU else bi[j] + bh[j])
-            _fwd_block(cell, 0, 0, nb, u0, u1, gates, hs2[k], cs2[k], tcs, Wf, b_hh, hp)
+            _fwd_block(cell, 0, 0, nb, u0, u1, gates, hs2[k], cs2[k], tcs, Wf, theta[:0], b_hh, hp)
             epoch += 1
             _barrier(sync, p, nthr, epoch)  # layer k's new state is complete
             for b in range(nb):  # own units: the new state becomes the previous one of the next step
@@ -1254,7 +1462,7 @@ def _gen_thread(p, cell, L, H, V, theta, offs, w0t, tok, h, c, out, n_steps, tem
                 if cell == LSTM:
                     cs2[k, 0, b, u0:u1] = cs2[k, 1, b, u0:u1]
         if p == 0:
-            _rec_fwd(hs2[L - 1, 1], 0, nb, Wd, logits)
+            _rec_fwd(hs2[L - 1, 1], 0, nb, Wd, theta[:0], logits)
             for b in range(nb):
                 row = logits[b]
                 for v in range(V):
