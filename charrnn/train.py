@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -29,12 +30,46 @@ from charrnn.data import BatchStream, compact_dtype, corpus_vocab, encode_stream
 from charrnn.errors import CharrnnError, DataError, Interrupted, TrainingError, UsageError
 from charrnn.evaluate import score_tokens
 from charrnn.model import Model, ModelConfig, core_is_compiled
-from charrnn.optim import Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
+from charrnn.optim import WSD_DECAY_FRAC, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
 from charrnn.vocab import Vocab
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
 MIN_SEQ = 8  # first BPTT length of the --seq-warmup curriculum
 AUTO_MEASURE_STEPS = 30  # steps timed before a --minutes run fits its schedule and validation interval
+REFIT_EVERY = 50  # steps between refits of that fit, until the schedule's decay begins
+
+
+class StepTimes:
+    """Recent training steps' durations, to fit a --minutes run to its budget.
+
+    A step of BPTT length T takes about a + b*T seconds: `a` is what every step costs whatever its
+    length (the optimizer update, packing the recurrent weights, the loop), b the cost per time
+    step. Under --seq-warmup the first steps are short, so a time per character measured on them
+    alone counts `a` as if it grew with T and predicts far too few steps (measured: 2,535 predicted,
+    4,273 run in a 5-minute run). With lengths spread enough, a and b come from least squares;
+    otherwise (all steps of one length) the time per character is exact for that length.
+    """
+
+    WINDOW = 200
+
+    def __init__(self):
+        self._times = deque(maxlen=self.WINDOW)
+
+    def add(self, T: int, seconds: float):
+        self._times.append((T, seconds))
+
+    def __len__(self):
+        return len(self._times)
+
+    def cost(self) -> tuple[float, float]:
+        """(a, b): seconds per step of length T ~ a + b*T."""
+        T = np.array([t for t, _ in self._times], dtype=np.float64)
+        d = np.array([s for _, s in self._times], dtype=np.float64)
+        if len(T) >= 10 and T.max() - T.min() >= 8:
+            b, a = np.polyfit(T, d, 1)
+            if a >= 0 and b > 0:
+                return float(a), float(b)
+        return 0.0, float(d.sum() / max(T.sum(), 1.0))
 
 
 # ---------------------------------------------------------------------------------- model sizing
@@ -240,6 +275,8 @@ class Trainer:
         self.bpe = self.stream.batches_per_epoch(cfg.seq)
         self.eval_every = cfg.eval_every or int(min(2000, max(200, self.bpe)))
         self._auto_eval = False
+        self._fit_open = False  # a --minutes run still refining its fit (_fit_budget)
+        self._fitted = False  # the schedule is one _fit_budget fitted, in this process
         self.h, self.c = model.zero_state(cfg.batch)
         self.metrics_path = os.path.join(out, "metrics.jsonl")
 
@@ -393,8 +430,9 @@ class Trainer:
         t_steps = 0.0  # seconds spent in training steps (excluding evaluation) in this process
         chars_done = 0
         steps_here = 0
-        t_steps5 = 0.0
-        chars5 = 0
+        times = StepTimes()
+        self._fit_open = budget_s is not None and (self._auto_eval or cfg.schedule == "auto")
+        self._fitted = False
         eval_cost = 0.0
         bad = 0
         stop = None
@@ -457,22 +495,11 @@ class Trainer:
                                            "val": f"{st.best_val:.3f}" if math.isfinite(st.best_val) else "-",
                                            "chars/s": f"{cps:,.0f}",
                                            "left": _remaining(st.step, total, t_steps, steps_here, budget_s, t_start)})
-                    if steps_here == 5:
-                        t_steps5, chars5 = t_steps, chars_done  # the first steps may include compilation
-                    if steps_here == AUTO_MEASURE_STEPS and budget_s is not None:
-                        # time per character, not per step: with --seq-warmup the steps measured
-                        # here are shorter than the later ones
-                        per_char = (t_steps - t_steps5) / max(1, chars_done - chars5)
-                        if self._auto_eval:
-                            # no --eval-every: validate about every max(1 min, budget/8), from the
-                            # measured speed (validation's cost counts against the budget)
-                            per_step = per_char * cfg.seq * cfg.batch
-                            self.eval_every = max(50, int(max(60.0, budget_s / 8) / per_step) // 50 * 50)
-                        if cfg.schedule == "auto":
-                            left_s = (budget_s - (time.monotonic() - t_start)) * 0.92
-                            self._fix_auto_schedule(st.step, self._steps_in(left_s, per_char, st.step))
-                            rep.message(f"schedule: {cfg.lr:g}, decaying linearly over the last 20% of {cfg.decay_steps} steps after warm-up "
-                                        f"(fitted to the time budget)")
+                    if steps_here > 5:  # the first steps may include compilation
+                        times.add(T, dt)
+                    if (budget_s is not None and self._fit_open and steps_here >= AUTO_MEASURE_STEPS
+                            and (steps_here - AUTO_MEASURE_STEPS) % REFIT_EVERY == 0):
+                        self._fit_budget(rep, times, budget_s, budget_s - (time.monotonic() - t_start), eval_cost)
                     if st.step % self.eval_every == 0:
                         te = time.monotonic()
                         stop = self._evaluate(rep, smooth, cps, t_start)
@@ -500,31 +527,65 @@ class Trainer:
         return {"stop": stop, "step": st.step, "best_val": st.best_val, "out": self.out,
                 "chars_per_s": chars_done / t_steps if t_steps else 0.0}
 
-    def _steps_in(self, seconds: float, per_char: float, step: int) -> int:
-        """How many steps from `step` on fit in `seconds` at `per_char` seconds per character,
+    def _steps_in(self, seconds: float, a: float, b: float, step: int) -> int:
+        """How many steps from `step` on fit in `seconds` at a + b*T seconds per step of length T,
         following the --seq-warmup curriculum."""
         cfg = self.cfg
         n, t = 0, 0.0
         while step + n < cfg.seq_warmup:
-            dt = per_char * seq_len_at(cfg, step + n) * cfg.batch
+            dt = a + b * seq_len_at(cfg, step + n)
             if t + dt > seconds:
                 return max(1, n)
             t += dt
             n += 1
-        n += int((seconds - t) / (per_char * cfg.seq * cfg.batch))
+        n += int((seconds - t) / (a + b * cfg.seq))
         return max(1, n)
+
+    def _fit_budget(self, rep, times: StepTimes, budget_s: float, left_s: float, eval_cost: float):
+        """Fit a --minutes run to its budget from the steps timed so far: the validation interval
+        (without --eval-every) and the "auto" schedule. Called after AUTO_MEASURE_STEPS steps, then
+        every REFIT_EVERY steps until the fitted schedule's decay begins (the rate is constant
+        until then, so refits change nothing already done): the first estimate comes from short
+        steps, later ones from steps of the full length."""
+        cfg, step = self.cfg, self.state.step
+        a, b = times.cost()
+        per_step = a + b * cfg.seq
+        if self._auto_eval and step < cfg.seq_warmup + REFIT_EVERY:
+            # validate about every max(1 min, budget/8); validation's cost counts against the budget.
+            # Set once the steps have their full length, so validations stay evenly spaced
+            self.eval_every = max(50, int(max(60.0, budget_s / 8) / per_step) // 50 * 50)
+        if cfg.schedule == "auto" or self._fitted:
+            if eval_cost > 0:
+                n = self._steps_in(left_s, a, b, step)
+                left_s -= (n / self.eval_every + 1) * eval_cost
+            else:
+                left_s *= 0.92  # no validation measured yet
+            first = not self._fitted
+            self._fix_auto_schedule(step, self._steps_in(max(0.0, left_s), a, b, step))
+            decay_from = cfg.warmup + int(cfg.decay_steps * (1.0 - WSD_DECAY_FRAC))
+            if first:
+                rep.message(f"schedule: {cfg.lr:g} until about step {decay_from}, then a linear decay to step "
+                            f"{cfg.warmup + cfg.decay_steps} (fitted to the time budget; refined until the decay begins)")
+            if step + REFIT_EVERY >= decay_from:
+                self._fit_open = False
+                if not first:
+                    rep.message(f"schedule: decaying from step {decay_from} to {cfg.warmup + cfg.decay_steps}")
+        elif step >= cfg.seq_warmup + 2 * REFIT_EVERY:
+            self._fit_open = False  # the validation interval, once steps have their full length
 
     def _fix_auto_schedule(self, step: int, steps_left: float):
         """Turn the "auto" schedule into a "wsd" one (constant, then a linear decay over the last
-        20%) that ends when the time budget should end. Measured on tiny Shakespeare in 5 minutes:
-        a cosine over the whole budget lost to a constant rate (1.667 vs 1.599 nats/char): the
-        model is far from converged and every early step at a lower rate is lost progress."""
+        20%) that ends when the time budget should end, or move the end of the one fitted before.
+        Measured on tiny Shakespeare in 5 minutes: a cosine over the whole budget lost to a
+        constant rate (1.667 vs 1.599 nats/char): the model is far from converged and every early
+        step at a lower rate is lost progress."""
         cfg = self.cfg
-        if cfg.schedule != "auto":
+        if cfg.schedule != "auto" and not self._fitted:
             return
         total = step + max(1, int(steps_left))
         decay = max(1, total - cfg.warmup)
         cfg.schedule, cfg.decay_steps = "wsd", decay
+        self._fitted = True
         self.schedule = self._make_schedule()
 
     def _make_schedule(self) -> Schedule:

@@ -221,7 +221,62 @@ def test_budget_fit_follows_the_seq_curriculum(seq_warmup, step):
     while t + per_char * seq_len_at(cfg, step + n) * cfg.batch <= seconds:
         t += per_char * seq_len_at(cfg, step + n) * cfg.batch
         n += 1
-    got = Trainer._steps_in(SimpleNamespace(cfg=cfg), seconds, per_char, step)
+    got = Trainer._steps_in(SimpleNamespace(cfg=cfg), seconds, 0.0, per_char * cfg.batch, step)
     assert abs(got - n) <= 1  # the closed form past the curriculum may round differently
     if seq_warmup and step < seq_warmup:
         assert got > seconds / (per_char * cfg.seq * cfg.batch) + 5  # more than full-length steps would give
+
+
+def test_step_times_separate_fixed_and_per_length_costs():
+    """Steps of growing length (as under --seq-warmup) give back the fixed and the per-time-step
+    cost; steps of one length give the exact time per step at that length."""
+    from charrnn.train import StepTimes
+
+    rng = np.random.default_rng(0)
+    st = StepTimes()
+    for T in range(8, 64):
+        st.add(T, (0.02 + 0.001 * T) * rng.uniform(0.97, 1.03))
+    a, b = st.cost()
+    assert abs(a - 0.02) < 0.004 and abs(b - 0.001) < 0.0001
+    st = StepTimes()
+    for _ in range(50):
+        st.add(64, 0.1)
+    a, b = st.cost()
+    assert abs(a + 64 * b - 0.1) < 1e-12
+
+
+def test_budget_fit_is_refined_until_the_decay():
+    """A --minutes run's first fit comes from short curriculum steps; refits from later steps move
+    the schedule's end, and stop once the decay has begun."""
+    from types import SimpleNamespace
+
+    from charrnn.config import TrainConfig
+    from dataclasses import replace
+
+    from charrnn.train import REFIT_EVERY, StepTimes, Trainer
+
+    cfg = replace(TrainConfig(), batch=4, seq=64, seq_warmup=100, warmup=10, schedule="auto")
+    tr = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=30), eval_every=100, _auto_eval=False,
+                         _fitted=False, _fit_open=True)
+    for name in ("_steps_in", "_fit_budget", "_fix_auto_schedule", "_make_schedule"):
+        setattr(tr, name, getattr(Trainer, name).__get__(tr))
+    msgs = []
+    rep = SimpleNamespace(message=msgs.append)
+    times = StepTimes()
+    a, b = 0.05, 0.001  # a step costs 0.05 s plus 1 ms per time step
+    for T in range(9, 14):  # what the first 30 steps look like: short, and all about as long
+        times.add(T, a + b * T)
+    tr._fit_budget(rep, times, 300.0, 290.0, 0.0)
+    first = cfg.decay_steps
+    assert cfg.schedule == "wsd" and tr._fitted and tr._fit_open and len(msgs) == 1
+    for T in range(14, 65):
+        times.add(T, a + b * T)
+    tr.state.step = 30 + REFIT_EVERY
+    tr._fit_budget(rep, times, 300.0, 280.0, 0.0)
+    # per character the short steps looked ~3.4x dearer than full ones, so the refit finds more steps
+    assert cfg.decay_steps > 1.5 * first
+    want = 30 + REFIT_EVERY + Trainer._steps_in(tr, 280.0 * 0.92, a, b, 30 + REFIT_EVERY) - cfg.warmup
+    assert abs(cfg.decay_steps - want) <= 2
+    tr.state.step = cfg.warmup + int(cfg.decay_steps * 0.8)  # the decay begins: no more refits
+    tr._fit_budget(rep, times, 300.0, 10.0, 0.0)
+    assert not tr._fit_open
