@@ -595,6 +595,23 @@ def test_draw_top_k_and_top_p_frequencies():
     assert np.all(draw_counts(z, 1000, top_p=1e-9)[order[1:]] == 0)
 
 
+def assert_batch_matches_reference(m, x, y, h, c, masks, cell, nonlin):
+    """A float64 forward/backward with dropout masks equals the reference: loss, final state,
+    initial-state gradients and every parameter's gradient."""
+    out = m.forward_backward(x, y, h, c, masks=masks)
+    c0 = c if cell == "lstm" else None
+    loss, logits, hT, cT, grads, dh0, dc0 = ref.loss_and_grads(cell, ref_params(m), x, y, h, c0, list(masks), nonlin)
+    assert abs(out["loss"] - loss) < 1e-12
+    np.testing.assert_allclose(out["h"], hT, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out["dh0"], dh0, rtol=0, atol=1e-12)
+    if cell == "lstm":
+        np.testing.assert_allclose(out["c"], cT, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(out["dc0"], dc0, rtol=0, atol=1e-12)
+    grad = Model(m.cfg, dtype=np.float64, theta=out["grad"].copy()).params
+    for name in param_shapes(m.cfg):
+        np.testing.assert_allclose(grad[name], grads[name], rtol=0, atol=1e-12, err_msg=name)
+
+
 @pytest.mark.parametrize("cell,nonlin", CASES)
 @pytest.mark.parametrize("by_units", [True, False])
 @pytest.mark.parametrize("nthreads", [1, 2])
@@ -607,18 +624,7 @@ def test_both_thread_plans_match_reference(cell, nonlin, by_units, nthreads, mon
     T, B = x.shape
     plan = m.plan(T, B)
     assert plan[0] == by_units and len(plan[3]) - 1 == nthreads
-    masks = m.dropout_masks(T, B, seed=2, step=1)
-    out = m.forward_backward(x, y, h, c, masks=masks)
-    c0 = c if cell == "lstm" else None
-    loss, logits, hT, cT, grads, dh0, dc0 = ref.loss_and_grads(cell, ref_params(m), x, y, h, c0, list(masks), nonlin)
-    assert abs(out["loss"] - loss) < 1e-12
-    np.testing.assert_allclose(out["h"], hT, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(out["dh0"], dh0, rtol=0, atol=1e-12)
-    if cell == "lstm":
-        np.testing.assert_allclose(out["dc0"], dc0, rtol=0, atol=1e-12)
-    grad = Model(m.cfg, dtype=np.float64, theta=out["grad"].copy()).params
-    for name in param_shapes(m.cfg):
-        np.testing.assert_allclose(grad[name], grads[name], rtol=0, atol=1e-12, err_msg=name)
+    assert_batch_matches_reference(m, x, y, h, c, m.dropout_masks(T, B, seed=2, step=1), cell, nonlin)
 
 
 @pytest.mark.parametrize("cell,nonlin", CASES)
@@ -770,13 +776,4 @@ def test_packed_recurrence_matches_reference(cell, nonlin, by_units, monkeypatch
     threads.set_threads(2)
     m, x, y, h, c = make(cell, nonlin, 2, V=6, H=70, T=3, B=2 * core._MR + 5, dropout=0.2)
     T, B = x.shape
-    masks = m.dropout_masks(T, B, seed=4, step=2)
-    out = m.forward_backward(x, y, h, c, masks=masks)
-    c0 = c if cell == "lstm" else None
-    loss, logits, hT, cT, grads, dh0, dc0 = ref.loss_and_grads(cell, ref_params(m), x, y, h, c0, list(masks), nonlin)
-    assert abs(out["loss"] - loss) < 1e-12
-    np.testing.assert_allclose(out["h"], hT, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(out["dh0"], dh0, rtol=0, atol=1e-12)
-    grad = Model(m.cfg, dtype=np.float64, theta=out["grad"].copy()).params
-    for name in param_shapes(m.cfg):
-        np.testing.assert_allclose(grad[name], grads[name], rtol=0, atol=1e-12, err_msg=name)
+    assert_batch_matches_reference(m, x, y, h, c, m.dropout_masks(T, B, seed=4, step=2), cell, nonlin)

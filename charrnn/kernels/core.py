@@ -21,7 +21,8 @@ row k < L = [weight_ih, weight_hh, bias_ih, bias_hh] of layer k, row L = [decode
 decoder.bias, 0, 0].
 
 Speed structure: input products of all T steps as one GEMM per layer, only h @ W_hh^T inside the
-time loop, fused gate loops, weight gradients as one GEMM over all T*B positions after the loop.
+time loop (over W_hh packed once per batch, through our own register-tiled kernel: _mm_packed),
+fused gate loops, weight gradients as one GEMM over all T*B positions after the loop.
 Threads share the time loop by blocks of units (large H) or of streams (small H); see
 _forward_backward. Per-thread gradients are summed in a fixed order afterwards, so a fixed thread
 count gives identical results. Scoring one stream pipelines the layers instead (_score_pipe).
@@ -159,7 +160,9 @@ def _tile(typingctx, a, a0, lda, w, w0, c, c0, ldc, K, rows, cols, accum):
         vty = ir.VectorType(fty, VL)
         suffix = "v%d%s" % (VL, "f32" if isinstance(fty, ir.FloatType) else "f64")
         mty = ir.VectorType(ir.IntType(1), VL)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), "llvm.fma." + suffix)
+        # fmuladd: one fused multiply-add where the CPU has the instruction, a multiply and an add
+        # where it has not (llvm.fma would then call libm's fma for every lane)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), "llvm.fmuladd." + suffix)
         mload = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vty, [vty.as_pointer(), i32, mty, vty]), "llvm.masked.load.%s.p0" % suffix)
         mstore = cgutils.get_or_insert_function(
