@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -280,3 +282,22 @@ def test_budget_fit_is_refined_until_the_decay():
     tr.state.step = cfg.warmup + int(cfg.decay_steps * 0.8)  # the decay begins: no more refits
     tr._fit_budget(rep, times, 300.0, 10.0, 0.0)
     assert not tr._fit_open
+
+
+@pytest.mark.parametrize("minutes,chars,hidden,dropout", [
+    (5, 1_000_000, 256, 0.1),  # short budgets: a small model that sees more data
+    (30, 1_000_000, 512, 0.5),  # longer ones: 512 units, with more dropout where that is large for the text
+    (30, 400_000, 256, 0.1),  # ... halved while over 4 parameters per character
+    (None, 1_000_000, 256, 0.1),
+    (None, 5_000_000, 512, 0.4),
+    (None, 20_000, 64, 0.0),  # tiny corpora: halved down to 64 units, no dropout
+])
+def test_choose_size_follows_the_budget_and_the_corpus(minutes, chars, hidden, dropout):
+    from charrnn.config import TrainConfig
+    from charrnn.train import _approx_params, choose_size
+
+    cfg = choose_size(replace(TrainConfig(), minutes=minutes), chars)
+    assert (cfg.hidden, cfg.dropout) == (hidden, dropout)
+    assert _approx_params(cfg.cell, cfg.layers, cfg.hidden) <= 4 * chars or cfg.hidden <= 64
+    fixed = choose_size(replace(TrainConfig(), minutes=minutes, hidden=100, dropout=0.3), chars)
+    assert (fixed.hidden, fixed.dropout) == (100, 0.3)  # what the user set is kept
