@@ -243,13 +243,17 @@ class Schedule:
             return lo + 0.5 * (1.0 + math.cos(math.pi * s / self.decay_steps)) * (self.lr - lo)
         if self.kind == "wsd":
             lo = self.lr * self.min_lr_frac
-            d0 = self.decay_steps * (1.0 - WSD_DECAY_FRAC)
+            d0 = self.wsd_stable_steps()
             if s <= d0:
                 return self.lr
             if s >= self.decay_steps:
                 return lo
             return self.lr + (lo - self.lr) * (s - d0) / (self.decay_steps - d0)
         return self.lr
+
+    def wsd_stable_steps(self) -> float:
+        """Steps after warm-up that a "wsd" schedule holds its peak rate before decaying."""
+        return self.decay_steps * (1.0 - WSD_DECAY_FRAC)
 
     def to_dict(self) -> dict:
         return {

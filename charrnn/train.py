@@ -30,7 +30,7 @@ from charrnn.data import BatchStream, compact_dtype, corpus_vocab, encode_stream
 from charrnn.errors import CharrnnError, DataError, Interrupted, TrainingError, UsageError
 from charrnn.evaluate import score_tokens
 from charrnn.model import Model, ModelConfig, core_is_compiled
-from charrnn.optim import WSD_DECAY_FRAC, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
+from charrnn.optim import Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
 from charrnn.vocab import Vocab
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
@@ -57,9 +57,6 @@ class StepTimes:
 
     def add(self, T: int, seconds: float):
         self._times.append((T, seconds))
-
-    def __len__(self):
-        return len(self._times)
 
     def cost(self) -> tuple[float, float]:
         """(a, b): seconds per step of length T ~ a + b*T."""
@@ -571,7 +568,7 @@ class Trainer:
                 left_s *= 0.92  # no validation measured yet
             first = not self._fitted
             self._fix_auto_schedule(step, self._steps_in(max(0.0, left_s), a, b, step))
-            decay_from = cfg.warmup + int(cfg.decay_steps * (1.0 - WSD_DECAY_FRAC))
+            decay_from = cfg.warmup + int(self.schedule.wsd_stable_steps())
             if first:
                 rep.message(f"schedule: {cfg.lr:g} until about step {decay_from}, then a linear decay to step "
                             f"{cfg.warmup + cfg.decay_steps} (fitted to the time budget; refined until the decay begins)")
@@ -589,8 +586,6 @@ class Trainer:
         constant rate (1.667 vs 1.599 nats/char): the model is far from converged and every early
         step at a lower rate is lost progress."""
         cfg = self.cfg
-        if cfg.schedule != "auto" and not self._fitted:
-            return
         total = step + max(1, int(steps_left))
         decay = max(1, total - cfg.warmup)
         cfg.schedule, cfg.decay_steps = "wsd", decay

@@ -684,15 +684,15 @@ def _block_views(pw, cell, B, H, u0, u1, V, W_hh):
 @njit(**JIT)
 def _block_pack(pw, cell, B, H, u0, u1, V, W_hh, backward):
     """Fill the weight views of _block_views from W_hh: for the forward pass, or the backward."""
-    G, Hp = _n_gates(cell), u1 - u0
-    Wf, Wb, hp, dhn, dcn, direct, w0g = _pcarve(pw, cell, B, H, Hp, V)
+    G = _n_gates(cell)
+    Wf, Wb, Wfp, Wbp, hp, dhn, dcn, direct, w0g = _block_views(pw, cell, B, H, u0, u1, V, W_hh)
     if B > 1:
         if backward:
-            _pack_bwd(W_hh, u0, u1, Wb)
+            _pack_bwd(W_hh, u0, u1, Wbp)
         else:
-            _pack_fwd(W_hh, G, H, u0, u1, Wf)
-    elif Hp < H:
-        _pack_block(W_hh, G, H, u0, u1, Wf[: G * Hp * H].reshape((G * Hp, H)), Wb[: G * H * Hp].reshape((G * H, Hp)))
+            _pack_fwd(W_hh, G, H, u0, u1, Wfp)
+    elif u1 - u0 < H:
+        _pack_block(W_hh, G, H, u0, u1, Wf, Wb)
 
 
 @njit(**JIT)
@@ -835,21 +835,26 @@ def _fill_w0t(w0t, theta, offs, GH, V):
 
 
 @njit(**JIT)
-def _thread_views(pw, cell, B, H, V, p, ub, sb, by_units, W_hh):
-    """Thread p's views (see _block_views): a block of units of all streams (by_units), or all
+def _thread_block(B, H, p, ub, sb, by_units):
+    """Thread p's block as (streams, u0, u1): a block of units of all streams (by_units), or all
     units of a block of streams."""
     if by_units:
-        return _block_views(pw, cell, B, H, ub[p], ub[p + 1], V, W_hh)
-    return _block_views(pw, cell, sb[p + 1] - sb[p], H, 0, H, V, W_hh)
+        return B, ub[p], ub[p + 1]
+    return sb[p + 1] - sb[p], 0, H
+
+
+@njit(**JIT)
+def _thread_views(pw, cell, B, H, V, p, ub, sb, by_units, W_hh):
+    """Thread p's views (see _block_views, _thread_block)."""
+    nb, u0, u1 = _thread_block(B, H, p, ub, sb, by_units)
+    return _block_views(pw, cell, nb, H, u0, u1, V, W_hh)
 
 
 @njit(**JIT)
 def _thread_pack(pw, cell, B, H, V, p, ub, sb, by_units, W_hh, backward):
     """Thread p's _block_pack, for the block _thread_views gives it."""
-    if by_units:
-        _block_pack(pw, cell, B, H, ub[p], ub[p + 1], V, W_hh, backward)
-    else:
-        _block_pack(pw, cell, sb[p + 1] - sb[p], H, 0, H, V, W_hh, backward)
+    nb, u0, u1 = _thread_block(B, H, p, ub, sb, by_units)
+    _block_pack(pw, cell, nb, H, u0, u1, V, W_hh, backward)
 
 
 # ----------------------------------------------------------------------------- whole batch
