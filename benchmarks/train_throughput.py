@@ -1,15 +1,16 @@
 """Training-step throughput of charrnn's compiled core against PyTorch, side by side.
 
-A full step: forward, backward, global-norm clipping, Adam update, hidden state carried. For each
-configuration (layers x hidden / batch x steps, V = 68 as tiny Shakespeare plus 3 special tokens)
-each side runs in its own subprocess (so peak RSS is its own), interleaved charrnn, torch,
-charrnn, torch ... and the medians are reported with the ratio, effective GFLOP/s and peak RSS.
-The CPU time other processes used during each timed part is measured (from /proc/stat) and a
-measurement is flagged when the machine was busy, since two threads on two cores collapse under
-any other load.
+A full step of an LSTM (or a GRU with --cell gru): forward, backward, global-norm clipping, Adam
+update, hidden state carried. For each configuration (layers x hidden / batch x steps, V = 68 as
+tiny Shakespeare plus 3 special tokens) each side runs in its own subprocess (so peak RSS is its
+own), interleaved charrnn, torch, charrnn, torch ... and the medians are reported with the ratio,
+effective GFLOP/s and peak RSS. The CPU time other processes used during each timed part is
+measured (from /proc/stat) and a measurement is flagged when the machine was busy, since two
+threads on two cores collapse under any other load.
 
     python benchmarks/train_throughput.py                 # all configs, 3 rounds
     python benchmarks/train_throughput.py --configs A,B --rounds 5 --seconds 8
+    python benchmarks/train_throughput.py --cell gru      # GRUs (what a --minutes run trains)
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/train_throughput.py
 """
 
@@ -57,8 +58,9 @@ def _own_cpu():
     return t.user + t.system
 
 
-def worker(side, name, seconds, threads):
+def worker(side, name, seconds, threads, cell):
     L, H, B, T = CONFIGS[name]
+    G = {"lstm": 4, "gru": 3}[cell]
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -70,7 +72,7 @@ def worker(side, name, seconds, threads):
         from charrnn.optim import clip_grad_norm, make_optimizer
 
         th.set_threads(threads)
-        m = Model(ModelConfig(cell="lstm", layers=L, hidden=H, vocab_size=V)).init(0)
+        m = Model(ModelConfig(cell=cell, layers=L, hidden=H, vocab_size=V)).init(0)
         opt = make_optimizer("adam", m.n_params, m.dtype, 2e-3)
         h, c = m.zero_state(B)
 
@@ -85,23 +87,23 @@ def worker(side, name, seconds, threads):
 
         torch.set_num_threads(threads)
         torch.manual_seed(0)
-        rnn = torch.nn.LSTM(V, H, L)
+        rnn = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(V, H, L)
         dec = torch.nn.Linear(H, V)
         params = list(rnn.parameters()) + list(dec.parameters())
         opt = torch.optim.Adam(params, lr=2e-3)
         xt = torch.nn.functional.one_hot(torch.from_numpy(x).long(), V).float()
         yt = torch.from_numpy(y).long().reshape(-1)
-        state = (torch.zeros(L, B, H), torch.zeros(L, B, H))
+        state = (torch.zeros(L, B, H), torch.zeros(L, B, H)) if cell == "lstm" else torch.zeros(L, B, H)
 
         def step():
             nonlocal state
             opt.zero_grad(set_to_none=True)
-            out, (hn, cn) = rnn(xt, state)
+            out, st = rnn(xt, state)
             loss = torch.nn.functional.cross_entropy(dec(out).reshape(-1, V), yt)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
-            state = (hn.detach(), cn.detach())
+            state = tuple(s.detach() for s in st) if cell == "lstm" else st.detach()
 
     t_first = time.perf_counter()
     step()  # compile / first call
@@ -120,7 +122,7 @@ def worker(side, name, seconds, threads):
     others = max(0.0, (j1 - j0) / hz - (c1 - c0))
     print(json.dumps({
         "side": side, "config": name, "chars_per_s": n * B * T / dt, "steps": n, "first_call_s": first,
-        "gflops": step_flops(L, H, B, T) * n / dt / 1e9,
+        "gflops": step_flops(L, H, B, T, G) * n / dt / 1e9,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "other_cpu_frac": others / dt,
     }))
@@ -133,10 +135,11 @@ def main():
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sides", default="charrnn,torch")
+    ap.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
     ap.add_argument("--worker", nargs=2, metavar=("SIDE", "CONFIG"))
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.seconds, args.threads)
+        worker(args.worker[0], args.worker[1], args.seconds, args.threads, args.cell)
         return
     sides = args.sides.split(",")
     if "torch" in sides:
@@ -146,13 +149,14 @@ def main():
             print("torch not importable: charrnn only", file=sys.stderr)
             sides = [s for s in sides if s != "torch"]
     env_note = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    print(f"# env {env_note}, threads {args.threads}, {args.rounds} rounds x {args.seconds}s", flush=True)
+    print(f"# {args.cell}, env {env_note}, threads {args.threads}, {args.rounds} rounds x {args.seconds}s", flush=True)
     results = {}
     for r in range(args.rounds):
         for name in args.configs.split(","):
             for side in sides:
                 out = subprocess.run([sys.executable, __file__, "--worker", side, name, "--seconds", str(args.seconds),
-                                      "--threads", str(args.threads)], capture_output=True, text=True)
+                                      "--threads", str(args.threads), "--cell", args.cell],
+                                     capture_output=True, text=True)
                 if out.returncode != 0:
                     print(out.stderr, file=sys.stderr)
                     raise SystemExit(f"worker {side} {name} failed")

@@ -94,7 +94,8 @@ def cli():
 @click.argument("corpus", nargs=-1, type=str)
 @click.option("--out", type=str, default=None, metavar="DIR", help="Run directory. Default: runs/<corpus file stem> (a new one if that holds a run).")
 @click.option("--resume", type=str, default=None, metavar="DIR", help="Continue the run in DIR from its last.npz (corpus and options come from it).")
-@click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=DEFAULTS.cell, help="Recurrent cell.")
+@click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=DEFAULTS.cell,
+              help="Recurrent cell (default: lstm; gru for --minutes 10 or less, where it learns faster).")
 @click.option("--nonlinearity", type=click.Choice(["tanh", "relu"]), default=DEFAULTS.nonlinearity, help="For --cell rnn.")
 @click.option("--layers", type=click.IntRange(min=1), default=DEFAULTS.layers, help="Stacked recurrent layers.")
 @click.option("--hidden", type=click.IntRange(min=1), default=None, help="Units per layer. Default: chosen from the corpus size and time budget.")

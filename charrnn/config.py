@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 @dataclass
 class TrainConfig:
     # ---- model
-    cell: str = "lstm"  # lstm | gru | rnn
+    cell: str | None = None  # lstm | gru | rnn; None: lstm, or gru for --minutes 10 or less (measured, README)
     nonlinearity: str = "tanh"  # rnn only: tanh | relu
     layers: int = 2  # stacked recurrent layers
     hidden: int | None = None  # units per layer; None: sized from the corpus and the time budget

@@ -71,12 +71,20 @@ class StepTimes:
 
 # ---------------------------------------------------------------------------------- model sizing
 def choose_size(cfg: TrainConfig, n_train_chars: int) -> TrainConfig:
-    """Fill in hidden and dropout when the user left them open.
+    """Fill in the cell, hidden and dropout when the user left them open.
 
     The rule comes from measurements on tiny Shakespeare (benchmarks/quality_curve.py, README):
     a model should have about as many parameters as the text has characters or fewer, and with a
-    short time budget a smaller model that sees more data wins.
+    short time budget a smaller model that sees more data wins. In a short budget a GRU wins: in
+    5 minutes 2x256 reached 1.459 / 1.467 nats/char (two seeds) against 1.482-1.487 for the LSTM
+    (three runs). It has 3 gates to the LSTM's 4, so it runs ~25% faster, and it learns faster
+    from the start (1.61 against 1.82 after the first minute). In 30 minutes the 2x512 LSTM
+    (dropout 0.5) wins: 1.479 against the GRU's 1.511 after 17-18 minutes.
     """
+    cell = cfg.cell
+    if cell is None:
+        cell = "gru" if cfg.minutes is not None and cfg.minutes <= 10 else "lstm"
+    cfg = replace(cfg, cell=cell)
     hidden = cfg.hidden
     n = max(n_train_chars, 1)
     if hidden is None:

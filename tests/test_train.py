@@ -284,20 +284,21 @@ def test_budget_fit_is_refined_until_the_decay():
     assert not tr._fit_open
 
 
-@pytest.mark.parametrize("minutes,chars,hidden,dropout", [
-    (5, 1_000_000, 256, 0.1),  # short budgets: a small model that sees more data
-    (30, 1_000_000, 512, 0.5),  # longer ones: 512 units, with more dropout where that is large for the text
-    (30, 400_000, 256, 0.1),  # ... halved while over 4 parameters per character
-    (None, 1_000_000, 256, 0.1),
-    (None, 5_000_000, 512, 0.4),
-    (None, 20_000, 64, 0.0),  # tiny corpora: halved down to 64 units, no dropout
+@pytest.mark.parametrize("minutes,chars,cell,hidden,dropout", [
+    (5, 1_000_000, "gru", 256, 0.1),  # short budgets: a small, fast GRU that sees more data
+    (30, 1_000_000, "lstm", 512, 0.5),  # longer ones: an LSTM of 512 units, with more dropout where that is large for the text
+    (30, 400_000, "lstm", 256, 0.1),  # ... halved while over 4 parameters per character
+    (None, 1_000_000, "lstm", 256, 0.1),
+    (None, 5_000_000, "lstm", 512, 0.4),
+    (None, 20_000, "lstm", 64, 0.0),  # tiny corpora: halved down to 64 units, no dropout
 ])
-def test_choose_size_follows_the_budget_and_the_corpus(minutes, chars, hidden, dropout):
+def test_choose_size_follows_the_budget_and_the_corpus(minutes, chars, cell, hidden, dropout):
     from charrnn.config import TrainConfig
     from charrnn.train import _approx_params, choose_size
 
     cfg = choose_size(replace(TrainConfig(), minutes=minutes), chars)
-    assert (cfg.hidden, cfg.dropout) == (hidden, dropout)
+    assert (cfg.cell, cfg.hidden, cfg.dropout) == (cell, hidden, dropout)
     assert _approx_params(cfg.cell, cfg.layers, cfg.hidden) <= 4 * chars or cfg.hidden <= 64
-    fixed = choose_size(replace(TrainConfig(), minutes=minutes, hidden=100, dropout=0.3), chars)
-    assert (fixed.hidden, fixed.dropout) == (100, 0.3)  # what the user set is kept
+    for fixed_cell in ("lstm", "gru", "rnn"):  # what the user set is kept
+        fixed = choose_size(replace(TrainConfig(), minutes=minutes, cell=fixed_cell, hidden=100, dropout=0.3), chars)
+        assert (fixed.cell, fixed.hidden, fixed.dropout) == (fixed_cell, 100, 0.3)
