@@ -286,7 +286,8 @@ def test_budget_fit_is_refined_until_the_decay():
 
 @pytest.mark.parametrize("minutes,chars,cell,hidden,dropout", [
     (5, 1_000_000, "gru", 256, 0.1),  # short budgets: a small, fast GRU that sees more data
-    (30, 1_000_000, "lstm", 512, 0.5),  # longer ones: an LSTM of 512 units, with more dropout where that is large for the text
+    # longer ones: an LSTM of 512 units, with more dropout where that is large for the text
+    (30, 1_000_000, "lstm", 512, 0.5),
     (30, 400_000, "lstm", 256, 0.1),  # ... halved while over 4 parameters per character
     (None, 1_000_000, "lstm", 256, 0.1),
     (None, 5_000_000, "lstm", 512, 0.4),
