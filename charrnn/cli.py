@@ -99,7 +99,7 @@ def cli():
 @click.option("--nonlinearity", type=click.Choice(["tanh", "relu"]), default=DEFAULTS.nonlinearity, help="For --cell rnn.")
 @click.option("--layers", type=click.IntRange(min=1), default=DEFAULTS.layers, help="Stacked recurrent layers.")
 @click.option("--hidden", type=click.IntRange(min=1), default=None, help="Units per layer. Default: chosen from the corpus size and time budget.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout on each layer's output. Default: chosen with the model size.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout on each layer's output. Default: from the epochs the budget allows and the parameters per character (fitted once a --minutes run knows its speed).")
 @click.option("--batch", type=click.IntRange(min=1), default=DEFAULTS.batch, help="Parallel streams per step (B).")
 @click.option("--seq", type=click.IntRange(min=1), default=DEFAULTS.seq, help="Backprop-through-time steps per update (T).")
 @click.option("--seq-warmup", type=click.IntRange(min=0), default=DEFAULTS.seq_warmup, metavar="STEPS", help="Grow T from 8 to --seq over this many steps (0: off).")

@@ -14,7 +14,8 @@ class TrainConfig:
     nonlinearity: str = "tanh"  # rnn only: tanh | relu
     layers: int = 2  # stacked recurrent layers
     hidden: int | None = None  # units per layer; None: sized from the corpus and the time budget
-    dropout: float | None = None  # on each layer's output; None: chosen with the model size
+    dropout: float | None = None  # on each layer's output; None: chosen from the epochs the budget allows
+    dropout_fit: bool = False  # set by choose_size: refit dropout once a --minutes run knows its speed
     forget_bias: float = 1.0  # LSTM forget-gate bias at init (1.0 is the usual choice; PyTorch's 0 trains slower)
     # ---- data
     batch: int = 32  # B parallel streams per step

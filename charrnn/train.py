@@ -35,6 +35,10 @@ from charrnn.vocab import Vocab
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
 SHORT_BUDGET_MINUTES = 10  # --minutes up to this: a 2x256 GRU by default (choose_size)
+DEFAULT_EPOCHS = 10.0  # the budget of a run given none
+# (epochs x parameters per character, dropout): the measured anchors of dropout_for
+DROPOUT_LOW = (6.6, 0.1)  # 2x256 GRU, 5 minutes (10 epochs): 0.1 beat 0.05 and 0.15
+DROPOUT_HIGH = (50.0, 0.5)  # 2x512 LSTM, 30 minutes (15 epochs): 1.449; 2x384, 26 epochs: 0.4 beat 0.25
 MIN_SEQ = 8  # first BPTT length of the --seq-warmup curriculum
 AUTO_MEASURE_STEPS = 30  # steps timed before a --minutes run fits its schedule and validation interval
 REFIT_EVERY = 50  # steps between refits of that fit, until the schedule's decay begins
@@ -82,6 +86,10 @@ def choose_size(cfg: TrainConfig, n_train_chars: int) -> TrainConfig:
     from the start (1.61 against 1.82 after the first minute); in 10 minutes it still wins, 1.467
     against 1.501. In 30 minutes the 2x512 LSTM (dropout 0.5) wins: 1.479 against the GRU's 1.511
     after 17-18 minutes.
+
+    Dropout comes from dropout_for: from the epochs of --epochs or --steps (10 without a budget),
+    or, for --minutes, provisionally from 10 epochs until the run has measured its speed and
+    refits it (`dropout_fit`, Trainer._fit_dropout).
     """
     short = cfg.minutes is not None and cfg.minutes <= SHORT_BUDGET_MINUTES
     cfg = replace(cfg, cell=cfg.cell or ("gru" if short else "lstm"))
@@ -100,15 +108,41 @@ def choose_size(cfg: TrainConfig, n_train_chars: int) -> TrainConfig:
         # never far more parameters than characters on small corpora
         while hidden > 64 and _approx_params(cfg.cell, cfg.layers, hidden) > cap * n:
             hidden //= 2
+    fit = False
     dropout = cfg.dropout
-    if dropout is None:
-        if n_train_chars < 50_000:
-            dropout = 0.0
-        elif hidden <= 256:
-            dropout = 0.1
-        else:  # more dropout where the model is large for its text
-            dropout = 0.5 if _approx_params(cfg.cell, cfg.layers, hidden) > 2 * n else 0.4
-    return replace(cfg, hidden=hidden, dropout=dropout)
+    if dropout is None and n_train_chars < 50_000:
+        dropout = 0.0  # tiny corpora: a run is over in a few hundred steps, long before it could overfit
+    elif dropout is None:
+        epochs = planned_epochs(cfg, n)
+        fit = epochs is None  # a --minutes run: refit once its speed is measured (Trainer._fit_budget)
+        dropout = dropout_for(_approx_params(cfg.cell, cfg.layers, hidden), n, epochs or DEFAULT_EPOCHS)
+    return replace(cfg, hidden=hidden, dropout=dropout, dropout_fit=fit)
+
+
+def planned_epochs(cfg: TrainConfig, n_train_chars: int) -> float | None:
+    """The passes over the text that --epochs or --steps allow (the smaller, if both), the default
+    budget's 10 without any, or None when a --minutes budget decides (known only once measured)."""
+    if cfg.minutes is not None:
+        return None
+    epochs = []
+    if cfg.epochs is not None:
+        epochs.append(cfg.epochs)
+    if cfg.steps is not None:
+        epochs.append(cfg.steps * cfg.batch * cfg.seq / max(n_train_chars, 1))
+    return min(epochs) if epochs else DEFAULT_EPOCHS
+
+
+def dropout_for(params: int, n_train_chars: int, epochs: float) -> float:
+    """Dropout for a model of `params` parameters that sees `epochs` passes over a text of
+    `n_train_chars`: it grows with the logarithm of epochs x parameters per character, the exposure
+    that decides how far the model can memorise its text. Through two measured points on tiny
+    Shakespeare (benchmarks/results, README): DROPOUT_LOW, a 2x256 GRU seeing 10 epochs in 5
+    minutes; DROPOUT_HIGH, a 2x512 LSTM seeing 15 epochs in 30 minutes. Rounded to 0.05; 0 to 0.5.
+    """
+    x = max(epochs, 1e-9) * params / max(n_train_chars, 1)
+    (x0, d0), (x1, d1) = DROPOUT_LOW, DROPOUT_HIGH
+    d = d0 + (d1 - d0) * math.log(x / x0) / math.log(x1 / x0)
+    return round(min(max(d, 0.0), 0.5) * 20) / 20
 
 
 def _approx_params(cell: str, layers: int, hidden: int, V: int = 100) -> int:
@@ -423,12 +457,13 @@ class Trainer:
         elif cfg.minutes is not None:
             budget_s = max(0.0, cfg.minutes * 60 - st.elapsed)
         if cfg.steps is None and cfg.epochs is None and budget_s is None:
-            cfg.epochs = 10.0  # the documented default budget
+            cfg.epochs = DEFAULT_EPOCHS  # the documented default budget
         self._auto_eval = cfg.eval_every is None and budget_s is not None and cfg.steps is None and cfg.epochs is None
         total = cfg.steps if cfg.steps is not None else (self._epoch_steps(cfg.epochs) if cfg.epochs is not None else None)
         rep = Reporter(self.quiet, total, st.step)
         rep.message(
-            f"charrnn: {cfg.cell} {cfg.layers}x{cfg.hidden} dropout {cfg.dropout:g}, {model.n_params:,} parameters, "
+            f"charrnn: {cfg.cell} {cfg.layers}x{cfg.hidden} dropout {cfg.dropout:g}{' (until fitted to the budget)' if cfg.dropout_fit else ''}, "
+            f"{model.n_params:,} parameters, "
             f"vocabulary {self.vocab.size}, {self.stream.n_tokens:,} training tokens, batch {cfg.batch}x{cfg.seq}, "
             f"{n_threads} thread(s) -> {self.out}"
         )
@@ -445,7 +480,7 @@ class Trainer:
         chars_done = 0
         steps_here = 0
         times = StepTimes()
-        self._fit_open = budget_s is not None and (self._auto_eval or cfg.schedule == "auto")
+        self._fit_open = budget_s is not None and (self._auto_eval or cfg.schedule == "auto" or cfg.dropout_fit)
         self._fitted = False
         eval_cost = 0.0
         bad = 0
@@ -568,14 +603,15 @@ class Trainer:
             # validate about every max(1 min, budget/8); validation's cost counts against the budget.
             # Set once the steps have their full length, so validations stay evenly spaced
             self.eval_every = max(50, int(max(60.0, budget_s / 8) / per_step) // 50 * 50)
+        if eval_cost > 0:
+            n = self._steps_in(left_s, a, b, step)
+            left_s -= (n / self.eval_every + 1) * eval_cost
+        else:
+            left_s *= 0.92  # no validation measured yet
+        steps_left = self._steps_in(max(0.0, left_s), a, b, step)
         if cfg.schedule == "auto" or self._fitted:
-            if eval_cost > 0:
-                n = self._steps_in(left_s, a, b, step)
-                left_s -= (n / self.eval_every + 1) * eval_cost
-            else:
-                left_s *= 0.92  # no validation measured yet
             first = not self._fitted
-            self._fix_auto_schedule(step, self._steps_in(max(0.0, left_s), a, b, step))
+            self._fix_auto_schedule(step, steps_left)
             decay_from = cfg.warmup + int(self.schedule.wsd_stable_steps())
             if first:
                 rep.message(f"schedule: {cfg.lr:g} until about step {decay_from}, then a linear decay to step "
@@ -586,6 +622,28 @@ class Trainer:
                     rep.message(f"schedule: decaying from step {decay_from} to {cfg.warmup + cfg.decay_steps}")
         elif step >= cfg.seq_warmup + 2 * REFIT_EVERY:
             self._fit_open = False  # the validation interval, once steps have their full length
+        if cfg.dropout_fit and (step >= cfg.seq_warmup or not self._fit_open):
+            self._fit_dropout(rep, step + steps_left)
+
+    def _fit_dropout(self, rep, total_steps: int):
+        """Choose the dropout of a --minutes run (left open by the user) from the epochs its budget
+        allows, once the steps have their full length and the speed is known (choose_size's rate
+        ran until now). Set once and kept in the config, so a resumed run keeps it."""
+        cfg, n = self.cfg, max(self.stream.n_tokens, 1)
+        epochs = self._chars_in(total_steps) / n
+        if cfg.epochs is not None:
+            epochs = min(epochs, cfg.epochs)
+        if cfg.steps is not None:
+            epochs = min(epochs, self._chars_in(cfg.steps) / n)
+        cfg.dropout, cfg.dropout_fit = dropout_for(self.model.n_params, n, epochs), False
+        self.model.cfg = replace(self.model.cfg, dropout=cfg.dropout)
+        rep.message(f"dropout {cfg.dropout:g}: about {epochs:.0f} epochs fit in the budget")
+
+    def _chars_in(self, steps: int) -> int:
+        """Characters per stream read by steps 0 .. steps-1 (the --seq-warmup curriculum, then --seq)."""
+        cfg = self.cfg
+        warm = min(steps, max(cfg.seq_warmup, 0))
+        return (sum(seq_len_at(cfg, s) for s in range(warm)) + (steps - warm) * cfg.seq) * cfg.batch
 
     def _fix_auto_schedule(self, step: int, steps_left: float):
         """Turn the "auto" schedule into a "wsd" one (constant, then a linear decay over the last

@@ -13,6 +13,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from charrnn import checkpoint
 from charrnn.cli import cli
@@ -284,22 +286,128 @@ def test_budget_fit_is_refined_until_the_decay():
     assert not tr._fit_open
 
 
-@pytest.mark.parametrize("minutes,chars,cell,hidden,dropout", [
-    (5, 1_000_000, "gru", 256, 0.1),  # short budgets: a small, fast GRU that sees more data
-    # longer ones: an LSTM of 512 units, with more dropout where that is large for the text
-    (30, 1_000_000, "lstm", 512, 0.5),
-    (30, 400_000, "lstm", 256, 0.1),  # ... halved while over 4 parameters per character
-    (None, 1_000_000, "lstm", 256, 0.1),
-    (None, 5_000_000, "lstm", 512, 0.4),
-    (None, 20_000, "lstm", 64, 0.0),  # tiny corpora: halved down to 64 units, no dropout
+@pytest.mark.parametrize("budget,chars,cell,hidden,dropout,fit", [
+    ({"minutes": 5}, 1_000_000, "gru", 256, 0.1, True),  # short budgets: a small, fast GRU that sees more data
+    ({"minutes": 30}, 1_000_000, "lstm", 512, 0.4, True),  # longer ones: an LSTM of 512 units ...
+    ({"minutes": 30}, 400_000, "lstm", 256, 0.35, True),  # ... halved while over 4 parameters per character
+    ({}, 1_000_000, "lstm", 256, 0.15, False),  # no budget: 10 epochs
+    ({"epochs": 40}, 1_000_000, "lstm", 256, 0.45, False),  # more epochs, more dropout
+    ({"steps": 2000}, 1_000_000, "lstm", 256, 0.0, False),  # 4 epochs of batch 32 x seq 64: none
+    ({}, 5_000_000, "lstm", 512, 0.1, False),
+    ({}, 20_000, "lstm", 64, 0.0, False),  # tiny corpora: halved down to 64 units, no dropout
 ])
-def test_choose_size_follows_the_budget_and_the_corpus(minutes, chars, cell, hidden, dropout):
+def test_choose_size_follows_the_budget_and_the_corpus(budget, chars, cell, hidden, dropout, fit):
+    """The choices for typical corpora and budgets; the dropout is provisional (`fit`) where a
+    --minutes run refits it once it knows its speed."""
     from charrnn.config import TrainConfig
     from charrnn.train import _approx_params, choose_size
 
-    cfg = choose_size(replace(TrainConfig(), minutes=minutes), chars)
-    assert (cfg.cell, cfg.hidden, cfg.dropout) == (cell, hidden, dropout)
+    cfg = choose_size(replace(TrainConfig(), **budget), chars)
+    assert (cfg.cell, cfg.hidden, cfg.dropout, cfg.dropout_fit) == (cell, hidden, dropout, fit)
     assert _approx_params(cfg.cell, cfg.layers, cfg.hidden) <= 4 * chars or cfg.hidden <= 64
-    for fixed_cell in ("lstm", "gru", "rnn"):  # what the user set is kept
-        fixed = choose_size(replace(TrainConfig(), minutes=minutes, cell=fixed_cell, hidden=100, dropout=0.3), chars)
-        assert (fixed.cell, fixed.hidden, fixed.dropout) == (fixed_cell, 100, 0.3)
+    for fixed_cell in ("lstm", "gru", "rnn"):  # what the user set is kept, and never refitted
+        fixed = choose_size(replace(TrainConfig(), **budget, cell=fixed_cell, hidden=100, dropout=0.3), chars)
+        assert (fixed.cell, fixed.hidden, fixed.dropout, fixed.dropout_fit) == (fixed_cell, 100, 0.3, False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1_000, 10_000_000), st.integers(50_000, 10_000_000), st.floats(0.01, 1000.0),
+       st.floats(1.01, 10.0))
+def test_dropout_grows_with_epochs_and_parameters_per_character(params, chars, epochs, more):
+    """dropout_for is a rate in [0, 0.5] on a 0.05 grid that never falls when the model sees more
+    epochs or has more parameters, or when the text is shorter."""
+    from charrnn.train import dropout_for
+
+    d = dropout_for(params, chars, epochs)
+    assert 0.0 <= d <= 0.5 and abs(d * 20 - round(d * 20)) < 1e-9
+    assert dropout_for(params, chars, epochs * more) >= d
+    assert dropout_for(int(params * more), chars, epochs) >= d
+    assert dropout_for(params, max(1, int(chars / more)), epochs) >= d
+
+
+def test_dropout_passes_through_its_measured_anchors():
+    """The two measured points: 10 epochs of a 2x256 GRU, 15 of a 2x512 LSTM on ~1 MB."""
+    from charrnn.train import DROPOUT_HIGH, DROPOUT_LOW, dropout_for
+
+    for x, d in (DROPOUT_LOW, DROPOUT_HIGH):
+        assert dropout_for(1_000_000, 1_000_000, x) == d
+        assert dropout_for(500_000, 2_000_000, 4 * x) == d
+    assert dropout_for(1_000_000, 1_000_000, DROPOUT_LOW[0] / 10) == 0.0
+    assert dropout_for(1_000_000, 1_000_000, DROPOUT_HIGH[0] * 10) == 0.5
+
+
+@pytest.mark.parametrize("budget_s,epochs_cap", [(300.0, None), (1200.0, None), (1200.0, 3.0)])
+def test_budget_fit_chooses_the_dropout_once(budget_s, epochs_cap):
+    """A --minutes run that left --dropout open refits it from the epochs its budget allows, once
+    the curriculum's steps have their full length, and only once; the model's masks follow it."""
+    from types import SimpleNamespace
+
+    from charrnn.config import TrainConfig
+    from charrnn.model import ModelConfig
+    from charrnn.train import StepTimes, Trainer, dropout_for
+
+    cfg = replace(TrainConfig(), batch=32, seq=64, seq_warmup=300, warmup=100, schedule="auto", cell="gru",
+                  hidden=256, dropout=0.1, dropout_fit=True, minutes=budget_s / 60, epochs=epochs_cap)
+    model = SimpleNamespace(n_params=700_000, cfg=ModelConfig(cell="gru", hidden=256, vocab_size=68, dropout=0.1))
+    tr = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=30), eval_every=500, _auto_eval=True, _fitted=False,
+                         _fit_open=True, model=model, stream=SimpleNamespace(n_tokens=1_000_000))
+    for name in ("_steps_in", "_fit_budget", "_fix_auto_schedule", "_make_schedule", "_fit_dropout", "_chars_in"):
+        setattr(tr, name, getattr(Trainer, name).__get__(tr))
+    msgs = []
+    rep = SimpleNamespace(message=msgs.append)
+    times = StepTimes()
+    for _ in range(50):
+        times.add(64, 0.06)  # 32 x 64 characters in 0.06 s: ~34k characters per second
+    tr._fit_budget(rep, times, budget_s, budget_s - 1.0, 0.0)  # step 30: still in the curriculum
+    assert cfg.dropout_fit and cfg.dropout == 0.1
+    tr.state.step = 330
+    tr._fit_budget(rep, times, budget_s, budget_s - 10.0, 0.0)
+    assert not cfg.dropout_fit
+    total = cfg.warmup + cfg.decay_steps  # the fitted schedule's end: the steps the budget allows
+    epochs = tr._chars_in(total) / 1_000_000
+    full = budget_s * 32 * 64 / 0.06 / 1e6  # the epochs of the whole budget without validation
+    assert 0.85 * full < epochs < full
+    want = dropout_for(700_000, 1_000_000, min(epochs, epochs_cap or math.inf))
+    assert cfg.dropout == model.cfg.dropout == want
+    if epochs_cap:  # --epochs ends the run first
+        assert want == dropout_for(700_000, 1_000_000, epochs_cap)
+    elif budget_s > 300:  # a longer budget, more epochs: more dropout than the 5-minute one
+        assert want > dropout_for(700_000, 1_000_000, 10.0)
+    assert any("dropout" in m and "epochs" in m for m in msgs)
+    tr.state.step = 380
+    cfg.dropout = 0.123
+    tr._fit_budget(rep, times, budget_s, budget_s - 20.0, 0.0)
+    assert cfg.dropout == 0.123  # once fitted, never again
+
+
+def test_minutes_run_fits_its_dropout_and_schedule(tmp_path):
+    """End to end: a --minutes run that left --dropout open says what it chose and stores it, so
+    the checkpoint (and a resumed run) keeps the fitted rate and schedule."""
+    p = tmp_path / "markov.txt"
+    with open(os.path.join(ROOT, "corpora", "markov.txt"), encoding="utf-8") as f:
+        p.write_text(f.read()[:120_000], encoding="utf-8")  # over 50k characters: dropout is chosen
+    out = str(tmp_path / "run")
+    res = run(["train", str(p), "--out", out, "--minutes", "0.1", "--seq-warmup", "0", "--hidden", "24",
+               "--batch", "8", "--seq", "16", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    first = res.stderr.splitlines()[0]
+    assert "dropout" in first and "until fitted to the budget" in first
+    fitted = [line for line in res.stderr.splitlines() if line.startswith("dropout ")]
+    assert len(fitted) == 1 and "epochs fit in the budget" in fitted[0]
+    meta = meta_of(os.path.join(out, "last.npz"))
+    train = meta["train"]
+    assert not train["dropout_fit"] and train["schedule"] == "wsd"
+    assert fitted[0].startswith(f"dropout {train['dropout']:g}:")
+    assert meta["dropout"] == train["dropout"]
+
+
+def test_planned_epochs():
+    from charrnn.config import TrainConfig
+    from charrnn.train import DEFAULT_EPOCHS, planned_epochs
+
+    cfg = replace(TrainConfig(), batch=4, seq=10)
+    assert planned_epochs(cfg, 1000) == DEFAULT_EPOCHS
+    assert planned_epochs(replace(cfg, epochs=3.5), 1000) == 3.5
+    assert planned_epochs(replace(cfg, steps=50), 1000) == 2.0  # 50 x 4 x 10 characters
+    assert planned_epochs(replace(cfg, steps=50, epochs=1.5), 1000) == 1.5  # the first budget to end
+    assert planned_epochs(replace(cfg, minutes=1, epochs=1.5), 1000) is None  # known once measured
