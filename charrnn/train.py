@@ -99,9 +99,9 @@ def choose_size(cfg: TrainConfig, n_train_chars: int) -> TrainConfig:
         if short:
             hidden, cap = 256, 2
         elif cfg.minutes is not None or n_train_chars >= 2_000_000:
-            # longer budgets: 512 units with dropout 0.5, up to 4 parameters per character. In 30
-            # minutes on tiny Shakespeare: 1.449 nats/char, against 1.476 for 2x384 with dropout
-            # 0.4, which saw 26 epochs and overfit from minute 12
+            # longer budgets: 512 units, up to 4 parameters per character. In 30 minutes on tiny
+            # Shakespeare: 1.449 nats/char with dropout 0.5 (what dropout_for gives for its 15
+            # epochs), against 1.476 for 2x384 with 0.4, which saw 26 epochs and overfit from minute 12
             hidden, cap = 512, 4
         else:
             hidden, cap = 256, 2
@@ -115,7 +115,9 @@ def choose_size(cfg: TrainConfig, n_train_chars: int) -> TrainConfig:
     elif dropout is None:
         epochs = planned_epochs(cfg, n)
         fit = epochs is None  # a --minutes run: refit once its speed is measured (Trainer._fit_budget)
-        dropout = dropout_for(_approx_params(cfg.cell, cfg.layers, hidden), n, epochs or DEFAULT_EPOCHS)
+        if fit:  # until then: as for the default budget, or for --epochs / --steps if they end it sooner
+            epochs = min(planned_epochs(replace(cfg, minutes=None), n), DEFAULT_EPOCHS)
+        dropout = dropout_for(_approx_params(cfg.cell, cfg.layers, hidden), n, epochs)
     return replace(cfg, hidden=hidden, dropout=dropout, dropout_fit=fit)
 
 
@@ -128,8 +130,14 @@ def planned_epochs(cfg: TrainConfig, n_train_chars: int) -> float | None:
     if cfg.epochs is not None:
         epochs.append(cfg.epochs)
     if cfg.steps is not None:
-        epochs.append(cfg.steps * cfg.batch * cfg.seq / max(n_train_chars, 1))
+        epochs.append(chars_in(cfg, cfg.steps) / max(n_train_chars, 1))
     return min(epochs) if epochs else DEFAULT_EPOCHS
+
+
+def chars_in(cfg: TrainConfig, steps: int) -> int:
+    """Characters read by steps 0 .. steps-1 (the --seq-warmup curriculum, then --seq), all streams."""
+    warm = min(steps, max(cfg.seq_warmup, 0))
+    return (sum(seq_len_at(cfg, s) for s in range(warm)) + (steps - warm) * cfg.seq) * cfg.batch
 
 
 def dropout_for(params: int, n_train_chars: int, epochs: float) -> float:
@@ -470,6 +478,12 @@ class Trainer:
         if not core_is_compiled("_forward_backward"):
             rep.message("charrnn: compiling the core for this machine (first run only; about a minute) ...")
         model.warm_up()  # compilation is not counted against --minutes
+        if cfg.dropout_fit and budget_s is None:
+            # a --minutes run stopped before its dropout fit, resumed with --steps / --epochs: the
+            # budget is known now
+            self._fit_dropout(rep, total)
+        if cfg.dropout_fit and cfg.dropout == 0:
+            model.dropout_masks(1, 1, 0, 0)  # the fit may turn dropout on: load its kernel now, untimed
         masks = None
         smooth = None
         self._snapshot()
@@ -622,7 +636,9 @@ class Trainer:
                     rep.message(f"schedule: decaying from step {decay_from} to {cfg.warmup + cfg.decay_steps}")
         elif step >= cfg.seq_warmup + 2 * REFIT_EVERY:
             self._fit_open = False  # the validation interval, once steps have their full length
-        if cfg.dropout_fit and (step >= cfg.seq_warmup or not self._fit_open):
+        # once the steps have their full length, or now if the run ends (or the fit closes) before
+        if cfg.dropout_fit and (step >= cfg.seq_warmup or not self._fit_open
+                                or step + steps_left < cfg.seq_warmup + REFIT_EVERY):
             self._fit_dropout(rep, step + steps_left)
 
     def _fit_dropout(self, rep, total_steps: int):
@@ -630,20 +646,14 @@ class Trainer:
         allows, once the steps have their full length and the speed is known (choose_size's rate
         ran until now). Set once and kept in the config, so a resumed run keeps it."""
         cfg, n = self.cfg, max(self.stream.n_tokens, 1)
-        epochs = self._chars_in(total_steps) / n
+        epochs = chars_in(cfg, total_steps) / n
         if cfg.epochs is not None:
             epochs = min(epochs, cfg.epochs)
         if cfg.steps is not None:
-            epochs = min(epochs, self._chars_in(cfg.steps) / n)
+            epochs = min(epochs, chars_in(cfg, cfg.steps) / n)
         cfg.dropout, cfg.dropout_fit = dropout_for(self.model.n_params, n, epochs), False
         self.model.cfg = replace(self.model.cfg, dropout=cfg.dropout)
-        rep.message(f"dropout {cfg.dropout:g}: about {epochs:.0f} epochs fit in the budget")
-
-    def _chars_in(self, steps: int) -> int:
-        """Characters per stream read by steps 0 .. steps-1 (the --seq-warmup curriculum, then --seq)."""
-        cfg = self.cfg
-        warm = min(steps, max(cfg.seq_warmup, 0))
-        return (sum(seq_len_at(cfg, s) for s in range(warm)) + (steps - warm) * cfg.seq) * cfg.batch
+        rep.message(f"dropout {cfg.dropout:g}: about {epochs:.{0 if epochs >= 10 else 1}f} epochs fit in the budget")
 
     def _fix_auto_schedule(self, step: int, steps_left: float):
         """Turn the "auto" schedule into a "wsd" one (constant, then a linear decay over the last

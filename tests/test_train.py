@@ -290,6 +290,7 @@ def test_budget_fit_is_refined_until_the_decay():
     ({"minutes": 5}, 1_000_000, "gru", 256, 0.1, True),  # short budgets: a small, fast GRU that sees more data
     ({"minutes": 30}, 1_000_000, "lstm", 512, 0.4, True),  # longer ones: an LSTM of 512 units ...
     ({"minutes": 30}, 400_000, "lstm", 256, 0.35, True),  # ... halved while over 4 parameters per character
+    ({"minutes": 30, "epochs": 2}, 1_000_000, "lstm", 512, 0.1, True),  # until fitted: --epochs ends it sooner
     ({}, 1_000_000, "lstm", 256, 0.15, False),  # no budget: 10 epochs
     ({"epochs": 40}, 1_000_000, "lstm", 256, 0.45, False),  # more epochs, more dropout
     ({"steps": 2000}, 1_000_000, "lstm", 256, 0.0, False),  # 4 epochs of batch 32 x seq 64: none
@@ -344,14 +345,14 @@ def test_budget_fit_chooses_the_dropout_once(budget_s, epochs_cap):
 
     from charrnn.config import TrainConfig
     from charrnn.model import ModelConfig
-    from charrnn.train import StepTimes, Trainer, dropout_for
+    from charrnn.train import StepTimes, Trainer, chars_in, dropout_for
 
     cfg = replace(TrainConfig(), batch=32, seq=64, seq_warmup=300, warmup=100, schedule="auto", cell="gru",
                   hidden=256, dropout=0.1, dropout_fit=True, minutes=budget_s / 60, epochs=epochs_cap)
     model = SimpleNamespace(n_params=700_000, cfg=ModelConfig(cell="gru", hidden=256, vocab_size=68, dropout=0.1))
     tr = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=30), eval_every=500, _auto_eval=True, _fitted=False,
                          _fit_open=True, model=model, stream=SimpleNamespace(n_tokens=1_000_000))
-    for name in ("_steps_in", "_fit_budget", "_fix_auto_schedule", "_make_schedule", "_fit_dropout", "_chars_in"):
+    for name in ("_steps_in", "_fit_budget", "_fix_auto_schedule", "_make_schedule", "_fit_dropout"):
         setattr(tr, name, getattr(Trainer, name).__get__(tr))
     msgs = []
     rep = SimpleNamespace(message=msgs.append)
@@ -364,7 +365,7 @@ def test_budget_fit_chooses_the_dropout_once(budget_s, epochs_cap):
     tr._fit_budget(rep, times, budget_s, budget_s - 10.0, 0.0)
     assert not cfg.dropout_fit
     total = cfg.warmup + cfg.decay_steps  # the fitted schedule's end: the steps the budget allows
-    epochs = tr._chars_in(total) / 1_000_000
+    epochs = chars_in(cfg, total) / 1_000_000
     full = budget_s * 32 * 64 / 0.06 / 1e6  # the epochs of the whole budget without validation
     assert 0.85 * full < epochs < full
     want = dropout_for(700_000, 1_000_000, min(epochs, epochs_cap or math.inf))
@@ -380,9 +381,18 @@ def test_budget_fit_chooses_the_dropout_once(budget_s, epochs_cap):
     assert cfg.dropout == 0.123  # once fitted, never again
 
 
-def test_minutes_run_fits_its_dropout_and_schedule(tmp_path):
-    """End to end: a --minutes run that left --dropout open says what it chose and stores it, so
-    the checkpoint (and a resumed run) keeps the fitted rate and schedule."""
+def _fake_rule(params, chars, epochs):
+    """A stand-in for dropout_for: 0 for choose_size's provisional 10 epochs, 0.3 once fitted."""
+    return 0.0 if epochs == 10.0 else 0.3
+
+
+def test_minutes_run_fits_its_dropout_and_schedule(tmp_path, monkeypatch):
+    """End to end: a --minutes run that left --dropout open starts without dropout (the stand-in
+    rule's provisional 0), turns it on when it fits it, says so, and stores it: the checkpoint's
+    model and config both carry the fitted rate and the flag is cleared."""
+    import charrnn.train
+
+    monkeypatch.setattr(charrnn.train, "dropout_for", _fake_rule)
     p = tmp_path / "markov.txt"
     with open(os.path.join(ROOT, "corpora", "markov.txt"), encoding="utf-8") as f:
         p.write_text(f.read()[:120_000], encoding="utf-8")  # over 50k characters: dropout is chosen
@@ -391,23 +401,50 @@ def test_minutes_run_fits_its_dropout_and_schedule(tmp_path):
                "--batch", "8", "--seq", "16", "--threads", "1"])
     assert res.exit_code == 0, res.output
     first = res.stderr.splitlines()[0]
-    assert "dropout" in first and "until fitted to the budget" in first
+    assert "dropout 0 (until fitted to the budget)" in first
     fitted = [line for line in res.stderr.splitlines() if line.startswith("dropout ")]
-    assert len(fitted) == 1 and "epochs fit in the budget" in fitted[0]
+    assert len(fitted) == 1 and fitted[0].startswith("dropout 0.3: about ") and "epochs fit in the budget" in fitted[0]
     meta = meta_of(os.path.join(out, "last.npz"))
-    train = meta["train"]
-    assert not train["dropout_fit"] and train["schedule"] == "wsd"
-    assert fitted[0].startswith(f"dropout {train['dropout']:g}:")
-    assert meta["dropout"] == train["dropout"]
+    assert meta["train"]["dropout"] == meta["dropout"] == 0.3
+    assert not meta["train"]["dropout_fit"] and meta["train"]["schedule"] == "wsd"
+
+
+def test_resume_with_steps_fits_a_dropout_left_open(corpus, tmp_path, monkeypatch):
+    """A --minutes run stopped before its dropout fit and resumed with --steps fits it from the
+    steps, before its first step, and keeps it from then on."""
+    import charrnn.train
+
+    monkeypatch.setattr(charrnn.train, "dropout_for", _fake_rule)
+    real_choose = charrnn.train.choose_size
+    # what a --minutes run saves before its fit: the provisional rate, still to be fitted
+    monkeypatch.setattr(charrnn.train, "choose_size",
+                        lambda cfg, n: replace(real_choose(cfg, n), dropout=0.0, dropout_fit=True))
+    out = str(tmp_path / "run")
+    with monkeypatch.context() as m:
+        m.setattr(charrnn.train.Trainer, "_fit_dropout", lambda self, rep, total: None)  # stopped before it
+        assert run(["train", corpus, "--out", out, "--steps", "3", *SMALL]).exit_code == 0
+    assert meta_of(os.path.join(out, "last.npz"))["train"]["dropout_fit"]
+    res = run(["train", "--resume", out, "--steps", "6"])
+    assert res.exit_code == 0, res.output
+    assert "dropout 0.3: about " in res.stderr
+    meta = meta_of(os.path.join(out, "last.npz"))
+    assert meta["train"]["dropout"] == meta["dropout"] == 0.3 and not meta["train"]["dropout_fit"]
 
 
 def test_planned_epochs():
     from charrnn.config import TrainConfig
-    from charrnn.train import DEFAULT_EPOCHS, planned_epochs
+    from charrnn.train import DEFAULT_EPOCHS, chars_in, planned_epochs, seq_len_at
 
-    cfg = replace(TrainConfig(), batch=4, seq=10)
+    cfg = replace(TrainConfig(), batch=4, seq=10, seq_warmup=0)
     assert planned_epochs(cfg, 1000) == DEFAULT_EPOCHS
     assert planned_epochs(replace(cfg, epochs=3.5), 1000) == 3.5
     assert planned_epochs(replace(cfg, steps=50), 1000) == 2.0  # 50 x 4 x 10 characters
     assert planned_epochs(replace(cfg, steps=50, epochs=1.5), 1000) == 1.5  # the first budget to end
     assert planned_epochs(replace(cfg, minutes=1, epochs=1.5), 1000) is None  # known once measured
+    # under the --seq-warmup curriculum the first steps are shorter: counted step by step
+    cur = replace(cfg, seq=64, seq_warmup=100)
+    for steps in (1, 99, 100, 101, 250):
+        assert chars_in(cur, steps) == 4 * sum(seq_len_at(cur, s) for s in range(steps))
+    assert planned_epochs(replace(cur, steps=250), 10_000) == chars_in(cur, 250) / 10_000
+
+
