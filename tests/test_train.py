@@ -288,11 +288,11 @@ def test_budget_fit_is_refined_until_the_decay():
 
 @pytest.mark.parametrize("budget,chars,cell,hidden,dropout,fit", [
     ({"minutes": 5}, 1_000_000, "gru", 256, 0.1, True),  # short budgets: a small, fast GRU that sees more data
-    ({"minutes": 30}, 1_000_000, "lstm", 512, 0.4, True),  # longer ones: an LSTM of 512 units ...
-    ({"minutes": 30}, 400_000, "lstm", 256, 0.35, True),  # ... halved while over 4 parameters per character
+    ({"minutes": 30}, 1_000_000, "lstm", 512, 0.45, True),  # longer ones: an LSTM of 512 units ...
+    ({"minutes": 30}, 400_000, "lstm", 256, 0.4, True),  # ... halved while over 4 parameters per character
     ({"minutes": 30, "epochs": 2}, 1_000_000, "lstm", 512, 0.1, True),  # until fitted: --epochs ends it sooner
     ({}, 1_000_000, "lstm", 256, 0.15, False),  # no budget: 10 epochs
-    ({"epochs": 40}, 1_000_000, "lstm", 256, 0.45, False),  # more epochs, more dropout
+    ({"epochs": 40}, 1_000_000, "lstm", 256, 0.5, False),  # more epochs, more dropout
     ({"steps": 2000}, 1_000_000, "lstm", 256, 0.0, False),  # 4 epochs of batch 32 x seq 64: none
     ({}, 5_000_000, "lstm", 512, 0.1, False),
     ({}, 20_000, "lstm", 64, 0.0, False),  # tiny corpora: halved down to 64 units, no dropout
@@ -327,7 +327,7 @@ def test_dropout_grows_with_epochs_and_parameters_per_character(params, chars, e
 
 
 def test_dropout_passes_through_its_measured_anchors():
-    """The two measured points: 10 epochs of a 2x256 GRU, 15 of a 2x512 LSTM on ~1 MB."""
+    """The two measured points: 10 epochs of a 2x256 GRU, 12-15 of a 2x512 LSTM on ~1 MB."""
     from charrnn.train import DROPOUT_HIGH, DROPOUT_LOW, dropout_for
 
     for x, d in (DROPOUT_LOW, DROPOUT_HIGH):
