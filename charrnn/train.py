@@ -117,7 +117,8 @@ def choose_size(cfg: TrainConfig, n_train_chars: int) -> TrainConfig:
         epochs = planned_epochs(cfg, n)
         fit = epochs is None  # a --minutes run: refit once its speed is measured (Trainer._fit_budget)
         if fit:  # until then: as for the default budget, or for --epochs / --steps if they end it sooner
-            epochs = min(planned_epochs(replace(cfg, minutes=None), n), DEFAULT_EPOCHS)
+            cap = epoch_cap(cfg, n)
+            epochs = DEFAULT_EPOCHS if cap is None else min(cap, DEFAULT_EPOCHS)
         dropout = dropout_for(_approx_params(cfg.cell, cfg.layers, hidden), n, epochs)
     return replace(cfg, hidden=hidden, dropout=dropout, dropout_fit=fit)
 
@@ -127,12 +128,18 @@ def planned_epochs(cfg: TrainConfig, n_train_chars: int) -> float | None:
     budget's 10 without any, or None when a --minutes budget decides (known only once measured)."""
     if cfg.minutes is not None:
         return None
+    cap = epoch_cap(cfg, n_train_chars)
+    return DEFAULT_EPOCHS if cap is None else cap
+
+
+def epoch_cap(cfg: TrainConfig, n_train_chars: int) -> float | None:
+    """The passes over the text after which --epochs or --steps end the run (the sooner), or None."""
     epochs = []
     if cfg.epochs is not None:
         epochs.append(cfg.epochs)
     if cfg.steps is not None:
         epochs.append(chars_in(cfg, cfg.steps) / max(n_train_chars, 1))
-    return min(epochs) if epochs else DEFAULT_EPOCHS
+    return min(epochs) if epochs else None
 
 
 def chars_in(cfg: TrainConfig, steps: int) -> int:
@@ -646,12 +653,11 @@ class Trainer:
         """Choose the dropout of a --minutes run (left open by the user) from the epochs its budget
         allows, once the steps have their full length and the speed is known (choose_size's rate
         ran until now). Set once and kept in the config, so a resumed run keeps it."""
-        cfg, n = self.cfg, max(self.stream.n_tokens, 1)
+        cfg, n = self.cfg, self.stream.n_tokens
         epochs = chars_in(cfg, total_steps) / n
-        if cfg.epochs is not None:
-            epochs = min(epochs, cfg.epochs)
-        if cfg.steps is not None:
-            epochs = min(epochs, chars_in(cfg, cfg.steps) / n)
+        cap = epoch_cap(cfg, n)
+        if cap is not None:
+            epochs = min(epochs, cap)
         cfg.dropout, cfg.dropout_fit = dropout_for(self.model.n_params, n, epochs), False
         self.model.cfg = replace(self.model.cfg, dropout=cfg.dropout)
         rep.message(f"dropout {cfg.dropout:g}: about {epochs:.{0 if epochs >= 10 else 1}f} epochs fit in the budget")

@@ -249,6 +249,18 @@ def test_step_times_separate_fixed_and_per_length_costs():
     assert abs(a + 64 * b - 0.1) < 1e-12
 
 
+def _fit_harness(cfg, **attrs):
+    """A stand-in Trainer at step 30 of a --minutes run, with the real budget-fit methods bound."""
+    from types import SimpleNamespace
+
+    from charrnn.train import Trainer
+
+    tr = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=30), _fitted=False, _fit_open=True, **attrs)
+    for name in ("_steps_in", "_fit_budget", "_fix_auto_schedule", "_make_schedule", "_fit_dropout"):
+        setattr(tr, name, getattr(Trainer, name).__get__(tr))
+    return tr
+
+
 def test_budget_fit_is_refined_until_the_decay():
     """A --minutes run's first fit comes from short curriculum steps; refits from later steps move
     the schedule's end, and stop once the decay has begun."""
@@ -260,10 +272,7 @@ def test_budget_fit_is_refined_until_the_decay():
     from charrnn.train import REFIT_EVERY, StepTimes, Trainer
 
     cfg = replace(TrainConfig(), batch=4, seq=64, seq_warmup=100, warmup=10, schedule="auto")
-    tr = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=30), eval_every=100, _auto_eval=False,
-                         _fitted=False, _fit_open=True)
-    for name in ("_steps_in", "_fit_budget", "_fix_auto_schedule", "_make_schedule"):
-        setattr(tr, name, getattr(Trainer, name).__get__(tr))
+    tr = _fit_harness(cfg, eval_every=100, _auto_eval=False)
     msgs = []
     rep = SimpleNamespace(message=msgs.append)
     times = StepTimes()
@@ -345,15 +354,12 @@ def test_budget_fit_chooses_the_dropout_once(budget_s, epochs_cap):
 
     from charrnn.config import TrainConfig
     from charrnn.model import ModelConfig
-    from charrnn.train import StepTimes, Trainer, chars_in, dropout_for
+    from charrnn.train import StepTimes, chars_in, dropout_for
 
     cfg = replace(TrainConfig(), batch=32, seq=64, seq_warmup=300, warmup=100, schedule="auto", cell="gru",
                   hidden=256, dropout=0.1, dropout_fit=True, minutes=budget_s / 60, epochs=epochs_cap)
     model = SimpleNamespace(n_params=700_000, cfg=ModelConfig(cell="gru", hidden=256, vocab_size=68, dropout=0.1))
-    tr = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=30), eval_every=500, _auto_eval=True, _fitted=False,
-                         _fit_open=True, model=model, stream=SimpleNamespace(n_tokens=1_000_000))
-    for name in ("_steps_in", "_fit_budget", "_fix_auto_schedule", "_make_schedule", "_fit_dropout"):
-        setattr(tr, name, getattr(Trainer, name).__get__(tr))
+    tr = _fit_harness(cfg, eval_every=500, _auto_eval=True, model=model, stream=SimpleNamespace(n_tokens=1_000_000))
     msgs = []
     rep = SimpleNamespace(message=msgs.append)
     times = StepTimes()
