@@ -3,7 +3,7 @@
 A full step of an LSTM (or a GRU with --cell gru): forward, backward, global-norm clipping, Adam
 update, hidden state carried. For each configuration (layers x hidden / batch x steps, V = 68 as
 tiny Shakespeare plus 3 special tokens) each side runs in its own subprocess (so peak RSS is its
-own), interleaved charrnn, torch, charrnn, torch ... and the medians are reported with the ratio,
+own), interleaved charrnn, torch, torch-fused, charrnn, ... and the medians are reported with the ratio,
 effective GFLOP/s and peak RSS. The CPU time other processes used during each timed part is
 measured (from /proc/stat) and a measurement is flagged when the machine was busy, since two
 threads on two cores collapse under any other load.
@@ -82,7 +82,7 @@ def worker(side, name, seconds, threads, cell):
             clip_grad_norm(out["grad"], 5.0)
             opt.step(m.theta, out["grad"], 2e-3)
             h, c = out["h"], out["c"]
-    else:
+    else:  # "torch" (its default, foreach Adam) or "torch-fused" (fused Adam, its fastest)
         import torch
 
         torch.set_num_threads(threads)
@@ -90,7 +90,7 @@ def worker(side, name, seconds, threads, cell):
         rnn = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(V, H, L)
         dec = torch.nn.Linear(H, V)
         params = list(rnn.parameters()) + list(dec.parameters())
-        opt = torch.optim.Adam(params, lr=2e-3)
+        opt = torch.optim.Adam(params, lr=2e-3, fused=side == "torch-fused")
         xt = torch.nn.functional.one_hot(torch.from_numpy(x).long(), V).float()
         yt = torch.from_numpy(y).long().reshape(-1)
         state = (torch.zeros(L, B, H), torch.zeros(L, B, H)) if cell == "lstm" else torch.zeros(L, B, H)
@@ -134,7 +134,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sides", default="charrnn,torch")
+    ap.add_argument("--sides", default="charrnn,torch,torch-fused",
+                    help="torch: PyTorch's default (foreach) Adam; torch-fused: fused=True, its fastest setting")
     ap.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
     ap.add_argument("--worker", nargs=2, metavar=("SIDE", "CONFIG"))
     args = ap.parse_args()
@@ -142,12 +143,12 @@ def main():
         worker(args.worker[0], args.worker[1], args.seconds, args.threads, args.cell)
         return
     sides = args.sides.split(",")
-    if "torch" in sides:
+    if any(s.startswith("torch") for s in sides):
         try:
             import torch  # noqa: F401
         except ImportError:
             print("torch not importable: charrnn only", file=sys.stderr)
-            sides = [s for s in sides if s != "torch"]
+            sides = [s for s in sides if not s.startswith("torch")]
     env_note = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
     print(f"# {args.cell}, env {env_note}, threads {args.threads}, {args.rounds} rounds x {args.seconds}s", flush=True)
     results = {}
@@ -162,21 +163,24 @@ def main():
                     raise SystemExit(f"worker {side} {name} failed")
                 rec = json.loads(out.stdout.strip().splitlines()[-1])
                 flag = "  BUSY" if rec["other_cpu_frac"] > 0.1 else ""
-                print(f"round {r} {name} {side:8s} {rec['chars_per_s']:>10,.0f} chars/s {rec['gflops']:6.1f} GFLOP/s "
+                print(f"round {r} {name} {side:11s} {rec['chars_per_s']:>10,.0f} chars/s {rec['gflops']:6.1f} GFLOP/s "
                       f"rss {rec['peak_rss_mib']:6.0f} MiB  others {rec['other_cpu_frac']:.2f}{flag}", flush=True)
                 results.setdefault((name, side), []).append(rec)
     print()
-    print(f"{'cfg':4s} {'charrnn chars/s':>16s} {'torch chars/s':>14s} {'ratio':>6s} {'GFLOP/s':>8s} {'rss MiB':>8s} {'torch rss':>9s}")
+    print(f"{'cfg':4s} {'charrnn chars/s':>16s} {'torch chars/s':>14s} {'ratio':>6s} {'fused chars/s':>14s} {'ratio':>6s} "
+          f"{'GFLOP/s':>8s} {'rss MiB':>8s} {'torch rss':>9s}")
     for name in args.configs.split(","):
-        c = results.get((name, "charrnn"), [])
-        t = results.get((name, "torch"), [])
-        cm = statistics.median(x["chars_per_s"] for x in c) if c else float("nan")
-        tm = statistics.median(x["chars_per_s"] for x in t) if t else float("nan")
-        g = statistics.median(x["gflops"] for x in c) if c else float("nan")
-        rc = max(x["peak_rss_mib"] for x in c) if c else float("nan")
-        rt = max(x["peak_rss_mib"] for x in t) if t else float("nan")
-        print(f"{name:4s} {cm:16,.0f} {tm:14,.0f} {cm / tm:6.2f} {g:8.1f} {rc:8.0f} {rt:9.0f}")
+        def med(side, key="chars_per_s"):
+            rs = results.get((name, side), [])
+            return statistics.median(x[key] for x in rs) if rs else float("nan")
 
+        def peak(side):
+            rs = results.get((name, side), [])
+            return max(x["peak_rss_mib"] for x in rs) if rs else float("nan")
+
+        cm, tm, fm = med("charrnn"), med("torch"), med("torch-fused")
+        print(f"{name:4s} {cm:16,.0f} {tm:14,.0f} {cm / tm:6.2f} {fm:14,.0f} {cm / fm:6.2f} {med('charrnn', 'gflops'):8.1f} "
+              f"{peak('charrnn'):8.0f} {peak('torch'):9.0f}")
 
 if __name__ == "__main__":
     main()
