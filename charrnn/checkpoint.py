@@ -59,8 +59,10 @@ def write_npz_atomic(path: str, arrays: dict) -> None:
         raise
 
 
-def save(path: str, model: Model, vocab: Vocab, meta: dict, extra: dict | None = None) -> None:
-    """Save a model (float32 on disk as trained), its vocabulary, `meta` and extra arrays."""
+def save(path: str, model: Model, vocab: Vocab, meta: dict, extra: dict | None = None,
+         dropout: float | None = None) -> None:
+    """Save a model (float32 on disk as trained), its vocabulary, `meta` and extra arrays.
+    `dropout`: the rate it was trained with, where a run fitted it (default: the model config's)."""
     cfg = model.cfg
     full = dict(meta)
     full.update(
@@ -71,7 +73,7 @@ def save(path: str, model: Model, vocab: Vocab, meta: dict, extra: dict | None =
         nonlinearity=cfg.nonlinearity,
         layers=cfg.layers,
         hidden=cfg.hidden,
-        dropout=cfg.dropout,
+        dropout=cfg.dropout if dropout is None else dropout,
         vocab=list(vocab.tokens),
     )
     arrays = {"meta": np.array(json.dumps(full, ensure_ascii=False))}

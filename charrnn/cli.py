@@ -75,6 +75,17 @@ def _quiet_option(f):
     return click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")(f)
 
 
+def _compile_notice(quiet: bool, what: str):
+    """A context in which the first compilation of a kernel says so on stderr (first run only)."""
+    from charrnn.kernels.jit import compile_notice
+
+    def say():
+        if not quiet:
+            click.echo(f"charrnn: compiling {what} for this machine (first run only) ...", err=True)
+
+    return compile_notice(say)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="charrnn")
 def cli():
@@ -151,7 +162,8 @@ def train(corpus, out, resume, quiet, **opts):
             raise UsageError(f"--schedule {opts['schedule']} needs --decay-steps (the schedule must not depend on the budget, so runs resume exactly)")
         cfg = TrainConfig(**opts)
         trainer = Trainer.new(corpus, cfg, out, quiet=quiet)
-    result = trainer.run()
+    with _compile_notice(quiet, "the training kernels"):
+        result = trainer.run()
     if not quiet:
         import math
 
@@ -192,40 +204,41 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, no_prime_echo, un
         cfg = ck.model.cfg
         click.echo(f"charrnn: sampling from {path} ({cfg.cell} {cfg.layers}x{cfg.hidden})", err=True)
     th.set_threads(threads)
-    from charrnn.model import core_is_compiled
-
-    if not quiet and not core_is_compiled(ck.model.generation_kernel()):
-        click.echo("charrnn: compiling the sampler for this machine (first run only) ...", err=True)
     opts = SampleOptions(temp=temp, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0,
                          length=length, num=num, prime=prime, unknown=unknown, seed=seed)
     try:
         documents = (ck.meta.get("train") or {}).get("docs") is not None
         chunks = sample_chunks(ck.model, ck.vocab, opts, documents=documents)
-        out = sys.stdout
-        # samples advance in lock step; print them in order, buffering later ones
-        pending = [[] for _ in range(num)]
-        finished = [False] * num
-        current = 0
-        echo = prime if (prime and not no_prime_echo) else ""
-        out.write(echo)
-        out.flush()
-        for b, text, fin in chunks:
-            if b == current:
-                out.write(text)
-            else:
-                pending[b].append(text)
-            finished[b] = finished[b] or fin
-            while current < num and finished[current]:
-                out.write("\n")
-                current += 1
-                if current < num:
-                    out.write(echo + "".join(pending[current]))
-                    pending[current] = []
-            out.flush()
+        with _compile_notice(quiet, "the sampler"):
+            _write_samples(chunks, num, prime if (prime and not no_prime_echo) else "")
     except VocabError as e:
         from charrnn.errors import UsageError
 
         raise UsageError(f"--prime: {e} (use --unknown skip or --unknown unk to go on anyway)") from None
+
+
+def _write_samples(chunks, num: int, echo: str):
+    """Write the samples to stdout as they come: in order, each after the prime `echo`, one per
+    line. Samples advance in lock step, so later ones are buffered until their turn."""
+    out = sys.stdout
+    pending = [[] for _ in range(num)]
+    finished = [False] * num
+    current = 0
+    out.write(echo)
+    out.flush()
+    for b, text, fin in chunks:
+        if b == current:
+            out.write(text)
+        else:
+            pending[b].append(text)
+        finished[b] = finished[b] or fin
+        while current < num and finished[current]:
+            out.write("\n")
+            current += 1
+            if current < num:
+                out.write(echo + "".join(pending[current]))
+                pending[current] = []
+        out.flush()
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -262,7 +275,8 @@ def eval_cmd(files, model_path, as_json, docs, encoding, threads, quiet):
             from tqdm import tqdm
 
             bar = tqdm(total=len(text), unit="char", unit_scale=True, file=sys.stderr, leave=False)
-        score = score_text(ck.model, ck.vocab, text, docs=docs, progress=bar.update if bar else None)
+        with _compile_notice(quiet, "the scorer"):
+            score = score_text(ck.model, ck.vocab, text, docs=docs, progress=bar.update if bar else None)
         if bar:
             bar.close()
         name = "<stdin>" if fname == "-" else fname

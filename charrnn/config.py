@@ -1,13 +1,19 @@
 """Training configuration: one dataclass that feeds Click's defaults, the training loop and the
-checkpoint's meta, so every default is written down once. Cheap to import (no numpy, no numba).
+checkpoint's meta, so every default is written down once; and what a run fitted where the user
+left an option open, kept apart from it. Cheap to import (no numpy, no numba).
+
+A run's TrainConfig is frozen: it records what the user asked for (None where an option was left
+open). What the run chose or fitted (budget.py: the cell and size, the dropout, the schedule, the
+default budget) is a Fitted value, stored beside it in the checkpoint; effective() combines the two
+into the config the loop follows.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # ---- model
     cell: str | None = None  # lstm | gru | rnn; None: lstm, or gru for --minutes 10 or less (measured, README)
@@ -15,7 +21,6 @@ class TrainConfig:
     layers: int = 2  # stacked recurrent layers
     hidden: int | None = None  # units per layer; None: sized from the corpus and the time budget
     dropout: float | None = None  # on each layer's output; None: chosen from the epochs the budget allows
-    dropout_fit: bool = False  # set by choose_size: refit dropout once a --minutes run knows its speed
     forget_bias: float = 1.0  # LSTM forget-gate bias at init (1.0 is the usual choice; PyTorch's 0 trains slower)
     # ---- data
     batch: int = 32  # B parallel streams per step
@@ -50,6 +55,40 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What a run chose or fitted where the user left an option open (budget.py)."""
+
+    cell: str  # the cell: the user's, or chosen for the budget
+    hidden: int  # units per layer: the user's, or sized from the corpus and the budget
+    dropout: float  # the user's, or from the epochs the budget allows
+    dropout_pending: bool = False  # a --minutes run refits the dropout once it knows its speed
+    schedule: str = "auto"  # the user's, or "wsd" once fitted to a --minutes budget ("auto" until then)
+    decay_steps: int | None = None  # the user's, or fitted with the schedule
+    epochs: float | None = None  # the default budget (10 epochs) of a run given none
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fitted":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_effective(cls, cfg: "TrainConfig", pending: bool = False) -> "Fitted":
+        """The fitted values of a checkpoint written before they were kept apart, whose training
+        config held them in place of the user's choices."""
+        return cls(cell=cfg.cell or "lstm", hidden=cfg.hidden or 256, dropout=cfg.dropout or 0.0,
+                   dropout_pending=bool(pending), schedule=cfg.schedule, decay_steps=cfg.decay_steps, epochs=None)
+
+
+def effective(cfg: TrainConfig, fitted: Fitted) -> TrainConfig:
+    """The config a run follows: the user's, with what was left open filled in from `fitted`."""
+    return replace(cfg, cell=fitted.cell, hidden=fitted.hidden, dropout=fitted.dropout, schedule=fitted.schedule,
+                   decay_steps=fitted.decay_steps, epochs=cfg.epochs if cfg.epochs is not None else fitted.epochs)
 
 
 DEFAULTS = TrainConfig()

@@ -1,8 +1,8 @@
 """Sampling from a trained model: priming, temperature / top-k / top-p, several samples as parallel
 streams, and handing text back in chunks so the caller can stream it.
 
-The generation loop itself is compiled (kernels/core.py: _generate); this module decides what to
-feed it and turns token ids back into text. It does no I/O of its own.
+The generation loop itself is compiled (kernels/sample.py, through Model.generate); this module
+decides what to feed it and turns token ids back into text. It does no I/O of its own.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def sample_chunks(model, vocab: Vocab, opts: SampleOptions, documents: bool = Fa
 
 
 def _chunks(model, vocab, opts, prime_ids, documents, target_s):
-    from charrnn.kernels.core import _seed_state
+    from charrnn.kernels.rng import seed_state
 
     tokens = np.concatenate([[START_ID], prime_ids]).astype(np.int32)
     nb = opts.num
@@ -62,7 +62,7 @@ def _chunks(model, vocab, opts, prime_ids, documents, target_s):
     banned[END_ID] = not documents
     done = np.zeros(nb, dtype=np.bool_)
     produced = np.zeros(nb, dtype=np.int64)
-    state = _seed_state(np.uint64(opts.seed if opts.seed is not None else random_seed()))
+    state = seed_state(opts.seed if opts.seed is not None else random_seed())
     table = vocab.tokens
     steps = 16
     while not done.all():

@@ -1,8 +1,9 @@
-"""The model: configuration, the flat parameter buffer with named views, and the Python-facing
-forward/backward, step and generation calls that check their inputs and then call the kernels.
+"""The model: its configuration, the flat parameter buffer with named views, the recurrent state
+of a set of streams, and the calls that run it (a batch forward/backward, scoring a stream, one
+step, priming, the sampling loop), each checking its inputs before handing them to the kernels.
 
-Not here: training policy (train.py), file formats (checkpoint.py), sampling strategy options
-(generate.py). The maths lives in charrnn/kernels/core.py.
+Not here: training policy (train.py, budget.py), file formats (checkpoint.py), sampling strategies
+(generate.py), and anything about how the kernels lay out their work (charrnn/kernels/).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from charrnn import threads
+from charrnn.kernels import bptt, cells, layout, rng, sample, score
 
-CELLS = ("lstm", "gru", "rnn")
+CELLS = tuple(cells.CELLS)
 NONLINEARITIES = ("tanh", "relu")
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 @dataclass(frozen=True)
@@ -39,18 +40,8 @@ class ModelConfig:
             raise ValueError("dropout must be in [0, 1)")
 
     @property
-    def cell_id(self) -> int:
-        from charrnn.kernels import core
-
-        if self.cell == "lstm":
-            return core.LSTM
-        if self.cell == "gru":
-            return core.GRU
-        return core.RNN_RELU if self.nonlinearity == "relu" else core.RNN_TANH
-
-    @property
     def G(self) -> int:
-        return GATES[self.cell]
+        return cells.gates(self.cell)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +61,12 @@ def param_shapes(cfg: ModelConfig) -> "OrderedDict[str, tuple]":
     return shapes
 
 
+def approx_params(cell: str, layers: int, hidden: int, V: int = 100) -> int:
+    """The parameter count of a model with a vocabulary of about V (sizing rules use it before the
+    vocabulary is known)."""
+    return sum(int(np.prod(s)) for s in param_shapes(ModelConfig(cell, layers, hidden, V)).values())
+
+
 class FlatParams:
     """One contiguous buffer with a named view per parameter (so clipping and optimizers are one loop)."""
 
@@ -82,7 +79,7 @@ class FlatParams:
             o += int(np.prod(shape))
         self.size = o
         if data is None:
-            data = np.zeros(o, dtype=dtype)
+            data = layout.empty(o, dtype)
         if data.shape != (o,) or not data.flags.c_contiguous:
             raise ValueError(f"flat buffer must be contiguous of shape ({o},)")
         self.data = data
@@ -90,7 +87,7 @@ class FlatParams:
             (name, data[self.offsets[name] : self.offsets[name] + int(np.prod(s))].reshape(s))
             for name, s in self.shapes.items()
         )
-        # (L+1, 4) table of view starts for the kernels (row L: decoder weight, decoder bias)
+        # (L+1, 4) table of view starts for the kernels (layout.Net; row L: decoder weight, decoder bias)
         L = cfg.layers
         offs = np.zeros((L + 1, 4), dtype=np.int64)
         for k in range(L):
@@ -107,35 +104,48 @@ class FlatParams:
         return self.views.items()
 
 
-def core_is_compiled(kernel: str = "_forward_backward") -> bool:
-    """Whether Numba's on-disk cache already holds `kernel` (the first run on a machine compiles the
-    core, which takes a minute; callers say so on stderr instead of appearing to hang)."""
-    import glob
-    import os
+class State:
+    """The recurrent state of nb streams: h and c (L, nb, H) (c is used by LSTMs only; other cells
+    keep it at zero, for one layout). Model.step and Model.feed update it in place."""
 
-    from charrnn.kernels import core
+    def __init__(self, h: np.ndarray, c: np.ndarray):
+        if h.shape != c.shape or h.ndim != 3 or h.dtype != c.dtype:
+            raise ValueError("h and c must be (L, nb, H) arrays of one dtype")
+        self.h = np.ascontiguousarray(h)
+        self.c = np.ascontiguousarray(c)
 
-    here = os.path.join(os.path.dirname(core.__file__), "__pycache__", f"core.{kernel}-*.nbi")
-    elsewhere = os.path.join(os.environ.get("NUMBA_CACHE_DIR", "") or "/nonexistent", "**", f"core.{kernel}-*.nbi")
-    return bool(glob.glob(here) or glob.glob(elsewhere, recursive=True))
+    @property
+    def streams(self) -> int:
+        return self.h.shape[1]
 
+    def take(self, indices) -> "State":
+        """A new state whose stream i is stream indices[i] of this one (reorder, repeat or drop
+        streams: beam search keeps the parents of the surviving hypotheses)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= self.streams)):
+            raise ValueError(f"stream indices must be a 1-D array of values in [0, {self.streams})")
+        return State(self.h[:, idx], self.c[:, idx])
 
-def _bounds(n: int, parts: int, align: int = 1) -> np.ndarray:
-    """Split range(n) into `parts` contiguous blocks, each (but the last) a multiple of `align`."""
-    parts = max(1, min(parts, n))
-    size = -(-n // parts)
-    size = -(-size // align) * align
-    edges = [min(i * size, n) for i in range(parts)] + [n]
-    # drop empty blocks that alignment may create at the end
-    out = [edges[0]]
-    for e in edges[1:]:
-        if e > out[-1]:
-            out.append(e)
-    return np.array(out, dtype=np.int64)
+    def copy(self) -> "State":
+        return State(self.h.copy(), self.c.copy())
 
 
 class Model:
-    """A character-level recurrent network with its parameters and the work buffers of its kernels."""
+    """A character-level recurrent network: its parameters, and the work buffers of its kernels
+    (made on first use for each shape, reused after; they never hold a copy of the weights, so
+    changing theta in place between calls is always seen)."""
+
+    # Scoring one stream (eval, validation) runs the layers as a pipeline over chunks of this many
+    # steps when there are threads and layers to share, up to this hidden size; above it each step
+    # is big enough to split by units. Measured on 2x128 / 2x256 / 2x384 / 2x512 LSTMs, 2 threads:
+    # the pipeline 2.1x / 1.35x / 0.78x / 0.86x the speed of the split by units; chunks of 64, 128
+    # and 256 steps within noise of each other.
+    PIPE_CHUNK = 256
+    PIPE_MAX_H = 256
+    # Sampling uses threads (splitting each layer's units) from this hidden size on, with at least
+    # 64 units per thread; below it one step is too small to pay for the barriers
+    # (benchmarks/sample_throughput.py).
+    GEN_THREADS_MIN_H = 128
 
     def __init__(self, cfg: ModelConfig, dtype=np.float32, theta=None):
         self.cfg = cfg
@@ -143,9 +153,12 @@ class Model:
         if self.dtype not in (np.float32, np.float64):
             raise ValueError("dtype must be float32 or float64")
         self.params = FlatParams(cfg, self.dtype, theta)
-        self._ws_key = None
-        self._grad = None
-        self._w0t = np.zeros((cfg.vocab_size, cfg.G * cfg.hidden), dtype=self.dtype)
+        self.cell = cells.make(cfg.cell, cfg.nonlinearity)
+        self._net = layout.net(self.params.data, self.params.table, cfg.layers, cfg.hidden, cfg.vocab_size)
+        self._ws = None  # bptt.Workspace of the last batch shape
+        self._pipe = None
+        self._steps = {}  # streams -> sample.Step buffers
+        self._gen = None
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -159,9 +172,9 @@ class Model:
     def init(self, seed: int, forget_bias: float = 0.0) -> "Model":
         """PyTorch's initialisation: every parameter uniform in +-1/sqrt(H); optionally the LSTM
         forget-gate biases (bias_ih's f part) set to `forget_bias`."""
-        rng = np.random.Generator(np.random.PCG64(seed))
+        gen = np.random.Generator(np.random.PCG64(seed))
         bound = 1.0 / np.sqrt(self.cfg.hidden)
-        self.params.data[:] = rng.uniform(-bound, bound, size=self.params.size)
+        self.params.data[:] = gen.uniform(-bound, bound, size=self.params.size)
         if forget_bias and self.cfg.cell == "lstm":
             H = self.cfg.hidden
             for k in range(self.cfg.layers):
@@ -169,59 +182,27 @@ class Model:
                 self.params[f"rnn.bias_hh_l{k}"][H : 2 * H] = 0.0
         return self
 
+    # ------------------------------------------------------------------ state
     def zero_state(self, B: int):
-        L, H = self.cfg.layers, self.cfg.hidden
-        h = np.zeros((L, B, H), dtype=self.dtype)
-        c = np.zeros((L, B, H), dtype=self.dtype)  # used by LSTM only; kept for one layout
-        return h, c
+        """(h, c), each (L, B, H) zeros (c is used by LSTMs only; kept for one layout)."""
+        shape = (self.cfg.layers, B, self.cfg.hidden)
+        return np.zeros(shape, dtype=self.dtype), np.zeros(shape, dtype=self.dtype)
 
-    # ------------------------------------------------------------------ work buffers
-    # Threads share a time loop by blocks of hidden units from this size on (one parallel region
-    # per step, all streams in each product), and by blocks of streams below it (one region for all
-    # steps). Measured with benchmarks/train_throughput.py: see the closing note of the core issue.
-    UNITS_SPLIT_MIN_H = 128
-    MIN_UNITS_PER_THREAD = 32
-
-    def plan(self, T: int, B: int):
-        """How threads share a (T, B) batch: (by_units, unit bounds, stream bounds, row bounds)."""
-        H = self.cfg.hidden
-        n = max(1, min(threads.get_threads(), T * B))
-        by_units = H >= self.UNITS_SPLIT_MIN_H or B == 1
-        if by_units:
-            n = min(n, max(1, H // self.MIN_UNITS_PER_THREAD))
-            if B * H < 256 and self.MIN_UNITS_PER_THREAD >= 32:  # a region per step would cost more than the step
-                n = 1
-            ub = _bounds(H, n, align=16 if H >= 16 * n else 1)
-            n = len(ub) - 1
-            sb = np.array([0, B], dtype=np.int64)
-        else:
-            sb = _bounds(B, n)
-            n = len(sb) - 1
-            ub = np.array([0, H], dtype=np.int64)
-        return by_units, ub, sb, _bounds(T * B, n)
-
-    def _workspace(self, T: int, B: int, backward: bool):
-        from charrnn.kernels import core
-
-        key = (T, B, threads.get_threads(), backward)
-        if self._ws_key != key:
-            cfg = self.cfg
-            by_units, ub, sb, rb = self.plan(T, B)
-            n = len(rb) - 1
-            if by_units:
-                per = core._pws_size(cfg.cell_id, B, cfg.hidden, int(np.max(np.diff(ub))), cfg.vocab_size)
-            else:
-                per = core._pws_size(cfg.cell_id, int(np.max(np.diff(sb))), cfg.hidden, cfg.hidden, cfg.vocab_size)
-            self._ws = np.zeros(int(core._ws_size(cfg.cell_id, cfg.layers, T, B, cfg.hidden, cfg.vocab_size)), dtype=self.dtype)
-            self._pws = np.zeros((n, int(per)), dtype=self.dtype)
-            self._gws = np.zeros((n if backward else 1, self.params.size if backward else 1), dtype=self.dtype)
-            if backward and self._grad is None:
-                self._grad = np.zeros(self.params.size, dtype=self.dtype)
-            self._plan = (by_units, ub, sb, rb)
-            self._ws_key = key
-        return self._ws, self._pws, self._gws, self._plan
+    def new_state(self, streams: int) -> State:
+        """The zero state of `streams` streams, for step and feed."""
+        return State(*self.zero_state(streams))
 
     # ------------------------------------------------------------------ forward / backward
+    def _check_state(self, h, c, B):
+        shape = (self.cfg.layers, B, self.cfg.hidden)
+        for s in (h, c):
+            if not isinstance(s, np.ndarray) or s.shape != shape or s.dtype != self.dtype or not s.flags.c_contiguous:
+                raise ValueError(f"state must be contiguous {self.dtype} arrays of shape {shape}")
+
+    def _check_tokens(self, a, name):
+        if a.size and (a.min() < 0 or a.max() >= self.cfg.vocab_size):
+            raise ValueError(f"{name}: token ids must be in [0, {self.cfg.vocab_size})")
+
     def _check_batch(self, x, y, h, c, masks):
         cfg = self.cfg
         if x.ndim != 2 or x.dtype != np.int32 or not x.flags.c_contiguous:
@@ -231,14 +212,9 @@ class Model:
         T, B = x.shape
         if T < 1 or B < 1:
             raise ValueError("a batch needs T >= 1 and B >= 1")
-        V = cfg.vocab_size
-        for a in (x, y):
-            if a.min() < 0 or a.max() >= V:
-                raise ValueError(f"token ids must be in [0, {V})")
-        shape = (cfg.layers, B, cfg.hidden)
-        for s in (h, c):
-            if s.shape != shape or s.dtype != self.dtype or not s.flags.c_contiguous:
-                raise ValueError(f"state must be contiguous {self.dtype} arrays of shape {shape}")
+        self._check_tokens(x, "x")
+        self._check_tokens(y, "y")
+        self._check_state(h, c, B)
         if masks is not None:
             if masks.shape != (cfg.layers, T, B, cfg.hidden) or masks.dtype != self.dtype or not masks.flags.c_contiguous:
                 raise ValueError("masks must be a contiguous (L, T, B, H) array of the model's dtype")
@@ -250,53 +226,32 @@ class Model:
         arrays), and with backward: grad (flat, same layout as theta; valid until the next call),
         dh0 and dc0 (gradient of the initial state).
         """
-        from charrnn.kernels import core
-
         self._check_batch(x, y, h, c, masks)
-        cfg = self.cfg
-        T, B = x.shape
-        ws, pws, gws, (by_units, ub, sb, rb) = self._workspace(T, B, backward)
-        hT, cT = self.zero_state(B)
-        dh0, dc0 = self.zero_state(B)
-        nll = np.zeros((T, B), dtype=np.float64)
-        # the gradient buffer is reused from call to call (a fresh 20 MB array per step costs page faults)
-        grad = self._grad if backward else np.zeros(1, dtype=self.dtype)
-        if masks is None:
-            masks = np.zeros((0, 1, 1, 1), dtype=self.dtype)
-        core._forward_backward(
-            cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
-            x, y, h, c, masks, hT, cT, nll, grad, dh0, dc0, self._w0t, ws, pws, gws, ub, sb, rb, by_units, backward,
-        )
-        out = {"loss": float(nll.mean()), "nll": nll, "h": hT, "c": cT}
+        bt, self._ws = bptt.forward_backward(self.cell, self.cfg.cell, self._net, x, y, h, c, masks, backward,
+                                             threads.team(), self._ws)
+        out = {"loss": float(bt.nll.mean()), "nll": bt.nll, "h": bt.hT, "c": bt.cT}
         if backward:
-            out.update(grad=grad, dh0=dh0, dc0=dc0)
+            out.update(grad=bt.grad, dh0=bt.dh0, dc0=bt.dc0)
         return out
-
-    # Scoring one stream (eval, validation) runs the layers as a pipeline over chunks of this many
-    # steps when there are threads and layers to share (kernels.core._score_pipe), up to this hidden
-    # size; above it each step is big enough to split by units. Measured on 2x128 / 2x256 / 2x384 /
-    # 2x512 LSTMs, 2 threads: the pipeline 2.1x / 1.35x / 0.78x / 0.86x the speed of the split by
-    # units; chunks of 64, 128 and 256 steps within noise of each other.
-    PIPE_CHUNK = 256
-    PIPE_MAX_H = 256
 
     def score(self, x, y, h, c):
         """-log p(y) (N,) float64 for one stream of token ids x, targets y (N,) from state (h, c)
         (L, 1, H), which are updated in place to the final state. Same numbers as forward_backward
         with B = 1, computed the fastest way for the model's size and the thread count."""
-        from charrnn.kernels import core
-
         cfg = self.cfg
         x = np.ascontiguousarray(x, dtype=np.int32)
         y = np.ascontiguousarray(y, dtype=np.int32)
         N = x.shape[0]
         self._check_batch(x.reshape(N, 1), y.reshape(N, 1), h, c, None)
+        nll = np.zeros(N, dtype=np.float64)
         if cfg.layers >= 2 and threads.get_threads() >= 2 and cfg.hidden <= self.PIPE_MAX_H:
-            nll = np.zeros(N, dtype=np.float64)
-            core._score_pipe(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
-                             self._w0t, x, y, h, c, nll, self.PIPE_CHUNK)
+            key = (self.PIPE_CHUNK, threads.get_threads())
+            if self._pipe is None or self._pipe[0] != key:
+                C = self.PIPE_CHUNK
+                self._pipe = (key, score.pipe(cfg.cell, cfg.G, cfg.layers, cfg.hidden, cfg.vocab_size, C, self.dtype),
+                              layout.new_sync(threads.get_threads()))
+            score.score(self.cell, self._net, x, y, h, c, nll, self._pipe[1], threads.team(), self._pipe[2])
             return nll
-        nll = np.empty(N, dtype=np.float64)
         T = 512
         for p in range(0, N, T):
             q = min(p + T, N)
@@ -306,96 +261,78 @@ class Model:
             c[...] = out["c"]
         return nll
 
-    def warm_up(self):
-        """Compile (or load from Numba's cache) the training kernels on a tiny batch, so that the
-        first real step, and a --minutes budget, do not include compilation."""
+    def warm_up(self, dropout: bool | None = None):
+        """Compile (or load from the cache) the training kernels on a tiny batch, so that the first
+        real step, and a --minutes budget, do not include compilation."""
         x = np.zeros((2, 2), dtype=np.int32)
         h, c = self.zero_state(2)
-        masks = self.dropout_masks(2, 2, 0, 0) if self.cfg.dropout > 0 else None
+        use = self.cfg.dropout > 0 if dropout is None else dropout
+        masks = self.dropout_masks(2, 2, 0, 0, p=0.5) if use else None
         self.forward_backward(x, x, h, c, masks=masks)
-        self._ws_key = None  # the real batches get their own buffers
+        self._ws = None  # the real batches get their own buffers
 
-    def dropout_masks(self, T: int, B: int, seed: int, step: int, out=None):
-        """Inverted-dropout masks (L, T, B, H) for a training step, decided by (seed, step) alone."""
-        from charrnn.kernels import core
-
+    def dropout_masks(self, T: int, B: int, seed: int, step: int, out=None, p: float | None = None):
+        """Inverted-dropout masks (L, T, B, H) for a training step, decided by (seed, step) alone;
+        p, the rate, defaults to the config's."""
         cfg = self.cfg
         shape = (cfg.layers, T, B, cfg.hidden)
         if out is None or out.shape != shape:
-            out = np.empty(shape, dtype=self.dtype)
-        core._dropout_masks(out, np.uint64(seed), np.uint64(step), float(cfg.dropout))
-        return out
+            out = layout.empty(shape, self.dtype)
+        return rng.dropout_masks(out, seed, step, float(cfg.dropout if p is None else p), threads.team())
 
     # ------------------------------------------------------------------ single steps and sampling
-    def _step_workspace(self, nb: int):
-        from charrnn.kernels import core
+    def _step_buffers(self, nb: int) -> sample.Step:
+        st = self._steps.get(nb)
+        if st is None:
+            cfg = self.cfg
+            st = self._steps[nb] = sample.step_buffers(cfg.cell, cfg.G, nb, cfg.hidden, cfg.vocab_size, self.dtype)
+        return st
 
-        cfg = self.cfg
-        key = ("step", nb)
-        if getattr(self, "_step_key", None) != key:
-            n = int(core._ws_size(cfg.cell_id, cfg.layers, 1, nb, cfg.hidden, cfg.vocab_size))
-            self._step_ws = np.zeros(n, dtype=self.dtype)
-            core._fill_w0t(self._w0t, self.theta, self.params.table, cfg.G * cfg.hidden, cfg.vocab_size)
-            self._step_key = key
-        return self._step_ws
-
-    def refresh(self):
-        """Call after changing theta in place between single steps (the transposed layer-0 copy)."""
-        self._step_key = None
+    def step(self, tokens, state: State) -> np.ndarray:
+        """One time step: tokens (nb,), one per stream of `state`, which is updated in place.
+        Returns the logits (nb, V), a new array."""
+        tok = np.ascontiguousarray(tokens, dtype=np.int32)
+        if tok.ndim != 1 or tok.shape[0] != state.streams:
+            raise ValueError(f"tokens must be one id per stream ({state.streams})")
+        self._check_tokens(tok, "tokens")
+        self._check_state(state.h, state.c, state.streams)
+        st = self._step_buffers(tok.shape[0])
+        sample._step(self.cell, self._net, tok, state.h, state.c, st)
+        return st.logits.copy()
 
     def feed(self, tokens, h, c):
-        """Feed a sequence of token ids (N,) to nb=state-width streams in lock step; returns logits of
-        the last step (nb, V). Used to warm the state up with a prime text."""
-        from charrnn.kernels import core
+        """Feed a sequence of token ids (N,) to every stream of the state (h, c) (L, nb, H) in lock
+        step, updating it in place; returns the logits of the last step (nb, V). Used to warm the
+        state up with a prime text."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        nb = h.shape[1] if h.ndim == 3 else 0
+        self._check_tokens(tokens, "tokens")
+        self._check_state(h, c, nb)
+        st = self._step_buffers(nb)
+        sample._feed(self.cell, self._net, tokens, h, c, st, np.empty(nb, dtype=np.int32))
+        return st.logits.copy()
 
-        cfg = self.cfg
-        nb = h.shape[1]
-        ws = self._step_workspace(nb)
-        logits = np.zeros((nb, cfg.vocab_size), dtype=self.dtype)
-        core._feed(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
-                   self._w0t, np.ascontiguousarray(tokens, dtype=np.int32), h, c, logits, ws)
-        return logits
-
-    # Sampling uses threads (splitting each layer's units) from this hidden size on; below it one
-    # step is too small to pay for the barriers (benchmarks/sample_throughput.py).
-    GEN_THREADS_MIN_H = 128
-
-    def _gen_threads(self) -> int:
-        """Threads the generation loop uses: 1 (the serial kernel) or n >= 2 (_generate_spin)."""
+    def generation_threads(self) -> int:
+        """Threads the generation loop uses: 1 (the serial kernel) or n >= 2."""
         n = min(threads.get_threads(), self.cfg.hidden // 64)
         return n if n >= 2 and self.cfg.hidden >= self.GEN_THREADS_MIN_H else 1
 
-    def generation_kernel(self) -> str:
-        """The compiled kernel `generate` runs with the current thread count (for the compile notice)."""
-        return "_generate_spin" if self._gen_threads() >= 2 else "_generate"
-
     def generate(self, tok, h, c, out, temp, top_k, top_p, banned, end_id, done, rng_state):
-        """Run the compiled generation loop for out.shape[0] steps; see kernels.core._generate (one
-        thread) and _generate_spin (threads splitting each layer's units)."""
-        from charrnn.kernels import core
-
+        """Generate out.shape[0] steps for nb streams: tok (nb,) each stream's last token (updated),
+        state h, c (updated), out (n, nb) the tokens drawn (-1 once a stream is done), done (nb,)
+        bool (a stream is done after drawing end_id; -1: never). Returns the steps taken."""
         cfg = self.cfg
         nb = tok.shape[0]
-        ws = self._step_workspace(nb)
-        args = (float(temp), int(top_k), float(top_p), banned, int(end_id), done, rng_state)
-        n = self._gen_threads()
+        self._check_state(h, c, nb)
+        st = self._step_buffers(nb)
+        dr = sample.draw_options(cfg.vocab_size, temp, top_k, top_p, banned, end_id, rng_state)
+        n = self.generation_threads()
         if n < 2:
-            return int(core._generate(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta, self.params.table,
-                                      self._w0t, tok, h, c, out, out.shape[0], *args, ws))
-        key = ("gen", nb, n)
-        if getattr(self, "_gen_key", None) != key:
-            ub = _bounds(cfg.hidden, n, align=16)
-            hp_max = int(np.max(np.diff(ub)))
-            L, H = cfg.layers, cfg.hidden
-            self._gen = dict(
-                ub=ub,
-                pws=np.zeros((len(ub) - 1, int(core._gen_pws_size(cfg.cell_id, L, nb, H, hp_max))), dtype=self.dtype),
-                hs2=np.zeros((L, 2, nb, H), dtype=self.dtype), cs2=np.zeros((L, 2, nb, H), dtype=self.dtype),
-                gates=np.zeros((1, nb, cfg.G * H), dtype=self.dtype), tcs=np.zeros((1, nb, H), dtype=self.dtype),
-                sync=np.zeros((2 + 2 * (len(ub) - 1)) * 8, dtype=np.int64),
-            )
-            self._gen_key = key
-        g = self._gen
-        return int(core._generate_spin(cfg.cell_id, cfg.layers, cfg.hidden, cfg.vocab_size, self.theta,
-                                       self.params.table, self._w0t, tok, h, c, out, out.shape[0], *args, g["pws"],
-                                       g["ub"], g["hs2"], g["cs2"], g["gates"], g["tcs"], g["sync"], ws))
+            return int(sample._generate(self.cell, self._net, tok, h, c, out, done, dr, st))
+        key = (nb, n)
+        if self._gen is None or self._gen[0] != key:
+            ub = bptt.bounds(cfg.hidden, n, align=16)
+            self._gen = (key, sample.gen_buffers(cfg.cell, cfg.G, cfg.layers, nb, cfg.hidden, ub, self.dtype),
+                         layout.new_sync(len(ub) - 1))
+        return sample.generate_threads(self.cell, self._net, tok, h, c, out, done, dr, st, self._gen[1],
+                                       threads.team(), self._gen[2])

@@ -18,7 +18,7 @@ V, H, T, B = 20, 32, 10, 4
 # float64: both sides compute the same sums in a different order; observed errors < 1e-13.
 F64 = dict(nll=1e-10, state=1e-10, grad=1e-10)
 # float32: float32 rounding on both sides (eps 6e-8, accumulated over T steps and L layers) plus the
-# rational tanh/sigmoid approximation in charrnn/kernels/core.py (max abs error ~3e-7); torch uses
+# rational tanh/sigmoid approximation in charrnn/kernels/mathf.py (max abs error ~3e-7); torch uses
 # its own float32 tanh/sigmoid and summation order. Observed: nll and state < 4e-7 absolute,
 # gradients < 1.5e-6 relative to the array's largest |entry|; the tolerances are 5-7x that.
 F32 = dict(nll=2e-6, state=1e-6, grad=1e-5)

@@ -209,184 +209,6 @@ def test_signal_saves_and_resumes(corpus, tmp_path, sig, code):
     assert meta_of(str(out / "last.npz"))["step"] == meta["step"] + 3
 
 
-@pytest.mark.parametrize("seq_warmup,step", [(0, 0), (100, 0), (100, 40), (100, 150)])
-def test_budget_fit_follows_the_seq_curriculum(seq_warmup, step):
-    """A --minutes run fits its schedule from the measured time per character; with --seq-warmup
-    the early steps are shorter, so more of them fit. Checked against counting step by step."""
-    from dataclasses import replace
-    from types import SimpleNamespace
-
-    from charrnn.config import TrainConfig
-    from charrnn.train import Trainer, seq_len_at
-
-    cfg = replace(TrainConfig(), batch=3, seq=64, seq_warmup=seq_warmup)
-    per_char, seconds = 1e-3, 25.0
-    n, t = 0, 0.0
-    while t + per_char * seq_len_at(cfg, step + n) * cfg.batch <= seconds:
-        t += per_char * seq_len_at(cfg, step + n) * cfg.batch
-        n += 1
-    got = Trainer._steps_in(SimpleNamespace(cfg=cfg), seconds, 0.0, per_char * cfg.batch, step)
-    assert abs(got - n) <= 1  # the closed form past the curriculum may round differently
-    if seq_warmup and step < seq_warmup:
-        assert got > seconds / (per_char * cfg.seq * cfg.batch) + 5  # more than full-length steps would give
-
-
-def test_step_times_separate_fixed_and_per_length_costs():
-    """Steps of growing length (as under --seq-warmup) give back the fixed and the per-time-step
-    cost; steps of one length give the exact time per step at that length."""
-    from charrnn.train import StepTimes
-
-    rng = np.random.default_rng(0)
-    st = StepTimes()
-    for T in range(8, 64):
-        st.add(T, (0.02 + 0.001 * T) * rng.uniform(0.97, 1.03))
-    a, b = st.cost()
-    assert abs(a - 0.02) < 0.004 and abs(b - 0.001) < 0.0001
-    st = StepTimes()
-    for _ in range(50):
-        st.add(64, 0.1)
-    a, b = st.cost()
-    assert abs(a + 64 * b - 0.1) < 1e-12
-
-
-def _fit_harness(cfg, **attrs):
-    """A stand-in Trainer at step 30 of a --minutes run, with the real budget-fit methods bound."""
-    from types import SimpleNamespace
-
-    from charrnn.train import Trainer
-
-    tr = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=30), _fitted=False, _fit_open=True, **attrs)
-    for name in ("_steps_in", "_fit_budget", "_fix_auto_schedule", "_make_schedule", "_fit_dropout"):
-        setattr(tr, name, getattr(Trainer, name).__get__(tr))
-    return tr
-
-
-def test_budget_fit_is_refined_until_the_decay():
-    """A --minutes run's first fit comes from short curriculum steps; refits from later steps move
-    the schedule's end, and stop once the decay has begun."""
-    from types import SimpleNamespace
-
-    from charrnn.config import TrainConfig
-    from dataclasses import replace
-
-    from charrnn.train import REFIT_EVERY, StepTimes, Trainer
-
-    cfg = replace(TrainConfig(), batch=4, seq=64, seq_warmup=100, warmup=10, schedule="auto")
-    tr = _fit_harness(cfg, eval_every=100, _auto_eval=False)
-    msgs = []
-    rep = SimpleNamespace(message=msgs.append)
-    times = StepTimes()
-    a, b = 0.05, 0.001  # a step costs 0.05 s plus 1 ms per time step
-    for T in range(9, 14):  # what the first 30 steps look like: short, and all about as long
-        times.add(T, a + b * T)
-    tr._fit_budget(rep, times, 300.0, 290.0, 0.0)
-    first = cfg.decay_steps
-    assert cfg.schedule == "wsd" and tr._fitted and tr._fit_open and len(msgs) == 1
-    for T in range(14, 65):
-        times.add(T, a + b * T)
-    tr.state.step = 30 + REFIT_EVERY
-    tr._fit_budget(rep, times, 300.0, 280.0, 0.0)
-    # per character the short steps looked ~3.4x dearer than full ones, so the refit finds more steps
-    assert cfg.decay_steps > 1.5 * first
-    want = 30 + REFIT_EVERY + Trainer._steps_in(tr, 280.0 * 0.92, a, b, 30 + REFIT_EVERY) - cfg.warmup
-    assert abs(cfg.decay_steps - want) <= 2
-    tr.state.step = cfg.warmup + int(cfg.decay_steps * 0.8)  # the decay begins: no more refits
-    tr._fit_budget(rep, times, 300.0, 10.0, 0.0)
-    assert not tr._fit_open
-
-
-@pytest.mark.parametrize("budget,chars,cell,hidden,dropout,fit", [
-    ({"minutes": 5}, 1_000_000, "gru", 256, 0.1, True),  # short budgets: a small, fast GRU that sees more data
-    ({"minutes": 30}, 1_000_000, "lstm", 512, 0.45, True),  # longer ones: an LSTM of 512 units ...
-    ({"minutes": 30}, 400_000, "lstm", 256, 0.4, True),  # ... halved while over 4 parameters per character
-    ({"minutes": 30, "epochs": 2}, 1_000_000, "lstm", 512, 0.1, True),  # until fitted: --epochs ends it sooner
-    ({}, 1_000_000, "lstm", 256, 0.15, False),  # no budget: 10 epochs
-    ({"epochs": 40}, 1_000_000, "lstm", 256, 0.5, False),  # more epochs, more dropout
-    ({"steps": 2000}, 1_000_000, "lstm", 256, 0.0, False),  # 4 epochs of batch 32 x seq 64: none
-    ({}, 5_000_000, "lstm", 512, 0.1, False),
-    ({}, 20_000, "lstm", 64, 0.0, False),  # tiny corpora: halved down to 64 units, no dropout
-])
-def test_choose_size_follows_the_budget_and_the_corpus(budget, chars, cell, hidden, dropout, fit):
-    """The choices for typical corpora and budgets; the dropout is provisional (`fit`) where a
-    --minutes run refits it once it knows its speed."""
-    from charrnn.config import TrainConfig
-    from charrnn.train import _approx_params, choose_size
-
-    cfg = choose_size(replace(TrainConfig(), **budget), chars)
-    assert (cfg.cell, cfg.hidden, cfg.dropout, cfg.dropout_fit) == (cell, hidden, dropout, fit)
-    assert _approx_params(cfg.cell, cfg.layers, cfg.hidden) <= 4 * chars or cfg.hidden <= 64
-    for fixed_cell in ("lstm", "gru", "rnn"):  # what the user set is kept, and never refitted
-        fixed = choose_size(replace(TrainConfig(), **budget, cell=fixed_cell, hidden=100, dropout=0.3), chars)
-        assert (fixed.cell, fixed.hidden, fixed.dropout, fixed.dropout_fit) == (fixed_cell, 100, 0.3, False)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1_000, 10_000_000), st.integers(50_000, 10_000_000), st.floats(0.01, 1000.0),
-       st.floats(1.01, 10.0))
-def test_dropout_grows_with_epochs_and_parameters_per_character(params, chars, epochs, more):
-    """dropout_for is a rate in [0, 0.5] on a 0.05 grid that never falls when the model sees more
-    epochs or has more parameters, or when the text is shorter."""
-    from charrnn.train import dropout_for
-
-    d = dropout_for(params, chars, epochs)
-    assert 0.0 <= d <= 0.5 and abs(d * 20 - round(d * 20)) < 1e-9
-    assert dropout_for(params, chars, epochs * more) >= d
-    assert dropout_for(int(params * more), chars, epochs) >= d
-    assert dropout_for(params, max(1, int(chars / more)), epochs) >= d
-
-
-def test_dropout_passes_through_its_measured_anchors():
-    """The two measured points: 10 epochs of a 2x256 GRU, 12-15 of a 2x512 LSTM on ~1 MB."""
-    from charrnn.train import DROPOUT_HIGH, DROPOUT_LOW, dropout_for
-
-    for x, d in (DROPOUT_LOW, DROPOUT_HIGH):
-        assert dropout_for(1_000_000, 1_000_000, x) == d
-        assert dropout_for(500_000, 2_000_000, 4 * x) == d
-    assert dropout_for(1_000_000, 1_000_000, DROPOUT_LOW[0] / 10) == 0.0
-    assert dropout_for(1_000_000, 1_000_000, DROPOUT_HIGH[0] * 10) == 0.5
-
-
-@pytest.mark.parametrize("budget_s,epochs_cap", [(300.0, None), (1200.0, None), (1200.0, 3.0)])
-def test_budget_fit_chooses_the_dropout_once(budget_s, epochs_cap):
-    """A --minutes run that left --dropout open refits it from the epochs its budget allows, once
-    the curriculum's steps have their full length, and only once; the model's masks follow it."""
-    from types import SimpleNamespace
-
-    from charrnn.config import TrainConfig
-    from charrnn.model import ModelConfig
-    from charrnn.train import StepTimes, chars_in, dropout_for
-
-    cfg = replace(TrainConfig(), batch=32, seq=64, seq_warmup=300, warmup=100, schedule="auto", cell="gru",
-                  hidden=256, dropout=0.1, dropout_fit=True, minutes=budget_s / 60, epochs=epochs_cap)
-    model = SimpleNamespace(n_params=700_000, cfg=ModelConfig(cell="gru", hidden=256, vocab_size=68, dropout=0.1))
-    tr = _fit_harness(cfg, eval_every=500, _auto_eval=True, model=model, stream=SimpleNamespace(n_tokens=1_000_000))
-    msgs = []
-    rep = SimpleNamespace(message=msgs.append)
-    times = StepTimes()
-    for _ in range(50):
-        times.add(64, 0.06)  # 32 x 64 characters in 0.06 s: ~34k characters per second
-    tr._fit_budget(rep, times, budget_s, budget_s - 1.0, 0.0)  # step 30: still in the curriculum
-    assert cfg.dropout_fit and cfg.dropout == 0.1
-    tr.state.step = 330
-    tr._fit_budget(rep, times, budget_s, budget_s - 10.0, 0.0)
-    assert not cfg.dropout_fit
-    total = cfg.warmup + cfg.decay_steps  # the fitted schedule's end: the steps the budget allows
-    epochs = chars_in(cfg, total) / 1_000_000
-    full = budget_s * 32 * 64 / 0.06 / 1e6  # the epochs of the whole budget without validation
-    assert 0.85 * full < epochs < full
-    want = dropout_for(700_000, 1_000_000, min(epochs, epochs_cap or math.inf))
-    assert cfg.dropout == model.cfg.dropout == want
-    if epochs_cap:  # --epochs ends the run first
-        assert want == dropout_for(700_000, 1_000_000, epochs_cap)
-    elif budget_s > 300:  # a longer budget, more epochs: more dropout than the 5-minute one
-        assert want > dropout_for(700_000, 1_000_000, 10.0)
-    assert any("dropout" in m and "epochs" in m for m in msgs)
-    tr.state.step = 380
-    cfg.dropout = 0.123
-    tr._fit_budget(rep, times, budget_s, budget_s - 20.0, 0.0)
-    assert cfg.dropout == 0.123  # once fitted, never again
-
-
 def _fake_rule(params, chars, epochs):
     """A stand-in for dropout_for: 0 for choose_size's provisional 10 epochs, 0.3 once fitted."""
     return 0.0 if epochs == 10.0 else 0.3
@@ -396,9 +218,9 @@ def test_minutes_run_fits_its_dropout_and_schedule(tmp_path, monkeypatch):
     """End to end: a --minutes run that left --dropout open starts without dropout (the stand-in
     rule's provisional 0), turns it on when it fits it, says so, and stores it: the checkpoint's
     model and config both carry the fitted rate and the flag is cleared."""
-    import charrnn.train
+    import charrnn.budget
 
-    monkeypatch.setattr(charrnn.train, "dropout_for", _fake_rule)
+    monkeypatch.setattr(charrnn.budget, "dropout_for", _fake_rule)
     p = tmp_path / "markov.txt"
     with open(os.path.join(ROOT, "corpora", "markov.txt"), encoding="utf-8") as f:
         p.write_text(f.read()[:120_000], encoding="utf-8")  # over 50k characters: dropout is chosen
@@ -418,16 +240,16 @@ def test_minutes_run_fits_its_dropout_and_schedule(tmp_path, monkeypatch):
 def test_resume_with_steps_fits_a_dropout_left_open(corpus, tmp_path, monkeypatch):
     """A --minutes run stopped before its dropout fit and resumed with --steps fits it from the
     steps, before its first step, and keeps it from then on."""
-    import charrnn.train
+    import charrnn.budget
 
-    monkeypatch.setattr(charrnn.train, "dropout_for", _fake_rule)
-    real_choose = charrnn.train.choose_size
+    monkeypatch.setattr(charrnn.budget, "dropout_for", _fake_rule)
+    real_choose = charrnn.budget.choose_size
     # what a --minutes run saves before its fit: the provisional rate, still to be fitted
-    monkeypatch.setattr(charrnn.train, "choose_size",
-                        lambda cfg, n: replace(real_choose(cfg, n), dropout=0.0, dropout_fit=True))
+    monkeypatch.setattr(charrnn.budget, "choose_size",
+                        lambda cfg, n: replace(real_choose(cfg, n), dropout=0.0, dropout_pending=True))
     out = str(tmp_path / "run")
     with monkeypatch.context() as m:
-        m.setattr(charrnn.train.Trainer, "_fit_dropout", lambda self, rep, total: None)  # stopped before it
+        m.setattr(charrnn.budget, "dropout_at_end", lambda cfg, fitted, *a: (fitted, "not yet"))  # stopped before it
         assert run(["train", corpus, "--out", out, "--steps", "3", *SMALL]).exit_code == 0
     assert meta_of(os.path.join(out, "last.npz"))["train"]["dropout_fit"]
     res = run(["train", "--resume", out, "--steps", "6"])
@@ -437,20 +259,67 @@ def test_resume_with_steps_fits_a_dropout_left_open(corpus, tmp_path, monkeypatc
     assert meta["train"]["dropout"] == meta["dropout"] == 0.3 and not meta["train"]["dropout_fit"]
 
 
-def test_planned_epochs():
-    from charrnn.config import TrainConfig
-    from charrnn.train import DEFAULT_EPOCHS, chars_in, planned_epochs, seq_len_at
+# ----------------------------------------------------------------------------- train_step
+def _step_problem(B=4, seed=0):
+    from charrnn.model import Model, ModelConfig
 
-    cfg = replace(TrainConfig(), batch=4, seq=10, seq_warmup=0)
-    assert planned_epochs(cfg, 1000) == DEFAULT_EPOCHS
-    assert planned_epochs(replace(cfg, epochs=3.5), 1000) == 3.5
-    assert planned_epochs(replace(cfg, steps=50), 1000) == 2.0  # 50 x 4 x 10 characters
-    assert planned_epochs(replace(cfg, steps=50, epochs=1.5), 1000) == 1.5  # the first budget to end
-    assert planned_epochs(replace(cfg, minutes=1, epochs=1.5), 1000) is None  # known once measured
-    # under the --seq-warmup curriculum the first steps are shorter: counted step by step
-    cur = replace(cfg, seq=64, seq_warmup=100)
-    for steps in (1, 99, 100, 101, 250):
-        assert chars_in(cur, steps) == 4 * sum(seq_len_at(cur, s) for s in range(steps))
-    assert planned_epochs(replace(cur, steps=250), 10_000) == chars_in(cur, 250) / 10_000
+    m = Model(ModelConfig(cell="lstm", layers=2, hidden=8, vocab_size=9), dtype=np.float64).init(seed)
+    rng = np.random.default_rng(seed + 1)
+    x = rng.integers(0, 9, size=(6, B)).astype(np.int32)
+    y = rng.integers(0, 9, size=(6, B)).astype(np.int32)
+    h, c = m.zero_state(B)
+    return m, x, y, h, c
 
 
+def test_train_step_is_forward_backward_clip_and_update():
+    from charrnn.optim import clip_grad_norm, make_optimizer
+    from charrnn.train import train_step
+
+    m, x, y, h, c = _step_problem()
+    ref = type(m)(m.cfg, dtype=m.dtype, theta=m.theta.copy())
+    opt, ref_opt = (make_optimizer("adam", m.n_params, m.dtype, 1e-2) for _ in range(2))
+    res = train_step(m, opt, x, y, h, c, None, 1e-2, 0.1, "norm")
+    out = ref.forward_backward(x, y, h, c)
+    norm = clip_grad_norm(out["grad"], 0.1)
+    ref_opt.step(ref.theta, out["grad"], 1e-2)
+    assert res.finite and res.loss == out["loss"] and res.norm == norm and norm > 0.1  # clipping happened
+    np.testing.assert_array_equal(m.theta, ref.theta)
+    np.testing.assert_array_equal(res.h, out["h"])
+
+
+def test_train_step_reduction_hook_combines_workers_like_one_bigger_batch():
+    """The reduction hook is where data-parallel workers meet: two halves of a batch whose
+    gradients are averaged through it give the step of the whole batch."""
+    from charrnn.optim import make_optimizer
+    from charrnn.train import train_step
+
+    m, x, y, h, c = _step_problem(B=6)
+    halves = [type(m)(m.cfg, dtype=m.dtype, theta=m.theta.copy()) for _ in range(2)]
+    whole_opt = make_optimizer("adam", m.n_params, m.dtype, 1e-2)
+    whole = train_step(m, whole_opt, x, y, h, c, None, 1e-2, 5.0, "norm")
+    other = halves[1].forward_backward(np.ascontiguousarray(x[:, 3:]), np.ascontiguousarray(y[:, 3:]),
+                                       np.ascontiguousarray(h[:, 3:]), np.ascontiguousarray(c[:, 3:]))
+
+    def average_with_other_worker(grad, loss):
+        grad += other["grad"]
+        grad *= 0.5
+        return 0.5 * (loss + other["loss"])
+
+    half = train_step(halves[0], make_optimizer("adam", m.n_params, m.dtype, 1e-2), np.ascontiguousarray(x[:, :3]),
+                      np.ascontiguousarray(y[:, :3]), np.ascontiguousarray(h[:, :3]), np.ascontiguousarray(c[:, :3]),
+                      None, 1e-2, 5.0, "norm", reduce=average_with_other_worker)
+    assert abs(half.loss - whole.loss) < 1e-12 and abs(half.norm - whole.norm) < 1e-12
+    np.testing.assert_allclose(halves[0].theta, m.theta, rtol=0, atol=1e-12)
+
+
+def test_train_step_skips_a_non_finite_update():
+    from charrnn.optim import make_optimizer
+    from charrnn.train import train_step
+
+    m, x, y, h, c = _step_problem()
+    m.params["decoder.bias"][0] = np.inf
+    before = m.theta.copy()
+    opt = make_optimizer("adam", m.n_params, m.dtype, 1e-2)
+    res = train_step(m, opt, x, y, h, c, None, 1e-2, 5.0, "norm")
+    assert not res.finite and opt.t == 0
+    np.testing.assert_array_equal(m.theta, before)

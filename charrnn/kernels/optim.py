@@ -16,17 +16,17 @@ Update rules are PyTorch's (torch.optim, single-tensor path), with step count t 
 import math
 
 import numpy as np
-from numba import njit, types
+from numba import types
 from numba.extending import overload
 
-from charrnn.kernels.jit import JIT
+from charrnn.kernels.jit import HELPER, kernel
 
 
 def _like(a, v):  # pragma: no cover - `v` as the element type of array `a` (overload below)
     return v
 
 
-@overload(_like)
+@overload(_like, jit_options=HELPER)
 def _like_ov(a, v):
     # Scalars arrive as float64; casting them once to the buffer's type keeps the float32 loops in
     # float32 (Numba would otherwise promote every float32 op float64 to float64 and stop vectorising).
@@ -35,7 +35,7 @@ def _like_ov(a, v):
     return lambda a, v: np.float64(v)
 
 
-@njit(**JIT)
+@kernel
 def _sumsq(g):
     """Sum of g[i]^2 over the flat buffer g (n,), accumulated in float64. NaN/Inf propagate."""
     s = 0.0
@@ -45,7 +45,7 @@ def _sumsq(g):
     return s
 
 
-@njit(**JIT)
+@kernel
 def _scale(g, s):
     """g (n,) *= s, in place."""
     c = _like(g, s)
@@ -53,7 +53,7 @@ def _scale(g, s):
         g[i] *= c
 
 
-@njit(**JIT)
+@kernel
 def _clip_value(g, c):
     """Clamp each element of g (n,) to [-c, c] in place. NaN stays NaN (as torch.clamp_)."""
     hi = _like(g, c)
@@ -67,7 +67,7 @@ def _clip_value(g, c):
             g[i] = lo
 
 
-@njit(**JIT)
+@kernel
 def _adam(theta, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
     """One Adam step on theta (n,) with gradient g (n,) and moments m, v (n,), all updated in place.
 
@@ -102,7 +102,7 @@ def _adam(theta, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
             theta[i] -= step * mi / (math.sqrt(vi) / bc2 + e)
 
 
-@njit(**JIT)
+@kernel
 def _rmsprop(theta, g, sq, lr, alpha, eps):
     """One RMSprop step (no momentum, not centred) on theta (n,), g (n,), running mean square sq (n,)."""
     a = _like(theta, alpha)
@@ -116,7 +116,7 @@ def _rmsprop(theta, g, sq, lr, alpha, eps):
         theta[i] -= r * gi / (math.sqrt(s) + e)
 
 
-@njit(**JIT)
+@kernel
 def _sgd(theta, g, buf, lr, momentum, t):
     """One SGD step on theta (n,) with gradient g (n,); momentum buffer buf (n,), unused (may be
     empty) when momentum == 0. t >= 1 is the step count including this step."""

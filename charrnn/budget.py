@@ -1,0 +1,256 @@
+"""Sizing and budget policy, as pure functions: what a run chooses when the user left an option
+open, and how a --minutes run fits itself to its time.
+
+- choose_size: the cell, the hidden size and the dropout, from the corpus and the budget.
+- dropout_for: dropout from the epochs the budget allows and the parameters per character.
+- StepTimes, steps_in, refit: a --minutes run measures its steps and fits its learning-rate
+  schedule, its dropout and its validation interval to the time it has.
+
+Everything here takes the configuration as given (charrnn/config.py's TrainConfig) and returns
+Fitted values; nothing here changes a config, touches a model or prints. The measurements behind
+each constant are cited beside it (benchmarks/results, README).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from charrnn.config import Fitted, TrainConfig
+from charrnn.model import approx_params
+from charrnn.optim import WSD_DECAY_FRAC
+
+SHORT_BUDGET_MINUTES = 10  # --minutes up to this: a 2x256 GRU by default (choose_size)
+DEFAULT_EPOCHS = 10.0  # the budget of a run given none
+# (epochs x parameters per character, dropout): the measured anchors of dropout_for
+DROPOUT_LOW = (6.6, 0.1)  # 2x256 GRU, 5 minutes (10 epochs): 0.1 beat 0.05 and 0.15
+# 2x512 LSTM, 30 minutes (12-15 epochs, x = 42-51): 0.5 gave 1.446 and 1.449, 0.45 1.465; 2x384, 26 epochs: 0.4 beat 0.25
+DROPOUT_HIGH = (40.0, 0.5)
+NO_DROPOUT_BELOW = 50_000  # training characters: tiny corpora, a run is over long before it could overfit
+MIN_SEQ = 8  # first BPTT length of the --seq-warmup curriculum
+AUTO_MEASURE_STEPS = 30  # steps timed before a --minutes run fits its schedule and validation interval
+REFIT_EVERY = 50  # steps between refits of that fit, until the schedule's decay begins
+
+
+# ---------------------------------------------------------------------------------- model sizing
+def choose_size(cfg: TrainConfig, n_train_chars: int) -> Fitted:
+    """The cell, hidden size and dropout of a new run, where the user left them open.
+
+    The rule comes from measurements on tiny Shakespeare (benchmarks/quality_curve.py, README):
+    a model should have about as many parameters as the text has characters or fewer, and with a
+    short time budget a smaller model that sees more data wins. In a short budget a GRU wins: in
+    5 minutes 2x256 reached 1.459 / 1.467 nats/char (two seeds) against 1.482-1.487 for the LSTM
+    (three runs). It has 3 gates to the LSTM's 4, so it runs ~25% faster, and it learns faster
+    from the start (1.61 against 1.82 after the first minute); in 10 minutes it still wins, 1.467
+    against 1.501. In 30 minutes the 2x512 LSTM (dropout 0.5) wins: 1.479 against the GRU's 1.511
+    after 17-18 minutes.
+
+    Dropout comes from dropout_for: from the epochs of --epochs or --steps (10 without a budget),
+    or, for --minutes, provisionally from 10 epochs until the run has measured its speed and
+    refits it (Fitted.dropout_pending, refit).
+    """
+    short = cfg.minutes is not None and cfg.minutes <= SHORT_BUDGET_MINUTES
+    cell = cfg.cell or ("gru" if short else "lstm")
+    hidden = cfg.hidden
+    n = max(n_train_chars, 1)
+    if hidden is None:
+        if short:
+            hidden, cap = 256, 2
+        elif cfg.minutes is not None or n_train_chars >= 2_000_000:
+            # longer budgets: 512 units, up to 4 parameters per character. In 30 minutes on tiny
+            # Shakespeare: 1.449 nats/char with dropout 0.5 (what dropout_for gives for its 15
+            # epochs), against 1.476 for 2x384 with 0.4, which saw 26 epochs and overfit from minute 12
+            hidden, cap = 512, 4
+        else:
+            hidden, cap = 256, 2
+        # never far more parameters than characters on small corpora
+        while hidden > 64 and approx_params(cell, cfg.layers, hidden) > cap * n:
+            hidden //= 2
+    pending = False
+    dropout = cfg.dropout
+    if dropout is None and n_train_chars < NO_DROPOUT_BELOW:
+        dropout = 0.0
+    elif dropout is None:
+        epochs = planned_epochs(cfg, n)
+        pending = epochs is None  # a --minutes run: refit once its speed is measured (refit)
+        if pending:  # until then: as for the default budget, or for --epochs / --steps if they end it sooner
+            cap = epoch_cap(cfg, n)
+            epochs = DEFAULT_EPOCHS if cap is None else min(cap, DEFAULT_EPOCHS)
+        dropout = dropout_for(approx_params(cell, cfg.layers, hidden), n, epochs)
+    has_budget = cfg.steps is not None or cfg.epochs is not None or cfg.minutes is not None
+    return Fitted(cell=cell, hidden=hidden, dropout=dropout, dropout_pending=pending, schedule=cfg.schedule,
+                  decay_steps=cfg.decay_steps, epochs=None if has_budget else DEFAULT_EPOCHS)
+
+
+def planned_epochs(cfg: TrainConfig, n_train_chars: int) -> float | None:
+    """The passes over the text that --epochs or --steps allow (the smaller, if both), the default
+    budget's 10 without any, or None when a --minutes budget decides (known only once measured)."""
+    if cfg.minutes is not None:
+        return None
+    cap = epoch_cap(cfg, n_train_chars)
+    return DEFAULT_EPOCHS if cap is None else cap
+
+
+def epoch_cap(cfg: TrainConfig, n_train_chars: int) -> float | None:
+    """The passes over the text after which --epochs or --steps end the run (the sooner), or None."""
+    epochs = []
+    if cfg.epochs is not None:
+        epochs.append(cfg.epochs)
+    if cfg.steps is not None:
+        epochs.append(chars_in(cfg, cfg.steps) / max(n_train_chars, 1))
+    return min(epochs) if epochs else None
+
+
+def seq_len_at(cfg: TrainConfig, step: int) -> int:
+    """The BPTT length used at `step` (the curriculum grows it linearly over seq_warmup steps)."""
+    if cfg.seq_warmup <= 0 or step >= cfg.seq_warmup:
+        return cfg.seq
+    lo = min(MIN_SEQ, cfg.seq)
+    return int(lo + (cfg.seq - lo) * step / cfg.seq_warmup)
+
+
+def chars_in(cfg: TrainConfig, steps: int) -> int:
+    """Characters read by steps 0 .. steps-1 (the --seq-warmup curriculum, then --seq), all streams."""
+    warm = min(steps, max(cfg.seq_warmup, 0))
+    return (sum(seq_len_at(cfg, s) for s in range(warm)) + (steps - warm) * cfg.seq) * cfg.batch
+
+
+def dropout_for(params: int, n_train_chars: int, epochs: float) -> float:
+    """Dropout for a model of `params` parameters that sees `epochs` passes over a text of
+    `n_train_chars`: it grows with the logarithm of epochs x parameters per character, the exposure
+    that decides how far the model can memorise its text. Through two measured points on tiny
+    Shakespeare (benchmarks/results, README): DROPOUT_LOW, a 2x256 GRU seeing 10 epochs in 5
+    minutes; DROPOUT_HIGH, a 2x512 LSTM seeing 12-15 epochs in 30 minutes. Rounded to 0.05; 0 to 0.5.
+    """
+    x = max(epochs, 1e-9) * params / max(n_train_chars, 1)
+    (x0, d0), (x1, d1) = DROPOUT_LOW, DROPOUT_HIGH
+    d = d0 + (d1 - d0) * math.log(x / x0) / math.log(x1 / x0)
+    return round(min(max(d, 0.0), 0.5) * 20) / 20
+
+
+# ---------------------------------------------------------------------------------- time budgets
+class StepTimes:
+    """Recent training steps' durations, to fit a --minutes run to its budget.
+
+    A step of BPTT length T takes about a + b*T seconds: `a` is what every step costs whatever its
+    length (the optimizer update, packing the recurrent weights, the loop), b the cost per time
+    step. Under --seq-warmup the first steps are short, so a time per character measured on them
+    alone counts `a` as if it grew with T and predicts far too few steps (measured: 2,535 predicted,
+    4,273 run in a 5-minute run). With lengths spread enough, a and b come from least squares;
+    otherwise (all steps of one length) the time per character is exact for that length.
+    """
+
+    WINDOW = 200
+
+    def __init__(self):
+        self._times = deque(maxlen=self.WINDOW)
+
+    def add(self, T: int, seconds: float):
+        self._times.append((T, seconds))
+
+    def cost(self) -> tuple[float, float]:
+        """(a, b): seconds per step of length T ~ a + b*T."""
+        T = np.array([t for t, _ in self._times], dtype=np.float64)
+        d = np.array([s for _, s in self._times], dtype=np.float64)
+        if len(T) >= 10 and T.max() - T.min() >= 8:
+            b, a = np.polyfit(T, d, 1)
+            if a >= 0 and b > 0:
+                return float(a), float(b)
+        return 0.0, float(d.sum() / max(T.sum(), 1.0))
+
+
+def steps_in(cfg: TrainConfig, seconds: float, a: float, b: float, step: int) -> int:
+    """How many steps from `step` on fit in `seconds` at a + b*T seconds per step of length T,
+    following the --seq-warmup curriculum."""
+    n, t = 0, 0.0
+    while step + n < cfg.seq_warmup:
+        dt = a + b * seq_len_at(cfg, step + n)
+        if t + dt > seconds:
+            return max(1, n)
+        t += dt
+        n += 1
+    n += int((seconds - t) / (a + b * cfg.seq))
+    return max(1, n)
+
+
+def wsd_schedule(cfg: TrainConfig, fitted: Fitted, step: int, steps_left: float) -> Fitted:
+    """The "auto" schedule fitted to a time budget: "wsd" (constant, then a linear decay over the
+    last 20%) ending when the budget should end. Measured on tiny Shakespeare in 5 minutes: a
+    cosine over the whole budget lost to a constant rate (1.667 vs 1.599 nats/char): the model is
+    far from converged and every early step at a lower rate is lost progress."""
+    total = step + max(1, int(steps_left))
+    return replace(fitted, schedule="wsd", decay_steps=max(1, total - cfg.warmup))
+
+
+def fitted_dropout(fitted: Fitted, params: int, n_train_chars: int, epochs: float) -> tuple[Fitted, str]:
+    """A --minutes run's dropout, chosen once from the epochs its budget allows; and what to say."""
+    d = dropout_for(params, n_train_chars, epochs)
+    return (replace(fitted, dropout=d, dropout_pending=False),
+            f"dropout {d:g}: about {epochs:.{0 if epochs >= 10 else 1}f} epochs fit in the budget")
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Where a --minutes run's fit stands: the fitted values, the validation interval, whether it
+    is still being refined, and whether this process has fitted the schedule."""
+
+    fitted: Fitted
+    eval_every: int
+    open: bool
+    schedule_fitted: bool
+
+
+def refit(cfg: TrainConfig, fit: Fit, step: int, times: StepTimes, budget_s: float, left_s: float,
+          eval_cost: float, auto_eval: bool, params: int, n_train_chars: int) -> tuple[Fit, list[str]]:
+    """Fit a --minutes run to its budget from the steps timed so far: the validation interval
+    (when --eval-every was left open), the "auto" schedule and a dropout left open. Called after
+    AUTO_MEASURE_STEPS steps, then every REFIT_EVERY steps until the fitted schedule's decay begins
+    (the rate is constant until then, so refits change nothing already done): the first estimate
+    comes from short steps, later ones from steps of the full length. `cfg` is the run's effective
+    config. Returns the new state of the fit and the lines to report."""
+    fitted, eval_every, still_open, sched = fit.fitted, fit.eval_every, fit.open, fit.schedule_fitted
+    messages = []
+    a, b = times.cost()
+    per_step = a + b * cfg.seq
+    if auto_eval and step < cfg.seq_warmup + REFIT_EVERY:
+        # validate about every max(1 min, budget/8); validation's cost counts against the budget.
+        # Set once the steps have their full length, so validations stay evenly spaced
+        eval_every = max(50, int(max(60.0, budget_s / 8) / per_step) // 50 * 50)
+    if eval_cost > 0:
+        n = steps_in(cfg, left_s, a, b, step)
+        left_s -= (n / eval_every + 1) * eval_cost
+    else:
+        left_s *= 0.92  # no validation measured yet
+    steps_left = steps_in(cfg, max(0.0, left_s), a, b, step)
+    if fitted.schedule == "auto" or sched:
+        first = not sched
+        fitted, sched = wsd_schedule(cfg, fitted, step, steps_left), True
+        decay_from = cfg.warmup + int(fitted.decay_steps * (1.0 - WSD_DECAY_FRAC))
+        if first:
+            messages.append(f"schedule: {cfg.lr:g} until about step {decay_from}, then a linear decay to step "
+                            f"{cfg.warmup + fitted.decay_steps} (fitted to the time budget; refined until the decay begins)")
+        if step + REFIT_EVERY >= decay_from:
+            still_open = False
+            if not first:
+                messages.append(f"schedule: decaying from step {decay_from} to {cfg.warmup + fitted.decay_steps}")
+    elif step >= cfg.seq_warmup + 2 * REFIT_EVERY:
+        still_open = False  # the validation interval, once steps have their full length
+    # once the steps have their full length, or now if the run ends (or the fit closes) before
+    if fitted.dropout_pending and (step >= cfg.seq_warmup or not still_open
+                                   or step + steps_left < cfg.seq_warmup + REFIT_EVERY):
+        fitted, line = dropout_at_end(cfg, fitted, step + steps_left, params, n_train_chars)
+        messages.append(line)
+    return Fit(fitted, eval_every, still_open, sched), messages
+
+
+def dropout_at_end(cfg: TrainConfig, fitted: Fitted, total_steps: int, params: int, n_train_chars: int):
+    """The dropout of a run that will end after `total_steps` (and no later than --epochs or
+    --steps allow): (fitted, the line to report)."""
+    epochs = chars_in(cfg, total_steps) / n_train_chars
+    cap = epoch_cap(cfg, n_train_chars)
+    if cap is not None:
+        epochs = min(epochs, cap)
+    return fitted_dropout(fitted, params, n_train_chars, epochs)

@@ -1,0 +1,383 @@
+"""Training: the forward pass and backprop-through-time of a (T, B) batch through the whole network
+(layers, dropout, decoder, softmax cross-entropy), and the gradient of the mean loss.
+
+Speed structure. The input products of all T steps are one matrix product per layer; inside the
+time loop only h @ W_hh^T remains, over W_hh packed once per batch (gemm.py), followed by the
+cell's fused gate loop (cells/). The weight gradients are one product over all T*B positions
+after the loop. Threads share the time loop by blocks of units (large H: every thread takes all B
+streams, so its products keep all B rows; one barrier per step) or by blocks of streams (small H:
+no barrier inside the loop), and everything outside it by rows of the T*B positions. Each thread
+writes its own share of the gradient, and the shares are summed in a fixed order, so a fixed
+thread count gives identical results.
+
+One call of _forward_backward runs one thread's part from start to end (charrnn/threads.py starts
+all of them); the threads meet at the barriers below. Nothing here allocates.
+"""
+
+import math
+
+import numpy as np
+
+from charrnn.kernels import cells
+from charrnn.kernels.gemm import pack_bwd, pack_cols, pack_fwd, pack_rows, times_w, times_wt
+from charrnn.kernels.jit import helper, kernel
+from charrnn.kernels import layout
+from charrnn.kernels.layout import LayerGrad, decoder_weights, layer, layer_weights, thread_rows
+from charrnn.kernels.mathf import cast, colsum, copy, rows
+from charrnn.kernels.sync import barrier
+
+
+# ----------------------------------------------------------------------------- a thread's block
+@helper
+def block(plan, p, B, H):
+    """Thread p's block of the time loop: (s0, s1, u0, u1), streams s0..s1-1 and units u0..u1-1."""
+    if plan.by_units:
+        return 0, B, plan.ub[p], plan.ub[p + 1]
+    return plan.sb[p], plan.sb[p + 1], 0, H
+
+
+@helper
+def pack_block(scr, p, W_hh, G, H, nb, u0, u1, backward):
+    """Fill the thread's copy of its part of W_hh: packed panels for several streams; for one
+    stream the rows (forward) and columns (backward) as matrices, or nothing when the block is
+    all units (W_hh itself serves)."""
+    Hp = u1 - u0
+    if nb > 1:
+        if backward:
+            pack_bwd(W_hh, u0, u1, scr.wbp[p])
+        else:
+            pack_fwd(W_hh, G, H, u0, u1, scr.wfp[p])
+    elif Hp < H:
+        if backward:
+            pack_cols(W_hh, u0, u1, thread_rows(scr.wb, p, G * H, Hp))
+        else:
+            pack_rows(W_hh, G, H, u0, u1, thread_rows(scr.wf, p, G * Hp, H))
+
+
+@helper
+def fwd_weights(scr, p, W_hh, G, H, nb, u0, u1):
+    """(W, Wp) for times_wt: the block's rows of W_hh as a matrix W, or packed in Wp (not empty)."""
+    Hp = u1 - u0
+    if nb > 1:
+        return W_hh, scr.wfp[p]
+    if Hp < H:
+        return thread_rows(scr.wf, p, G * Hp, H), scr.wfp[p][:0]
+    return W_hh, scr.wfp[p][:0]
+
+
+@helper
+def bwd_weights(scr, p, W_hh, G, H, nb, u0, u1):
+    """(W, Wp) for times_w: the block's columns of W_hh as a matrix W, or packed in Wp."""
+    Hp = u1 - u0
+    if nb > 1:
+        return W_hh, scr.wbp[p]
+    if Hp < H:
+        return thread_rows(scr.wb, p, G * H, Hp), scr.wbp[p][:0]
+    return W_hh, scr.wbp[p][:0]
+
+
+# ----------------------------------------------------------------------------- row pieces
+@helper
+def input_rows(cell, r0, r1, g2, x, w0t, inp2, W_ih, b_ih, b_hh, B):
+    """Rows r0..r1-1 (position t*B + b) of a layer's input products g2 (T*B, G*H), with the
+    cell's folded biases. Layer 0 (inp2 with no rows) gathers rows of w0t by token id instead."""
+    GH = g2.shape[1]
+    if inp2.shape[0] == 0:
+        for r in range(r0, r1):
+            dst, src = g2[r], w0t[x[r // B, r % B]]
+            for j in range(GH):
+                dst[j] = src[j]
+    else:
+        np.dot(rows(inp2, r0, r1), W_ih.T, rows(g2, r0, r1))
+    for r in range(r0, r1):
+        cells.fold_bias(cell, g2[r], b_ih, b_hh)
+
+
+@helper
+def layer_output(acts, k, dropout):
+    """Layer k's output as the layer above (or the decoder) sees it, (T*B, H): after dropout, or hs[1:]."""
+    T, B, H = acts.hs.shape[1] - 1, acts.hs.shape[2], acts.hs.shape[3]
+    if dropout:
+        return acts.xs[k].reshape((T * B, H))
+    return acts.hs[k][1:].reshape((T * B, H))
+
+
+@helper
+def fill_w0t(w0t, W_ih0):
+    """w0t (V, G*H) <- weight_ih_l0^T (G*H, V)."""
+    GH, V = W_ih0.shape
+    for g in range(GH):
+        for v in range(V):
+            w0t[v, g] = W_ih0[g, v]
+
+
+@helper
+def mask_rows(r0, r1, out2, h2, m2):
+    """out = h * mask for rows r0..r1-1 (dropout on a layer's output)."""
+    H = out2.shape[1]
+    for r in range(r0, r1):
+        dst, src, m = out2[r], h2[r], m2[r]
+        for j in range(H):
+            dst[j] = src[j] * m[j]
+
+
+@helper
+def scale_rows(r0, r1, d2, m2):
+    H = d2.shape[1]
+    for r in range(r0, r1):
+        d, m = d2[r], m2[r]
+        for j in range(H):
+            d[j] *= m[j]
+
+
+@helper
+def decoder_rows(r0, r1, top2, Wd, bd, P2, y, nll, B):
+    """Logits, softmax and -log p(y) for rows r0..r1-1; P2 (T*B, V) keeps the probabilities."""
+    V = P2.shape[1]
+    np.dot(rows(top2, r0, r1), Wd.T, rows(P2, r0, r1))
+    for r in range(r0, r1):
+        row = P2[r]
+        m = -np.inf
+        for v in range(V):
+            row[v] += bd[v]
+            m = max(m, row[v])
+        zt = row[y[r // B, r % B]]
+        s = 0.0
+        for v in range(V):
+            e = math.exp(row[v] - m)
+            row[v] = e
+            s += e
+        nll[r // B, r % B] = m + math.log(s) - zt  # log-sum-exp minus the target's logit
+        inv = 1.0 / s
+        for v in range(V):
+            row[v] *= inv
+
+
+@helper
+def decoder_bwd_rows(r0, r1, top2, Wd, P2, y, scale, gWd, gbd, dH2, B):
+    """d logits = (softmax - onehot(y)) * scale in place for rows r0..r1-1, their share of the
+    decoder's gradients (written), and the gradient at the top layer's output (dH2 rows)."""
+    V = P2.shape[1]
+    for r in range(r0, r1):
+        row = P2[r]
+        row[y[r // B, r % B]] -= 1
+        for v in range(V):
+            row[v] *= scale
+    dl = rows(P2, r0, r1)
+    np.dot(dl.T, rows(top2, r0, r1), gWd)
+    colsum(dl, gbd)
+    np.dot(dl, Wd, rows(dH2, r0, r1))
+
+
+@helper
+def layer_grad_rows(r0, r1, dG2, dGr2, hprev2, inp2, x, B, W_ih, gW_ih, gW_hh, gb_ih, gb_hh, dH2, w0g):
+    """Rows r0..r1-1's share of a layer's weight gradients (written, not accumulated), and for
+    layers above 0 the gradient at the layer below's output (dH2 rows). dGr2: the recurrent
+    side's gradient (dG2 itself except for a GRU)."""
+    zero = cast(W_ih[0, 0], 0.0)
+    dG = rows(dG2, r0, r1)
+    dGr = rows(dGr2, r0, r1)
+    np.dot(dGr.T, rows(hprev2, r0, r1), gW_hh)
+    colsum(dGr, gb_hh)
+    colsum(dG, gb_ih)
+    if inp2.shape[0] > 0:
+        np.dot(dG.T, rows(inp2, r0, r1), gW_ih)
+        np.dot(dG, W_ih, rows(dH2, r0, r1))
+    else:
+        # one-hot input: scatter-add rows of dG into rows of (W_ih)^T, then transpose once
+        GH, V = gW_ih.shape
+        w0g[:] = zero
+        for r in range(r0, r1):
+            dst, src = w0g[x[r // B, r % B]], dG2[r]
+            for j in range(GH):
+                dst[j] += src[j]
+        for g in range(GH):
+            for v in range(V):
+                gW_ih[g, v] = w0g[v, g]
+
+
+# ----------------------------------------------------------------------------- one thread's part
+@kernel
+def _forward_backward(p, cell, net, bt, acts, scr, plan, backward):
+    """Thread p's part of the forward pass (and, if `backward`, backprop-through-time) of the batch
+    bt (layout.Batch): writes bt.hT, cT, nll and, with backward, grad, dh0, dc0."""
+    T, B = bt.x.shape
+    L, H = net.L, net.H
+    G = cell.G
+    GH = G * H
+    n, sync = plan.n, plan.sync
+    dropout = bt.masks.shape[0] > 0
+    s0, s1, u0, u1 = block(plan, p, B, H)
+    r0, r1 = plan.rb[p], plan.rb[p + 1]
+    nb, Hp = s1 - s0, u1 - u0
+    hp = thread_rows(scr.hp, p, nb, G * Hp)
+    ep = 1
+    if p == 0:
+        fill_w0t(acts.w0t, layer_weights(net.theta, net, 0, G)[0])
+    ep = barrier(sync, p, n, ep)
+    for k in range(L):
+        lay = layer(acts, k)
+        W_ih, W_hh, b_ih, b_hh = layer_weights(net.theta, net, k, G)
+        inp2 = layer_output(acts, k - 1, dropout) if k > 0 else acts.dH[0][:0]
+        # 1. input products of all T steps (this thread's rows); this thread's part of W_hh packed
+        input_rows(cell, r0, r1, lay.gates.reshape((T * B, GH)), bt.x, acts.w0t, inp2, W_ih, b_ih, b_hh, B)
+        pack_block(scr, p, W_hh, G, H, nb, u0, u1, False)
+        if p == 0:
+            cells.load_state(cell, lay, bt.h0[k], bt.c0[k], 0, B)
+        ep = barrier(sync, p, n, ep)
+        # 2. the recurrence: the only product inside the time loop, then the cell's gates
+        Wf, Wfp = fwd_weights(scr, p, W_hh, G, H, nb, u0, u1)
+        if plan.by_units:
+            for t in range(T):
+                times_wt(lay.hs[t], 0, B, Wf, Wfp, hp)
+                cells.forward(cell, lay, t, 0, B, u0, u1, hp, b_hh)
+                ep = barrier(sync, p, n, ep)
+        else:
+            for t in range(T):
+                times_wt(lay.hs[t], s0, s1, Wf, Wfp, hp)
+                cells.forward(cell, lay, t, s0, s1, 0, H, hp, b_hh)
+            ep = barrier(sync, p, n, ep)
+        if p == 0:
+            cells.save_state(cell, lay, T, bt.hT[k], bt.cT[k], 0, B)
+        # 3. dropout on the output fed upward (the recurrent copy in hs stays unmasked)
+        if dropout:
+            mask_rows(r0, r1, acts.xs[k].reshape((T * B, H)), lay.hs[1:].reshape((T * B, H)),
+                      bt.masks[k].reshape((T * B, H)))
+        ep = barrier(sync, p, n, ep)
+    # 4. decoder and softmax cross-entropy
+    Wd, bd = decoder_weights(net.theta, net)
+    top2 = layer_output(acts, L - 1, dropout)
+    decoder_rows(r0, r1, top2, Wd, bd, acts.probs, bt.y, bt.nll, B)
+    if not backward:
+        return
+    gws = scr.gws[p]
+    dH2 = acts.dH.reshape((T * B, H))
+    gWd, gbd = decoder_weights(gws, net)
+    decoder_bwd_rows(r0, r1, top2, Wd, acts.probs, bt.y, 1.0 / (T * B), gWd, gbd, dH2, B)
+    ep = barrier(sync, p, n, ep)
+    grad = LayerGrad(acts.dG, acts.dGh, acts.dH)
+    dGr = cells.recurrent_grad(cell, grad)
+    dh = thread_rows(scr.dh, p, nb, Hp)
+    dc = thread_rows(scr.dc, p, nb, Hp)
+    direct = thread_rows(scr.direct, p, nb, Hp)
+    for k in range(L - 1, -1, -1):
+        lay = layer(acts, k)
+        W_ih, W_hh, b_ih, b_hh = layer_weights(net.theta, net, k, G)
+        # 1. back through dropout (output = h * mask); this thread's part of W_hh packed again
+        #    (the forward's packing of later layers has overwritten it)
+        if dropout:
+            scale_rows(r0, r1, dH2, bt.masks[k].reshape((T * B, H)))
+        pack_block(scr, p, W_hh, G, H, nb, u0, u1, True)
+        ep = barrier(sync, p, n, ep)
+        # 2. backprop through time
+        Wb, Wbp = bwd_weights(scr, p, W_hh, G, H, nb, u0, u1)
+        dh[:] = 0
+        dc[:] = 0
+        if plan.by_units:
+            # step t-1's gate gradients for a block of units need only dGr[t] @ W_hh for those
+            # units, which the same thread computes: one barrier per step
+            cells.backward(cell, lay, grad, T - 1, 0, B, u0, u1, dh, dc, direct)
+            ep = barrier(sync, p, n, ep)
+            for t in range(T - 1, 0, -1):
+                times_w(dGr[t], 0, B, Wb, Wbp, dh)
+                cells.carry(cell, dh, direct)
+                cells.backward(cell, lay, grad, t - 1, 0, B, u0, u1, dh, dc, direct)
+                ep = barrier(sync, p, n, ep)
+            times_w(dGr[0], 0, B, Wb, Wbp, dh)
+            cells.carry(cell, dh, direct)
+        else:
+            for t in range(T - 1, -1, -1):
+                cells.backward(cell, lay, grad, t, s0, s1, 0, H, dh, dc, direct)
+                times_w(dGr[t], s0, s1, Wb, Wbp, dh)
+                cells.carry(cell, dh, direct)
+        cells.save_state_grad(cell, dh, dc, bt.dh0[k], bt.dc0[k], s0, s1, u0, u1)
+        ep = barrier(sync, p, n, ep)
+        # 3. weight gradients (one product each over this thread's rows) and the gradient below
+        gW_ih, gW_hh, gb_ih, gb_hh = layer_weights(gws, net, k, G)
+        hprev2 = lay.hs[:T].reshape((T * B, H))
+        inp2 = layer_output(acts, k - 1, dropout) if k > 0 else acts.dH[0][:0]
+        layer_grad_rows(r0, r1, acts.dG.reshape((T * B, GH)), dGr.reshape((T * B, GH)), hprev2, inp2, bt.x, B,
+                        W_ih, gW_ih, gW_hh, gb_ih, gb_hh, dH2, thread_rows(scr.w0g, p, net.V, GH))
+        ep = barrier(sync, p, n, ep)
+    # 5. the gradient: the threads' shares summed in a fixed order, each thread a slice
+    P = bt.grad.shape[0]
+    per = (P + n - 1) // n
+    i0, i1 = min(P, p * per), min(P, (p + 1) * per)
+    out = bt.grad[i0:i1]
+    copy(out, scr.gws[0][i0:i1])
+    for q in range(1, n):
+        src = scr.gws[q][i0:i1]
+        for i in range(i1 - i0):
+            out[i] += src[i]
+
+
+# ----------------------------------------------------------------------------- Python side
+# Threads share a time loop by blocks of hidden units from this size on (a barrier per step, all
+# streams in each product), and by blocks of streams below it (no barrier in the loop). Measured
+# with benchmarks/train_throughput.py: see the closing note of the core issue.
+UNITS_SPLIT_MIN_H = 128
+MIN_UNITS_PER_THREAD = 32
+
+
+def bounds(n: int, parts: int, align: int = 1) -> np.ndarray:
+    """Split range(n) into at most `parts` contiguous non-empty blocks, each (but the last) a
+    multiple of `align` long."""
+    parts = max(1, min(parts, n))
+    size = -(-n // parts)
+    size = -(-size // align) * align
+    edges = [min(i * size, n) for i in range(parts)] + [n]
+    out = [edges[0]]
+    for e in edges[1:]:
+        if e > out[-1]:
+            out.append(e)
+    return np.array(out, dtype=np.int64)
+
+
+def plan(T: int, B: int, H: int, threads: int) -> layout.Plan:
+    """How `threads` threads share a (T, B) batch of a model with H units per layer."""
+    n = max(1, min(threads, T * B))
+    by_units = H >= UNITS_SPLIT_MIN_H or B == 1
+    if by_units:
+        n = min(n, max(1, H // MIN_UNITS_PER_THREAD))
+        if B * H < 256 and MIN_UNITS_PER_THREAD >= 32:  # a barrier per step would cost more than the step
+            n = 1
+        ub = bounds(H, n, align=16 if H >= 16 * n else 1)
+        n = len(ub) - 1
+        sb = np.array([0, B], dtype=np.int64)
+    else:
+        sb = bounds(B, n)
+        n = len(sb) - 1
+        ub = np.array([0, H], dtype=np.int64)
+    return layout.Plan(n, by_units, ub, sb, bounds(T * B, n), layout.new_sync(n))
+
+
+class Workspace:
+    """The buffers of forward_backward for batches of one shape, reused from call to call (a fresh
+    20 MB gradient per step costs page faults)."""
+
+    def __init__(self, cell_name, G, net, T, B, threads, backward, dropout, dtype):
+        self.key = (T, B, threads, backward, dropout, np.dtype(dtype))
+        self.plan = plan(T, B, net.H, threads)
+        self.acts = layout.acts(cell_name, G, net.L, T, B, net.H, net.V, dropout, dtype)
+        self.scratch = layout.scratch(self.plan, G, B, net.H, net.V, net.theta.shape[0], backward, dtype)
+        self.grad = layout.empty(net.theta.shape[0] if backward else 1, dtype)
+
+
+def forward_backward(cell, cell_name, net, x, y, h0, c0, masks, backward, team, ws=None):
+    """Forward (and backward) of a (T, B) batch; the caller has checked shapes and dtypes.
+    Returns (batch, workspace): batch.nll, hT, cT and, with backward, grad (the workspace's own
+    buffer, valid until the next call with it), dh0, dc0."""
+    T, B = x.shape
+    dtype = net.theta.dtype
+    dropout = masks is not None
+    key = (T, B, team.size, backward, dropout, np.dtype(dtype))
+    if ws is None or ws.key != key:
+        ws = Workspace(cell_name, cell.G, net, T, B, team.size, backward, dropout, dtype)
+    shape = h0.shape
+    bt = layout.Batch(
+        x=x, y=y, h0=h0, c0=c0, masks=masks if dropout else np.zeros((0, 1, 1, 1), dtype=dtype),
+        hT=np.zeros(shape, dtype), cT=np.zeros(shape, dtype), nll=np.zeros((T, B), dtype=np.float64),
+        grad=ws.grad, dh0=np.zeros(shape, dtype), dc0=np.zeros(shape, dtype),
+    )
+    team.run(ws.plan.n, _forward_backward, cell, net, bt, ws.acts, ws.scratch, ws.plan, backward, sync=ws.plan.sync)
+    return bt, ws

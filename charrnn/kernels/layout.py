@@ -1,0 +1,176 @@
+"""The named groups of arrays the kernels take, with their shapes, and the code that allocates
+them. Kernels never unpack a tuple by position: they read net.theta, acts.hs, scr.hp ...
+
+Names from the maths (fixed across the project): T time steps, B streams, H hidden, V vocabulary,
+L layers, G gates (4 LSTM, 3 GRU, 1 RNN), P parameters, n threads. A field a cell does not use
+(an LSTM's hn, a GRU's cs) is an empty array of the right rank, never a region borrowed for
+something else.
+
+Every array allocated here starts on a 64-byte boundary, and every per-thread row too, so the
+packed weight panels of gemm.py never straddle a cache line and no two threads write one line.
+"""
+
+from collections import namedtuple
+
+import numpy as np
+
+from charrnn.kernels import gemm
+from charrnn.kernels.jit import helper
+from charrnn.kernels.sync import sync_words
+
+ALIGN = 64  # bytes: one cache line, one AVX-512 register
+
+Net = namedtuple("Net", [
+    "theta",  # (P,) every parameter, flat; the views come from offs
+    "offs",   # (L+1, 4) int64: row k < L the starts of weight_ih, weight_hh, bias_ih, bias_hh of
+              # layer k; row L of decoder.weight, decoder.bias
+    "L", "H", "V",
+])
+
+Batch = namedtuple("Batch", [
+    "x", "y",      # (T, B) int32 inputs and targets
+    "h0", "c0",    # (L, B, H) the initial state (c0: LSTM only; zeros otherwise)
+    "masks",       # (L, T, B, H) dropout masks on every layer's output, or (0, 1, 1, 1): none
+    "hT", "cT",    # (L, B, H) out: the final state
+    "nll",         # (T, B) float64 out: -log p(y) at every position
+    "grad",        # (P,) out: gradient of mean(nll), theta's layout; (1,) without backward
+    "dh0", "dc0",  # (L, B, H) out: gradient of mean(nll) on the initial state
+])
+
+Acts = namedtuple("Acts", [
+    "gates",  # (L, T, B, G*H) input products + folded biases, then the activated gates (saved)
+    "hs",     # (L, T+1, B, H) hidden states; [k, 0] the initial state
+    "cs",     # (L, T+1, B, H) LSTM cell states; (L, 0, B, H) for other cells
+    "tcs",    # (L, T, B, H) LSTM tanh(c); (L, 0, B, H) otherwise
+    "hn",     # (L, T, B, H) GRU W_hn h + b_hn; (L, 0, B, H) otherwise
+    "xs",     # (L, T, B, H) each layer's output after dropout; (L, 0, B, H) without dropout
+    "probs",  # (T*B, V) softmax probabilities, then the gradient of the logits
+    "dG",     # (T, B, G*H) gradient of the gate pre-activations, input side, current layer
+    "dGh",    # (T, B, G*H) GRU: gradient of the recurrent side W_hh h + b_hh; (0, B, G*H) otherwise
+    "dH",     # (T, B, H) gradient arriving at the current layer's output
+    "w0t",    # (V, G*H) weight_ih_l0 transposed: the one-hot gather reads contiguous rows
+])
+
+Layer = namedtuple("Layer", [  # one layer's views of Acts (first index k dropped)
+    "gates", "hs", "cs", "tcs", "hn",
+])
+
+LayerGrad = namedtuple("LayerGrad", [  # the current layer's gradients
+    "dG",   # (T, B, G*H)
+    "dGh",  # (T, B, G*H) or (0, B, G*H)
+    "dH",   # (T, B, H)
+])
+
+Scratch = namedtuple("Scratch", [  # one row per thread
+    "wfp",     # (n, .) the thread's rows of W_hh, transposed and packed in panels (several streams)
+    "wbp",     # (n, .) its columns of W_hh, packed (backward)
+    "wf",      # (n, .) its rows of W_hh as a (G*Hp, H) matrix (one stream: matrix-vector products)
+    "wb",      # (n, .) its columns as a (G*H, Hp) matrix
+    "hp",      # (n, .) the recurrent products of its block, (streams, G*Hp)
+    "dh",      # (n, .) gradient on h_{t} of its block, carried backwards in time, (streams, Hp)
+    "dc",      # (n, .) LSTM: the same for c
+    "direct",  # (n, .) GRU: the direct path h_t -> h_{t-1}
+    "w0g",     # (n, V*G*H) layer 0's input-weight gradient, transposed, before the transpose
+    "gws",     # (n, P) each thread's share of the gradient, summed in a fixed order at the end
+])
+
+Plan = namedtuple("Plan", [
+    "n",         # threads
+    "by_units",  # True: threads split every step's units (all streams each); False: the streams
+    "ub",        # (n+1,) unit bounds (by_units), else [0, H]
+    "sb",        # (n+1,) stream bounds (not by_units), else [0, B]
+    "rb",        # (n+1,) bounds over the T*B positions, for everything outside the time loop
+    "sync",      # the threads' sync array (sync.py)
+])
+
+
+def empty(shape, dtype) -> np.ndarray:
+    """A zeroed C-contiguous array whose data starts on an ALIGN-byte boundary."""
+    dtype = np.dtype(dtype)
+    shape = (shape,) if np.isscalar(shape) else tuple(int(s) for s in shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.zeros(n * dtype.itemsize + ALIGN, dtype=np.uint8)
+    off = (-raw.ctypes.data) % ALIGN
+    return raw[off : off + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def per_thread(n: int, length: int, dtype) -> np.ndarray:
+    """(n, length') zeroed, each row starting on an ALIGN-byte boundary (length' >= length)."""
+    step = ALIGN // np.dtype(dtype).itemsize
+    return empty((n, max(1, -(-int(length) // step) * step)), dtype)
+
+
+def net(theta, offs, L, H, V) -> Net:
+    return Net(theta, offs, int(L), int(H), int(V))
+
+
+def acts(cell_name: str, G: int, L, T, B, H, V, dropout: bool, dtype) -> Acts:
+    """The shared workspace of a (T, B) batch."""
+    GH = G * H
+
+    def opt(flag, shape):
+        return empty(shape if flag else (shape[0], 0) + tuple(shape[2:]), dtype)
+
+    lstm, gru = cell_name == "lstm", cell_name == "gru"
+    return Acts(
+        gates=empty((L, T, B, GH), dtype), hs=empty((L, T + 1, B, H), dtype),
+        cs=opt(lstm, (L, T + 1, B, H)), tcs=opt(lstm, (L, T, B, H)), hn=opt(gru, (L, T, B, H)),
+        xs=opt(dropout, (L, T, B, H)), probs=empty((T * B, V), dtype),
+        dG=empty((T, B, GH), dtype), dGh=empty((T, B, GH) if gru else (0, B, GH), dtype),
+        dH=empty((T, B, H), dtype), w0t=empty((V, GH), dtype),
+    )
+
+
+def scratch(plan: Plan, G: int, B: int, H: int, V: int, P: int, backward: bool, dtype) -> Scratch:
+    """Each thread's scratch for its largest block under `plan`."""
+    n = plan.n
+    if plan.by_units:
+        nb, Hp = B, int(np.max(np.diff(plan.ub)))
+    else:
+        nb, Hp = int(np.max(np.diff(plan.sb))), H
+    packed, matrices = nb > 1, nb == 1 and Hp < H
+    return Scratch(
+        wfp=per_thread(n, gemm.packed_size(H, G * Hp) if packed else 0, dtype),
+        wbp=per_thread(n, gemm.packed_size(G * H, Hp) if packed else 0, dtype),
+        wf=per_thread(n, G * Hp * H if matrices else 0, dtype),
+        wb=per_thread(n, G * H * Hp if matrices else 0, dtype),
+        hp=per_thread(n, nb * G * Hp, dtype),
+        dh=per_thread(n, nb * Hp, dtype), dc=per_thread(n, nb * Hp, dtype), direct=per_thread(n, nb * Hp, dtype),
+        w0g=per_thread(n, V * G * H if backward else 0, dtype),
+        gws=per_thread(n, P if backward else 0, dtype),
+    )
+
+
+def new_sync(n: int) -> np.ndarray:
+    return empty(sync_words(n), np.int64)
+
+
+# ----------------------------------------------------------------------------- views (compiled)
+@helper
+def layer_weights(flat, net, k, G):
+    """Views (W_ih (G*H, V or H), W_hh (G*H, H), b_ih (G*H,), b_hh (G*H,)) of layer k in a flat
+    buffer of theta's layout (theta itself, or a gradient)."""
+    H = net.H
+    GH, In = G * H, net.V if k == 0 else net.H
+    o = net.offs[k]
+    return (flat[o[0] : o[0] + GH * In].reshape((GH, In)), flat[o[1] : o[1] + GH * H].reshape((GH, H)),
+            flat[o[2] : o[2] + GH], flat[o[3] : o[3] + GH])
+
+
+@helper
+def decoder_weights(flat, net):
+    """Views (decoder.weight (V, H), decoder.bias (V,)) in a flat buffer of theta's layout."""
+    o = net.offs[net.L]
+    return flat[o[0] : o[0] + net.V * net.H].reshape((net.V, net.H)), flat[o[1] : o[1] + net.V]
+
+
+@helper
+def layer(acts, k):
+    """Layer k's views of the shared workspace."""
+    return Layer(acts.gates[k], acts.hs[k], acts.cs[k], acts.tcs[k], acts.hn[k])
+
+
+@helper
+def thread_rows(scr_field, p, r, c):
+    """Thread p's row of a Scratch field as a C-contiguous (r, c) matrix."""
+    return scr_field[p][: r * c].reshape((r, c))

@@ -1,0 +1,60 @@
+"""Helpers shared by the tests of the kernels, the model and sampling: small models on random
+data, the float64 reference run on a model's parameters, thread switching."""
+
+import numpy as np
+import pytest
+
+from charrnn import threads
+from charrnn.model import Model, ModelConfig
+from tests import reference as ref
+
+CASES = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
+
+
+def make(cell, nonlin, L, V=7, H=5, T=6, B=3, dtype=np.float64, seed=0, dropout=0.0):
+    cfg = ModelConfig(cell=cell, layers=L, hidden=H, vocab_size=V, nonlinearity=nonlin, dropout=dropout)
+    m = Model(cfg, dtype=dtype).init(seed)
+    rng = np.random.default_rng(seed + 1)
+    x = rng.integers(0, V, size=(T, B)).astype(np.int32)
+    y = rng.integers(0, V, size=(T, B)).astype(np.int32)
+    h, c = m.zero_state(B)
+    h[:] = rng.normal(0, 0.5, h.shape)
+    c[:] = rng.normal(0, 0.5, c.shape)
+    return m, x, y, h, c
+
+
+def ref_params(m):
+    return {name: v.astype(np.float64) for name, v in m.params.items()}
+
+
+CASE_IDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+
+
+def two_threads():
+    """Switch to 2 threads, or skip when the machine cannot give them."""
+    if threads.set_threads(2) != 2:
+        pytest.skip("needs 2 Numba threads")
+
+
+def rel_error(a, n):
+    """torch-rnn style: max |a - n| / max(|a| + |n|)  (0 when both are 0)."""
+    a = np.asarray(a, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    return float(np.max(np.abs(a - n)) / max(np.max(np.abs(a) + np.abs(n)), 1e-300))
+
+
+def ref_run(m, x, y, h, c, masks=None):
+    """The float64 reference on the model's parameters (promoted): (loss, logits, hT, cT, grads, dh0, dc0)."""
+    cell, nonlin, L = m.cfg.cell, m.cfg.nonlinearity, m.cfg.layers
+    c0 = c.astype(np.float64) if cell == "lstm" else None
+    rmasks = [masks[k].astype(np.float64) for k in range(L)] if masks is not None else None
+    return ref.loss_and_grads(cell, ref_params(m), x, y, h.astype(np.float64), c0, rmasks, nonlin)
+
+
+def ref_nll(logits, y):
+    """Per-position -log p(y) (T, B) from reference logits (T, B, V)."""
+    return -np.take_along_axis(ref.log_softmax(logits), y[..., None], axis=-1)[..., 0]
+
+
+def grad_views(m, grad):
+    return Model(m.cfg, dtype=grad.dtype, theta=grad.copy()).params

@@ -1,0 +1,83 @@
+"""Scoring text (charrnn/evaluate.py) exactly as DESIGN.md defines it: <START> c1 ... cN from a zero
+state, every character scored (no <END>) in stream mode; in document mode every character and
+every <END>, never the <START> after an <END>; unknown characters as <UNK>, counted; the result
+independent of how the text is cut into spans."""
+
+import math
+
+import numpy as np
+import pytest
+
+from charrnn import evaluate
+from charrnn.evaluate import Score, score_text, score_tokens
+from charrnn.model import Model, ModelConfig
+from charrnn.vocab import END_ID, START_ID, UNK_ID, Vocab
+
+
+def model_for(text, cell="lstm", seed=2):
+    vocab = Vocab.from_text(text)
+    m = Model(ModelConfig(cell=cell, layers=2, hidden=8, vocab_size=vocab.size), dtype=np.float64).init(seed)
+    return m, vocab
+
+
+def nll_by_forward(m, tokens):
+    """-log p(tokens[i+1] | tokens[:i+1]) for every i, through the batch forward with one stream."""
+    x = np.ascontiguousarray(tokens[:-1, None], dtype=np.int32)
+    y = np.ascontiguousarray(tokens[1:, None], dtype=np.int32)
+    h, c = m.zero_state(1)
+    return m.forward_backward(x, y, h, c, backward=False)["nll"][:, 0]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_stream_mode_scores_every_character_and_not_the_end(cell):
+    text = "a cab, a dab.\nbad cab"
+    m, v = model_for(text, cell)
+    s = score_text(m, v, text)
+    ids = v.encode(text)
+    want = nll_by_forward(m, np.concatenate([[START_ID], ids]))
+    assert s.tokens == len(text) and s.unk == 0
+    assert math.isclose(s.nll, want.sum(), rel_tol=1e-12)
+    assert math.isclose(s.nats, want.mean(), rel_tol=1e-12)
+    assert math.isclose(s.bits, s.nats / math.log(2), rel_tol=1e-12)
+    assert math.isclose(s.perplexity, math.exp(s.nats), rel_tol=1e-12)
+
+
+def test_document_mode_scores_ends_but_not_the_starts_after_them():
+    text = "ab\nba\n\naab\n"
+    m, v = model_for(text.replace("\n", ""))
+    s = score_text(m, v, text, docs="line")
+    seq = []
+    for d in ("ab", "ba", "aab"):
+        seq += [START_ID, *v.encode(d), END_ID]
+    seq = np.array(seq)
+    nll = nll_by_forward(m, seq)
+    keep = seq[1:] != START_ID  # the <START> after an <END> is certain by construction
+    assert s.tokens == 3 * 1 + len("ab" + "ba" + "aab") == keep.sum()
+    assert math.isclose(s.nll, nll[keep].sum(), rel_tol=1e-12)
+
+
+def test_unknown_characters_count_as_unk():
+    m, v = model_for("abc")
+    s = score_text(m, v, "abzzc")
+    ids = np.array([START_ID, *v.encode("ab"), UNK_ID, UNK_ID, *v.encode("c")])
+    assert s.tokens == 5 and s.unk == 2
+    assert math.isclose(s.nll, nll_by_forward(m, ids).sum(), rel_tol=1e-12)
+
+
+def test_spans_do_not_change_the_result(monkeypatch):
+    text = "the quick brown fox jumps over the lazy dog " * 20
+    m, v = model_for(text)
+    whole = score_text(m, v, text)
+    seen = []
+    monkeypatch.setattr(evaluate, "SPAN", 37)
+    cut = score_text(m, v, text, progress=seen.append)
+    assert math.isclose(cut.nll, whole.nll, rel_tol=1e-12) and cut.tokens == whole.tokens
+    assert sum(seen) == len(text) and len(seen) == -(-len(text) // 37)
+
+
+def test_nothing_to_score():
+    m, v = model_for("ab")
+    s = score_tokens(m, np.array([START_ID]))
+    assert (s.nll, s.tokens, s.unk) == (0.0, 0, 0) and math.isnan(s.nats) and math.isnan(s.perplexity)
+    d = Score(3.0, 2, 1).to_dict()
+    assert d["nats_per_char"] == 1.5 and d["bits_per_char"] == 1.5 / math.log(2) and d["unk"] == 1
