@@ -73,8 +73,8 @@ def loop(corpus, hidden, batch, seq, steps, dropout):
                 work[0] += time.perf_counter() - t
         return g
 
-    def warm_up(self, _orig=Model.warm_up):
-        _orig(self)
+    def warm_up(self, *args, _orig=Model.warm_up, **kwargs):
+        _orig(self, *args, **kwargs)
         work[0] = 0.0  # compilation and warm-up steps are not training steps
 
     saved = (Model.forward_backward, Model.dropout_masks, Model.warm_up, train.clip_grad_norm)
@@ -85,6 +85,7 @@ def loop(corpus, hidden, batch, seq, steps, dropout):
             # no --seq-warmup: its short steps would compare the curriculum, not the loop, with bare steps
             cfg = TrainConfig(hidden=hidden, batch=batch, seq=seq, steps=steps, dropout=dropout, eval_every=10**9, seq_warmup=0)
             tr = train.Trainer.new([corpus], cfg, os.path.join(d, "run"), quiet=True)
+            tr.precompile.wait()  # its warm-up calls are not the run's
             tr.opt.step = timed(tr.opt.step)
             cps = tr.run()["chars_per_s"]
     finally:

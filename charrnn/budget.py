@@ -53,7 +53,7 @@ def choose_size(cfg: TrainConfig, n_train_chars: int) -> Fitted:
     refits it (Fitted.dropout_pending, refit).
     """
     short = cfg.minutes is not None and cfg.minutes <= SHORT_BUDGET_MINUTES
-    cell = cfg.cell or ("gru" if short else "lstm")
+    cell = chosen_cell(cfg)
     hidden = cfg.hidden
     n = max(n_train_chars, 1)
     if hidden is None:
@@ -83,6 +83,13 @@ def choose_size(cfg: TrainConfig, n_train_chars: int) -> Fitted:
     has_budget = cfg.steps is not None or cfg.epochs is not None or cfg.minutes is not None
     return Fitted(cell=cell, hidden=hidden, dropout=dropout, dropout_pending=pending, schedule=cfg.schedule,
                   decay_steps=cfg.decay_steps, epochs=None if has_budget else DEFAULT_EPOCHS)
+
+
+def chosen_cell(cfg: TrainConfig) -> str:
+    """The cell of a new run: the user's, or a GRU for a --minutes budget of SHORT_BUDGET_MINUTES or
+    less (choose_size). Known before the corpus is read, so its kernels can compile meanwhile."""
+    short = cfg.minutes is not None and cfg.minutes <= SHORT_BUDGET_MINUTES
+    return cfg.cell or ("gru" if short else "lstm")
 
 
 def planned_epochs(cfg: TrainConfig, n_train_chars: int) -> float | None:

@@ -162,8 +162,7 @@ def train(corpus, out, resume, quiet, **opts):
             raise UsageError(f"--schedule {opts['schedule']} needs --decay-steps (the schedule must not depend on the budget, so runs resume exactly)")
         cfg = TrainConfig(**opts)
         trainer = Trainer.new(corpus, cfg, out, quiet=quiet)
-    with _compile_notice(quiet, "the training kernels"):
-        result = trainer.run()
+    result = trainer.run()
     if not quiet:
         import math
 

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -29,6 +30,7 @@ from charrnn.config import Fitted, TrainConfig, effective
 from charrnn.data import BatchStream, compact_dtype, corpus_vocab, encode_stream, read_corpus, split_text
 from charrnn.errors import CharrnnError, DataError, Interrupted, TrainingError, UsageError
 from charrnn.evaluate import score_tokens
+from charrnn.kernels.jit import compile_notice
 from charrnn.model import Model, ModelConfig
 from charrnn.optim import Optimizer, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
 from charrnn.progress import Reporter, remaining
@@ -73,6 +75,50 @@ def train_step(model: Model, opt: Optimizer, x, y, h, c, masks, lr: float, clip:
     if finite:
         opt.step(model.theta, grad, lr)
     return StepResult(loss, norm, finite, out["h"], out["c"])
+
+
+# ---------------------------------------------------------------------------------- compiling early
+class Precompile:
+    """Compile (or load from the cache) the kernels a run of `cell` will need, in a background
+    thread, while the corpus is read and encoded: the forward/backward and the dropout masks, the
+    optimizer's updates, and the scorer of validation when it will serve (two threads or more and
+    two layers or more; the kernels' types do not depend on the sizes, so a tiny model stands in).
+    A daemon thread: a run that stops early (a bad corpus) does not wait for it, and the cache
+    writes are atomic. wait() before training, so that nothing compiles during timed steps."""
+
+    def __init__(self, cell: str, nonlinearity: str, layers: int, optimizer: str, threads_n: int):
+        self._args = (cell, nonlinearity, layers, optimizer, threads_n)
+        self.compiled = False  # whether anything had to compile (not only load from the cache)
+        self._thread = threading.Thread(target=self._run, name="charrnn-precompile", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether it is still at work after having had to compile something."""
+        return self.compiled and self._thread.is_alive()
+
+    def _run(self):
+        from charrnn.kernels.jit import compile_notice
+
+        with compile_notice(lambda: setattr(self, "compiled", True)):
+            self._compile()
+
+    def _compile(self):
+        cell, nonlinearity, layers, optimizer, threads_n = self._args
+        try:
+            model = Model(ModelConfig(cell=cell, layers=2, hidden=8, vocab_size=4, nonlinearity=nonlinearity))
+            model.warm_up(dropout=True)
+            opt = make_optimizer(optimizer, model.n_params, model.dtype, 1e-3)
+            train_step(model, opt, *([np.zeros((2, 2), np.int32)] * 2), *model.zero_state(2), None, 1e-3, 1.0, "norm")
+            train_step(model, opt, *([np.zeros((2, 2), np.int32)] * 2), *model.zero_state(2), None, 1e-3, 1.0, "value")
+            if threads_n >= 2 and layers >= 2:
+                h, c = model.zero_state(1)
+                model.score(np.zeros(2, np.int32), np.zeros(2, np.int32), h, c)
+        except Exception:  # noqa: BLE001 - the run itself will compile, and report any error, in its own time
+            pass
+
+    def wait(self):
+        self._thread.join()
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -157,6 +203,7 @@ class Trainer:
         self.eval_every = cfg.eval_every or int(min(2000, max(200, self.bpe)))
         self.h, self.c = model.zero_state(cfg.batch)
         self.metrics_path = os.path.join(out, "metrics.jsonl")
+        self.precompile = None  # a Precompile started by new()
 
     @property
     def fitted(self) -> Fitted:
@@ -175,6 +222,8 @@ class Trainer:
     # ------------------------------------------------------------------ construction
     @classmethod
     def new(cls, paths, cfg: TrainConfig, out: str | None, quiet: bool = False, runs_dir: str = "runs"):
+        early = Precompile(budget.chosen_cell(cfg), cfg.nonlinearity, cfg.layers, cfg.optimizer,
+                           threads.set_threads(cfg.threads))
         corpus = read_corpus(paths, cfg.encoding)
         if cfg.docs is not None and not any(p.strip() for p in corpus.text.split("\n")):
             raise DataError("the corpus holds no documents")
@@ -191,6 +240,7 @@ class Trainer:
         opt = make_optimizer(cfg.optimizer, model.n_params, model.dtype, cfg.lr)
         # everything that can reject the input happens in the constructor, before the directory exists
         trainer = cls(cfg, fitted, corpus, vocab, model, out, quiet, RunState(), opt, None)
+        trainer.precompile = early
         _check_out_dir(out, need_bytes=4 * model.n_params * 4 * 3)
         if model.n_params > 2 * n_train and not quiet:
             print(f"warning: the model has {model.n_params:,} parameters for {n_train:,} training characters; "
@@ -218,6 +268,8 @@ class Trainer:
             raise CharrnnError(f"{path}: cannot resume: checkpoint lacks training state ({e})") from None
         if "-" in paths:
             raise CharrnnError("cannot resume a run trained on stdin: the corpus cannot be read again")
+        early = Precompile(ck.model.cfg.cell, ck.model.cfg.nonlinearity, ck.model.cfg.layers, given.optimizer,
+                           threads.set_threads(threads_n if threads_n is not None else given.threads))
         corpus = read_corpus(paths, given.encoding)
         if corpus.sha256 != sha:
             raise CharrnnError(f"cannot resume: the corpus {', '.join(paths)} changed since the run started")
@@ -242,6 +294,7 @@ class Trainer:
             bufs[key] = flat
         opt.load_state(bufs, int(meta["optimizer"]["t"]))
         tr = cls(given, fitted, corpus, ck.vocab, ck.model, run_dir, quiet, rs, opt, minutes)
+        tr.precompile = early
         h, c = ck.arrays.get("train.h"), ck.arrays.get("train.c")
         if h is None or c is None or h.shape != tr.h.shape:
             raise CharrnnError(f"{path}: cannot resume: carried training state missing")
@@ -327,8 +380,24 @@ class Trainer:
             f"vocabulary {self.vocab.size}, {self.stream.n_tokens:,} training tokens, batch {cfg.batch}x{cfg.seq}, "
             f"{n_threads} thread(s) -> {self.out}"
         )
+        said = []
+
+        def notice():
+            if not said:
+                said.append(True)
+                rep.message("charrnn: compiling for this machine (first run only; about 20 s) ...")
+
+        with compile_notice(notice):
+            if self.precompile is not None and self.precompile.busy:
+                notice()
+            return self._run(rep, budget_s, auto_eval, total)
+
+    def _run(self, rep: Reporter, budget_s: float | None, auto_eval: bool, total: int | None) -> dict:
+        st, model, cfg = self.state, self.model, self.cfg
         # compile (or load) the training kernels before the clock starts: not counted against --minutes
         model.warm_up(dropout=cfg.dropout > 0 or self.fitted.dropout_pending)
+        if self.precompile is not None:
+            self.precompile.wait()  # nothing compiles while steps are timed
         if self.fitted.dropout_pending and budget_s is None:
             # a --minutes run stopped before its dropout fit, resumed with --steps / --epochs: the
             # budget is known now

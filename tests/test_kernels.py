@@ -275,6 +275,7 @@ def assert_batch_matches_reference(m, x, y, h, c, masks, cell, nonlin):
 def test_both_thread_plans_match_reference(cell, nonlin, by_units, nthreads, monkeypatch):
     """Threads split the time loops by units (large H) or by streams (small H); both equal the reference."""
     monkeypatch.setattr(bptt, "UNITS_SPLIT_MIN_H", 0 if by_units else 10**9)
+    monkeypatch.setattr(bptt, "MIN_STREAMS_PER_THREAD", 10**9)
     monkeypatch.setattr(bptt, "MIN_UNITS_PER_THREAD", 1)
     threads.set_threads(nthreads)
     m, x, y, h, c = make(cell, nonlin, 2, V=6, H=9, T=5, B=4, dropout=0.25)
@@ -340,7 +341,9 @@ def test_packed_recurrence_matches_reference(cell, nonlin, by_units, monkeypatch
     """A batch large enough for the packed products' every path (several row tiles, a partial
     panel, k blocks for the LSTM's backward) equals the float64 reference, with 2 threads."""
     monkeypatch.setattr(bptt, "UNITS_SPLIT_MIN_H", 0 if by_units else 10**9)
+    monkeypatch.setattr(bptt, "MIN_STREAMS_PER_THREAD", 10**9)
     threads.set_threads(2)
     m, x, y, h, c = make(cell, nonlin, 2, V=6, H=70, T=3, B=2 * gemm.MR + 5, dropout=0.2)
     T, B = x.shape
+    assert bptt.plan(T, B, 70, 2).by_units == by_units
     assert_batch_matches_reference(m, x, y, h, c, m.dropout_masks(T, B, seed=4, step=2), cell, nonlin)

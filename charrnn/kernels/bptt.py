@@ -312,11 +312,18 @@ def _forward_backward(p, cell, net, bt, acts, scr, plan, backward):
 
 
 # ----------------------------------------------------------------------------- Python side
-# Threads share a time loop by blocks of hidden units from this size on (a barrier per step, all
-# streams in each product), and by blocks of streams below it (no barrier in the loop). Measured
-# with benchmarks/train_throughput.py: see the closing note of the core issue.
+# Threads share the time loop by blocks of streams when each gets at least MIN_STREAMS_PER_THREAD
+# of them (its products keep enough rows for the tile, and the threads meet once per phase, not
+# once per step), and by blocks of hidden units otherwise, from UNITS_SPLIT_MIN_H units on (every
+# thread takes all streams; a barrier per step). On this 2-core machine (benchmarks/results/
+# train_throughput.txt) the split by streams was as fast or faster at 2x128 50x50 (118-125k
+# against 116-118k chars/s), 2x256 32x64 (33-37k against 27-35k), 2x512 and 3x512 (equal), and
+# lost far less when the host made the two cores slow to talk to each other (95k against 74k at
+# 2x128: a barrier then took 250 ns instead of 55). With 8 streams per thread the two were even.
+# A big machine (32 streams on 16 threads) splits by units.
 UNITS_SPLIT_MIN_H = 128
 MIN_UNITS_PER_THREAD = 32
+MIN_STREAMS_PER_THREAD = 8
 
 
 def bounds(n: int, parts: int, align: int = 1) -> np.ndarray:
@@ -336,7 +343,7 @@ def bounds(n: int, parts: int, align: int = 1) -> np.ndarray:
 def plan(T: int, B: int, H: int, threads: int) -> layout.Plan:
     """How `threads` threads share a (T, B) batch of a model with H units per layer."""
     n = max(1, min(threads, T * B))
-    by_units = H >= UNITS_SPLIT_MIN_H or B == 1
+    by_units = B == 1 or (H >= UNITS_SPLIT_MIN_H and B < MIN_STREAMS_PER_THREAD * n)
     if by_units:
         n = min(n, max(1, H // MIN_UNITS_PER_THREAD))
         if B * H < 256 and MIN_UNITS_PER_THREAD >= 32:  # a barrier per step would cost more than the step

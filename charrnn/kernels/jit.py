@@ -32,6 +32,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
 
 import llvmlite
@@ -91,13 +92,25 @@ def cache_dir() -> str | None:
 def _first_writable(roots):
     for root in roots:
         path = os.path.join(root, CACHE_FOLDER)
+        fresh = not os.path.isdir(path)
         try:
             os.makedirs(path, exist_ok=True)
             tempfile.TemporaryFile(dir=path).close()
         except OSError:
             continue
+        if fresh and root == os.path.join(_HERE, "__pycache__"):
+            _prune(root)
         return path
     return None
+
+
+def _prune(root):
+    """Remove the salted folders of earlier sources of this very package directory: nothing else
+    caches there, and they would only pile up (each edit or upgrade starts a new one). Folders in
+    NUMBA_CACHE_DIR or the user cache may belong to other installations and are left alone."""
+    for name in os.listdir(root):
+        if name.startswith("charrnn-") and name != CACHE_FOLDER:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 class _SaltedLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
@@ -108,13 +121,18 @@ class _SaltedLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocato
     def __init__(self, py_func, py_file, folder):
         self._py_file = py_file
         self._lineno = py_func.__code__.co_firstlineno
-        self._cache_path = os.path.join(folder, os.path.dirname(os.path.relpath(os.path.abspath(py_file), _HERE)))
+        rel = os.path.relpath(os.path.abspath(py_file), _HERE)
+        self._inside = not rel.startswith(os.pardir)
+        # a kernel defined outside this package (a test, a benchmark) gets a folder of its own
+        sub = os.path.dirname(rel) if self._inside else os.path.join("_elsewhere", self.get_suitable_cache_subpath(py_file))
+        self._cache_path = os.path.join(folder, sub)
 
     def get_cache_path(self):
         return self._cache_path
 
     def get_source_stamp(self):
-        return SALT  # the folder already says which sources it holds
+        # the folder already says which package sources it holds; a file outside it adds its own
+        return SALT if self._inside else (SALT, super().get_source_stamp())
 
     @classmethod
     def from_function(cls, py_func, py_file):
