@@ -10,12 +10,14 @@
 Sizes: 2x128, 2x256, 2x512 LSTMs, V = 68. Interleaved rounds, medians.
 
     python benchmarks/sample_throughput.py [--rounds 3] [--sizes 128,256,512]
+    python benchmarks/sample_throughput.py --baseline /path/to/other/checkout   # before/after, interleaved
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -97,6 +99,8 @@ def main():
     ap.add_argument("--sizes", default="128,256,512")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--modes", default="single,batch64,eval")
+    ap.add_argument("--baseline", default=None, metavar="PATH",
+                    help="another checkout of charrnn, measured as a side of its own (before/after)")
     ap.add_argument("--worker", nargs=4, metavar=("SIDE", "H", "MODE", "SETTING"))
     args = ap.parse_args()
     if args.worker:
@@ -120,11 +124,17 @@ def main():
         for mode in args.modes.split(","):
             for H in args.sizes.split(","):
                 runs = [("charrnn", "default")]
+                if args.baseline:
+                    runs.append(("charrnn", "baseline"))
                 if have_torch:
                     runs += [("torch", "best"), ("torch", "default")]
                 for side, setting in runs:
+                    env = dict(os.environ)
+                    if setting == "baseline":
+                        env["PYTHONPATH"] = os.path.abspath(args.baseline)
                     out = subprocess.run([sys.executable, __file__, "--worker", side, H, mode, setting,
-                                          "--seconds", str(args.seconds)], capture_output=True, text=True)
+                                          "--seconds", str(args.seconds)], capture_output=True, text=True, env=env,
+                                         cwd=os.path.dirname(os.path.abspath(__file__)))
                     if out.returncode != 0:
                         print(out.stderr, file=sys.stderr)
                         raise SystemExit("worker failed")
@@ -139,7 +149,11 @@ def main():
             tb = statistics.median(res[(mode, H, "torch", "best")]) if have_torch else float("nan")
             td = statistics.median(res[(mode, H, "torch", "default")]) if have_torch else float("nan")
             best = max(tb, td)
-            print(f"{mode:8s} 2x{H:4s} {c:12,.0f} {tb:12,.0f} {td:12,.0f} {c / best:14.2f}")
+            line = f"{mode:8s} 2x{H:4s} {c:12,.0f} {tb:12,.0f} {td:12,.0f} {c / best:14.2f}"
+            if args.baseline:
+                base = statistics.median(res[(mode, H, "charrnn", "baseline")])
+                line += f"   baseline {base:12,.0f}, this checkout {c / base:.2f}x"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ threads on two cores collapse under any other load.
     python benchmarks/train_throughput.py                 # all configs, 3 rounds
     python benchmarks/train_throughput.py --configs A,B --rounds 5 --seconds 8
     python benchmarks/train_throughput.py --cell gru      # GRUs (what a --minutes run trains)
+    python benchmarks/train_throughput.py --baseline /path/to/other/checkout   # before/after, interleaved
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/train_throughput.py
 """
 
@@ -66,7 +67,7 @@ def worker(side, name, seconds, threads, cell):
     rng = np.random.default_rng(0)
     x = rng.integers(3, V, size=(T, B)).astype(np.int32)
     y = rng.integers(3, V, size=(T, B)).astype(np.int32)
-    if side == "charrnn":
+    if side == "charrnn":  # this checkout, or with --baseline another one on PYTHONPATH
         from charrnn import threads as th
         from charrnn.model import Model, ModelConfig
         from charrnn.optim import clip_grad_norm, make_optimizer
@@ -137,12 +138,16 @@ def main():
     ap.add_argument("--sides", default="charrnn,torch,torch-fused",
                     help="torch: PyTorch's default (foreach) Adam; torch-fused: fused=True, its fastest setting")
     ap.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
+    ap.add_argument("--baseline", default=None, metavar="PATH",
+                    help="another checkout of charrnn, measured as a side of its own (before/after)")
     ap.add_argument("--worker", nargs=2, metavar=("SIDE", "CONFIG"))
     args = ap.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1], args.seconds, args.threads, args.cell)
         return
     sides = args.sides.split(",")
+    if args.baseline:
+        sides.insert(1, "baseline")
     if any(s.startswith("torch") for s in sides):
         try:
             import torch  # noqa: F401
@@ -155,9 +160,13 @@ def main():
     for r in range(args.rounds):
         for name in args.configs.split(","):
             for side in sides:
-                out = subprocess.run([sys.executable, __file__, "--worker", side, name, "--seconds", str(args.seconds),
-                                      "--threads", str(args.threads), "--cell", args.cell],
-                                     capture_output=True, text=True)
+                env = dict(os.environ)
+                if side == "baseline":
+                    env["PYTHONPATH"] = os.path.abspath(args.baseline)
+                worker_side = "charrnn" if side == "baseline" else side
+                out = subprocess.run([sys.executable, __file__, "--worker", worker_side, name, "--seconds",
+                                      str(args.seconds), "--threads", str(args.threads), "--cell", args.cell],
+                                     capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
                 if out.returncode != 0:
                     print(out.stderr, file=sys.stderr)
                     raise SystemExit(f"worker {side} {name} failed")
@@ -181,6 +190,9 @@ def main():
         cm, tm, fm = med("charrnn"), med("torch"), med("torch-fused")
         print(f"{name:4s} {cm:16,.0f} {tm:14,.0f} {cm / tm:6.2f} {fm:14,.0f} {cm / fm:6.2f} {med('charrnn', 'gflops'):8.1f} "
               f"{peak('charrnn'):8.0f} {peak('torch'):9.0f}")
+        if args.baseline:
+            bm = med("baseline")
+            print(f"{'':4s} baseline {bm:,.0f} chars/s, {peak('baseline'):.0f} MiB: this checkout {cm / bm:.2f}x")
 
 if __name__ == "__main__":
     main()

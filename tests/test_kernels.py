@@ -347,3 +347,21 @@ def test_packed_recurrence_matches_reference(cell, nonlin, by_units, monkeypatch
     T, B = x.shape
     assert bptt.plan(T, B, 70, 2).by_units == by_units
     assert_batch_matches_reference(m, x, y, h, c, m.dropout_masks(T, B, seed=4, step=2), cell, nonlin)
+
+
+def test_thread_plan_splits_streams_when_each_thread_gets_enough():
+    """Streams when every thread gets MIN_STREAMS_PER_THREAD of them (no barrier per step), units
+    when they are fewer (a big machine: all streams in every product), and units for one stream."""
+    p = bptt.plan(50, 50, 128, 2)  # 2x128 50x50 on two cores
+    assert not p.by_units and list(p.sb) == [0, 25, 50] and p.n == 2
+    p = bptt.plan(64, 32, 256, 16)  # 32 streams on 16 cores: 2 each
+    assert p.by_units and p.n == 8 and list(p.ub) == list(range(0, 257, 32))  # 32 units per thread at least
+    p = bptt.plan(64, 16, 256, 2)  # 8 streams each: still streams
+    assert not p.by_units
+    p = bptt.plan(300, 1, 512, 2)  # scoring one stream
+    assert p.by_units and p.n == 2 and list(p.ub) == [0, 256, 512]
+    p = bptt.plan(16, 8, 24, 2)  # a small layer: streams whatever their number
+    assert not p.by_units and p.n == 2
+    for T, B, H, n in ((50, 50, 128, 2), (64, 32, 256, 16), (1, 1, 8, 4), (7, 3, 5, 8)):
+        p = bptt.plan(T, B, H, n)
+        assert p.rb[0] == 0 and p.rb[-1] == T * B and len(p.rb) == p.n + 1 and np.all(np.diff(p.rb) > 0)

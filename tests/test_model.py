@@ -7,8 +7,7 @@ import pytest
 
 from charrnn import threads
 from charrnn.model import Model, ModelConfig, State, param_shapes
-from tests import reference as ref
-from tests.common import CASE_IDS, CASES, make, ref_nll, ref_params, ref_run, two_threads
+from tests.common import CASE_IDS, CASES, make, ref_nll, ref_run, two_threads
 
 
 # ----------------------------------------------------------------------------- 5b. scoring one stream

@@ -13,8 +13,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from charrnn import checkpoint
 from charrnn.cli import cli

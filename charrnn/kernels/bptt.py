@@ -55,25 +55,18 @@ def pack_block(scr, p, W_hh, G, H, nb, u0, u1, backward):
 
 
 @helper
-def fwd_weights(scr, p, W_hh, G, H, nb, u0, u1):
-    """(W, Wp) for times_wt: the block's rows of W_hh as a matrix W, or packed in Wp (not empty)."""
+def block_weights(scr, p, W_hh, G, H, nb, u0, u1, backward):
+    """(W, Wp) for the block's recurrent product: forward (times_wt) its rows of W_hh as a matrix W
+    (G*Hp, H), backward (times_w) its columns (G*H, Hp); or W_hh itself for a block of all units;
+    or, for several streams, packed in Wp (then not empty), as pack_block filled them."""
     Hp = u1 - u0
     if nb > 1:
-        return W_hh, scr.wfp[p]
-    if Hp < H:
-        return thread_rows(scr.wf, p, G * Hp, H), scr.wfp[p][:0]
-    return W_hh, scr.wfp[p][:0]
-
-
-@helper
-def bwd_weights(scr, p, W_hh, G, H, nb, u0, u1):
-    """(W, Wp) for times_w: the block's columns of W_hh as a matrix W, or packed in Wp."""
-    Hp = u1 - u0
-    if nb > 1:
-        return W_hh, scr.wbp[p]
-    if Hp < H:
+        return W_hh, scr.wbp[p] if backward else scr.wfp[p]
+    if Hp == H:
+        return W_hh, scr.wfp[p][:0]
+    if backward:
         return thread_rows(scr.wb, p, G * H, Hp), scr.wbp[p][:0]
-    return W_hh, scr.wbp[p][:0]
+    return thread_rows(scr.wf, p, G * Hp, H), scr.wfp[p][:0]
 
 
 # ----------------------------------------------------------------------------- row pieces
@@ -226,7 +219,7 @@ def _forward_backward(p, cell, net, bt, acts, scr, plan, backward):
             cells.load_state(cell, lay, bt.h0[k], bt.c0[k], 0, B)
         ep = barrier(sync, p, n, ep)
         # 2. the recurrence: the only product inside the time loop, then the cell's gates
-        Wf, Wfp = fwd_weights(scr, p, W_hh, G, H, nb, u0, u1)
+        Wf, Wfp = block_weights(scr, p, W_hh, G, H, nb, u0, u1, False)
         if plan.by_units:
             for t in range(T):
                 times_wt(lay.hs[t], 0, B, Wf, Wfp, hp)
@@ -270,7 +263,7 @@ def _forward_backward(p, cell, net, bt, acts, scr, plan, backward):
         pack_block(scr, p, W_hh, G, H, nb, u0, u1, True)
         ep = barrier(sync, p, n, ep)
         # 2. backprop through time
-        Wb, Wbp = bwd_weights(scr, p, W_hh, G, H, nb, u0, u1)
+        Wb, Wbp = block_weights(scr, p, W_hh, G, H, nb, u0, u1, True)
         dh[:] = 0
         dc[:] = 0
         if plan.by_units:

@@ -2,9 +2,10 @@
 (temperature, top-k, top-p, banned ids), and the generation loop, on one thread or with threads
 splitting every layer's units.
 
-A single step uses the cell functions of cells/ with T = 1; layer 0's input product is a column of
-weight_ih_l0 read in place (no transposed copy to go stale when the weights change). Nothing in a
-step allocates.
+A single step uses the cell functions of cells/ with T = 1. Layer 0's input product is a column of
+weight_ih_l0: Model.step reads it in place, and the loops of many steps (priming, generation) read
+rows of a transposed copy made at the start of each call, so no copy outlives a call to go stale
+when the weights change. Nothing in a step allocates.
 """
 
 import math
@@ -28,6 +29,7 @@ Step = namedtuple("Step", [
     "hn",      # (1, nb, H) GRU; (0, nb, H) otherwise
     "hp",      # (nb, G*H) recurrent products
     "logits",  # (nb, V) out
+    "w0t",     # (V, G*H) weight_ih_l0 transposed, filled by the calls of many steps
 ])
 
 Draw = namedtuple("Draw", [
@@ -56,20 +58,24 @@ Gen = namedtuple("Gen", [  # threads splitting every layer's units
 
 # ----------------------------------------------------------------------------- one step
 @helper
-def gather_input(gates_row, W_ih0, tok_b, b_ih, b_hh, cell, u0, u1, H):
+def gather_input(gates_row, W_ih0, w0t, tok_b, b_ih, b_hh, cell, u0, u1, H):
     """gates_row[g*H + u] <- W_ih0[g*H + u, tok_b] + folded biases, for units u0..u1-1 of every gate
-    (a column of the layer-0 input weights: the one-hot product)."""
+    (a column of the layer-0 input weights: the one-hot product): from the row tok_b of w0t, their
+    transposed copy, when it has rows (contiguous), else from W_ih0 in place (strided)."""
     for g in range(cell.G):
         dst = gates_row[g * H + u0 : g * H + u1]
-        for j in range(u1 - u0):
-            dst[j] = W_ih0[g * H + u0 + j, tok_b]
+        if w0t.shape[0] > 0:
+            copy(dst, w0t[tok_b, g * H + u0 : g * H + u1])
+        else:
+            for j in range(u1 - u0):
+                dst[j] = W_ih0[g * H + u0 + j, tok_b]
         cells.fold_bias(cell, dst, b_ih[g * H + u0 : g * H + u1], b_hh[g * H + u0 : g * H + u1])
 
 
 @helper
-def step(cell, net, tok, h, c, st):
+def step(cell, net, tok, h, c, st, w0t):
     """One time step for nb streams: tokens tok (nb,), state h, c (L, nb, H) updated in place,
-    st.logits (nb, V) out."""
+    st.logits (nb, V) out. w0t: weight_ih_l0 transposed, or no rows (read it in place)."""
     nb = tok.shape[0]
     L, H, V = net.L, net.H, net.V
     G = cell.G
@@ -79,7 +85,7 @@ def step(cell, net, tok, h, c, st):
         W_ih, W_hh, b_ih, b_hh = layer_weights(net.theta, net, k, G)
         if k == 0:
             for b in range(nb):
-                gather_input(g2[b], W_ih, tok[b], b_ih, b_hh, cell, 0, H, H)
+                gather_input(g2[b], W_ih, w0t, tok[b], b_ih, b_hh, cell, 0, H, H)
         else:
             times_wt(st.hs[1], 0, nb, W_ih, st.hp[0][:0], g2)  # hs[1] still holds layer k-1's output
             for b in range(nb):
@@ -98,15 +104,25 @@ def step(cell, net, tok, h, c, st):
 
 @kernel
 def _step(cell, net, tok, h, c, st):
-    step(cell, net, tok, h, c, st)
+    step(cell, net, tok, h, c, st, st.w0t[:0])
+
+
+@helper
+def fill_w0t(w0t, net, G):
+    """w0t (V, G*H) <- weight_ih_l0^T."""
+    W = layer_weights(net.theta, net, 0, G)[0]
+    for g in range(W.shape[0]):
+        for v in range(W.shape[1]):
+            w0t[v, g] = W[g, v]
 
 
 @kernel
 def _feed(cell, net, tokens, h, c, st, tok):
     """Feed a token sequence (N,) to every stream in lock step (priming); st.logits: the last step's."""
+    fill_w0t(st.w0t, net, cell.G)
     for i in range(tokens.shape[0]):
         tok[:] = tokens[i]
-        step(cell, net, tok, h, c, st)
+        step(cell, net, tok, h, c, st, st.w0t)
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -249,10 +265,11 @@ def _generate(cell, net, tok, h, c, out, done, dr, st):
     """Up to out.shape[0] tokens for nb streams. tok (nb,) each stream's last token, updated; h, c
     the state; out (n_steps, nb) the tokens (-1 once a stream is done); a stream is done after it
     draws dr.end_id. Returns the steps taken."""
+    fill_w0t(st.w0t, net, cell.G)
     for s in range(out.shape[0]):
         if all_done(done):
             return s
-        step(cell, net, tok, h, c, st)
+        step(cell, net, tok, h, c, st, st.w0t)
         draw_all(s, st.logits, out, tok, done, dr)
     return out.shape[0]
 
@@ -278,6 +295,7 @@ def _generate_threads(p, n, cell, net, tok, h, c, out, done, dr, st, gen, sync):
         if k > 0:
             pack_rows(W_ih, G, H, u0, u1, gen.wi[p][(k - 1) * G * Hp * H : k * G * Hp * H].reshape((G * Hp, H)))
     if p == 0:
+        fill_w0t(st.w0t, net, G)
         for k in range(L):
             copy_rows(gen.hs[k, 0], h[k], 0, nb)
             if gen.cs.shape[1] > 0:
@@ -293,7 +311,7 @@ def _generate_threads(p, n, cell, net, tok, h, c, out, done, dr, st, gen, sync):
             g2 = gen.gates[0]
             if k == 0:
                 for b in range(nb):
-                    gather_input(g2[b], W_ih, tok[b], b_ih, b_hh, cell, u0, u1, H)
+                    gather_input(g2[b], W_ih, st.w0t, tok[b], b_ih, b_hh, cell, u0, u1, H)
             else:
                 Wi = gen.wi[p][(k - 1) * G * Hp * H : k * G * Hp * H].reshape((G * Hp, H))
                 times_wt(gen.hs[k - 1, 1], 0, nb, Wi, hp[0][:0], gp)  # this block's input products
@@ -335,7 +353,7 @@ def step_buffers(cell_name: str, G: int, nb: int, H: int, V: int, dtype) -> Step
     e = layout.empty
     return Step(gates=e((1, nb, G * H), dtype), hs=e((2, nb, H), dtype), cs=e((2 if lstm else 0, nb, H), dtype),
                 tcs=e((1 if lstm else 0, nb, H), dtype), hn=e((1 if gru else 0, nb, H), dtype),
-                hp=e((nb, G * H), dtype), logits=e((nb, V), dtype))
+                hp=e((nb, G * H), dtype), logits=e((nb, V), dtype), w0t=e((V, G * H), dtype))
 
 
 def gen_buffers(cell_name: str, G: int, L: int, nb: int, H: int, ub, dtype) -> Gen:

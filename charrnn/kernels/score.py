@@ -11,7 +11,6 @@ rows, the same cell functions, the same decoder rows.
 
 from collections import namedtuple
 
-import numpy as np
 
 from charrnn.kernels import cells, layout
 from charrnn.kernels.bptt import decoder_rows, fill_w0t, input_rows

@@ -18,7 +18,8 @@ Blocks, hp and the callers: as in lstm.py.
 
 from collections import namedtuple
 
-from charrnn.kernels.mathf import cast, copy, sigmoid, tanh
+from charrnn.kernels.cells import common
+from charrnn.kernels.mathf import cast, sigmoid, tanh
 
 GRU = namedtuple("GRU", ["G"], defaults=[3])
 
@@ -97,17 +98,4 @@ def carry(cell, dh, direct):
             d[j] += s[j]
 
 
-def load_state(cell, lay, h, c, s0, s1):
-    """hs[0] <- the initial state h (B, H) for streams s0..s1-1 (a GRU has no c)."""
-    for b in range(s0, s1):
-        copy(lay.hs[0, b], h[b])
-
-
-def save_state(cell, lay, T, h, c, s0, s1):
-    for b in range(s0, s1):
-        copy(h[b], lay.hs[T, b])
-
-
-def save_state_grad(cell, dh, dc, dh0, dc0, s0, s1, u0, u1):
-    for b in range(s0, s1):
-        copy(dh0[b, u0:u1], dh[b - s0])
+load_state, save_state, save_state_grad = common.load_h, common.save_h, common.save_h_grad  # h only: no c

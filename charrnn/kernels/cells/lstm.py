@@ -16,15 +16,10 @@ and compute the recurrent product hp = h_{t-1} @ W_hh^T for the block's rows of 
 
 from collections import namedtuple
 
+from charrnn.kernels.cells import common
 from charrnn.kernels.mathf import cast, copy, sigmoid, tanh
 
 LSTM = namedtuple("LSTM", ["G"], defaults=[4])
-
-
-def fold_bias(cell, row, b_ih, b_hh):
-    """row (G*n,) += the biases folded into the input products: both of them."""
-    for j in range(row.shape[0]):
-        row[j] += b_ih[j] + b_hh[j]
 
 
 def forward(cell, lay, t, s0, s1, u0, u1, hp, b_hh):
@@ -82,16 +77,6 @@ def backward(cell, lay, grad, t, s0, s1, u0, u1, dh, dc, direct):
             dc_b[j] = dct * f
 
 
-def recurrent_grad(cell, grad):
-    """The gradient of W_hh h + b_hh: the same as the input side's."""
-    return grad.dG
-
-
-def carry(cell, dh, direct):
-    """Gradient on h_{t-1} beyond dG_t @ W_hh: none."""
-    pass
-
-
 def load_state(cell, lay, h, c, s0, s1):
     """hs[0], cs[0] <- the initial state h, c (B, H) for streams s0..s1-1."""
     for b in range(s0, s1):
@@ -111,3 +96,8 @@ def save_state_grad(cell, dh, dc, dh0, dc0, s0, s1, u0, u1):
     for b in range(s0, s1):
         copy(dh0[b, u0:u1], dh[b - s0])
         copy(dc0[b, u0:u1], dc[b - s0])
+
+
+fold_bias = common.fold_both_biases  # row += b_ih + b_hh
+recurrent_grad = common.input_side_grad  # the recurrent side's gradient is dG itself
+carry = common.no_carry  # nothing reaches h_{t-1} but through W_hh

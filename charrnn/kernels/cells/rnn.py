@@ -8,15 +8,10 @@ gates. Blocks, hp and the callers: as in lstm.py.
 
 from collections import namedtuple
 
-from charrnn.kernels.mathf import cast, copy, tanh
+from charrnn.kernels.cells import common
+from charrnn.kernels.mathf import cast, tanh
 
 RNN = namedtuple("RNN", ["G", "relu"], defaults=[1, False])
-
-
-def fold_bias(cell, row, b_ih, b_hh):
-    """row (n,) += the biases folded into the input products: both of them."""
-    for j in range(row.shape[0]):
-        row[j] += b_ih[j] + b_hh[j]
 
 
 def forward(cell, lay, t, s0, s1, u0, u1, hp, b_hh):
@@ -52,24 +47,7 @@ def backward(cell, lay, grad, t, s0, s1, u0, u1, dh, dc, direct):
                 d[j] = dht * (one - h * h)
 
 
-def recurrent_grad(cell, grad):
-    return grad.dG
-
-
-def carry(cell, dh, direct):
-    pass
-
-
-def load_state(cell, lay, h, c, s0, s1):
-    for b in range(s0, s1):
-        copy(lay.hs[0, b], h[b])
-
-
-def save_state(cell, lay, T, h, c, s0, s1):
-    for b in range(s0, s1):
-        copy(h[b], lay.hs[T, b])
-
-
-def save_state_grad(cell, dh, dc, dh0, dc0, s0, s1, u0, u1):
-    for b in range(s0, s1):
-        copy(dh0[b, u0:u1], dh[b - s0])
+fold_bias = common.fold_both_biases  # row += b_ih + b_hh
+recurrent_grad = common.input_side_grad  # the recurrent side's gradient is dG itself
+carry = common.no_carry  # nothing reaches h_{t-1} but through W_hh
+load_state, save_state, save_state_grad = common.load_h, common.save_h, common.save_h_grad  # h only
