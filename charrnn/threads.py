@@ -105,7 +105,9 @@ class Team:
         """Run fn(p, *args) on n <= size threads. `sync`, the sync array of the kernel's barriers
         (kernels/sync.py), is zeroed first; if a thread fails before it starts, its ABORT slot is
         raised so that the others stop waiting, and the error is raised here once all are done."""
-        n = max(1, min(int(n), self.size))
+        n = int(n)
+        if not 1 <= n <= self.size:  # a kernel planned for more threads would wait at its barriers forever
+            raise ValueError(f"a run of {n} threads on a team of {self.size}")
         if n == 1:
             if sync is not None:
                 sync[:] = 0

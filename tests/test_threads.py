@@ -79,3 +79,10 @@ def test_sync_slots_do_not_share_cache_lines():
     sync = layout.new_sync(4)
     assert sync.ctypes.data % 64 == 0 and SLOT * sync.itemsize == 64
     assert sync.shape[0] == (EPOCH + 4) * SLOT
+
+
+def test_a_run_wider_than_the_team_is_refused(restore_threads):
+    """A kernel planned for more threads than the team has would wait at its barriers forever."""
+    n = threads.set_threads(1)
+    with pytest.raises(ValueError, match="threads on a team of 1"):
+        threads.team().run(n + 1, _rounds, n + 1, layout.new_sync(n + 1), np.zeros((1, n + 2), np.int64), 1)
