@@ -22,7 +22,7 @@ from charrnn.kernels import cells
 from charrnn.kernels.gemm import pack_bwd, pack_cols, pack_fwd, pack_rows, times_w, times_wt
 from charrnn.kernels.jit import helper, kernel
 from charrnn.kernels import layout
-from charrnn.kernels.layout import LayerGrad, decoder_weights, layer, layer_weights, thread_rows
+from charrnn.kernels.layout import LayerGrad, decoder_weights, layer, layer_weights, part_of, thread_rows
 from charrnn.kernels.mathf import cast, colsum, copy, rows
 from charrnn.kernels.sync import barrier
 
@@ -87,12 +87,13 @@ def input_rows(cell, r0, r1, g2, x, w0t, inp2, W_ih, b_ih, b_hh, B):
 
 
 @helper
-def layer_output(acts, k, dropout):
-    """Layer k's output as the layer above (or the decoder) sees it, (T*B, H): after dropout, or hs[1:]."""
-    T, B, H = acts.hs.shape[1] - 1, acts.hs.shape[2], acts.hs.shape[3]
+def layer_output(acts, k, dropout, T, s0, s1, H):
+    """Layer k's output in the part of streams s0..s1-1 as the layer above (or the decoder) sees it,
+    (T*nb, H): after dropout, or the part's hidden states after step 0."""
+    nb = s1 - s0
     if dropout:
-        return acts.xs[k].reshape((T * B, H))
-    return acts.hs[k][1:].reshape((T * B, H))
+        return acts.xs[k][T * s0 * H : T * s1 * H].reshape((T * nb, H))
+    return acts.hs[k][(T + 1) * s0 * H : (T + 1) * s1 * H][nb * H :].reshape((T * nb, H))
 
 
 @helper
@@ -105,20 +106,22 @@ def fill_w0t(w0t, W_ih0):
 
 
 @helper
-def mask_rows(r0, r1, out2, h2, m2):
-    """out = h * mask for rows r0..r1-1 (dropout on a layer's output)."""
+def mask_rows(r0, r1, out2, h2, masks_k, s0, nb):
+    """out = h * mask for rows r0..r1-1 of a part (dropout on a layer's output); the part's row
+    t*nb + b reads the mask of position (t, s0 + b) of masks_k (T, B, H)."""
     H = out2.shape[1]
     for r in range(r0, r1):
-        dst, src, m = out2[r], h2[r], m2[r]
+        dst, src, m = out2[r], h2[r], masks_k[r // nb, s0 + r % nb]
         for j in range(H):
             dst[j] = src[j] * m[j]
 
 
 @helper
-def scale_rows(r0, r1, d2, m2):
+def scale_rows(r0, r1, d2, masks_k, s0, nb):
+    """d *= mask for rows r0..r1-1 of a part (back through dropout), masks as in mask_rows."""
     H = d2.shape[1]
     for r in range(r0, r1):
-        d, m = d2[r], m2[r]
+        d, m = d2[r], masks_k[r // nb, s0 + r % nb]
         for j in range(H):
             d[j] *= m[j]
 
@@ -193,113 +196,116 @@ def layer_grad_rows(r0, r1, dG2, dGr2, hprev2, inp2, x, B, W_ih, gW_ih, gW_hh, g
 @kernel
 def _forward_backward(p, cell, net, bt, acts, scr, plan, backward):
     """Thread p's part of the forward pass (and, if `backward`, backprop-through-time) of the batch
-    bt (layout.Batch): writes bt.hT, cT, nll and, with backward, grad, dh0, dc0."""
-    T, B = bt.x.shape
+    bt (layout.Batch): writes bt.hT, cT, nll and, with backward, grad, dh0, dc0.
+
+    Splitting the streams, thread p owns a part (the streams plan.sb[p]..plan.sb[p+1]-1) and runs
+    all of it alone: its threads-in-part q, m are 0, 1 and the barriers inside are no-ops.
+    Splitting the units, all threads share one part of all streams: q, m are p, n, each thread
+    takes the units plan.ub[q].. of every step (a barrier per step) and the rows plan.rb[q].. of
+    everything outside the time loop. Either way the same code, position by position."""
+    T = bt.T
+    B = bt.h0.shape[1]
     L, H = net.L, net.H
     G = cell.G
     GH = G * H
     n, sync = plan.n, plan.sync
     dropout = bt.masks.shape[0] > 0
-    s0, s1, u0, u1 = block(plan, p, B, H)
-    r0, r1 = plan.rb[p], plan.rb[p + 1]
+    if plan.by_units:
+        q, m, s0, s1 = p, n, 0, B
+        u0, u1, r0, r1 = plan.ub[p], plan.ub[p + 1], plan.rb[p], plan.rb[p + 1]
+    else:
+        q, m, s0, s1 = 0, 1, plan.sb[p], plan.sb[p + 1]
+        u0, u1, r0, r1 = 0, H, 0, T * (s1 - s0)
     nb, Hp = s1 - s0, u1 - u0
+    x, y = bt.x[T * s0 : T * s1].reshape((T, nb)), bt.y[T * s0 : T * s1].reshape((T, nb))
+    nll = bt.nll[T * s0 : T * s1].reshape((T, nb))
+    probs = acts.probs[T * s0 * net.V : T * s1 * net.V].reshape((T * nb, net.V))
+    grad = LayerGrad(part_of(acts.dG, T, s0, s1, GH), part_of(acts.dGh, T, s0, s1, GH), part_of(acts.dH, T, s0, s1, H))
+    dH2 = grad.dH.reshape((T * nb, H))
     hp = thread_rows(scr.hp, p, nb, G * Hp)
     ep = 1
     if p == 0:
         fill_w0t(acts.w0t, layer_weights(net.theta, net, 0, G)[0])
     ep = barrier(sync, p, n, ep)
     for k in range(L):
-        lay = layer(acts, k)
+        lay = layer(acts, k, T, s0, s1, G)
         W_ih, W_hh, b_ih, b_hh = layer_weights(net.theta, net, k, G)
-        inp2 = layer_output(acts, k - 1, dropout) if k > 0 else acts.dH[0][:0]
+        inp2 = layer_output(acts, k - 1, dropout, T, s0, s1, H) if k > 0 else dH2[:0]
         # 1. input products of all T steps (this thread's rows); this thread's part of W_hh packed
-        input_rows(cell, r0, r1, lay.gates.reshape((T * B, GH)), bt.x, acts.w0t, inp2, W_ih, b_ih, b_hh, B)
+        input_rows(cell, r0, r1, lay.gates.reshape((T * nb, GH)), x, acts.w0t, inp2, W_ih, b_ih, b_hh, nb)
         pack_block(scr, p, W_hh, G, H, nb, u0, u1, False)
-        if p == 0:
-            cells.load_state(cell, lay, bt.h0[k], bt.c0[k], 0, B)
-        ep = barrier(sync, p, n, ep)
+        if q == 0:
+            cells.load_state(cell, lay, bt.h0[k][s0:s1], bt.c0[k][s0:s1], 0, nb)
+        ep = barrier(sync, q, m, ep)
         # 2. the recurrence: the only product inside the time loop, then the cell's gates
         Wf, Wfp = block_weights(scr, p, W_hh, G, H, nb, u0, u1, False)
-        if plan.by_units:
-            for t in range(T):
-                times_wt(lay.hs[t], 0, B, Wf, Wfp, hp)
-                cells.forward(cell, lay, t, 0, B, u0, u1, hp, b_hh)
-                ep = barrier(sync, p, n, ep)
-        else:
-            for t in range(T):
-                times_wt(lay.hs[t], s0, s1, Wf, Wfp, hp)
-                cells.forward(cell, lay, t, s0, s1, 0, H, hp, b_hh)
-            ep = barrier(sync, p, n, ep)
-        if p == 0:
-            cells.save_state(cell, lay, T, bt.hT[k], bt.cT[k], 0, B)
+        for t in range(T):
+            times_wt(lay.hs[t], 0, nb, Wf, Wfp, hp)
+            cells.forward(cell, lay, t, 0, nb, u0, u1, hp, b_hh)
+            ep = barrier(sync, q, m, ep)
+        if q == 0:
+            cells.save_state(cell, lay, T, bt.hT[k][s0:s1], bt.cT[k][s0:s1], 0, nb)
         # 3. dropout on the output fed upward (the recurrent copy in hs stays unmasked)
         if dropout:
-            mask_rows(r0, r1, acts.xs[k].reshape((T * B, H)), lay.hs[1:].reshape((T * B, H)),
-                      bt.masks[k].reshape((T * B, H)))
-        ep = barrier(sync, p, n, ep)
+            mask_rows(r0, r1, layer_output(acts, k, True, T, s0, s1, H), layer_output(acts, k, False, T, s0, s1, H),
+                      bt.masks[k], s0, nb)
+        ep = barrier(sync, q, m, ep)
     # 4. decoder and softmax cross-entropy
     Wd, bd = decoder_weights(net.theta, net)
-    top2 = layer_output(acts, L - 1, dropout)
-    decoder_rows(r0, r1, top2, Wd, bd, acts.probs, bt.y, bt.nll, B)
+    top2 = layer_output(acts, L - 1, dropout, T, s0, s1, H)
+    decoder_rows(r0, r1, top2, Wd, bd, probs, y, nll, nb)
+    if backward:
+        gws = scr.gws[p]
+        gWd, gbd = decoder_weights(gws, net)
+        decoder_bwd_rows(r0, r1, top2, Wd, probs, y, 1.0 / (T * B), gWd, gbd, dH2, nb)
+        ep = barrier(sync, q, m, ep)
+        dGr = cells.recurrent_grad(cell, grad)
+        dh = thread_rows(scr.dh, p, nb, Hp)
+        dc = thread_rows(scr.dc, p, nb, Hp)
+        direct = thread_rows(scr.direct, p, nb, Hp)
+        for k in range(L - 1, -1, -1):
+            lay = layer(acts, k, T, s0, s1, G)
+            W_ih, W_hh, b_ih, b_hh = layer_weights(net.theta, net, k, G)
+            # 1. back through dropout (output = h * mask); this thread's part of W_hh packed again
+            #    (the forward's packing of later layers has overwritten it)
+            if dropout:
+                scale_rows(r0, r1, dH2, bt.masks[k], s0, nb)
+            pack_block(scr, p, W_hh, G, H, nb, u0, u1, True)
+            ep = barrier(sync, q, m, ep)
+            # 2. backprop through time: step t-1's gate gradients for a block of units need only
+            #    dGr[t] @ W_hh for those units, which the same thread computes
+            Wb, Wbp = block_weights(scr, p, W_hh, G, H, nb, u0, u1, True)
+            dh[:] = 0
+            dc[:] = 0
+            cells.backward(cell, lay, grad, T - 1, 0, nb, u0, u1, dh, dc, direct)
+            ep = barrier(sync, q, m, ep)
+            for t in range(T - 1, 0, -1):
+                times_w(dGr[t], 0, nb, Wb, Wbp, dh)
+                cells.carry(cell, dh, direct)
+                cells.backward(cell, lay, grad, t - 1, 0, nb, u0, u1, dh, dc, direct)
+                ep = barrier(sync, q, m, ep)
+            times_w(dGr[0], 0, nb, Wb, Wbp, dh)
+            cells.carry(cell, dh, direct)
+            cells.save_state_grad(cell, dh, dc, bt.dh0[k][s0:s1], bt.dc0[k][s0:s1], 0, nb, u0, u1)
+            ep = barrier(sync, q, m, ep)
+            # 3. weight gradients (one product each over this thread's rows) and the gradient below
+            gW_ih, gW_hh, gb_ih, gb_hh = layer_weights(gws, net, k, G)
+            hprev2 = lay.hs[:T].reshape((T * nb, H))
+            inp2 = layer_output(acts, k - 1, dropout, T, s0, s1, H) if k > 0 else dH2[:0]
+            layer_grad_rows(r0, r1, grad.dG.reshape((T * nb, GH)), dGr.reshape((T * nb, GH)), hprev2, inp2, x, nb,
+                            W_ih, gW_ih, gW_hh, gb_ih, gb_hh, dH2, thread_rows(scr.w0g, p, net.V, GH))
+            ep = barrier(sync, q, m, ep)
+    ep = barrier(sync, p, n, ep)  # every part done
     if not backward:
         return
-    gws = scr.gws[p]
-    dH2 = acts.dH.reshape((T * B, H))
-    gWd, gbd = decoder_weights(gws, net)
-    decoder_bwd_rows(r0, r1, top2, Wd, acts.probs, bt.y, 1.0 / (T * B), gWd, gbd, dH2, B)
-    ep = barrier(sync, p, n, ep)
-    grad = LayerGrad(acts.dG, acts.dGh, acts.dH)
-    dGr = cells.recurrent_grad(cell, grad)
-    dh = thread_rows(scr.dh, p, nb, Hp)
-    dc = thread_rows(scr.dc, p, nb, Hp)
-    direct = thread_rows(scr.direct, p, nb, Hp)
-    for k in range(L - 1, -1, -1):
-        lay = layer(acts, k)
-        W_ih, W_hh, b_ih, b_hh = layer_weights(net.theta, net, k, G)
-        # 1. back through dropout (output = h * mask); this thread's part of W_hh packed again
-        #    (the forward's packing of later layers has overwritten it)
-        if dropout:
-            scale_rows(r0, r1, dH2, bt.masks[k].reshape((T * B, H)))
-        pack_block(scr, p, W_hh, G, H, nb, u0, u1, True)
-        ep = barrier(sync, p, n, ep)
-        # 2. backprop through time
-        Wb, Wbp = block_weights(scr, p, W_hh, G, H, nb, u0, u1, True)
-        dh[:] = 0
-        dc[:] = 0
-        if plan.by_units:
-            # step t-1's gate gradients for a block of units need only dGr[t] @ W_hh for those
-            # units, which the same thread computes: one barrier per step
-            cells.backward(cell, lay, grad, T - 1, 0, B, u0, u1, dh, dc, direct)
-            ep = barrier(sync, p, n, ep)
-            for t in range(T - 1, 0, -1):
-                times_w(dGr[t], 0, B, Wb, Wbp, dh)
-                cells.carry(cell, dh, direct)
-                cells.backward(cell, lay, grad, t - 1, 0, B, u0, u1, dh, dc, direct)
-                ep = barrier(sync, p, n, ep)
-            times_w(dGr[0], 0, B, Wb, Wbp, dh)
-            cells.carry(cell, dh, direct)
-        else:
-            for t in range(T - 1, -1, -1):
-                cells.backward(cell, lay, grad, t, s0, s1, 0, H, dh, dc, direct)
-                times_w(dGr[t], s0, s1, Wb, Wbp, dh)
-                cells.carry(cell, dh, direct)
-        cells.save_state_grad(cell, dh, dc, bt.dh0[k], bt.dc0[k], s0, s1, u0, u1)
-        ep = barrier(sync, p, n, ep)
-        # 3. weight gradients (one product each over this thread's rows) and the gradient below
-        gW_ih, gW_hh, gb_ih, gb_hh = layer_weights(gws, net, k, G)
-        hprev2 = lay.hs[:T].reshape((T * B, H))
-        inp2 = layer_output(acts, k - 1, dropout) if k > 0 else acts.dH[0][:0]
-        layer_grad_rows(r0, r1, acts.dG.reshape((T * B, GH)), dGr.reshape((T * B, GH)), hprev2, inp2, bt.x, B,
-                        W_ih, gW_ih, gW_hh, gb_ih, gb_hh, dH2, thread_rows(scr.w0g, p, net.V, GH))
-        ep = barrier(sync, p, n, ep)
     # 5. the gradient: the threads' shares summed in a fixed order, each thread a slice
     P = bt.grad.shape[0]
     per = (P + n - 1) // n
     i0, i1 = min(P, p * per), min(P, (p + 1) * per)
     out = bt.grad[i0:i1]
     copy(out, scr.gws[0][i0:i1])
-    for q in range(1, n):
-        src = scr.gws[q][i0:i1]
+    for q2 in range(1, n):
+        src = scr.gws[q2][i0:i1]
         for i in range(i1 - i0):
             out[i] += src[i]
 
@@ -363,6 +369,24 @@ class Workspace:
         self.grad = layout.empty(net.theta.shape[0] if backward else 1, dtype)
 
 
+def by_part(a, sb):
+    """A (T, B) array's positions by part (layout.Acts): (T*B,), part after part, time-major."""
+    if len(sb) == 2:
+        return a.reshape(-1)
+    return np.concatenate([a[:, s0:s1].ravel() for s0, s1 in zip(sb[:-1], sb[1:])])
+
+
+def from_parts(flat, T, sb):
+    """The inverse of by_part: (T, B) from (T*B,)."""
+    B = int(sb[-1])
+    if len(sb) == 2:
+        return flat.reshape(T, B)
+    out = np.empty((T, B), dtype=flat.dtype)
+    for s0, s1 in zip(sb[:-1], sb[1:]):
+        out[:, s0:s1] = flat[T * s0 : T * s1].reshape(T, s1 - s0)
+    return out
+
+
 def forward_backward(cell, cell_name, net, x, y, h0, c0, masks, backward, team, ws=None):
     """Forward (and backward) of a (T, B) batch; the caller has checked shapes and dtypes.
     Returns (batch, workspace): batch.nll, hT, cT and, with backward, grad (the workspace's own
@@ -374,10 +398,14 @@ def forward_backward(cell, cell_name, net, x, y, h0, c0, masks, backward, team, 
     if ws is None or ws.key != key:
         ws = Workspace(cell_name, cell.G, net, T, B, team.size, backward, dropout, dtype)
     shape = h0.shape
+    sb = ws.plan.sb
+    nll = np.zeros(T * B, dtype=np.float64)
     bt = layout.Batch(
-        x=x, y=y, h0=h0, c0=c0, masks=masks if dropout else np.zeros((0, 1, 1, 1), dtype=dtype),
-        hT=np.zeros(shape, dtype), cT=np.zeros(shape, dtype), nll=np.zeros((T, B), dtype=np.float64),
+        T=T, x=by_part(x, sb), y=by_part(y, sb), h0=h0, c0=c0,
+        masks=masks if dropout else np.zeros((0, 1, 1, 1), dtype=dtype),
+        hT=np.zeros(shape, dtype), cT=np.zeros(shape, dtype), nll=nll,
         grad=ws.grad, dh0=np.zeros(shape, dtype), dc0=np.zeros(shape, dtype),
     )
     team.run(ws.plan.n, _forward_backward, cell, net, bt, ws.acts, ws.scratch, ws.plan, backward, sync=ws.plan.sync)
+    bt = bt._replace(nll=from_parts(nll, T, sb))
     return bt, ws

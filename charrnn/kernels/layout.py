@@ -28,37 +28,49 @@ Net = namedtuple("Net", [
 ])
 
 Batch = namedtuple("Batch", [
-    "x", "y",      # (T, B) int32 inputs and targets
+    "T",           # time steps
+    "x", "y",      # (T*B,) int32 inputs and targets, by part (see Acts)
     "h0", "c0",    # (L, B, H) the initial state (c0: LSTM only; zeros otherwise)
     "masks",       # (L, T, B, H) dropout masks on every layer's output, or (0, 1, 1, 1): none
     "hT", "cT",    # (L, B, H) out: the final state
-    "nll",         # (T, B) float64 out: -log p(y) at every position
+    "nll",         # (T*B,) float64 out: -log p(y) at every position, by part
     "grad",        # (P,) out: gradient of mean(nll), theta's layout; (1,) without backward
     "dh0", "dc0",  # (L, B, H) out: gradient of mean(nll) on the initial state
 ])
 
+# Acts holds every position of a batch by part: the streams are cut into parts (plan.sb: one
+# part per thread when the threads split the streams, one part of all streams when they split the
+# units), and a part of nb streams keeps its positions together, time-major: position (t, b) of
+# the part starting at stream s0 is row t*nb + b - s0 of the T*nb rows starting at row T*s0. So a
+# thread that owns a part reads and writes only its own memory from the first layer to the last
+# gradient, and its rows for one step, or for all steps, are contiguous. With one part this is
+# the plain (T, B) layout.
 Acts = namedtuple("Acts", [
-    "gates",  # (L, T, B, G*H) input products + folded biases, then the activated gates (saved)
-    "hs",     # (L, T+1, B, H) hidden states; [k, 0] the initial state
-    "cs",     # (L, T+1, B, H) LSTM cell states; (L, 0, B, H) for other cells
-    "tcs",    # (L, T, B, H) LSTM tanh(c); (L, 0, B, H) otherwise
-    "hn",     # (L, T, B, H) GRU W_hn h + b_hn; (L, 0, B, H) otherwise
-    "xs",     # (L, T, B, H) each layer's output after dropout; (L, 0, B, H) without dropout
-    "probs",  # (T*B, V) softmax probabilities, then the gradient of the logits
-    "dG",     # (T, B, G*H) gradient of the gate pre-activations, input side, current layer
-    "dGh",    # (T, B, G*H) GRU: gradient of the recurrent side W_hh h + b_hh; (0, B, G*H) otherwise
-    "dH",     # (T, B, H) gradient arriving at the current layer's output
+    "gates",  # (L, T*B*G*H) input products + folded biases, then the activated gates (saved)
+    "hs",     # (L, (T+1)*B*H) hidden states, (T+1, nb, H) a part; step 0 the initial state
+    "cs",     # (L, (T+1)*B*H) LSTM cell states; (L, 0) for other cells
+    "tcs",    # (L, T*B*H) LSTM tanh(c); (L, 0) otherwise
+    "hn",     # (L, T*B*H) GRU W_hn h + b_hn; (L, 0) otherwise
+    "xs",     # (L, T*B*H) each layer's output after dropout; (L, 0) without dropout
+    "probs",  # (T*B*V,) softmax probabilities, then the gradient of the logits
+    "dG",     # (T*B*G*H,) gradient of the gate pre-activations, input side, current layer
+    "dGh",    # (T*B*G*H,) GRU: gradient of the recurrent side W_hh h + b_hh; (0,) otherwise
+    "dH",     # (T*B*H,) gradient arriving at the current layer's output
     "w0t",    # (V, G*H) weight_ih_l0 transposed: the one-hot gather reads contiguous rows
 ])
 
-Layer = namedtuple("Layer", [  # one layer's views of Acts (first index k dropped)
-    "gates", "hs", "cs", "tcs", "hn",
+Layer = namedtuple("Layer", [  # one layer's views of a part of Acts
+    "gates",  # (T, nb, G*H)
+    "hs",     # (T+1, nb, H)
+    "cs",     # (T+1, nb, H) or (0, nb, H)
+    "tcs",    # (T, nb, H) or (0, nb, H)
+    "hn",     # (T, nb, H) or (0, nb, H)
 ])
 
-LayerGrad = namedtuple("LayerGrad", [  # the current layer's gradients
-    "dG",   # (T, B, G*H)
-    "dGh",  # (T, B, G*H) or (0, B, G*H)
-    "dH",   # (T, B, H)
+LayerGrad = namedtuple("LayerGrad", [  # the current layer's gradients, a part's views
+    "dG",   # (T, nb, G*H)
+    "dGh",  # (T, nb, G*H) or (0, nb, G*H)
+    "dH",   # (T, nb, H)
 ])
 
 Scratch = namedtuple("Scratch", [  # one row per thread
@@ -105,19 +117,15 @@ def net(theta, offs, L, H, V) -> Net:
 
 
 def acts(cell_name: str, G: int, L, T, B, H, V, dropout: bool, dtype) -> Acts:
-    """The shared workspace of a (T, B) batch."""
+    """The shared workspace of a (T, B) batch (flat, by part: see Acts)."""
     GH = G * H
-
-    def opt(flag, shape):
-        return empty(shape if flag else (shape[0], 0) + tuple(shape[2:]), dtype)
-
     lstm, gru = cell_name == "lstm", cell_name == "gru"
     return Acts(
-        gates=empty((L, T, B, GH), dtype), hs=empty((L, T + 1, B, H), dtype),
-        cs=opt(lstm, (L, T + 1, B, H)), tcs=opt(lstm, (L, T, B, H)), hn=opt(gru, (L, T, B, H)),
-        xs=opt(dropout, (L, T, B, H)), probs=empty((T * B, V), dtype),
-        dG=empty((T, B, GH), dtype), dGh=empty((T, B, GH) if gru else (0, B, GH), dtype),
-        dH=empty((T, B, H), dtype), w0t=empty((V, GH), dtype),
+        gates=empty((L, T * B * GH), dtype), hs=empty((L, (T + 1) * B * H), dtype),
+        cs=empty((L, (T + 1) * B * H if lstm else 0), dtype), tcs=empty((L, T * B * H if lstm else 0), dtype),
+        hn=empty((L, T * B * H if gru else 0), dtype), xs=empty((L, T * B * H if dropout else 0), dtype),
+        probs=empty(T * B * V, dtype), dG=empty(T * B * GH, dtype), dGh=empty(T * B * GH if gru else 0, dtype),
+        dH=empty(T * B * H, dtype), w0t=empty((V, GH), dtype),
     )
 
 
@@ -165,9 +173,22 @@ def decoder_weights(flat, net):
 
 
 @helper
-def layer(acts, k):
-    """Layer k's views of the shared workspace."""
-    return Layer(acts.gates[k], acts.hs[k], acts.cs[k], acts.tcs[k], acts.hn[k])
+def part_of(flat, steps, s0, s1, width):
+    """The part of streams s0..s1-1 of a flat by-part array of `steps` steps, as (steps, nb, width);
+    an empty array (a slot the cell does not use) gives (0, nb, width)."""
+    nb = s1 - s0
+    if flat.shape[0] == 0:
+        return flat.reshape((0, nb, width))
+    return flat[steps * s0 * width : steps * s1 * width].reshape((steps, nb, width))
+
+
+@helper
+def layer(acts, k, T, s0, s1, G):
+    """Layer k's views of the part of streams s0..s1-1."""
+    H = acts.w0t.shape[1] // G
+    return Layer(part_of(acts.gates[k], T, s0, s1, G * H), part_of(acts.hs[k], T + 1, s0, s1, H),
+                 part_of(acts.cs[k], T + 1, s0, s1, H), part_of(acts.tcs[k], T, s0, s1, H),
+                 part_of(acts.hn[k], T, s0, s1, H))
 
 
 @helper
