@@ -170,16 +170,17 @@ class Model:
         return self.params.size
 
     def init(self, seed: int, forget_bias: float = 0.0) -> "Model":
-        """PyTorch's initialisation: every parameter uniform in +-1/sqrt(H); optionally the LSTM
-        forget-gate biases (bias_ih's f part) set to `forget_bias`."""
+        """PyTorch's initialisation: every parameter uniform in +-1/sqrt(H); optionally, for a cell
+        with a forget gate (the LSTM), its biases (bias_ih's f block) set to `forget_bias`."""
         gen = np.random.Generator(np.random.PCG64(seed))
         bound = 1.0 / np.sqrt(self.cfg.hidden)
         self.params.data[:] = gen.uniform(-bound, bound, size=self.params.size)
-        if forget_bias and self.cfg.cell == "lstm":
+        f = cells.forget_gate(self.cfg.cell)
+        if forget_bias and f is not None:
             H = self.cfg.hidden
             for k in range(self.cfg.layers):
-                self.params[f"rnn.bias_ih_l{k}"][H : 2 * H] = forget_bias
-                self.params[f"rnn.bias_hh_l{k}"][H : 2 * H] = 0.0
+                self.params[f"rnn.bias_ih_l{k}"][f * H : (f + 1) * H] = forget_bias
+                self.params[f"rnn.bias_hh_l{k}"][f * H : (f + 1) * H] = 0.0
         return self
 
     # ------------------------------------------------------------------ state

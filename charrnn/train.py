@@ -232,7 +232,7 @@ class Trainer:
         fitted = budget.choose_size(cfg, n_train)
         mcfg = ModelConfig(cell=fitted.cell, layers=cfg.layers, hidden=fitted.hidden, vocab_size=vocab.size,
                            nonlinearity=cfg.nonlinearity, dropout=fitted.dropout)
-        model = Model(mcfg).init(cfg.seed, forget_bias=cfg.forget_bias if fitted.cell == "lstm" else 0.0)
+        model = Model(mcfg).init(cfg.seed, forget_bias=cfg.forget_bias)  # only a cell with a forget gate has one
         if out is None:
             out = default_out_dir(corpus.name, runs_dir)
         elif os.path.exists(os.path.join(out, "last.npz")) or os.path.exists(os.path.join(out, "best.npz")):

@@ -14,7 +14,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from charrnn.kernels import gemm
+from charrnn.kernels import cells, gemm
 from charrnn.kernels.jit import helper
 from charrnn.kernels.sync import sync_words
 
@@ -119,12 +119,15 @@ def net(theta, offs, L, H, V) -> Net:
 def acts(cell_name: str, G: int, L, T, B, H, V, dropout: bool, dtype) -> Acts:
     """The shared workspace of a (T, B) batch (flat, by part: see Acts)."""
     GH = G * H
-    lstm, gru = cell_name == "lstm", cell_name == "gru"
+
+    def slot(name, size):  # an unused slot is empty, never a region borrowed for something else
+        return size if cells.uses(cell_name, name) else 0
+
     return Acts(
         gates=empty((L, T * B * GH), dtype), hs=empty((L, (T + 1) * B * H), dtype),
-        cs=empty((L, (T + 1) * B * H if lstm else 0), dtype), tcs=empty((L, T * B * H if lstm else 0), dtype),
-        hn=empty((L, T * B * H if gru else 0), dtype), xs=empty((L, T * B * H if dropout else 0), dtype),
-        probs=empty(T * B * V, dtype), dG=empty(T * B * GH, dtype), dGh=empty(T * B * GH if gru else 0, dtype),
+        cs=empty((L, slot("cs", (T + 1) * B * H)), dtype), tcs=empty((L, slot("tcs", T * B * H)), dtype),
+        hn=empty((L, slot("hn", T * B * H)), dtype), xs=empty((L, T * B * H if dropout else 0), dtype),
+        probs=empty(T * B * V, dtype), dG=empty(T * B * GH, dtype), dGh=empty(slot("dGh", T * B * GH), dtype),
         dH=empty(T * B * H, dtype), w0t=empty((V, GH), dtype),
     )
 

@@ -349,22 +349,22 @@ def _generate_threads(p, n, cell, net, tok, h, c, out, done, dr, st, gen, sync):
 
 # ----------------------------------------------------------------------------- Python side
 def step_buffers(cell_name: str, G: int, nb: int, H: int, V: int, dtype) -> Step:
-    lstm, gru = cell_name == "lstm", cell_name == "gru"
+    uses = lambda slot: cells.uses(cell_name, slot)  # noqa: E731
     e = layout.empty
-    return Step(gates=e((1, nb, G * H), dtype), hs=e((2, nb, H), dtype), cs=e((2 if lstm else 0, nb, H), dtype),
-                tcs=e((1 if lstm else 0, nb, H), dtype), hn=e((1 if gru else 0, nb, H), dtype),
+    return Step(gates=e((1, nb, G * H), dtype), hs=e((2, nb, H), dtype), cs=e((2 if uses("cs") else 0, nb, H), dtype),
+                tcs=e((1 if uses("tcs") else 0, nb, H), dtype), hn=e((1 if uses("hn") else 0, nb, H), dtype),
                 hp=e((nb, G * H), dtype), logits=e((nb, V), dtype), w0t=e((V, G * H), dtype))
 
 
 def gen_buffers(cell_name: str, G: int, L: int, nb: int, H: int, ub, dtype) -> Gen:
     n = len(ub) - 1
     Hp = int(np.max(np.diff(ub)))
-    lstm, gru = cell_name == "lstm", cell_name == "gru"
+    uses = lambda slot: cells.uses(cell_name, slot)  # noqa: E731
     e, pt = layout.empty, layout.per_thread
     return Gen(wf=pt(n, L * G * Hp * H, dtype), wi=pt(n, max(L - 1, 0) * G * Hp * H, dtype),
                hp=pt(n, nb * G * Hp, dtype), gp=pt(n, nb * G * Hp, dtype),
-               hs=e((L, 2, nb, H), dtype), cs=e((L, 2 if lstm else 0, nb, H), dtype), gates=e((1, nb, G * H), dtype),
-               tcs=e((1 if lstm else 0, nb, H), dtype), hn=e((1 if gru else 0, nb, H), dtype),
+               hs=e((L, 2, nb, H), dtype), cs=e((L, 2 if uses("cs") else 0, nb, H), dtype), gates=e((1, nb, G * H), dtype),
+               tcs=e((1 if uses("tcs") else 0, nb, H), dtype), hn=e((1 if uses("hn") else 0, nb, H), dtype),
                ub=np.asarray(ub, dtype=np.int64), taken=np.zeros(1, dtype=np.int64))
 
 

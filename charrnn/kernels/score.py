@@ -74,12 +74,12 @@ def _score(p, n, cell, net, x2, y2, h, c, nll2, pipe, sync):
 
 
 def pipe(cell_name: str, G: int, L: int, H: int, V: int, C: int, dtype) -> Pipe:
-    lstm, gru = cell_name == "lstm", cell_name == "gru"
+    uses = lambda slot: cells.uses(cell_name, slot)  # noqa: E731
     e = layout.empty
     return Pipe(
         gates=e((L, C, 1, G * H), dtype), hs=e((L, 2, C + 1, 1, H), dtype),
-        cs=e((L, C + 1 if lstm else 0, 1, H), dtype), tcs=e((L, C if lstm else 0, 1, H), dtype),
-        hn=e((L, C if gru else 0, 1, H), dtype), hp=e((L, 1, G * H), dtype), probs=e((C, V), dtype),
+        cs=e((L, C + 1 if uses("cs") else 0, 1, H), dtype), tcs=e((L, C if uses("tcs") else 0, 1, H), dtype),
+        hn=e((L, C if uses("hn") else 0, 1, H), dtype), hp=e((L, 1, G * H), dtype), probs=e((C, V), dtype),
         w0t=e((V, G * H), dtype),
     )
 

@@ -6,9 +6,10 @@ each generic function below is overloaded on it, so a kernel compiled for an LST
 LSTM's code and nothing else, and the training, scoring and sampling loops share one definition
 of each cell's arithmetic.
 
-Adding a cell: a module beside lstm.py with its namedtuple and the functions below (same names,
-same parameters), one line in CELLS, and its gate count in charrnn/model.py's parameter shapes
-(which take G from here).
+Adding a cell: a module beside lstm.py with its namedtuple (its G the gate count), SLOTS (the
+buffers it uses beside gates and hs), FORGET_GATE, and the functions below (same names, same
+parameters; common.py has the pieces several cells share), and one line in CELLS. Parameter
+shapes, workspaces, training, scoring and sampling follow.
 
     fold_bias(cell, row, b_ih, b_hh)            row += the biases folded into the input products
     forward(cell, lay, t, s0, s1, u0, u1, hp, b_hh)
@@ -42,6 +43,17 @@ def make(name: str, nonlinearity: str = "tanh"):
 def gates(name: str) -> int:
     """G, the gate blocks of a cell by name (4, 3, 1)."""
     return make(name).G
+
+
+def uses(name: str, slot: str) -> bool:
+    """Whether a cell uses a buffer beside its gates and hidden states: "cs", "tcs", "hn" (Layer's
+    fields) or "dGh" (a recurrent-side gradient of its own). Workspaces allocate the others empty."""
+    return slot in CELLS[name].SLOTS
+
+
+def forget_gate(name: str):
+    """The gate block an initial forget-gate bias goes to, or None for a cell without one."""
+    return CELLS[name].FORGET_GATE
 
 
 def _module(cell):

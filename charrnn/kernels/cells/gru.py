@@ -22,6 +22,8 @@ from charrnn.kernels.cells import common
 from charrnn.kernels.mathf import cast, sigmoid, tanh
 
 GRU = namedtuple("GRU", ["G"], defaults=[3])
+SLOTS = {"hn", "dGh"}  # beside gates and hs: W_hn h + b_hn for backward, and the recurrent side's own gradient
+FORGET_GATE = None
 
 
 def fold_bias(cell, row, b_ih, b_hh):

@@ -20,6 +20,8 @@ from charrnn.kernels.cells import common
 from charrnn.kernels.mathf import cast, copy, sigmoid, tanh
 
 LSTM = namedtuple("LSTM", ["G"], defaults=[4])
+SLOTS = {"cs", "tcs"}  # the buffers it uses beside gates and hs (layout.Layer): c, and tanh(c) for backward
+FORGET_GATE = 1  # the gate block an initial forget bias goes to (i, f, g, o)
 
 
 def forward(cell, lay, t, s0, s1, u0, u1, hp, b_hh):

@@ -12,6 +12,8 @@ from charrnn.kernels.cells import common
 from charrnn.kernels.mathf import cast, tanh
 
 RNN = namedtuple("RNN", ["G", "relu"], defaults=[1, False])
+SLOTS = set()  # gates and hs only
+FORGET_GATE = None
 
 
 def forward(cell, lay, t, s0, s1, u0, u1, hp, b_hh):
