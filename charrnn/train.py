@@ -86,8 +86,8 @@ class Precompile:
     A daemon thread: a run that stops early (a bad corpus) does not wait for it, and the cache
     writes are atomic. wait() before training, so that nothing compiles during timed steps."""
 
-    def __init__(self, cell: str, nonlinearity: str, layers: int, optimizer: str, threads_n: int):
-        self._args = (cell, nonlinearity, layers, optimizer, threads_n)
+    def __init__(self, cfg: TrainConfig, cell: str, threads_n: int):
+        self._args = (cfg, cell, threads_n)
         self.compiled = False  # whether anything had to compile (not only load from the cache)
         self._thread = threading.Thread(target=self._run, name="charrnn-precompile", daemon=True)
         self._thread.start()
@@ -104,14 +104,14 @@ class Precompile:
             self._compile()
 
     def _compile(self):
-        cell, nonlinearity, layers, optimizer, threads_n = self._args
+        cfg, cell, threads_n = self._args
         try:
-            model = Model(ModelConfig(cell=cell, layers=2, hidden=8, vocab_size=4, nonlinearity=nonlinearity))
-            model.warm_up(dropout=True)
-            opt = make_optimizer(optimizer, model.n_params, model.dtype, 1e-3)
-            train_step(model, opt, *([np.zeros((2, 2), np.int32)] * 2), *model.zero_state(2), None, 1e-3, 1.0, "norm")
-            train_step(model, opt, *([np.zeros((2, 2), np.int32)] * 2), *model.zero_state(2), None, 1e-3, 1.0, "value")
-            if threads_n >= 2 and layers >= 2:
+            model = Model(ModelConfig(cell=cell, layers=2, hidden=8, vocab_size=4, nonlinearity=cfg.nonlinearity))
+            model.warm_up(dropout=cfg.dropout != 0)  # None: chosen later, and likely above 0
+            opt = make_optimizer(cfg.optimizer, model.n_params, model.dtype, 1e-3)
+            x = np.zeros((2, 2), np.int32)
+            train_step(model, opt, x, x, *model.zero_state(2), None, 1e-3, cfg.clip, cfg.clip_mode)
+            if threads_n >= 2 and cfg.layers >= 2:
                 h, c = model.zero_state(1)
                 model.score(np.zeros(2, np.int32), np.zeros(2, np.int32), h, c)
         except Exception:  # noqa: BLE001 - the run itself will compile, and report any error, in its own time
@@ -222,8 +222,7 @@ class Trainer:
     # ------------------------------------------------------------------ construction
     @classmethod
     def new(cls, paths, cfg: TrainConfig, out: str | None, quiet: bool = False, runs_dir: str = "runs"):
-        early = Precompile(budget.chosen_cell(cfg), cfg.nonlinearity, cfg.layers, cfg.optimizer,
-                           threads.set_threads(cfg.threads))
+        early = Precompile(cfg, budget.chosen_cell(cfg), threads.set_threads(cfg.threads))
         corpus = read_corpus(paths, cfg.encoding)
         if cfg.docs is not None and not any(p.strip() for p in corpus.text.split("\n")):
             raise DataError("the corpus holds no documents")
@@ -268,7 +267,7 @@ class Trainer:
             raise CharrnnError(f"{path}: cannot resume: checkpoint lacks training state ({e})") from None
         if "-" in paths:
             raise CharrnnError("cannot resume a run trained on stdin: the corpus cannot be read again")
-        early = Precompile(ck.model.cfg.cell, ck.model.cfg.nonlinearity, ck.model.cfg.layers, given.optimizer,
+        early = Precompile(effective(given, fitted), ck.model.cfg.cell,
                            threads.set_threads(threads_n if threads_n is not None else given.threads))
         corpus = read_corpus(paths, given.encoding)
         if corpus.sha256 != sha:

@@ -91,5 +91,5 @@ def test_helpers_are_not_specialised_on_integer_constants(tmp_path):
     seen = json.loads(res.stdout.strip().splitlines()[-1])
     ours = [(name, args) for name, args in seen if name.startswith("charrnn.")]
     assert len(ours) >= 5  # the kernel and its helpers really compiled
-    assert any(name.endswith(".times_wt") for name, _ in ours)
+    assert any(name.endswith(".dense_wt") for name, _ in ours)
     assert not [(name, args) for name, args in ours if "Literal" in args]

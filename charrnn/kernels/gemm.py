@@ -212,10 +212,19 @@ def pack_cols(W, u0, u1, Wb):
 @helper
 def times_wt(A, s0, s1, W, Wp, C):
     """C (s1-s0, n) <- A[s0:s1] (., K) @ W^T for W (n, K), through W^T's packed panels Wp when Wp
-    is not empty. One row is a matrix-vector product, which needs no packing."""
+    is not empty (the training loop's recurrent product), else dense_wt."""
     if Wp.shape[0] > 0:
         mm_packed(rows(A, s0, s1), Wp, rows(C, 0, s1 - s0), A.shape[1])
-    elif s1 - s0 == 1:
+    else:
+        dense_wt(A, s0, s1, W, C)
+
+
+@helper
+def dense_wt(A, s0, s1, W, C):
+    """C (s1-s0, n) <- A[s0:s1] (., K) @ W^T for W (n, K) by BLAS: a matrix-vector product for one
+    row. The loops of single steps (scoring, sampling) call this, not times_wt, so that they do
+    not compile the packed micro-kernel they never use."""
+    if s1 - s0 == 1:
         np.dot(W, A[s0], C[0])
     else:
         np.dot(rows(A, s0, s1), W.T, C)

@@ -14,7 +14,7 @@ from collections import namedtuple
 import numpy as np
 
 from charrnn.kernels import cells, layout
-from charrnn.kernels.gemm import pack_rows, times_wt
+from charrnn.kernels.gemm import dense_wt, pack_rows
 from charrnn.kernels.jit import helper, kernel
 from charrnn.kernels.layout import Layer, decoder_weights, layer_weights, thread_rows
 from charrnn.kernels.mathf import copy, copy_rows
@@ -87,15 +87,15 @@ def step(cell, net, tok, h, c, st, w0t):
             for b in range(nb):
                 gather_input(g2[b], W_ih, w0t, tok[b], b_ih, b_hh, cell, 0, H, H)
         else:
-            times_wt(st.hs[1], 0, nb, W_ih, st.hp[0][:0], g2)  # hs[1] still holds layer k-1's output
+            dense_wt(st.hs[1], 0, nb, W_ih, g2)  # hs[1] still holds layer k-1's output
             for b in range(nb):
                 cells.fold_bias(cell, g2[b], b_ih, b_hh)
         cells.load_state(cell, lay, h[k], c[k], 0, nb)
-        times_wt(st.hs[0], 0, nb, W_hh, st.hp[0][:0], st.hp)
+        dense_wt(st.hs[0], 0, nb, W_hh, st.hp)
         cells.forward(cell, lay, 0, 0, nb, 0, H, st.hp, b_hh)
         cells.save_state(cell, lay, 1, h[k], c[k], 0, nb)
     Wd, bd = decoder_weights(net.theta, net)
-    times_wt(st.hs[1], 0, nb, Wd, st.hp[0][:0], st.logits)
+    dense_wt(st.hs[1], 0, nb, Wd, st.logits)
     for b in range(nb):
         row = st.logits[b]
         for v in range(V):
@@ -314,13 +314,13 @@ def _generate_threads(p, n, cell, net, tok, h, c, out, done, dr, st, gen, sync):
                     gather_input(g2[b], W_ih, st.w0t, tok[b], b_ih, b_hh, cell, u0, u1, H)
             else:
                 Wi = gen.wi[p][(k - 1) * G * Hp * H : k * G * Hp * H].reshape((G * Hp, H))
-                times_wt(gen.hs[k - 1, 1], 0, nb, Wi, hp[0][:0], gp)  # this block's input products
+                dense_wt(gen.hs[k - 1, 1], 0, nb, Wi, gp)  # this block's input products
                 for b in range(nb):
                     for g in range(G):
                         dst = g2[b, g * H + u0 : g * H + u1]
                         copy(dst, gp[b, g * Hp : (g + 1) * Hp])
                         cells.fold_bias(cell, dst, b_ih[g * H + u0 : g * H + u1], b_hh[g * H + u0 : g * H + u1])
-            times_wt(gen.hs[k, 0], 0, nb, Wf, hp[0][:0], hp)
+            dense_wt(gen.hs[k, 0], 0, nb, Wf, hp)
             cells.forward(cell, lay, 0, 0, nb, u0, u1, hp, b_hh)
             ep = barrier(sync, p, n, ep)  # layer k's new state is complete
             for b in range(nb):  # own units: the new state becomes the previous one of the next step
@@ -329,7 +329,7 @@ def _generate_threads(p, n, cell, net, tok, h, c, out, done, dr, st, gen, sync):
                     copy(gen.cs[k, 0, b, u0:u1], gen.cs[k, 1, b, u0:u1])
         if p == 0:
             Wd, bd = decoder_weights(net.theta, net)
-            times_wt(gen.hs[L - 1, 1], 0, nb, Wd, hp[0][:0], st.logits)
+            dense_wt(gen.hs[L - 1, 1], 0, nb, Wd, st.logits)
             for b in range(nb):
                 row = st.logits[b]
                 for v in range(net.V):

@@ -14,7 +14,7 @@ from collections import namedtuple
 
 from charrnn.kernels import cells, layout
 from charrnn.kernels.bptt import decoder_rows, fill_w0t, input_rows
-from charrnn.kernels.gemm import times_wt
+from charrnn.kernels.gemm import dense_wt
 from charrnn.kernels.jit import kernel
 from charrnn.kernels.layout import Layer, decoder_weights, layer_weights
 from charrnn.kernels.sync import barrier
@@ -63,7 +63,7 @@ def _score(p, n, cell, net, x2, y2, h, c, nll2, pipe, sync):
             input_rows(cell, 0, Cj, lay.gates.reshape((Cj, GH)), x2[p0 : p0 + Cj], pipe.w0t, inp2, W_ih, b_ih, b_hh, 1)
             cells.load_state(cell, lay, h[k], c[k], 0, 1)  # the state after the previous chunk
             for t in range(Cj):
-                times_wt(hs[t], 0, 1, W_hh, pipe.hp[k][0][:0], pipe.hp[k])
+                dense_wt(hs[t], 0, 1, W_hh, pipe.hp[k])
                 cells.forward(cell, lay, t, 0, 1, 0, H, pipe.hp[k], b_hh)
             cells.save_state(cell, lay, Cj, h[k], c[k], 0, 1)
             if k == L - 1:
