@@ -321,3 +321,54 @@ def test_train_step_skips_a_non_finite_update():
     res = train_step(m, opt, x, y, h, c, None, 1e-2, 5.0, "norm")
     assert not res.finite and opt.t == 0
     np.testing.assert_array_equal(m.theta, before)
+
+
+PRECOMPILE = """
+import json, sys, threading, time
+from numba.core import event
+import charrnn.train as train
+from charrnn.config import TrainConfig
+
+starts, first_step = [], []
+
+
+class Record(event.Listener):
+    def on_start(self, ev):
+        fn = getattr(ev.data.get("dispatcher"), "py_func", None)
+        starts.append((time.monotonic(), threading.current_thread().name, getattr(fn, "__name__", "?")))
+
+    def on_end(self, ev):
+        pass
+
+
+real_step = train.train_step
+
+
+def step(*a, **k):
+    if not first_step and threading.current_thread() is threading.main_thread():  # the run's, not the precompile's
+        first_step.append(time.monotonic())
+    return real_step(*a, **k)
+
+
+train.train_step = step
+with event.install_listener("numba:compile", Record()):
+    cfg = TrainConfig(cell="rnn", hidden=16, batch=4, seq=8, steps=3, seq_warmup=0, threads=2)
+    tr = train.Trainer.new([sys.argv[1]], cfg, sys.argv[2], quiet=True)
+    tr.run()
+print(json.dumps({"early": sorted({name for t, thread, name in starts if thread == "charrnn-precompile"}),
+                  "after": [name for t, thread, name in starts if t >= first_step[0]]}))
+"""
+
+
+def test_the_kernels_compile_while_the_corpus_loads_and_never_during_steps(corpus, tmp_path):
+    """On a cold cache, Trainer.new starts compiling the training kernels in a background thread
+    before it reads the corpus; by the first training step everything the run needs, the
+    validation's scorer included, is compiled, so no step or validation waits for the compiler."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    res = subprocess.run([sys.executable, "-c", PRECOMPILE, corpus, str(tmp_path / "run")], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    # the background thread compiled some of the run's kernels (which ones depends on who gets there first)
+    assert {"_forward_backward", "_masks_thread", "_score", "_adam"} & set(got["early"]), got
+    assert got["after"] == [], got
