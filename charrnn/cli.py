@@ -55,6 +55,13 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             click.echo("charrnn: interrupted", err=True)
             sys.exit(130)
+        except BaseException as e:
+            from charrnn.signals import SignalExit
+
+            if isinstance(e, SignalExit):
+                click.echo("charrnn: terminated", err=True)
+                sys.exit(e.exit_code)
+            raise
         except MemoryError:
             _fail("out of memory; try a smaller model, batch or text", 1)
 
@@ -73,6 +80,19 @@ def _model_option(f):
 
 def _quiet_option(f):
     return click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")(f)
+
+
+def _val_chars(value):
+    """--val-chars: a positive count, or "all"."""
+    if value is None or value == "all":
+        return value
+    try:
+        n = int(value.replace("_", "").replace(",", ""))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(f"{value!r} is neither a positive number of characters nor 'all'")
+    return n
 
 
 def _compile_notice(quiet: bool, what: str):
@@ -129,6 +149,9 @@ def cli():
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this much wall-clock time (with --resume: additional time).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Stop after this many updates in total.")
 @click.option("--val-frac", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.val_frac, help="Fraction of the text (its end) held out for validation.")
+@click.option("--val-chars", type=str, default=None, metavar="N|all", callback=lambda ctx, p, v: _val_chars(v),
+              help="Held-out characters scored at each validation, from the start of the split "
+                   "(default: all of it up to 200,000; charrnn eval scores any text whole).")
 @click.option("--docs", type=click.Choice(["line", "blank"]), default=None, help="Documents: one per line, or separated by blank lines.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="Steps between validations (default: about once per epoch, 200-2000).")
 @click.option("--patience", type=click.IntRange(min=1), default=None, help="Stop after this many validations without improvement.")
@@ -140,6 +163,13 @@ def cli():
 @handle_errors
 def train(corpus, out, resume, quiet, **opts):
     """Train a model on CORPUS (one or more text files; - for stdin)."""
+    from charrnn.signals import Raising
+
+    with Raising():  # interruptible from the start; the run defers signals once it has something to save
+        _train(corpus, out, resume, quiet, **opts)
+
+
+def _train(corpus, out, resume, quiet, **opts):
     from charrnn.config import TrainConfig
     from charrnn.errors import UsageError
     from charrnn.train import Trainer

@@ -27,6 +27,7 @@ class TrainConfig:
     seq: int = 64  # T steps of backprop-through-time per update
     seq_warmup: int = 300  # steps over which T grows from 8 to --seq (0: off); measured, see README
     val_frac: float = 0.1  # last fraction of the text held out for validation
+    val_chars: int | str | None = None  # held-out characters that training scores: N, "all", or None (the default)
     docs: str | None = None  # None: one stream; line | blank: documents wrapped in <START> ... <END>
     encoding: str | None = None  # text encoding of the corpus (default strict UTF-8)
     # ---- optimisation
@@ -68,6 +69,7 @@ class Fitted:
     schedule: str = "auto"  # the user's, or "wsd" once fitted to a --minutes budget ("auto" until then)
     decay_steps: int | None = None  # the user's, or fitted with the schedule
     epochs: float | None = None  # the default budget (10 epochs) of a run given none
+    val_chars: int | None = None  # held-out positions training scores, from the split's start; None: all of it
 
     def to_dict(self) -> dict:
         return asdict(self)

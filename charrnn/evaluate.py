@@ -22,6 +22,10 @@ from charrnn.vocab import START_ID, UNK_ID, Vocab
 SPAN = 16384  # positions per call to the model; the state is carried between calls, so the result is exact
 
 
+class Cancelled(Exception):
+    """Scoring stopped early because its `stop` callback asked it to (an interrupt)."""
+
+
 @dataclass
 class Score:
     nll: float  # total negative log-likelihood, nats
@@ -46,9 +50,10 @@ class Score:
         return d
 
 
-def score_tokens(model, tokens: np.ndarray, progress=None) -> Score:
+def score_tokens(model, tokens: np.ndarray, progress=None, stop=None) -> Score:
     """Score a token stream (starting with <START>) from a zero state, one stream, in spans that
-    carry the state (so the result does not depend on SPAN; spans only pace the progress bar)."""
+    carry the state (so the result does not depend on SPAN; spans pace the progress bar, and an
+    interrupt: `stop()` is asked before each span, and Cancelled raised when it says so)."""
     tokens = np.ascontiguousarray(tokens, dtype=np.int32)
     n = len(tokens) - 1
     total = 0.0
@@ -58,6 +63,8 @@ def score_tokens(model, tokens: np.ndarray, progress=None) -> Score:
         return Score(0.0, 0, 0)
     h, c = model.zero_state(1)
     for p in range(0, n, SPAN):
+        if stop is not None and stop():
+            raise Cancelled
         q = min(p + SPAN, n)
         y = tokens[p + 1 : q + 1]
         nll = model.score(tokens[p:q], y, h, c)

@@ -24,16 +24,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from charrnn import budget, checkpoint, threads
+from charrnn import budget, checkpoint, signals, threads
 from charrnn.budget import AUTO_MEASURE_STEPS, REFIT_EVERY, StepTimes, seq_len_at
 from charrnn.config import Fitted, TrainConfig, effective
 from charrnn.data import BatchStream, compact_dtype, corpus_vocab, encode_stream, read_corpus, split_text
 from charrnn.errors import CharrnnError, DataError, Interrupted, TrainingError, UsageError
-from charrnn.evaluate import score_tokens
+from charrnn.evaluate import Cancelled, score_tokens
 from charrnn.kernels.jit import compile_notice
 from charrnn.model import Model, ModelConfig
 from charrnn.optim import Optimizer, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
 from charrnn.progress import Reporter, remaining
+from charrnn.rundir import RunDir, holds_run
 from charrnn.signals import Signals
 from charrnn.vocab import Vocab
 
@@ -118,7 +119,9 @@ class Precompile:
             pass
 
     def wait(self):
-        self._thread.join()
+        """Until it is done; in short slices, so that signal handlers run meanwhile."""
+        while self._thread.is_alive():
+            self._thread.join(0.1)
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -132,38 +135,24 @@ class RunState:
     best_step: int = -1
     bad_evals: int = 0
     elapsed: float = 0.0  # training seconds before this process (resume)
+    eval_due: bool = False  # an interrupt cut this step's validation short: the resumed run does it first
 
 
 def _check_out_dir(out: str, need_bytes: int):
-    """Make the run directory and prove it is writable and has room, before any training."""
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise CharrnnError(f"cannot create output directory {out}: {e.strerror or e}") from None
-    if not os.path.isdir(out):
-        raise CharrnnError(f"output path {out} exists and is not a directory")
+    """Prove the (locked) run directory is writable and has room for its checkpoints, before any
+    training: a read-only or full filesystem is found now, not after the first hour."""
     probe = os.path.join(out, ".charrnn-write-test")
     try:
         with open(probe, "wb") as f:
             f.write(b"ok")
         os.unlink(probe)
+        free = shutil.disk_usage(out).free
     except OSError as e:
         raise CharrnnError(f"output directory {out} is not writable: {e.strerror or e}") from None
-    free = shutil.disk_usage(out).free
     if free < need_bytes:
         raise CharrnnError(
             f"not enough disk space in {out}: {free // 2**20} MiB free, checkpoints need about {need_bytes // 2**20} MiB"
         )
-
-
-def default_out_dir(corpus_name: str, runs_dir: str = "runs") -> str:
-    """runs/<stem>, or runs/<stem>-2, -3 ... if that already holds a run (never overwrite one)."""
-    base = os.path.join(runs_dir, corpus_name)
-    cand, n = base, 1
-    while os.path.exists(os.path.join(cand, "last.npz")) or os.path.exists(os.path.join(cand, "best.npz")):
-        n += 1
-        cand = f"{base}-{n}"
-    return cand
 
 
 class Trainer:
@@ -202,8 +191,26 @@ class Trainer:
         self.bpe = self.stream.batches_per_epoch(cfg.seq)
         self.eval_every = cfg.eval_every or int(min(2000, max(200, self.bpe)))
         self.h, self.c = model.zero_state(cfg.batch)
-        self.metrics_path = os.path.join(out, "metrics.jsonl")
+        self.metrics_path = os.path.join(out, "metrics.jsonl") if out is not None else None
         self.precompile = None  # a Precompile started by new()
+        self.rundir = None  # the locked run directory (RunDir), from new() / resume()
+        self._saved_step = None  # the step last.npz was last written at, by this process
+        self._evaluated_step = None  # the step last validated, by this process
+
+    def _own(self, rundir: RunDir):
+        """Take the locked run directory; stale temporary files of killed runs go (under the lock)."""
+        self.rundir = rundir
+        self.out = rundir.path
+        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        remove_stale = getattr(checkpoint, "remove_stale_temps", None)
+        if remove_stale is not None:
+            remove_stale(self.out)
+
+    def close(self):
+        """Give the run directory back: removed if this run made it and saved nothing, unlocked."""
+        if self.rundir is not None:
+            self.rundir.discard_if_unused()
+            self.rundir = None
 
     @property
     def fitted(self) -> Fitted:
@@ -232,15 +239,22 @@ class Trainer:
         mcfg = ModelConfig(cell=fitted.cell, layers=cfg.layers, hidden=fitted.hidden, vocab_size=vocab.size,
                            nonlinearity=cfg.nonlinearity, dropout=fitted.dropout)
         model = Model(mcfg).init(cfg.seed, forget_bias=cfg.forget_bias)  # only a cell with a forget gate has one
-        if out is None:
-            out = default_out_dir(corpus.name, runs_dir)
-        elif os.path.exists(os.path.join(out, "last.npz")) or os.path.exists(os.path.join(out, "best.npz")):
+        if out is not None and holds_run(out):  # said before the corpus is encoded; checked again under the lock
+            RunDir.lock(out).release()  # a live run there is named first
             raise UsageError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
         opt = make_optimizer(cfg.optimizer, model.n_params, model.dtype, cfg.lr)
         # everything that can reject the input happens in the constructor, before the directory exists
-        trainer = cls(cfg, fitted, corpus, vocab, model, out, quiet, RunState(), opt, None)
+        trainer = cls(cfg, fitted, corpus, vocab, model, None, quiet, RunState(), opt, None)
+        n_val = 0 if trainer.val_tokens is None else len(trainer.val_tokens) - 1
+        trainer.fitted = replace(trainer.fitted, val_chars=budget.val_chars_for(cfg, n_val))
         trainer.precompile = early
-        _check_out_dir(out, need_bytes=4 * model.n_params * 4 * 3)
+        rundir = RunDir.claim_new(out) if out is not None else RunDir.claim_default(os.path.join(runs_dir, corpus.name))
+        try:
+            trainer._own(rundir)
+            _check_out_dir(trainer.out, need_bytes=4 * model.n_params * 4 * 3)
+        except BaseException:
+            trainer.close()
+            raise
         if model.n_params > 2 * n_train and not quiet:
             print(f"warning: the model has {model.n_params:,} parameters for {n_train:,} training characters; "
                   "expect overfitting (consider a smaller --hidden or --layers, or more --dropout)", file=sys.stderr)
@@ -249,8 +263,22 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir: str, steps=None, epochs=None, minutes=None, quiet=False, threads_n=None):
         path = os.path.join(run_dir, "last.npz")
-        if not os.path.exists(path):
-            raise CharrnnError(f"{run_dir}: no last.npz to resume from")
+        if not os.path.isdir(run_dir):
+            raise CharrnnError(f"{run_dir}: no such run directory")
+        rundir = RunDir.lock(run_dir)  # a live run keeps it: refused now, before any work
+        try:
+            if not os.path.exists(path):
+                raise CharrnnError(f"{run_dir}: no last.npz to resume from")
+            tr = cls._resume(rundir, path, steps, epochs, minutes, quiet, threads_n)
+            _check_out_dir(run_dir, need_bytes=3 * os.path.getsize(path))
+        except BaseException:
+            rundir.release()
+            raise
+        return tr
+
+    @classmethod
+    def _resume(cls, rundir: RunDir, path: str, steps, epochs, minutes, quiet, threads_n):
+        run_dir = rundir.path
         ck = checkpoint.load(path, with_arrays=True)
         meta = ck.meta
         try:
@@ -294,6 +322,7 @@ class Trainer:
         opt.load_state(bufs, int(meta["optimizer"]["t"]))
         tr = cls(given, fitted, corpus, ck.vocab, ck.model, run_dir, quiet, rs, opt, minutes)
         tr.precompile = early
+        tr._own(rundir)
         h, c = ck.arrays.get("train.h"), ck.arrays.get("train.c")
         if h is None or c is None or h.shape != tr.h.shape:
             raise CharrnnError(f"{path}: cannot resume: carried training state missing")
@@ -331,16 +360,22 @@ class Trainer:
                 extra[f"optim.{key}.{pname}"] = arr
         checkpoint.save(os.path.join(self.out, "last.npz"), self.model, self.vocab, self._meta(), extra,
                         dropout=self.fitted.dropout)
+        self._saved_step = self.state.step
 
     def _save_best(self):
         checkpoint.save(os.path.join(self.out, "best.npz"), self.model, self.vocab, self._meta(),
                         dropout=self.fitted.dropout)
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> float | None:
+    def validate(self, stop=None) -> float | None:
+        """Mean loss over the held-out positions the run scores (the first Fitted.val_chars of the
+        split, or all of it), by DESIGN.md's definition; None without a split. Cancelled as soon as
+        `stop()` says so (it is asked between spans of the scorer)."""
         if self.val_tokens is None or len(self.val_tokens) < 2:
             return None
-        return score_tokens(self.model, self.val_tokens).nats
+        n = self.fitted.val_chars
+        tokens = self.val_tokens if n is None else self.val_tokens[: n + 1]
+        return score_tokens(self.model, tokens, stop=stop).nats
 
     # ------------------------------------------------------------------ the loop
     def _stop_reason(self, t_start: float, budget_s: float | None, eval_cost: float) -> str | None:
@@ -386,17 +421,31 @@ class Trainer:
                 said.append(True)
                 rep.message("charrnn: compiling for this machine (first run only; about 20 s) ...")
 
-        with compile_notice(notice):
-            if self.precompile is not None and self.precompile.busy:
-                notice()
-            return self._run(rep, budget_s, auto_eval, total)
+        try:
+            with compile_notice(notice):
+                if self.precompile is not None and self.precompile.busy:
+                    notice()
+                try:
+                    # compile (or load) the training kernels before the clock starts: not counted
+                    # against --minutes; an interrupt here has nothing to save. The background
+                    # compile first: this thread waits for it in short slices, so an interrupt is
+                    # seen at once (a compile in this thread would hold it for many seconds)
+                    if self.precompile is not None:
+                        self.precompile.wait()
+                    self.model.warm_up(dropout=cfg.dropout > 0 or self.fitted.dropout_pending)
+                except (KeyboardInterrupt, signals.SignalExit) as e:
+                    rep.close()
+                    signum = getattr(e, "signum", 2)
+                    saved = f"; the run in {self.out} is as it was" if holds_run(self.out) else "; nothing to save"
+                    raise Interrupted(f"stopped by {signals.name_of(signum)} before training started{saved}",
+                                      signals.EXIT_CODES.get(signum, 130)) from None
+                return self._run(rep, budget_s, auto_eval, total)
+        finally:
+            rep.close()
+            self.close()
 
     def _run(self, rep: Reporter, budget_s: float | None, auto_eval: bool, total: int | None) -> dict:
         st, model, cfg = self.state, self.model, self.cfg
-        # compile (or load) the training kernels before the clock starts: not counted against --minutes
-        model.warm_up(dropout=cfg.dropout > 0 or self.fitted.dropout_pending)
-        if self.precompile is not None:
-            self.precompile.wait()  # nothing compiles while steps are timed
         if self.fitted.dropout_pending and budget_s is None:
             # a --minutes run stopped before its dropout fit, resumed with --steps / --epochs: the
             # budget is known now
@@ -418,7 +467,10 @@ class Trainer:
         bad = 0
         stop = None
         with Signals() as sig:
+            interrupted = lambda: sig.received is not None  # noqa: E731 - asked between spans of a validation
             try:
+                if st.eval_due:  # the validation an interrupt cut short, before the resumed run goes on
+                    self._evaluate(rep, smooth, 0.0, t_start, elapsed0, stop=interrupted)
                 while True:
                     stop = self._stop_reason(t_start, budget_s, eval_cost)
                     if stop or sig.received is not None:
@@ -444,9 +496,11 @@ class Trainer:
                             self._restore()
                         rep.message(f"warning: non-finite loss at step {st.step}; step discarded, learning rate halved")
                         if bad >= MAX_BAD_STEPS:
+                            saved = (f"The last good checkpoint is in {self.out}" if holds_run(self.out)
+                                     else "No checkpoint had been saved yet")
                             raise TrainingError(
-                                f"the loss stayed non-finite for {bad} steps; stopped. The last good checkpoint is "
-                                f"in {self.out}; try a lower --lr or --clip"
+                                f"the loss stayed non-finite for {bad} steps; stopped. {saved}; try a lower --lr "
+                                "or --clip"
                             )
                     st.step += 1
                     st.pos += T
@@ -478,10 +532,17 @@ class Trainer:
                             rep.message(line)
                     if st.step % self.eval_every == 0:
                         te = time.monotonic()
-                        stop = self._evaluate(rep, smooth, cps, t_start, elapsed0)
+                        stop = self._evaluate(rep, smooth, cps, t_start, elapsed0, stop=interrupted)
                         eval_cost = time.monotonic() - te
                         if stop:
                             break
+                if sig.received is None and self._evaluated_step != st.step and (
+                        st.step % self.eval_every != 0 or st.step == 0):
+                    # the final validation, unless the last step was just validated
+                    self._evaluate(rep, smooth, chars_done / t_steps if t_steps else 0.0, t_start, elapsed0,
+                                   stop=interrupted)
+            except Cancelled:
+                pass  # an interrupt arrived during a validation: saved below, the validation marked due
             except KeyboardInterrupt:
                 rep.close()
                 raise Interrupted("interrupted twice; stopped without saving the last steps", 130) from None
@@ -489,13 +550,12 @@ class Trainer:
                 st.elapsed = elapsed0 + time.monotonic() - t_start
                 if not np.all(np.isfinite(model.theta)):
                     self._restore()
-                rep.message("interrupted: saving the run ...")
-                self._save_last()
+                if self._saved_step != st.step or st.eval_due:
+                    rep.message("interrupted: saving the run ...")
+                    self._save_last()
                 rep.close()
                 raise Interrupted(f"stopped by {sig.name} at step {st.step}; saved {os.path.join(self.out, 'last.npz')} "
                                   f"(continue with: charrnn train --resume {self.out})", sig.exit_code)
-        if st.step % self.eval_every != 0 or st.step == 0:
-            self._evaluate(rep, smooth, chars_done / t_steps if t_steps else 0.0, t_start, elapsed0)
         rep.close()
         st.elapsed = elapsed0 + time.monotonic() - t_start
         return {"stop": stop, "step": st.step, "best_val": st.best_val, "out": self.out,
@@ -510,13 +570,22 @@ class Trainer:
         self.model.theta[...] = theta
         self.opt.load_state({k: v.copy() for k, v in bufs.items()}, t)
 
-    def _evaluate(self, rep: Reporter, smooth, cps, t_start, elapsed0) -> str | None:
+    def _evaluate(self, rep: Reporter, smooth, cps, t_start, elapsed0, stop=None) -> str | None:
+        """Validate, save last.npz (and best.npz when better) and append to metrics.jsonl; the stop
+        reason when patience ran out. Raises Cancelled, with the validation marked due in the run
+        state, when `stop()` interrupts it."""
         st = self.state
         st.elapsed = elapsed0 + time.monotonic() - t_start
         if not np.all(np.isfinite(self.model.theta)):
             self._restore()
         self._snapshot()
-        val = self.validate()
+        try:
+            val = self.validate(stop=stop)
+        except Cancelled:
+            st.eval_due = True
+            raise
+        st.eval_due = False
+        self._evaluated_step = st.step
         improved = val is not None and val < st.best_val
         if improved:
             st.best_val, st.best_step, st.bad_evals = val, st.step, 0
@@ -530,8 +599,12 @@ class Trainer:
         line = {"step": st.step, "epoch": round(st.step / self.bpe, 4), "train_loss": smooth,
                 "val_loss": val, "val_bits": None if val is None else val / math.log(2),
                 "chars_per_s": round(cps, 1), "elapsed_s": round(st.elapsed, 2)}
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as e:
+            raise CharrnnError(f"could not write {self.metrics_path}: {e.strerror or e} "
+                               f"(checkpoints up to step {st.step} are saved)") from None
         if val is not None:
             rep.message(f"step {st.step}: val {val:.4f} nats/char ({val / math.log(2):.4f} bits/char)"
                         + (" *best*" if improved else ""))

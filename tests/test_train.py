@@ -372,3 +372,131 @@ def test_the_kernels_compile_while_the_corpus_loads_and_never_during_steps(corpu
     # the background thread compiled some of the run's kernels (which ones depends on who gets there first)
     assert {"_forward_backward", "_masks_thread", "_score", "_adam"} & set(got["early"]), got
     assert got["after"] == [], got
+
+
+# ---------------------------------------------------------------------------------- interrupts at any moment
+def _metrics(out):
+    return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def _interrupt_at_validation(tr, at_step, sig, span_calls):
+    """Make the run's validation at `at_step` receive `sig` (a real signal, to this process) while
+    it scores its second span; record the scorer's calls during that validation in `span_calls`."""
+    real = tr.model.score
+
+    def score(*a, **k):
+        if tr.state.step == at_step:
+            span_calls.append(1)
+            if len(span_calls) == 2:
+                os.kill(os.getpid(), sig)
+        return real(*a, **k)
+
+    tr.model.score = score
+
+
+@pytest.mark.parametrize("sig,code,at", [(signal.SIGINT, 130, 10), (signal.SIGTERM, 143, 8)])
+def test_interrupt_during_a_validation_stops_it_saves_and_the_resumed_run_does_it(corpus, tmp_path, monkeypatch, sig,
+                                                                                  code, at):
+    """At step 10 (not a multiple of --eval-every: the final validation) or 8 (an in-loop one): the
+    validation stops at its next span, the run saves last.npz with the validation marked due, and
+    the resumed run validates first; it then ends exactly as an uninterrupted run."""
+    from charrnn import evaluate
+    from charrnn.config import TrainConfig
+    from charrnn.errors import Interrupted
+    from charrnn.train import Trainer
+
+    monkeypatch.setattr(evaluate, "SPAN", 64)  # many spans per validation
+    cfg = TrainConfig(cell="gru", hidden=16, batch=4, seq=8, steps=10, eval_every=4, seq_warmup=0, threads=1,
+                      dropout=0.1)
+    ref = str(tmp_path / "ref")
+    Trainer.new([corpus], cfg, ref, quiet=True).run()
+    out = str(tmp_path / "run")
+    tr = Trainer.new([corpus], cfg, out, quiet=True)
+    calls = []
+    _interrupt_at_validation(tr, at, sig, calls)
+    with pytest.raises(Interrupted) as e:
+        tr.run()
+    assert e.value.exit_code == code and "saved" in str(e.value)
+    assert len(calls) == 2  # stopped at the span after the signal, not at the end of the validation
+    meta = meta_of(os.path.join(out, "last.npz"))
+    assert meta["step"] == at and meta["run"]["eval_due"] is True
+    assert [x["step"] for x in _metrics(out)] == [4, 8][: 1 if at == 8 else 2]
+    Trainer.resume(out, quiet=True).run()
+    got, want = _metrics(out), _metrics(ref)
+    assert [x["step"] for x in got] == [x["step"] for x in want] == [4, 8, 10]
+    assert [x["val_loss"] for x in got] == [x["val_loss"] for x in want]
+    pa, pb = params_of(os.path.join(ref, "last.npz")), params_of(os.path.join(out, "last.npz"))
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+    assert meta_of(os.path.join(out, "best.npz"))["best_val"] == meta_of(os.path.join(ref, "best.npz"))["best_val"]
+
+
+def test_sigterm_while_compiling_exits_cleanly_and_leaves_nothing(corpus, tmp_path):
+    """On a cold cache: SIGTERM during the start-up compile ends the run at once, with one line and
+    exit 143, and the directory it had made is gone."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "charrnn", "train", corpus, "--out", str(out), "--steps", "3",
+                             "--hidden", "16", "--cell", "rnn"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = ""
+    while "compiling" not in line:
+        line = proc.stderr.readline()
+        assert line, "no compile notice"
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 5  # not after the compile has finished (several seconds more)
+    assert proc.returncode == 143, stderr
+    assert "before training started" in stderr and "Traceback" not in stderr
+    assert stdout == ""
+    assert not out.exists()
+
+
+def test_val_chars_scores_the_start_of_the_split_and_resume_keeps_it(corpus, tmp_path, monkeypatch):
+    from charrnn import budget
+    from charrnn.config import TrainConfig
+    from charrnn.train import Trainer
+
+    cfg = TrainConfig(cell="gru", hidden=16, batch=4, seq=8, steps=4, seq_warmup=0, threads=1)
+    tr = Trainer.new([corpus], replace(cfg, val_chars=300), str(tmp_path / "a"), quiet=True)
+    assert tr.fitted.val_chars == 300
+    tr.run()
+    ck = checkpoint.load(os.path.join(tmp_path / "a", "best.npz"))
+    want = score_tokens_of(ck, tr.val_tokens[:301])
+    assert math.isclose(_metrics(str(tmp_path / "a"))[-1]["val_loss"], want, rel_tol=1e-9)
+    assert not math.isclose(want, score_tokens_of(ck, tr.val_tokens), rel_tol=1e-6)
+    # the default caps a big split and leaves an ordinary one whole; "all" never caps
+    def fitted_val_chars(c, name):
+        tr = Trainer.new([corpus], c, str(tmp_path / name), quiet=True)
+        tr.close()
+        return tr.fitted.val_chars
+
+    monkeypatch.setattr(budget, "DEFAULT_VAL_CHARS", 500)
+    assert fitted_val_chars(cfg, "b") == 500
+    assert fitted_val_chars(replace(cfg, val_chars="all"), "c") is None
+    monkeypatch.setattr(budget, "DEFAULT_VAL_CHARS", 10**6)
+    assert fitted_val_chars(cfg, "d") is None
+    # recorded when the run starts: a resumed run scores the same characters whatever the default is now
+    tr = Trainer.resume(str(tmp_path / "a"), steps=6, quiet=True)
+    assert tr.fitted.val_chars == 300
+    tr.close()
+    res = run(["train", corpus, "--val-chars", "0", "--out", str(tmp_path / "e"), *SMALL])
+    assert res.exit_code == 2 and "--val-chars" in res.output
+
+
+def score_tokens_of(ck, tokens):
+    from charrnn.evaluate import score_tokens
+
+    return score_tokens(ck.model, tokens).nats
+
+
+def test_unwritable_metrics_is_a_one_line_error_after_the_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").mkdir()  # cannot be opened for appending
+    res = run(["train", corpus, "--out", str(out), "--steps", "3", *SMALL])
+    assert res.exit_code == 1 and "could not write" in res.output and "metrics.jsonl" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert (out / "last.npz").exists()  # the checkpoint was written before the metrics line

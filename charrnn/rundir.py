@@ -1,0 +1,164 @@
+"""Run directories: a run owns its directory through an exclusive lock, taken when the directory is
+created or resumed and released on any exit.
+
+The lock is an advisory `flock` on `<run>/.lock`, which holds the owner's process id for error
+messages. The kernel drops a flock when its holder exits for any reason, SIGKILL included, so a
+lock left by a killed run is never stale: the next run or `--resume` simply takes it. (flock works
+on local filesystems and on NFS, where Linux maps it onto byte-range locks.)
+
+Not here: what a run writes into its directory (train.py, checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+
+from charrnn.errors import CharrnnError, UsageError
+
+LOCK_NAME = ".lock"
+CHECKPOINTS = ("last.npz", "best.npz")
+
+
+class Busy(CharrnnError):
+    """Another live process holds the run directory's lock."""
+
+
+def holds_run(path: str) -> bool:
+    """Whether a directory already holds a run (a checkpoint of one)."""
+    return any(os.path.exists(os.path.join(path, name)) for name in CHECKPOINTS)
+
+
+class RunDir:
+    """An output directory owned by this process until release() (or its exit)."""
+
+    def __init__(self, path: str, fd: int, created: bool):
+        self.path = path
+        self._fd = fd
+        self.created = created  # made by this process: removed again if the run stops before saving anything
+
+    # ------------------------------------------------------------------ taking one
+    @classmethod
+    def lock(cls, path: str) -> "RunDir":
+        """Create `path` if needed and lock it; Busy (naming the holder) if a live run has it."""
+        created = _make_dir(path)
+        try:
+            fd = _try_lock(path)
+        except BaseException:
+            if created:
+                _remove_quietly(path)
+            raise
+        if fd is None:
+            if created:
+                _remove_quietly(path)
+            holder = _holder(path)
+            raise Busy(f"{path} is in use by another charrnn run ({holder}); wait for it to end, or choose "
+                       "another --out")
+        return cls(path, fd, created)
+
+    @classmethod
+    def claim_new(cls, path: str) -> "RunDir":
+        """Lock `path` for a new run: refuse one that already holds a run, or that a live run holds."""
+        rd = cls.lock(path)
+        if holds_run(path):
+            rd.release()
+            raise UsageError(f"{path} already holds a run; continue it with --resume {path} or choose another --out")
+        return rd
+
+    @classmethod
+    def claim_default(cls, base: str) -> "RunDir":
+        """The first of base, base-2, base-3 ... that holds no run and no live run holds, locked.
+
+        Safe against runs started at the same moment: whichever takes a directory's lock owns it,
+        and a run that finds the lock taken, or a run already saved there, moves on."""
+        n = 1
+        while True:
+            cand = base if n == 1 else f"{base}-{n}"
+            n += 1
+            if holds_run(cand):
+                continue
+            try:
+                rd = cls.lock(cand)
+            except Busy:
+                continue
+            if holds_run(cand):  # saved between the check and the lock
+                rd.release()
+                continue
+            return rd
+
+    # ------------------------------------------------------------------ giving it back
+    def release(self):
+        """Drop the lock (also dropped by the kernel when this process exits)."""
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            finally:
+                self._fd = None
+
+    def discard_if_unused(self):
+        """Remove the directory again if this run made it and saved no checkpoint into it (a run
+        stopped before its first save), then release it."""
+        if self.created and not holds_run(self.path):
+            _remove_quietly(self.path)
+        self.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def _make_dir(path: str) -> bool:
+    """Make the directory (and its parents); whether this call created it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CharrnnError(f"output path {path} exists and is not a directory")
+    try:
+        os.makedirs(path)
+        return True
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise CharrnnError(f"output path {path} exists and is not a directory") from None
+        return False
+    except OSError as e:
+        raise CharrnnError(f"cannot create output directory {path}: {e.strerror or e}") from None
+
+
+def _try_lock(path: str) -> int | None:
+    """An fd holding the directory's exclusive lock, with our pid written in; None if held."""
+    lock_path = os.path.join(path, LOCK_NAME)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise CharrnnError(f"output directory {path} is not writable: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise CharrnnError(f"cannot lock output directory {path}: {e.strerror or e}") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:
+        os.close(fd)
+        raise CharrnnError(f"output directory {path} is not writable: {e.strerror or e}") from None
+    return fd
+
+
+def _holder(path: str) -> str:
+    """'process N' for the lock's holder, as far as the lock file says."""
+    try:
+        with open(os.path.join(path, LOCK_NAME), encoding="ascii") as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    return f"process {pid}" if pid > 0 else "process unknown"
+
+
+def _remove_quietly(path: str):
+    shutil.rmtree(path, ignore_errors=True)

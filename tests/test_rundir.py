@@ -1,0 +1,129 @@
+"""Run directories: one live run per directory, stale locks taken over, default names that never
+collide, and the CLI's one-line errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from charrnn.errors import UsageError
+from charrnn.rundir import Busy, RunDir
+
+from tests.test_train import SMALL, corpus, meta_of, run  # noqa: F401 - corpus is a fixture
+
+HOLD = ("import sys, time; from charrnn.rundir import RunDir; rd = RunDir.lock(sys.argv[1]); "
+        "print('locked', flush=True); time.sleep(60)")
+
+
+def _holder(path):
+    """A separate process that holds the lock on `path` until killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_lock_is_refused_naming_the_holder_and_a_killed_holder_lets_go(tmp_path):
+    d = tmp_path / "run"
+    proc = _holder(d)
+    try:
+        with pytest.raises(Busy, match=f"process {proc.pid}"):
+            RunDir.lock(str(d))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # the kernel dropped the dead holder's lock: it is simply taken
+    with RunDir.lock(str(d)) as rd:
+        assert rd.path == str(d) and not rd.created
+    assert os.path.isdir(d)
+
+
+def test_lock_is_released_and_an_unused_new_directory_removed(tmp_path):
+    d = tmp_path / "a" / "b"
+    rd = RunDir.lock(str(d))
+    assert rd.created and os.path.isdir(d)
+    with pytest.raises(Busy):  # a second lock in the same process is refused too (separate open file)
+        RunDir.lock(str(d))
+    rd.discard_if_unused()
+    assert not d.exists()
+    # a directory that already existed stays, whatever happens
+    d.mkdir(parents=True)
+    RunDir.lock(str(d)).discard_if_unused()
+    assert d.is_dir()
+
+
+def test_new_run_refuses_a_directory_that_holds_a_run(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "last.npz").write_bytes(b"x")
+    with pytest.raises(UsageError, match="already holds a run"):
+        RunDir.claim_new(str(d))
+    RunDir.lock(str(d)).release()  # and the refusal released its lock
+
+
+def test_default_directories_skip_held_and_used_ones(tmp_path):
+    base = tmp_path / "runs" / "small"
+    proc = _holder(base)  # a live run that has not saved anything yet
+    try:
+        (tmp_path / "runs" / "small-2").mkdir()
+        (tmp_path / "runs" / "small-2" / "best.npz").write_bytes(b"x")
+        rd = RunDir.claim_default(str(base))
+        assert rd.path == str(base) + "-3"
+        rd2 = RunDir.claim_default(str(base))
+        assert rd2.path == str(base) + "-4"
+        rd.release()
+        rd2.release()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def _train_proc(args, cwd=None):
+    return subprocess.Popen([sys.executable, "-m", "charrnn", "train", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(proc, timeout=120):
+    deadline = time.time() + timeout
+    line = ""
+    while time.time() < deadline and "step" not in line:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "training ended early"
+    assert "step" in line
+
+
+def test_two_runs_on_one_directory_and_resume_of_a_live_or_killed_run(corpus, tmp_path):
+    out = tmp_path / "same"
+    live = _train_proc([corpus, "--out", str(out), "--steps", "100000", "--eval-every", "5", "--hidden", "24",
+                        "--batch", "8", "--seq", "16", "--threads", "1"])
+    try:
+        _wait_for_steps(live)
+        res = run(["train", corpus, "--out", str(out), "--steps", "3", "--seed", "2", *SMALL])
+        assert res.exit_code == 1 and f"in use by another charrnn run (process {live.pid})" in res.output
+        assert len(res.output.strip().splitlines()) == 1
+        res = run(["train", "--resume", str(out), "--steps", "3"])
+        assert res.exit_code == 1 and f"process {live.pid}" in res.output
+        while not (out / "last.npz").exists():
+            time.sleep(0.1)
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.communicate()
+    # a SIGKILLed run leaves its lock file, but not the lock: --resume just works
+    assert (out / ".lock").exists()
+    step = meta_of(str(out / "last.npz"))["step"]
+    res = run(["train", "--resume", str(out), "--steps", str(step + 2), "-q"])
+    assert res.exit_code == 0, res.output
+    assert meta_of(str(out / "last.npz"))["step"] == step + 2
+
+
+def test_runs_started_together_take_different_default_directories(corpus, tmp_path):
+    args = [corpus, "--steps", "3", *SMALL]
+    procs = [_train_proc(args, cwd=tmp_path) for _ in range(3)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], results
+    assert sorted(os.listdir(tmp_path / "runs")) == ["markov", "markov-2", "markov-3"]
+    for d in os.listdir(tmp_path / "runs"):  # each holds one whole run, nothing interleaved
+        assert meta_of(str(tmp_path / "runs" / d / "last.npz"))["step"] == 3
+        assert len((tmp_path / "runs" / d / "metrics.jsonl").read_text().splitlines()) == 1
