@@ -12,6 +12,7 @@ threads on two cores collapse under any other load.
     python benchmarks/train_throughput.py --configs A,B --rounds 5 --seconds 8
     python benchmarks/train_throughput.py --cell gru      # GRUs (what a --minutes run trains)
     python benchmarks/train_throughput.py --baseline /path/to/other/checkout   # before/after, interleaved
+    python benchmarks/train_throughput.py --vocab 50004 --configs B --sides charrnn   # a CJK-sized vocabulary
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/train_throughput.py
 """
 
@@ -140,8 +141,13 @@ def main():
     ap.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
     ap.add_argument("--baseline", default=None, metavar="PATH",
                     help="another checkout of charrnn, measured as a side of its own (before/after)")
+    ap.add_argument("--vocab", type=int, default=V, metavar="V",
+                    help="vocabulary size, special tokens included (PyTorch's one-hot input is a dense V-wide "
+                         "product: compare with it only for small V)")
     ap.add_argument("--worker", nargs=2, metavar=("SIDE", "CONFIG"))
     args = ap.parse_args()
+    global V
+    V = args.vocab
     if args.worker:
         worker(args.worker[0], args.worker[1], args.seconds, args.threads, args.cell)
         return
@@ -155,7 +161,7 @@ def main():
             print("torch not importable: charrnn only", file=sys.stderr)
             sides = [s for s in sides if not s.startswith("torch")]
     env_note = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    print(f"# {args.cell}, env {env_note}, threads {args.threads}, {args.rounds} rounds x {args.seconds}s", flush=True)
+    print(f"# {args.cell}, V {V}, env {env_note}, threads {args.threads}, {args.rounds} rounds x {args.seconds}s", flush=True)
     results = {}
     for r in range(args.rounds):
         for name in args.configs.split(","):
@@ -165,7 +171,8 @@ def main():
                     env["PYTHONPATH"] = os.path.abspath(args.baseline)
                 worker_side = "charrnn" if side == "baseline" else side
                 out = subprocess.run([sys.executable, __file__, "--worker", worker_side, name, "--seconds",
-                                      str(args.seconds), "--threads", str(args.threads), "--cell", args.cell],
+                                      str(args.seconds), "--threads", str(args.threads), "--cell", args.cell,
+                                      "--vocab", str(V)],
                                      capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
                 if out.returncode != 0:
                     print(out.stderr, file=sys.stderr)

@@ -196,7 +196,8 @@ def test_checkpoints_from_before_the_restructure_give_the_same_numbers(name):
 @pytest.mark.parametrize("name", ["lstm", "gru", "rnn"])
 def test_runs_from_before_the_restructure_resume_exactly(tmp_path, name):
     """A run stopped after 4 of 8 steps by the old code, resumed by this code, ends with the
-    weights the old code's uninterrupted 8-step run ended with; and its checkpoint now records
+    weights the old code's uninterrupted 8-step run ended with (to float32 rounding: see below;
+    test_train proves resume bit-exact within one version); and its checkpoint now records
     the config and the fitted values apart."""
     from charrnn.cli import cli
 
@@ -218,7 +219,9 @@ def test_runs_from_before_the_restructure_resume_exactly(tmp_path, name):
         want = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(name + "/")}
     assert want
     for k, v in want.items():
-        np.testing.assert_array_equal(got[k], v, err_msg=k)  # the same arithmetic, bit for bit
+        # the same arithmetic but for the softmax's exp, a float32 polynomial since the hardening
+        # issue (libm's expf before): weights agree to float32 rounding (7.5e-9 at most measured)
+        np.testing.assert_allclose(got[k], v, rtol=0, atol=1e-7, err_msg=k)
     new_meta = json.loads(str(got["meta"][()]))
     assert new_meta["step"] == 8 and set(new_meta) >= {"config", "fitted", "train"}
     assert new_meta["fitted"]["cell"] == name

@@ -23,7 +23,7 @@ from charrnn.kernels.gemm import pack_bwd, pack_cols, pack_fwd, pack_rows, times
 from charrnn.kernels.jit import helper, kernel
 from charrnn.kernels import layout
 from charrnn.kernels.layout import LayerGrad, decoder_weights, layer, layer_weights, part_of, thread_rows
-from charrnn.kernels.mathf import cast, colsum, copy, rows
+from charrnn.kernels.mathf import cast, colsum, copy, exp, rows
 from charrnn.kernels.sync import barrier
 
 
@@ -133,16 +133,16 @@ def decoder_rows(r0, r1, top2, Wd, bd, P2, y, nll, B):
     np.dot(rows(top2, r0, r1), Wd.T, rows(P2, r0, r1))
     for r in range(r0, r1):
         row = P2[r]
-        m = -np.inf
+        m = cast(bd[0], -np.inf)  # the max in the row's own type, so exp() gets float32 in float32
         for v in range(V):
             row[v] += bd[v]
             m = max(m, row[v])
         zt = row[y[r // B, r % B]]
+        for v in range(V):  # no reduction in this loop, so LLVM vectorises the exp
+            row[v] = exp(row[v] - m)
         s = 0.0
         for v in range(V):
-            e = math.exp(row[v] - m)
-            row[v] = e
-            s += e
+            s += row[v]  # in float64
         nll[r // B, r % B] = m + math.log(s) - zt  # log-sum-exp minus the target's logit
         inv = 1.0 / s
         for v in range(V):
