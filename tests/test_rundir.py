@@ -127,3 +127,35 @@ def test_runs_started_together_take_different_default_directories(corpus, tmp_pa
     for d in os.listdir(tmp_path / "runs"):  # each holds one whole run, nothing interleaved
         assert meta_of(str(tmp_path / "runs" / d / "last.npz"))["step"] == 3
         assert len((tmp_path / "runs" / d / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A tmpfs mounted at a fresh directory (root only; skipped where mounting is not allowed);
+    remount(ro=True) makes it read-only."""
+    d = tmp_path / "fs"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+    def remount(ro):
+        subprocess.run(["mount", "-o", "remount," + ("ro" if ro else "rw"), str(d)], check=True)
+
+    yield d, remount
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def test_resume_on_a_read_only_filesystem_fails_before_training(corpus, tmp_path, tmpfs):
+    fs, remount = tmpfs
+    out = fs / "run"
+    assert run(["train", corpus, "--out", str(out), "--steps", "3", *SMALL]).exit_code == 0
+    before = (out / "last.npz").read_bytes()
+    remount(ro=True)
+    t0 = time.monotonic()
+    res = run(["train", "--resume", str(out), "--steps", "1000"])
+    assert res.exit_code == 1 and "not writable" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert time.monotonic() - t0 < 10  # refused before the 1000 steps, not after them
+    assert (out / "last.npz").read_bytes() == before
+    res = run(["train", corpus, "--out", str(fs / "new"), "--steps", "3", *SMALL])
+    assert res.exit_code == 1 and "output directory" in res.output
