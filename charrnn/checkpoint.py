@@ -14,6 +14,7 @@ Not here: what a run's meta record holds (train.py), the model's layout (model.p
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -254,9 +255,7 @@ def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[np.dtype, tuple
             shape, _, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=MAX_HEADER_BYTES)
         else:
             raise ValueError(f"unsupported .npy version {version}")
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         return dtype, shape, n, f.tell() + n * dtype.itemsize
 
 
@@ -420,7 +419,7 @@ def _load(name: str, path: str, rd: _Reader, dtype, with_arrays: bool) -> Checkp
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{name}: corrupt checkpoint meta ({_shown(str(e))})") from None
     shapes = param_shapes(cfg)
-    n_params = sum(int(np.prod(s)) for s in shapes.values())
+    n_params = sum(math.prod(s) for s in shapes.values())
     if n_params > MAX_PARAMS:
         rd.refuse(f"{cfg.layers}x{cfg.hidden} {cfg.cell} of {vocab.size} tokens declares {n_params:,} "
                   f"parameters, beyond the limit of {MAX_PARAMS:,}")

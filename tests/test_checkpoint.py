@@ -8,8 +8,11 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -260,6 +263,9 @@ def test_new_checkpoints_record_the_config_as_given_and_the_fitted_values_apart(
     assert (meta["fitted"]["cell"], meta["fitted"]["hidden"], meta["fitted"]["dropout"]) == ("lstm", 64, 0.0)
     assert (meta["train"]["cell"], meta["train"]["hidden"]) == ("lstm", 64)  # the two combined, for readers
     assert meta["cell"] == "lstm" and meta["hidden"] == 64
+    ck = checkpoint.load(str(out / "last.npz"), with_arrays=True)  # every member train.py writes is known
+    names = set(param_shapes(ck.model.cfg))
+    assert set(ck.arrays) == {"train.h", "train.c"} | {f"optim.{b}.{n}" for b in ("m", "v") for n in names}
     shutil.rmtree(out)
 
 
@@ -638,3 +644,48 @@ def test_training_checkpoints_load_with_every_member(tmp_path):
     for name in ("lstm", "gru", "rnn"):
         ck = checkpoint.load(os.path.join(DATA, f"pre_restructure_{name}.npz"), with_arrays=True)
         assert {k.split(".")[0] for k in ck.arrays} == {"optim", "train"} and ck.arrays["train.h"].shape == (2, 8, 16)
+
+
+# ----------------------------------------------------------------------------- the same files through the CLI
+def _hostile_models(tmp_path):
+    """A good checkpoint and the hostile files of the issue made from it, by name."""
+    model, vocab = small()
+    good = str(tmp_path / "good.npz")
+    checkpoint.save(good, model, vocab, {})
+    files = {}
+    files["extra bomb"] = str(tmp_path / "bomb.npz")
+    shutil.copy(good, files["extra bomb"])
+    hostile.add_member(files["extra bomb"], "junk", np.float32, (BOMB // 4,), BOMB)
+    files["bias bomb"] = str(tmp_path / "bias.npz")
+    hostile.drop_member(good, files["bias bomb"], "decoder.bias")
+    hostile.add_member(files["bias bomb"], "decoder.bias", np.float32, (BOMB // 4,), BOMB)
+    files["layers 10**6"] = hostile.with_meta(good, tmp_path / "layers.npz", {"layers": 10**6})
+    files["fifo"] = str(tmp_path / "fifo.npz")
+    os.mkfifo(files["fifo"])
+    return good, files
+
+
+def test_the_cli_refuses_hostile_models_in_one_line(tmp_path):
+    """sample and eval: exit 1, one line on stderr naming the file, no traceback, fast."""
+    from charrnn.cli import cli
+
+    good, files = _hostile_models(tmp_path)
+    text = os.path.join(ROOT, "corpora", "markov.txt")
+    for what, path in files.items():
+        for cmd in (["sample", "--length", "5"], ["eval", text]):
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "-m", "charrnn", *cmd, "--model", path], capture_output=True,
+                                 text=True, timeout=60)
+            wall = time.perf_counter() - t0
+            lines = res.stderr.strip().splitlines()
+            assert res.returncode == 1 and res.stdout == "", (what, cmd, res.stderr)
+            assert len(lines) == 1 and lines[0].startswith("charrnn: error: ") and path in lines[0], (what, lines)
+            assert "Traceback" not in res.stderr
+            assert wall < 30, (what, wall)  # the interpreter's start and imports; the refusal itself is timed below
+            # in process, without the interpreter's start: the refusal itself
+            t0 = time.perf_counter()
+            res = CliRunner().invoke(cli, [*cmd, "--model", path])
+            assert time.perf_counter() - t0 < FAST_S and res.exit_code == 1, (what, cmd, res.output)
+    res = subprocess.run([sys.executable, "-m", "charrnn", "sample", "--length", "5", "--model", good],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr  # the good one still samples
