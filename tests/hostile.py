@@ -79,3 +79,19 @@ def refusal(load, path, **kw):
 
 def size(path) -> int:
     return os.path.getsize(path)
+
+
+def crowded_directory(path, n):
+    """A zip whose central directory lists `n` empty members (`n` x ~55 bytes) that all point at one
+    local header: zipfile parses such a directory whole before anything can be checked."""
+    import struct
+
+    local = b"PK\x03\x04" + bytes(26)
+    cd = bytearray()
+    for i in range(n):
+        name = b"optim.b%d.decoder.bias.npy" % i
+        cd += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0, 0, 0, 0, 0, 0) + name
+    count = min(n, 0xFFFF)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, count, count, len(cd), len(local), 0)
+    with open(path, "wb") as f:
+        f.write(local + bytes(cd) + end)

@@ -349,7 +349,7 @@ def test_declared_sizes_are_checked_before_anything_is_allocated(good, tmp_path)
     ({"layers": 0}, "layers must be a positive integer"),
     ({"hidden": -6}, "hidden must be a positive integer"),
     ({"hidden": 2**40, "layers": 1}, "beyond the limit"),
-    ({"layers": 1024, "hidden": 4096}, "parameters, beyond the limit"),
+    ({"layers": 256, "hidden": 4096}, "parameters, beyond the limit"),
     ({"version": True}, "no format version"),
     ({"version": 0}, "format version 0"),
     ({"vocab": "abc"}, "vocab must be a list of tokens"),
@@ -463,6 +463,13 @@ def test_zip_tricks_are_refused(good, tmp_path):
     arrays["x\nTraceback"] = np.zeros(1)
     write(odd, arrays)
     refused(odd, "unknown member x\\nTraceback")
+
+
+def test_a_zip_directory_of_a_hundred_thousand_members_is_refused_unparsed(tmp_path):
+    p = tmp_path / "crowded.npz"
+    hostile.crowded_directory(p, 100000)
+    assert hostile.size(p) < 8 * hostile.MiB
+    refused(p, "zip directory of")
 
 
 def test_compressed_checkpoints_still_load(good, tmp_path):
