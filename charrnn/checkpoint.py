@@ -44,7 +44,7 @@ MAX_VOCAB = 0x110000 + 3  # every Unicode code point plus <START>, <END>, <UNK>:
 # 268M parameters, 1 GiB in float32, 80x a 2x512 LSTM (3.3M). At ~6 flops per parameter per
 # character, a 100 GFLOP/s CPU would need two days for one epoch of a 10 MB corpus.
 MAX_PARAMS = 2**28
-MAX_STREAMS = 2**16  # B of the carried state train.h/c: 2048x the default --batch of 32
+MAX_STREAMS = 2**20  # B of the carried state train.h/c (32768x the default --batch), itself <= MAX_PARAMS
 # The meta record as stored, 4 bytes a character: a vocabulary of every code point is 5.6M
 # characters of JSON (22 MB); the rest of a run's meta is a few KB.
 MAX_META_BYTES = 32 * 2**20
@@ -56,7 +56,7 @@ MAX_HEADER_BYTES = 10000  # numpy's own default limit on a .npy header; ours are
 MEMBERS_PER_PARAM = 8
 # The zip's central directory (about 70 bytes a member as np.savez writes it) is parsed whole by
 # zipfile before anything else: 128 bytes for each member the largest model may have, 1 MiB, which
-# zipfile parses in ~0.1 s; a 5 MB directory of 90,000 empty members took it 1.1 s.
+# zipfile parses in ~0.15 s; a 5 MB directory of 90,000 empty members took it 1.1 s.
 MAX_DIRECTORY_BYTES = 128 * (MEMBERS_PER_PARAM * (4 * MAX_LAYERS + 2) + 1)
 
 
@@ -304,7 +304,8 @@ class _Reader:
         dtype, shape, n, nbytes = _header(self.zf, info)
         if want is not None:
             if dtype.kind != "f":
-                self.refuse(f"{key} has dtype {dtype.str if dtype.kind == 'U' else dtype}, expected a float type")
+                shown = _shown(dtype.str if dtype.kind == "U" else str(dtype), 60)
+                self.refuse(f"{key} has dtype {shown}, expected a float type")
             if not _fits(shape, want):
                 self.refuse(f"{key} has shape {_show_shape(shape)}, expected {_show_shape(want)}")
         if n > limit:
@@ -485,10 +486,10 @@ def _load(name: str, path: str, rd: _Reader, dtype, with_arrays: bool) -> Checkp
 
 
 # ------------------------------------------------------------------------------ finding runs
-def _regular(path: str) -> bool | None:
-    """True for a regular file, False for anything else there, None when nothing is there."""
+def _mode(path: str) -> int | None:
+    """The file type and mode bits of what is at `path`, None when nothing is there."""
     try:
-        return stat.S_ISREG(os.stat(path).st_mode)
+        return os.stat(path).st_mode
     except OSError:
         return None
 
@@ -511,11 +512,11 @@ def resolve(model_path: str | None, runs_dir: str = "runs") -> tuple[str, bool]:
         if stat.S_ISDIR(mode):
             for fname in ("best.npz", "last.npz"):
                 cand = os.path.join(model_path, fname)
-                kind = _regular(cand)
-                if kind:
+                cand_mode = _mode(cand)
+                if cand_mode is not None and stat.S_ISREG(cand_mode):
                     return cand, False
-                if kind is False:
-                    raise CheckpointError(f"{_shown(cand)}: not a regular file ({_not_regular(os.stat(cand).st_mode)}); "
+                if cand_mode is not None:
+                    raise CheckpointError(f"{_shown(cand)}: not a regular file ({_not_regular(cand_mode)}); "
                                           "expected a .npz checkpoint")
             raise CheckpointError(f"{name}: no best.npz or last.npz in this directory; is it a charrnn run?")
         if not stat.S_ISREG(mode):
