@@ -31,7 +31,7 @@ from charrnn.data import BatchStream, compact_dtype, corpus_vocab, encode_stream
 from charrnn.errors import CharrnnError, DataError, Interrupted, TrainingError, UsageError
 from charrnn.evaluate import Cancelled, score_tokens
 from charrnn.kernels.jit import compile_notice
-from charrnn.model import Model, ModelConfig
+from charrnn.model import Model, ModelConfig, approx_params
 from charrnn.optim import Optimizer, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
 from charrnn.progress import Reporter, remaining
 from charrnn.rundir import RunDir, holds_run
@@ -138,6 +138,18 @@ class RunState:
     eval_due: bool = False  # an interrupt cut this step's validation short: the resumed run does it first
 
 
+def _check_loadable(mcfg: ModelConfig, batch: int):
+    """Refuse, before allocating it, a model whose checkpoint no charrnn would load (checkpoint.py's
+    limits on corrupt files, far above anything trainable on a CPU)."""
+    n = approx_params(mcfg.cell, mcfg.layers, mcfg.hidden, mcfg.vocab_size)
+    if mcfg.layers > checkpoint.MAX_LAYERS or mcfg.hidden > checkpoint.MAX_HIDDEN or n > checkpoint.MAX_PARAMS:
+        raise UsageError(f"a {mcfg.layers}x{mcfg.hidden} {mcfg.cell} has {n:,} parameters; charrnn's checkpoints hold "
+                         f"at most {checkpoint.MAX_LAYERS} layers of {checkpoint.MAX_HIDDEN} units and "
+                         f"{checkpoint.MAX_PARAMS:,} parameters")
+    if batch > checkpoint.MAX_STREAMS:
+        raise UsageError(f"--batch {batch} is above the {checkpoint.MAX_STREAMS:,} streams a checkpoint can carry")
+
+
 def _check_out_dir(out: str, need_bytes: int):
     """Prove the (locked) run directory is writable and has room for its checkpoints, before any
     training: a read-only or full filesystem is found now, not after the first hour."""
@@ -202,9 +214,7 @@ class Trainer:
         self.rundir = rundir
         self.out = rundir.path
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
-        remove_stale = getattr(checkpoint, "remove_stale_temps", None)
-        if remove_stale is not None:
-            remove_stale(self.out)
+        checkpoint.remove_stale_temps(self.out)
 
     def close(self):
         """Give the run directory back: removed if this run made it and saved nothing, unlocked."""
@@ -238,6 +248,7 @@ class Trainer:
         fitted = budget.choose_size(cfg, n_train)
         mcfg = ModelConfig(cell=fitted.cell, layers=cfg.layers, hidden=fitted.hidden, vocab_size=vocab.size,
                            nonlinearity=cfg.nonlinearity, dropout=fitted.dropout)
+        _check_loadable(mcfg, cfg.batch)
         model = Model(mcfg).init(cfg.seed, forget_bias=cfg.forget_bias)  # only a cell with a forget gate has one
         if out is not None and holds_run(out):  # said before the corpus is encoded; checked again under the lock
             RunDir.lock(out).release()  # a live run there is named first
