@@ -523,8 +523,12 @@ def resolve(model_path: str | None, runs_dir: str = "runs") -> tuple[str, bool]:
             raise CheckpointError(f"{name}: not a regular file ({_not_regular(mode)}); expected a .npz checkpoint")
         return model_path, False
     best = None
-    if os.path.isdir(runs_dir):
-        for entry in os.scandir(runs_dir):
+    try:
+        entries = list(os.scandir(runs_dir)) if os.path.isdir(runs_dir) else []
+    except OSError as e:
+        raise CheckpointError(f"cannot look for runs in ./{runs_dir}: {e.strerror or e}; pass --model") from None
+    if entries:
+        for entry in entries:
             if not entry.is_dir():
                 continue
             for fname in ("best.npz", "last.npz"):
