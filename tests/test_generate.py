@@ -1,7 +1,9 @@
 """Sampling: the compiled generation loop on one thread and with threads splitting every layer's
 units (charrnn/kernels/sample.py through Model.generate), and the draw: greedy, temperature,
 top-k, top-p, banned ids, the end token, seeds; the draw against the reference distribution
-(tests/reference.py draw_probs) at any temperature."""
+(tests/reference.py draw_probs) at any temperature; what generate.py refuses and never prints."""
+
+import math
 
 import numpy as np
 import pytest
@@ -9,9 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from charrnn import threads
+from charrnn.errors import UsageError
+from charrnn.generate import SampleOptions, SamplerBug, sample_chunks
 from charrnn.kernels import rng, sample
 from charrnn.model import Model, ModelConfig, State
-from charrnn.vocab import START_ID
+from charrnn.vocab import END_ID, START_ID, UNK_ID, Vocab
 from tests import reference as ref
 from tests.common import CASE_IDS, CASES, two_threads
 
@@ -325,3 +329,51 @@ def test_draw_never_returns_a_banned_id_from_nan_logits():
     for kw in ({}, {"top_k": 2}, {"top_p": 0.5}):
         counts = draw_counts(z, 200, banned=ban, **kw)
         assert counts.sum() == 200 and np.all(counts[ban] == 0), kw
+
+
+# ----------------------------------------------------------------------------- generate.py
+class _FakeModel:
+    """A stand-in for Model that draws what it is told to: for generate.py's own checks."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def zero_state(self, nb):
+        return np.zeros((1, nb, 1)), np.zeros((1, nb, 1))
+
+    def feed(self, tokens, h, c):
+        return None
+
+    def generate(self, tok, h, c, out, *args):
+        out[:] = -1
+        out[: len(self.ids)] = np.asarray(self.ids, dtype=np.int32)[:, None]
+        return out.shape[0]
+
+
+@pytest.mark.parametrize("special,documents", [(START_ID, False), (UNK_ID, True), (END_ID, False)])
+def test_special_tokens_are_never_turned_into_text(special, documents):
+    """Defence in depth: a special token the draw should have skipped stops sampling with an
+    internal error instead of reaching the output as "<START>" (the kernel never draws one)."""
+    vocab = Vocab.from_text("abc")
+    a = vocab.id_of("a")
+    chunks = sample_chunks(_FakeModel([a, a, special, a]), vocab, SampleOptions(length=8, seed=1), documents=documents)
+    with pytest.raises(SamplerBug, match="<"):
+        for _, text, _ in chunks:
+            assert "<" not in text
+    # <END> of a documents model is how a sample ends, not a bug
+    out = list(sample_chunks(_FakeModel([a, END_ID]), vocab, SampleOptions(length=8, seed=1), documents=True))
+    assert out == [(0, "a", True)]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temp", math.nan), ("temp", math.inf), ("temp", -1.0), ("top_p", math.nan), ("top_p", 0.0), ("top_p", 1.5),
+    ("top_k", -1), ("top_k", 2.5), ("length", -1), ("num", 0), ("seed", -1), ("seed", 2**64), ("seed", 1.5),
+    ("unknown", "ignore"),
+])
+def test_sample_options_are_checked_for_library_callers(field, value):
+    vocab = Vocab.from_text("abc")
+    opts = SampleOptions(**{field: value})
+    with pytest.raises(UsageError, match=field):
+        sample_chunks(_FakeModel([]), vocab, opts)
+    for ok in (SampleOptions(temp=0.0), SampleOptions(temp=1e-320, top_p=1e-300, top_k=1), SampleOptions(seed=2**64 - 1)):
+        sample_chunks(_FakeModel([]), vocab, ok)  # no error
