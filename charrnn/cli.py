@@ -6,7 +6,8 @@ everything else (progress, notes, errors) to stderr. Errors are one line and an 
 happen inside the commands so `--help` stays fast.
 
 Every numeric option is range-checked by Click from the tables in config.py (floats through
-Finite, which also refuses NaN and inf).
+Finite, which also refuses NaN and inf), and a stdout that is closed or fails (a full disk) is a
+one-line error, while a reader that goes away (`| head`) ends the program quietly.
 """
 
 from __future__ import annotations
@@ -29,19 +30,57 @@ EPILOG_EVAL = "Example: charrnn eval sonnets.txt --json"
 
 
 def _fail(message: str, code: int):
-    click.echo(f"charrnn: error: {message}", err=True)
+    try:
+        click.echo(f"charrnn: error: {message}", err=True)  # silent when stderr is closed
+    except OSError:
+        pass  # stderr fails too: the exit status still says it
     sys.exit(code)
 
 
 def _quiet_exit_on_broken_pipe():
     """The reader went away (`| head`): stop quietly with status 0, and keep Python's final flush
     of stdout from complaining."""
+    _discard_stdout()
+    sys.exit(0)
+
+
+def _discard_stdout():
+    """Point stdout's file descriptor at /dev/null, so Python's final flush of what is still
+    buffered neither fails nor complains after the real stdout went away."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass
-    sys.exit(0)
+
+
+class ResultsOut:
+    """stdout, for results (samples, scores). Closed (`>&-`, so Python has no sys.stdout) or
+    failing (`> /dev/full`), it raises a CharrnnError: one line on stderr and exit status 1
+    instead of a traceback. A reader that went away raises BrokenPipeError as before, which
+    handle_errors turns into a quiet exit 0. Made at the start of a command, so a closed stdout
+    is found before any work is done."""
+
+    def __init__(self):
+        if sys.stdout is None:
+            raise CharrnnError("cannot write to stdout: it is closed")
+        self.stream = sys.stdout
+
+    def write(self, text: str):
+        self._guard(self.stream.write, text)
+
+    def flush(self):
+        self._guard(self.stream.flush)
+
+    @staticmethod
+    def _guard(op, *args):
+        try:
+            op(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            _discard_stdout()
+            raise CharrnnError(f"cannot write to stdout: {e.strerror or e}") from None
 
 
 def handle_errors(fn):
@@ -225,6 +264,7 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, no_prime_echo, un
     from charrnn.errors import VocabError
     from charrnn.generate import SampleOptions, sample_chunks
 
+    out = ResultsOut()
     path, guessed = checkpoint.resolve(model_path)
     ck = checkpoint.load(path)
     if not quiet:
@@ -237,17 +277,16 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, no_prime_echo, un
         documents = (ck.meta.get("train") or {}).get("docs") is not None
         chunks = sample_chunks(ck.model, ck.vocab, opts, documents=documents)
         with _compile_notice(quiet, "the sampler"):
-            _write_samples(chunks, num, prime if (prime and not no_prime_echo) else "")
+            _write_samples(chunks, num, prime if (prime and not no_prime_echo) else "", out)
     except VocabError as e:
         from charrnn.errors import UsageError
 
         raise UsageError(f"--prime: {e} (use --unknown skip or --unknown unk to go on anyway)") from None
 
 
-def _write_samples(chunks, num: int, echo: str):
-    """Write the samples to stdout as they come: in order, each after the prime `echo`, one per
-    line. Samples advance in lock step, so later ones are buffered until their turn."""
-    out = sys.stdout
+def _write_samples(chunks, num: int, echo: str, out: ResultsOut):
+    """Write the samples to `out` (stdout) as they come: in order, each after the prime `echo`,
+    one per line. Samples advance in lock step, so later ones are buffered until their turn."""
     pending = {}  # sample -> its text so far, for samples not yet printing (nothing sized by num:
     finished = set()  # a huge --num fails as the sampler allocates its streams, not here)
     current = 0
@@ -286,6 +325,7 @@ def eval_cmd(files, model_path, as_json, docs, encoding, threads, quiet):
     from charrnn.data import read_text
     from charrnn.evaluate import score_text
 
+    out = ResultsOut()
     path, guessed = checkpoint.resolve(model_path)
     ck = checkpoint.load(path)
     if not quiet:
@@ -310,11 +350,11 @@ def eval_cmd(files, model_path, as_json, docs, encoding, threads, quiet):
         if as_json:
             record = {"file": name, "model": path, "docs": docs}
             record.update(score.to_dict())
-            click.echo(json.dumps(record))
+            out.write(json.dumps(record) + "\n")
         else:
-            click.echo(f"{name}: {score.nats:.4f} nats/char, {score.bits:.4f} bits/char, perplexity {score.perplexity:.3f}, "
-                       f"{score.tokens:,} {'tokens' if docs else 'chars'} scored ({score.unk:,} unknown)")
-        sys.stdout.flush()
+            out.write(f"{name}: {score.nats:.4f} nats/char, {score.bits:.4f} bits/char, perplexity {score.perplexity:.3f}, "
+                      f"{score.tokens:,} {'tokens' if docs else 'chars'} scored ({score.unk:,} unknown)\n")
+        out.flush()
 
 
 def main():

@@ -281,6 +281,39 @@ def test_extreme_sampling_options_print_only_text(stream_model, args):
         assert res.output == run(["sample", "--model", stream_model, "--length", "80", "--temp", "0", "-q"]).output
 
 
+# ------------------------------------------------------------------------------------------ stdout failures
+def sh_shell(script, timeout=120):
+    """A shell line, for redirections subprocess cannot set up (closing stdout); {charrnn} in it
+    runs this Python's charrnn."""
+    script = script.format(charrnn=shlex_join([sys.executable, "-m", "charrnn"]))
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=timeout)
+
+
+def result_commands(model):
+    return {"sample": ["sample", "--model", model, "--length", "200", "--seed", "1", "-q"],
+            "eval": ["eval", os.path.join(ROOT, "corpora", "markov.txt"), "--model", model, "--json", "-q"]}
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("cmd", ["sample", "eval"])
+def test_full_stdout_is_a_one_line_error(stream_model, cmd):
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "charrnn", *result_commands(stream_model)[cmd]], stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == "charrnn: error: cannot write to stdout: No space left on device\n"
+
+
+@pytest.mark.parametrize("cmd", ["sample", "eval"])
+def test_closed_stdout_is_a_one_line_error(stream_model, cmd):
+    args = shlex_join(result_commands(stream_model)[cmd])
+    res = sh_shell(f"exec {{charrnn}} {args} >&-")
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == "charrnn: error: cannot write to stdout: it is closed\n"
+    both = sh_shell(f"exec {{charrnn}} {args} >&- 2>&-")  # nowhere to say it: the status alone
+    assert both.returncode == 1 and both.stdout == "" and both.stderr == ""
+
+
 def test_train_writes_nothing_to_stdout(tiny_corpus, tmp_path):
     """Progress, notes and the summary go to stderr: stdout stays empty (also with the largest seed)."""
     res = sh(["train", tiny_corpus, "--out", str(tmp_path / "r"), "--steps", "3", "--seed", str(2**64 - 1),
