@@ -357,8 +357,25 @@ def eval_cmd(files, model_path, as_json, docs, encoding, threads, quiet):
         out.flush()
 
 
+def _raised_in_click_echo(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is click.utils.echo.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def main():
-    cli(prog_name="charrnn")
+    try:
+        cli(prog_name="charrnn")
+    except OSError as e:
+        # Click's own output (--help, --version, a usage error) to a full or failing stream; any
+        # other OSError that gets here is a bug and keeps its traceback
+        if isinstance(e, BrokenPipeError) or not _raised_in_click_echo(e):
+            raise
+        _discard_stdout()
+        _fail(f"cannot write output: {e.strerror or e}", 1)
 
 
 if __name__ == "__main__":

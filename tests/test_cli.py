@@ -304,6 +304,15 @@ def test_full_stdout_is_a_one_line_error(stream_model, cmd):
     assert res.stderr == "charrnn: error: cannot write to stdout: No space left on device\n"
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["sample", "--help"]])
+def test_click_output_to_a_full_stdout_is_a_one_line_error(args):
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "charrnn", *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                             timeout=120)
+    assert res.returncode == 1 and res.stderr == "charrnn: error: cannot write output: No space left on device\n"
+
+
 @pytest.mark.parametrize("cmd", ["sample", "eval"])
 def test_closed_stdout_is_a_one_line_error(stream_model, cmd):
     args = shlex_join(result_commands(stream_model)[cmd])
