@@ -48,9 +48,13 @@ def _discard_stdout():
     """Point stdout's file descriptor at /dev/null, so Python's final flush of what is still
     buffered neither fails nor complains after the real stdout went away."""
     try:
+        fd = sys.stdout.fileno()
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real descriptor (a test's stream), or none at all
         pass
 
 
