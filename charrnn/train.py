@@ -304,6 +304,8 @@ class Trainer:
             sha = meta["corpus"]["sha256"]
         except (KeyError, TypeError) as e:
             raise CharrnnError(f"{path}: cannot resume: checkpoint lacks training state ({e})") from None
+        except UsageError as e:  # options this version no longer accepts (a range tightened since)
+            raise CharrnnError(f"{path}: cannot resume: the run's recorded options are out of range: {e}") from None
         if "-" in paths:
             raise CharrnnError("cannot resume a run trained on stdin: the corpus cannot be read again")
         early = Precompile(effective(given, fitted), ck.model.cfg.cell,

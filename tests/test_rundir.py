@@ -171,5 +171,5 @@ def test_a_run_removes_the_temporary_files_killed_writes_left_and_refuses_unload
     keep.write_text("mine")
     assert run(["train", "--resume", str(out), "--steps", "3", "-q"]).exit_code == 0
     assert not any(p.exists() for p in stale) and keep.exists()
-    res = run(["train", corpus, "--out", str(tmp_path / "huge"), *SMALL, "--hidden", "70000"])
+    res = run(["train", corpus, "--out", str(tmp_path / "huge"), *SMALL, "--layers", "300"])
     assert res.exit_code == 2 and "at most" in res.output and not (tmp_path / "huge").exists()
