@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from charrnn import checkpoint
 from charrnn.cli import cli
-from charrnn.data import split_text
+from tests.wholetext import split_text
 from charrnn.evaluate import score_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
