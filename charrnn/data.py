@@ -29,7 +29,7 @@ import numpy as np
 
 from charrnn.config import DEFAULT_MAX_INPUT, format_size
 from charrnn.errors import DataError
-from charrnn.vocab import END_ID, START_ID, CharSet, Vocab, code_points
+from charrnn.vocab import END_ID, START_ID, CharSet, Vocab
 
 DOC_MODES = ("line", "blank")
 _BLANK_SPLIT = re.compile(r"\n[ \t]*\n")
@@ -406,15 +406,18 @@ def read_corpus(paths, encoding: str | None = None, docs: str | None = None,
 
     try:
         if docs is None:
-            for text in hashed(source.chunks()):
-                seen.add(code_points(text))
+            for text in source.chunks():
+                raw = text.encode("utf-8", "surrogatepass")
+                digest.update(raw)
+                n += len(text)
+                seen.add_text(text, raw if len(raw) == len(text) else None)  # ASCII: its UTF-8 is its bytes
         else:
             for piece in _segments(hashed(source.chunks()), docs):
                 documents = split_documents(piece, docs)
                 inside = "".join(documents)
                 doc_count += len(documents)
                 doc_chars += len(inside)
-                seen.add(code_points(inside))
+                seen.add_text(inside)
     except BaseException:
         source.close()
         raise
@@ -634,7 +637,7 @@ def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str, l
                 f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (total,)})
 
             def put(part, ids):
-                f.write(ids.tobytes())  # ids are in the file's dtype already
+                f.write(memoryview(np.ascontiguousarray(ids)))  # ids are in the file's dtype already
                 written[part] += len(ids)
 
             if corpus.docs is None:
