@@ -309,6 +309,9 @@ def eval_cmd(files, model_path, as_json, docs, encoding, max_input, threads, qui
         sys.stdout.flush()
 
 
+EVAL_LOG_EVERY_S = 30.0  # eval's progress lines when stderr is not a terminal, as training's (progress.Reporter)
+
+
 def _eval_progress(fname: str, quiet: bool):
     """(progress(n), done()): characters scored so far, on a tqdm bar on a terminal, else as a
     plain line on stderr every 30 s (only long inputs get one); nothing with -q."""
@@ -323,7 +326,7 @@ def _eval_progress(fname: str, quiet: bool):
         bar = tqdm(total=None, unit="char", unit_scale=True, file=sys.stderr, leave=False, desc=name,
                    mininterval=0.5, delay=1.0)
         return bar.update, bar.close
-    every = 30.0
+    every = EVAL_LOG_EVERY_S
     t0 = time.monotonic()
     state = {"n": 0, "last": t0}
 

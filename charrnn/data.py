@@ -97,8 +97,8 @@ class _Limit:
         self.used += n
         if self.limit is not None and self.used > self.limit:
             raise DataError(
-                f"{name}: the input is larger than the limit of {format_size(self.limit)} bytes; "
-                f"if it really is text, raise the limit with --max-input (e.g. --max-input {format_size(self.limit * 4)})"
+                f"{name}: input larger than the --max-input limit of {format_size(self.limit)}; "
+                f"if it really is text, raise the limit, e.g. --max-input {format_size(self.limit * 4)}"
             )
 
 

@@ -3,6 +3,7 @@ state, every character scored (no <END>) in stream mode; in document mode every 
 every <END>, never the <START> after an <END>; unknown characters as <UNK>, counted; the result
 independent of how the text is cut into spans."""
 
+import json
 import math
 
 import numpy as np
@@ -123,3 +124,28 @@ def test_score_tokens_reads_a_mapped_file_span_by_span(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "SPAN", 64)
     a, b = score_tokens(m, mapped), score_tokens(m, ids.astype(np.int32))
     assert (a.nll, a.tokens) == (b.nll, b.tokens) and a.tokens == len(text)
+
+
+def test_eval_logs_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    """Off a terminal (CliRunner's stderr is not one), eval says how far it got at intervals
+    (EVAL_LOG_EVERY_S, 0 here so every span reports); with -q it says nothing."""
+    from click.testing import CliRunner
+
+    from charrnn import checkpoint, cli
+
+    text = "the quick brown fox jumps over the lazy dog\n" * 40
+    m, v = model_for(text)
+    checkpoint.save(str(tmp_path / "m.npz"), m, v, {"train": {"docs": None}})
+    f = tmp_path / "t.txt"
+    f.write_text(text)
+    monkeypatch.setattr(cli, "EVAL_LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(evaluate, "SPAN", 500)
+    res = CliRunner().invoke(cli.cli, ["eval", str(f), "--model", str(tmp_path / "m.npz"), "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [x for x in res.stderr.splitlines() if x.startswith(f"charrnn: scoring {f}:")]
+    assert len(lines) == -(-len(text) // 500) and "characters so far" in lines[-1]
+    rec = json.loads(res.stdout)
+    ck = checkpoint.load(str(tmp_path / "m.npz"))
+    assert rec["tokens"] == len(text) and rec["nll"] == score_text(ck.model, ck.vocab, text).nll  # exactly
+    res = CliRunner().invoke(cli.cli, ["eval", str(f), "--model", str(tmp_path / "m.npz"), "-q"])
+    assert res.exit_code == 0 and res.stderr == ""
