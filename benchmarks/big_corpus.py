@@ -69,8 +69,9 @@ def run_child(env, text: str, out: str, extra) -> dict:
         marker = os.path.join(tmp, "first_step.json")
         t0 = time.time()
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        # cwd: a folder without a charrnn/ in it, so PYTHONPATH (--code) decides which code runs
         res = subprocess.run([sys.executable, "-c", CHILD, marker, text, "--out", out, *extra], env=env,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, cwd=tmp)
         t1 = time.time()
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         if res.returncode != 0:
