@@ -842,3 +842,17 @@ def test_dev_zero_and_yes_end_with_one_line_errors(tmp_path):
     assert not out.exists()
     res = _charrnn(["train", "x", "--max-input", "lots"])
     assert res.returncode == 2 and "--max-input" in res.stderr
+
+
+def test_a_vocabulary_over_65536_characters_gives_a_uint32_token_file(tmp_path):
+    chars = [chr(cp) for cp in range(0x100, 0x100 + 70_000) if not 0xD800 <= cp < 0xE000 and chr(cp).strip()]
+    text = "".join(chars) + "\n" + "".join(reversed(chars))
+    path = tmp_path / "wide.txt"
+    path.write_text(text, encoding="utf-8")
+    corpus = read_corpus([str(path)], chunk_bytes=4096)
+    assert corpus.vocab.size > 65536
+    tf = build_token_file(corpus, corpus.vocab, 0.1, str(tmp_path / "tokens.npy"))
+    want_train, want_val = wholetext.train_val_ids(text, corpus.vocab, None, 0.1, np.int64)
+    assert tf.ids.dtype == np.uint32
+    assert tf.train.tolist() == want_train.tolist() and tf.val.tolist() == want_val.tolist()
+    del tf

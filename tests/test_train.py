@@ -404,3 +404,17 @@ def test_resume_reuses_the_token_file_or_builds_it(corpus, tmp_path):
     pa, pb = params_of(os.path.join(a, "last.npz")), params_of(os.path.join(b, "last.npz"))
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+def test_training_on_stdin_builds_the_same_token_file(corpus, tmp_path):
+    """`charrnn train -` reads stdin once (spooled for the second reading) and trains on the
+    same tokens as the file."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run(["train", corpus, "--out", a, "--steps", "2", *SMALL]).exit_code == 0
+    res = CliRunner().invoke(cli, ["train", "-", "--out", b, "--steps", "2", *SMALL],
+                             input=open(corpus, "rb").read(), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert open(os.path.join(a, "tokens.npy"), "rb").read() == open(os.path.join(b, "tokens.npy"), "rb").read()
+    pa, pb = params_of(os.path.join(a, "last.npz")), params_of(os.path.join(b, "last.npz"))
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
