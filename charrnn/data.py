@@ -367,6 +367,9 @@ class Corpus:
     vocab: Vocab  # every character; in document mode only those inside documents
     doc_count: int = 0  # documents (document mode)
     doc_chars: int = 0  # characters inside documents (document mode)
+    # document mode: (characters, tokens) at the end of each piece pass 1 read, ending at separators
+    # (about one per chunk), so the training tokens before a cut are known to within a piece
+    marks: tuple = field(default=(), compare=False, repr=False)
     source: Source | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -396,6 +399,7 @@ def read_corpus(paths, encoding: str | None = None, docs: str | None = None,
     digest = hashlib.sha256()
     seen = CharSet()
     n = doc_count = doc_chars = 0
+    marks, pos = [], 0
 
     def hashed(chunks):
         nonlocal n
@@ -418,11 +422,13 @@ def read_corpus(paths, encoding: str | None = None, docs: str | None = None,
                 doc_count += len(documents)
                 doc_chars += len(inside)
                 seen.add_text(inside)
+                pos += len(piece)
+                marks.append((pos, doc_chars + 2 * doc_count))
     except BaseException:
         source.close()
         raise
     return Corpus(paths=source.paths, sha256=digest.hexdigest(), chars=n, docs=docs, vocab=Vocab(seen.chars()),
-                  doc_count=doc_count, doc_chars=doc_chars, source=source)
+                  doc_count=doc_count, doc_chars=doc_chars, marks=tuple(marks), source=source)
 
 
 # ---------------------------------------------------------------------------- the split
@@ -543,13 +549,41 @@ class Layout:
     has_val: bool  # whether any text was held out (in document mode it may still hold no document)
 
 
+def _nominal_cut(n: int, val_frac: float) -> int:
+    if not 0.0 <= val_frac < 1.0:
+        raise ValueError("val_frac must be in [0, 1)")
+    return n if val_frac == 0.0 else int(round(n * (1.0 - val_frac)))
+
+
+def total_tokens(corpus: Corpus, val_frac: float) -> int:
+    """Tokens in the token file, both streams: known after pass 1."""
+    if corpus.docs is not None:
+        return corpus.doc_chars + 2 * corpus.doc_count
+    _nominal_cut(corpus.chars, val_frac)  # checks val_frac
+    return corpus.chars + 2  # <START> train <START> validation, or <START> train <END>
+
+
+def check_sizes(corpus: Corpus, val_frac: float, batch: int, seq: int):
+    """The one-line errors of a training text too small for the run, before any token is
+    written. Document mode: the training tokens up to the last piece pass 1 saw end before the
+    nominal cut are a lower bound; only when that bound is too small is the text read again up to
+    the cut for the exact count (plan_layout)."""
+    if corpus.docs is None:
+        return check_layout(plan_layout(corpus, val_frac), batch, seq)
+    c = _nominal_cut(corpus.chars, val_frac)
+    at_least = max((tokens for end, tokens in corpus.marks if end <= c), default=0)
+    if c >= corpus.chars:
+        at_least = total_tokens(corpus, val_frac)
+    if at_least >= 2 and at_least - 1 >= batch * seq:
+        return
+    check_layout(plan_layout(corpus, val_frac), batch, seq)
+
+
 def plan_layout(corpus: Corpus, val_frac: float) -> Layout:
     """The sizes of the two streams, before any token is written: arithmetic in stream mode; in
     document mode a reading of the text up to where validation begins (the cut depends on it)."""
-    if not 0.0 <= val_frac < 1.0:
-        raise ValueError("val_frac must be in [0, 1)")
     n = corpus.chars
-    c = n if val_frac == 0.0 else int(round(n * (1.0 - val_frac)))
+    c = _nominal_cut(n, val_frac)
     if corpus.docs is None:
         has_val = c < n
         return Layout(n_train=c + (1 if has_val else 2), n_val=(n - c + 1) if has_val else 0, has_val=has_val)
@@ -618,19 +652,20 @@ def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float) ->
         return None
 
 
-def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str, layout: Layout | None = None) -> TokenFile:
+def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -> TokenFile:
     """Encode the corpus chunk by chunk into the token file at `path` (a temporary file beside it,
     then os.replace; its description, tokens.json, after it) and map it. The streams are the
     whole-text pipeline's: stream mode <START> train [<END> when nothing is held out], then
-    <START> validation; document mode <START> doc <END> for every document of each part."""
-    layout = layout or plan_layout(corpus, val_frac)
+    <START> validation; document mode <START> doc <END> for every document of each part (where
+    validation begins is found on the way, so the text is read once more, not twice)."""
     dtype = np.dtype(compact_dtype(vocab.size))
-    meta = _token_meta(corpus, vocab, val_frac, layout)
-    total = layout.n_train + layout.n_val
+    total = total_tokens(corpus, val_frac)
+    planned = plan_layout(corpus, val_frac) if corpus.docs is None else None
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     marker = np.array([START_ID, END_ID], dtype=dtype)
     written = {"train": 0, "val": 0}
+    saw_val = [False]  # document mode: whether any text was held out
     try:
         with open(tmp, "wb") as f:
             np.lib.format.write_array_header_1_0(
@@ -646,15 +681,18 @@ def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str, l
                     if part == "val" and not written["val"]:
                         put("val", marker[:1])
                     put(part, vocab.encode(text, unknown="unk", dtype=dtype))
-                if not layout.has_val:
+                if not planned.has_val:
                     put("train", marker[1:])
             else:
                 for part, text in _pieces(corpus, val_frac):
+                    saw_val[0] = saw_val[0] or part == "val"
                     put(part, _wrap_documents(vocab, split_documents(text, corpus.docs), "unk", dtype))
             f.flush()
             os.fsync(f.fileno())
-        if (written["train"], written["val"]) != (layout.n_train, layout.n_val):
+        layout = Layout(written["train"], written["val"], has_val=saw_val[0] if planned is None else planned.has_val)
+        if written["train"] + written["val"] != total or planned not in (None, layout):
             raise DataError(f"the corpus {', '.join(corpus.paths)} changed while it was being read; try again")
+        meta = _token_meta(corpus, vocab, val_frac, layout)
         os.replace(tmp, path)
         meta_path = os.path.join(directory, TOKENS_META)
         with open(meta_path + ".tmp", "w", encoding="utf-8") as f:

@@ -27,8 +27,8 @@ import numpy as np
 from charrnn import budget, checkpoint, threads
 from charrnn.budget import AUTO_MEASURE_STEPS, REFIT_EVERY, StepTimes, seq_len_at
 from charrnn.config import Fitted, TrainConfig, effective
-from charrnn.data import (TOKENS_FILE, BatchStream, TokenFile, build_token_file, check_layout, compact_dtype,
-                          open_token_file, plan_layout, read_corpus)
+from charrnn.data import (TOKENS_FILE, BatchStream, TokenFile, build_token_file, check_sizes, compact_dtype,
+                          open_token_file, read_corpus, total_tokens)
 from charrnn.errors import CharrnnError, DataError, Interrupted, TrainingError, UsageError
 from charrnn.evaluate import score_tokens
 from charrnn.kernels.jit import compile_notice
@@ -241,11 +241,10 @@ class Trainer:
             raise UsageError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
         opt = make_optimizer(cfg.optimizer, model.n_params, model.dtype, cfg.lr)
         # everything that can reject the input happens before the directory exists
-        layout = plan_layout(corpus, cfg.val_frac)
-        check_layout(layout, cfg.batch, cfg.seq)
-        token_bytes = (layout.n_train + layout.n_val) * vocab_itemsize(vocab)
+        check_sizes(corpus, cfg.val_frac, cfg.batch, cfg.seq)
+        token_bytes = total_tokens(corpus, cfg.val_frac) * vocab_itemsize(vocab)
         _check_out_dir(out, need_bytes=4 * model.n_params * 4 * 3 + token_bytes)
-        tokens = build_token_file(corpus, vocab, cfg.val_frac, os.path.join(out, TOKENS_FILE), layout)
+        tokens = build_token_file(corpus, vocab, cfg.val_frac, os.path.join(out, TOKENS_FILE))
         trainer = cls(cfg, fitted, corpus, vocab, model, out, quiet, RunState(), opt, None, tokens)
         trainer.precompile = early
         if model.n_params > 2 * n_train and not quiet:

@@ -687,7 +687,8 @@ def test_token_file_equals_whole_text_streams(files, docs, val_frac, k, B, T):
         layout = plan_layout(corpus, val_frac)
         assert (layout.n_train, layout.n_val, layout.has_val) == (
             len(want_train), 0 if want_val is None else len(want_val), want_val is not None)
-        tf = build_token_file(corpus, vocab, val_frac, os.path.join(d, "tokens.npy"), layout)
+        tf = build_token_file(corpus, vocab, val_frac, os.path.join(d, "tokens.npy"))
+        assert tf.layout == layout and len(tf.ids) == data_mod.total_tokens(corpus, val_frac)
         assert tf.ids.dtype == dtype and isinstance(tf.ids, np.memmap)
         assert tf.train.tolist() == want_train.tolist()
         assert (tf.val is None) == (want_val is None)
@@ -856,3 +857,18 @@ def test_a_vocabulary_over_65536_characters_gives_a_uint32_token_file(tmp_path):
     assert tf.ids.dtype == np.uint32
     assert tf.train.tolist() == want_train.tolist() and tf.val.tolist() == want_val.tolist()
     del tf
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(file_texts.map(str.encode), min_size=1, max_size=3), st.sampled_from([None, "line", "blank"]),
+       VAL_FRACS, chunk_sizes, st.integers(1, 5), st.integers(1, 5))
+def test_size_check_before_writing_equals_the_exact_one(files, docs, val_frac, k, B, T):
+    """check_sizes decides from pass 1's marks (a lower bound on the training tokens) and reads
+    the text again only when that bound is too small: the same errors as the exact layout."""
+    with tempfile.TemporaryDirectory() as d:
+        corpus = read_corpus(_write(d, files), docs=docs, chunk_bytes=k)
+        exact = plan_layout(corpus, val_frac)
+        c = int(round(corpus.chars * (1 - val_frac))) if val_frac else corpus.chars
+        assert all(tokens <= exact.n_train for end, tokens in corpus.marks if end <= c)
+        assert outcome(lambda: data_mod.check_sizes(corpus, val_frac, B, T)) == outcome(
+            lambda: data_mod.check_layout(exact, B, T))
