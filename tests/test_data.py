@@ -23,7 +23,6 @@ from charrnn.config import DEFAULT_MAX_INPUT, format_size, parse_size
 from charrnn.data import (
     BatchStream,
     Corpus,
-    Source,
     build_token_file,
     compact_dtype,
     decode_text,
