@@ -148,6 +148,22 @@ def _model_option(f):
                         help="A checkpoint file, or a run directory (its best.npz). Default: the most recent run under ./runs.")(f)
 
 
+def _max_input_option(f):
+    """--max-input SIZE: the most bytes read from the input, so /dev/zero or an endless pipe stops
+    with an error instead of filling memory or disk."""
+    from charrnn.config import format_size, parse_size
+
+    def parse(ctx, param, value):
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return click.option("--max-input", type=str, default=format_size(DEFAULTS.max_input), callback=parse,
+                        metavar="SIZE", help="Read at most this many bytes of input (e.g. 500M, 4G, 16G); "
+                        "more is an error.")(f)
+
+
 def _quiet_option(f):
     return click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")(f)
 
@@ -229,6 +245,7 @@ def cli():
               help="LSTM forget-gate bias at initialisation (the gate saturates long before 100).")
 @click.option("--encoding", type=str, default=None, help="Text encoding of the corpus (default: strict UTF-8).")
 @_seed_option(DEFAULTS.seed, "Seed for initialisation and dropout.")
+@_max_input_option
 @_threads_option
 @_quiet_option
 @handle_errors
@@ -349,17 +366,22 @@ def _write_samples(chunks, num: int, echo: str, out: ResultsOut):
 @click.option("--docs", type=click.Choice(["line", "blank", "none"]), default=None,
               help="Score as documents (default: as the model was trained).")
 @click.option("--encoding", type=str, default=None, help="Text encoding of the files (default: strict UTF-8).")
+@_max_input_option
 @_threads_option
 @_quiet_option
 @handle_errors
-def eval_cmd(files, model_path, as_json, docs, encoding, threads, quiet):
+def eval_cmd(files, model_path, as_json, docs, encoding, max_input, threads, quiet):
     """Score text: negative log-likelihood per character (nats), bits per character, perplexity."""
     from charrnn import checkpoint
     from charrnn import threads as th
-    from charrnn.data import read_text
-    from charrnn.evaluate import score_text
+    from charrnn.data import Source
+    from charrnn.evaluate import score_chunks
 
     out = ResultsOut()
+    if files.count("-") > 1:
+        from charrnn.errors import UsageError
+
+        raise UsageError("stdin ('-') can be given only once")
     path, guessed = checkpoint.resolve(model_path)
     ck = checkpoint.load(path)
     if not quiet:
@@ -370,16 +392,14 @@ def eval_cmd(files, model_path, as_json, docs, encoding, threads, quiet):
     elif docs == "none":
         docs = None
     for fname in files:
-        text = read_text(fname, encoding)
-        bar = None
-        if not quiet and len(text) > 200_000 and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(text), unit="char", unit_scale=True, file=sys.stderr, leave=False)
-        with _compile_notice(quiet, "the scorer"):
-            score = score_text(ck.model, ck.vocab, text, docs=docs, progress=bar.update if bar else None)
-        if bar:
-            bar.close()
+        # read in chunks of 1 MiB and scored as they come: memory does not grow with the file
+        with Source([fname], encoding, max_input, chunk_bytes=1 << 20, reread=False) as source:
+            progress, done = _eval_progress(fname, quiet)
+            try:
+                with _compile_notice(quiet, "the scorer"):
+                    score = score_chunks(ck.model, ck.vocab, source.chunks(), docs=docs, progress=progress)
+            finally:
+                done()
         name = "<stdin>" if fname == "-" else fname
         if as_json:
             record = {"file": name, "model": path, "docs": docs}
@@ -398,6 +418,38 @@ def _raised_in_click_echo(e: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+EVAL_LOG_EVERY_S = 30.0  # eval's progress lines when stderr is not a terminal, as training's (progress.Reporter)
+
+
+def _eval_progress(fname: str, quiet: bool):
+    """(progress(n), done()): characters scored so far, on a tqdm bar on a terminal, else as a
+    plain line on stderr every 30 s (only long inputs get one); nothing with -q."""
+    import time
+
+    if quiet:
+        return None, lambda: None
+    name = "<stdin>" if fname == "-" else fname
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="char", unit_scale=True, file=sys.stderr, leave=False, desc=name,
+                   mininterval=0.5, delay=1.0)
+        return bar.update, bar.close
+    every = EVAL_LOG_EVERY_S
+    t0 = time.monotonic()
+    state = {"n": 0, "last": t0}
+
+    def progress(n: int):
+        state["n"] += n
+        now = time.monotonic()
+        if now - state["last"] >= every:
+            state["last"] = now
+            click.echo(f"charrnn: scoring {name}: {state['n']:,} characters so far, "
+                       f"{state['n'] / (now - t0):,.0f} chars/s", err=True)
+
+    return progress, lambda: None
 
 
 def main():

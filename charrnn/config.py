@@ -120,6 +120,7 @@ class TrainConfig:
     val_chars: int | str | None = None  # held-out characters that training scores: N, "all", or None (the default)
     docs: str | None = None  # None: one stream; line | blank: documents wrapped in <START> ... <END>
     encoding: str | None = None  # text encoding of the corpus (default strict UTF-8)
+    max_input: int = 4 * 2**30  # bytes of corpus read at most (--max-input; DEFAULT_MAX_INPUT): /dev/zero stops here
     # ---- optimisation
     optimizer: str = "adam"  # adam | rmsprop | sgd
     lr: float = 3e-3  # peak learning rate (3e-3 beat 2e-3 in 5-minute runs, benchmarks/quality_curve.py)
@@ -196,3 +197,35 @@ def effective(cfg: TrainConfig, fitted: Fitted) -> TrainConfig:
 
 
 DEFAULTS = TrainConfig()
+
+
+# ---------------------------------------------------------------------------------- input size
+DEFAULT_MAX_INPUT = 4 * 2**30  # bytes of corpus read at most (--max-input): 4 GiB, well above 1 GB of text
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """A size such as `4G`, `500M`, `1.5g`, `64KiB` or `1000000` (bytes), in bytes; units are binary
+    (K = 1024). Raises ValueError with a readable message."""
+    s = str(text).strip().upper().replace(" ", "")
+    for suffix in ("IB", "B"):
+        if s.endswith(suffix) and len(s) > len(suffix):
+            s = s[: -len(suffix)]
+            break
+    unit = s[-1:] if s[-1:] in _UNITS and s[-1:] else ""
+    number = s[: len(s) - len(unit)]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (examples: 4G, 500M, 64K, 1000000)") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{text!r}: a size must be above 0")
+    return int(value * _UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    """Bytes as the shortest exact binary size: 4G, 500M, 1536K, or plain bytes."""
+    for unit in ("T", "G", "M", "K"):
+        if n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)

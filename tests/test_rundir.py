@@ -164,7 +164,8 @@ def test_resume_on_a_read_only_filesystem_fails_before_training(corpus, tmp_path
 def test_a_run_removes_the_temporary_files_killed_writes_left_and_refuses_unloadable_models(corpus, tmp_path):
     out = tmp_path / "run"
     assert run(["train", corpus, "--out", str(out), "--steps", "2", *SMALL]).exit_code == 0
-    stale = [out / ".last.npz.k3j_9xq1.tmp", out / ".best.npz.a8b7c6d5.tmp"]
+    stale = [out / ".last.npz.k3j_9xq1.tmp", out / ".best.npz.a8b7c6d5.tmp", out / ".tokens.npy.12345.tmp",
+             out / "tokens.json.tmp"]
     for p in stale:
         p.write_bytes(b"half a checkpoint")
     keep = out / "notes.tmp"
