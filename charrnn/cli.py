@@ -172,12 +172,19 @@ def _val_chars(value):
     """--val-chars: a positive count, or "all"."""
     if value is None or value == "all":
         return value
+    return _count_or_all(value, "characters")
+
+
+def _count_or_all(value, what: str):
+    """A positive count (1_000 and 1,000 read as 1000), or None for "all"."""
+    if value is None or value == "all":
+        return None
     try:
         n = int(value.replace("_", "").replace(",", ""))
     except ValueError:
         n = 0
     if n < 1:
-        raise click.BadParameter(f"{value!r} is neither a positive number of characters nor 'all'")
+        raise click.BadParameter(f"{value!r} is neither a positive number of {what} nor 'all'")
     return n
 
 
@@ -238,6 +245,10 @@ def cli():
 @click.option("--val-chars", type=str, default=None, metavar="N|all", callback=lambda ctx, p, v: _val_chars(v),
               help="Held-out characters scored at each validation, from the start of the split "
                    "(default: all of it up to 200,000; charrnn eval scores any text whole).")
+@click.option("--max-vocab", type=str, default=str(DEFAULTS.max_vocab), metavar="N|all",
+              callback=lambda ctx, p, v: _count_or_all(v, "characters"),
+              help="Keep the N most frequent characters, the rest become <UNK> (the decoder's work grows "
+                   "with the vocabulary).")
 @click.option("--docs", type=click.Choice(["line", "blank"]), default=None, help="Documents: one per line, or separated by blank lines.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="Steps between validations (default: about once per epoch, 200-2000).")
 @click.option("--patience", type=click.IntRange(min=1), default=None, help="Stop after this many validations without improvement.")

@@ -27,8 +27,8 @@ import numpy as np
 from charrnn import budget, checkpoint, signals, threads
 from charrnn.budget import AUTO_MEASURE_STEPS, REFIT_EVERY, StepTimes, seq_len_at
 from charrnn.config import Fitted, TrainConfig, effective
-from charrnn.data import (TOKENS_FILE, BatchStream, TokenFile, build_token_file, check_sizes, compact_dtype,
-                          open_token_file, read_corpus, remove_stale_token_temps, total_tokens)
+from charrnn.data import (TOKENS_FILE, BatchStream, TokenFile, build_token_file, capped_vocab, check_sizes,
+                          compact_dtype, open_token_file, read_corpus, remove_stale_token_temps, total_tokens)
 from charrnn.errors import CharrnnError, DataError, Interrupted, TrainingError, UsageError
 from charrnn.evaluate import Cancelled, score_tokens
 from charrnn.kernels.jit import compile_notice
@@ -40,6 +40,7 @@ from charrnn.signals import Signals
 from charrnn.vocab import Vocab
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
+LARGE_VOCAB = 2000  # tokens: above this a note says what the decoder costs (40% of a 2x256 LSTM step at 2,003)
 
 
 # ---------------------------------------------------------------------------------- one step
@@ -151,6 +152,28 @@ def _check_loadable(mcfg: ModelConfig, batch: int):
         raise UsageError(f"--batch {batch} is above the {checkpoint.MAX_STREAMS:,} streams a checkpoint can carry")
 
 
+def decoder_share(mcfg: ModelConfig) -> float:
+    """The decoder's share of a step's multiply-adds: V x H against the recurrent layers' G*H x
+    (H + H) each (layer 0's input is a gather, not a product)."""
+    G, H, V, L = mcfg.G, mcfg.hidden, mcfg.vocab_size, mcfg.layers
+    recurrent = G * H * H + (L - 1) * G * H * 2 * H
+    return V * H / (V * H + recurrent)
+
+
+def _vocab_notes(corpus, capped, mcfg: ModelConfig) -> list[str]:
+    """What the vocabulary costs: characters that became <UNK>, and a decoder that dominates."""
+    lines = []
+    if capped is not None:
+        lines.append(f"note: kept the {capped.vocab.size - 3:,} most frequent of {len(corpus.vocab.chars):,} characters "
+                     f"(--max-vocab); the other {capped.dropped:,} ({capped.dropped_chars:,} occurrences, "
+                     f"{capped.dropped_chars / max(capped.chars, 1):.3%} of the text) are <UNK>")
+    share = decoder_share(mcfg)
+    if mcfg.vocab_size > LARGE_VOCAB:
+        lines.append(f"note: a vocabulary of {mcfg.vocab_size:,} tokens: the decoder is {share:.0%} of each step's "
+                     "arithmetic; a smaller --max-vocab trains faster")
+    return lines
+
+
 def _check_out_dir(out: str, need_bytes: int):
     """Prove the (locked) run directory is writable and has room for its checkpoints, before any
     training: a read-only or full filesystem is found now, not after the first hour."""
@@ -246,7 +269,8 @@ class Trainer:
     def _new(cls, paths, cfg: TrainConfig, out: str | None, quiet: bool, runs_dir: str, early, corpus):
         if cfg.docs is not None and corpus.doc_count == 0:
             raise DataError("the corpus holds no documents")
-        vocab = corpus.vocab
+        capped = capped_vocab(corpus, cfg.max_vocab)
+        vocab = corpus.vocab if capped is None else capped.vocab
         n_train = int(corpus.chars * (1 - cfg.val_frac))
         fitted = budget.choose_size(cfg, n_train)
         mcfg = ModelConfig(cell=fitted.cell, layers=cfg.layers, hidden=fitted.hidden, vocab_size=vocab.size,
@@ -273,6 +297,9 @@ class Trainer:
         n_val = 0 if trainer.val_tokens is None else len(trainer.val_tokens) - 1
         trainer.fitted = replace(trainer.fitted, val_chars=budget.val_chars_for(cfg, n_val))
         trainer.precompile = early
+        if not quiet:
+            for line in _vocab_notes(corpus, capped, mcfg):
+                print(line, file=sys.stderr)
         if model.n_params > 2 * n_train and not quiet:
             print(f"warning: the model has {model.n_params:,} parameters for {n_train:,} training characters; "
                   "expect overfitting (consider a smaller --hidden or --layers, or more --dropout)", file=sys.stderr)
@@ -313,6 +340,8 @@ class Trainer:
             raise CharrnnError(f"{path}: cannot resume: checkpoint lacks training state ({e})") from None
         except UsageError as e:  # options this version no longer accepts (a range tightened since)
             raise CharrnnError(f"{path}: cannot resume: the run's recorded options are out of range: {e}") from None
+        if "max_vocab" not in meta.get("config", meta.get("train", {})):
+            given = replace(given, max_vocab=None)  # a run from before --max-vocab kept every character
         if "-" in paths:
             raise CharrnnError("cannot resume a run trained on stdin: the corpus cannot be read again")
         early = Precompile(effective(given, fitted), ck.model.cfg.cell,
@@ -321,7 +350,8 @@ class Trainer:
         try:
             if corpus.sha256 != sha:
                 raise CharrnnError(f"cannot resume: the corpus {', '.join(paths)} changed since the run started")
-            if corpus.vocab != ck.vocab:
+            capped = capped_vocab(corpus, given.max_vocab)
+            if (corpus.vocab if capped is None else capped.vocab) != ck.vocab:
                 raise CharrnnError("cannot resume: the corpus's characters differ from the checkpoint's vocabulary")
             # the run's token file if it matches; else (a run from before token files, or a damaged one) build it
             token_path = os.path.join(run_dir, TOKENS_FILE)

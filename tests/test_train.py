@@ -546,3 +546,30 @@ def test_training_on_stdin_builds_the_same_token_file(corpus, tmp_path):
     pa, pb = params_of(os.path.join(a, "last.npz")), params_of(os.path.join(b, "last.npz"))
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+def test_max_vocab_maps_rare_characters_to_unk_says_so_and_resumes(tmp_path):
+    """A text of many distinct characters (a CJK-like tail of rare ones): --max-vocab keeps the most
+    frequent, the rest train as <UNK>; the run says what it cost, and resumes with the same vocabulary."""
+    from charrnn.vocab import UNK_ID
+
+    rng = np.random.default_rng(0)
+    common = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年"
+    rare = "".join(chr(0x4E00 + 500 + i) for i in range(300))
+    text = "".join(rng.choice(list(common), size=6000)) + rare + "".join(rng.choice(list(common), size=2000))
+    src = tmp_path / "zh.txt"
+    src.write_text(text, encoding="utf-8")
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "charrnn", "train", str(src), "--out", str(out), "--steps", "3",
+                          "--max-vocab", "40", "--hidden", "16", "--batch", "4", "--seq", "16", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"kept the 40 most frequent of {len(set(text))} characters" in res.stderr
+    ck = checkpoint.load(str(out / "last.npz"))
+    assert ck.vocab.size == 43 and set(common) <= set(ck.vocab.chars)
+    ids = np.load(str(out / "tokens.npy"))
+    assert (ids == UNK_ID).sum() == len(set(text)) - 40  # each rare character occurs once
+    res = run(["train", "--resume", str(out), "--steps", "4", "-q"])
+    assert res.exit_code == 0, res.output
+    res = run(["train", str(src), "--out", str(tmp_path / "all"), "--steps", "1", "--max-vocab", "all", *SMALL])
+    assert res.exit_code == 0 and checkpoint.load(str(tmp_path / "all" / "last.npz")).vocab.size == len(set(text)) + 3
