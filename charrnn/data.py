@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -177,10 +178,11 @@ def _text_chunks(f, name: str, encoding: str | None, chunk_bytes: int, limit: _L
 class Source:
     """Corpus files in order (`-` for stdin, at most once), readable as often as needed.
 
-    Every reading is chunked and bounded by `max_input` bytes in all. The first reading of stdin
-    copies its bytes into an anonymous temporary file (unlinked from the start, so it goes away on
-    any exit), which later readings read instead; `reread=False` says one reading is all (eval),
-    and nothing is copied. close() releases it."""
+    Every reading is chunked and bounded by `max_input` bytes in all. The first reading of stdin,
+    or of any file that is not a regular one (a pipe, a FIFO, `<(command)`, a device), copies its
+    bytes into an anonymous temporary file (unlinked from the start, so it goes away on any exit),
+    which later readings read instead; `reread=False` says one reading is all (eval), and nothing
+    is copied. close() releases the copies."""
 
     def __init__(self, paths, encoding: str | None = None, max_input: int | None = DEFAULT_MAX_INPUT,
                  chunk_bytes: int = CHUNK_BYTES, reread: bool = True):
@@ -194,45 +196,47 @@ class Source:
         self.max_input = max_input
         self.chunk_bytes = max(1, int(chunk_bytes))
         self.reread = reread
-        self._spool = None
-        self._spooled = False
+        self._spools = {}  # index in paths -> the complete copy of a stream read once
 
     def chunks(self):
         """Normalised text of every file in order, in chunks; an empty file is an error."""
         limit = _Limit(self.max_input)
-        for path in self.paths:
+        for i, path in enumerate(self.paths):
             name = _source_name(path)
             seen = False
-            for text in self._file_chunks(path, name, limit):
+            for text in self._file_chunks(i, path, name, limit):
                 seen = True
                 yield text
             if not seen:
                 raise DataError(f"{name}: is empty")
 
-    def _file_chunks(self, path, name, limit):
-        if path != "-":
-            with _open(path) as f:
-                yield from _text_chunks(f, name, self.encoding, self.chunk_bytes, limit)
+    def _file_chunks(self, i, path, name, limit):
+        args = (name, self.encoding, self.chunk_bytes, limit)
+        spool = self._spools.get(i)
+        if spool is not None:  # a stream read once already: its copy
+            spool.seek(0)
+            yield from _text_chunks(spool, *args)
             return
-        if not self.reread:
-            yield from _text_chunks(sys.stdin.buffer, name, self.encoding, self.chunk_bytes, limit)
-            return
-        if self._spooled:
-            self._spool.seek(0)
-            yield from _text_chunks(self._spool, name, self.encoding, self.chunk_bytes, limit)
-            return
-        if self._spool is None:
-            self._spool = tempfile.TemporaryFile(prefix="charrnn-stdin-")
-        self._spool.seek(0)
-        self._spool.truncate()
-        yield from _text_chunks(sys.stdin.buffer, name, self.encoding, self.chunk_bytes, limit, spool=self._spool)
-        self._spooled = True
+        f = sys.stdin.buffer if path == "-" else _open(path)
+        try:
+            if not self.reread or (path != "-" and stat.S_ISREG(os.fstat(f.fileno()).st_mode)):
+                yield from _text_chunks(f, *args)
+                return
+            spool = tempfile.TemporaryFile(prefix="charrnn-input-")
+            try:
+                yield from _text_chunks(f, *args, spool=spool)
+            except BaseException:
+                spool.close()
+                raise
+            self._spools[i] = spool  # only a complete copy
+        finally:
+            if path != "-":
+                f.close()
 
     def close(self):
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
-            self._spooled = False
+        for spool in self._spools.values():
+            spool.close()
+        self._spools = {}
 
     def __enter__(self):
         return self

@@ -757,9 +757,34 @@ def test_stdin_is_spooled_once_and_cleaned_up(tmp_path, monkeypatch):
     tf = build_token_file(corpus, corpus.vocab, 0.1, str(tmp_path / "tokens.npy"))
     want_train, want_val = wholetext.train_val_ids(text, corpus.vocab, None, 0.1, np.uint8)
     assert tf.train.tolist() == want_train.tolist() and tf.val.tolist() == want_val.tolist()
-    spool = corpus.source._spool
+    (spool,) = corpus.source._spools.values()
     corpus.close()
     assert spool.closed and os.listdir(spool_dir) == []
+
+
+def test_a_fifo_or_a_pipe_given_as_a_file_is_read_once_like_stdin(tmp_path):
+    """`charrnn train <(command)` or a named pipe: a stream that cannot be read twice is copied on
+    its first reading, as stdin is; the run gets the same corpus as from the file itself."""
+    text = "a FIFO of text\n" * 500
+    fifo = tmp_path / "c.fifo"
+    os.mkfifo(fifo)
+
+    def writer():
+        with open(fifo, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    import threading
+
+    t = threading.Thread(target=writer)
+    t.start()
+    corpus = read_corpus([str(fifo)], chunk_bytes=64)
+    t.join()
+    try:
+        assert "".join(corpus.text_chunks()) == text  # the second reading: from the copy, not the FIFO
+        assert "".join(corpus.text_chunks()) == text
+        assert corpus.sha256 == hashlib.sha256(text.encode()).hexdigest()
+    finally:
+        corpus.close()
 
 
 # ----------------------------------------------------------------------------- the input limit

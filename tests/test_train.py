@@ -573,3 +573,21 @@ def test_max_vocab_maps_rare_characters_to_unk_says_so_and_resumes(tmp_path):
     assert res.exit_code == 0, res.output
     res = run(["train", str(src), "--out", str(tmp_path / "all"), "--steps", "1", "--max-vocab", "all", *SMALL])
     assert res.exit_code == 0 and checkpoint.load(str(tmp_path / "all" / "last.npz")).vocab.size == len(set(text)) + 3
+
+
+def test_an_early_exit_while_kernels_compile_in_the_background_is_clean(corpus, tmp_path):
+    """On a cold cache, SIGTERM while the run waits for its corpus (a FIFO nobody writes yet) and
+    the background thread compiles: one line, exit 143, at once, and no abort inside LLVM from
+    shutting down under the compiling thread."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    fifo = tmp_path / "c.fifo"
+    os.mkfifo(fifo)
+    for attempt in range(2):
+        proc = subprocess.Popen([sys.executable, "-m", "charrnn", "train", str(fifo), "--out", str(tmp_path / "o"),
+                                 "--steps", "1", "--hidden", "16"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(3.0 if attempt == 0 else 1.0)  # the background compile is under way
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 143, stderr
+        assert stderr.strip() == "charrnn: terminated" and stdout == ""
