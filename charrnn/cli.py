@@ -101,6 +101,8 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             click.echo("charrnn: interrupted", err=True)
             sys.exit(130)
+        except MemoryError:
+            _fail("out of memory; try a smaller model, batch or text", 1)
         except BaseException as e:
             from charrnn.signals import SignalExit
 
@@ -108,8 +110,6 @@ def handle_errors(fn):
                 click.echo("charrnn: terminated", err=True)
                 sys.exit(e.exit_code)
             raise
-        except MemoryError:
-            _fail("out of memory; try a smaller model, batch or text", 1)
 
     return wrapper
 

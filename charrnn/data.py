@@ -119,7 +119,11 @@ def _text_chunks(f, name: str, encoding: str | None, chunk_bytes: int, limit: _L
         final = not data
         limit.take(len(data), name)
         if spool is not None and data:
-            spool.write(data)
+            try:
+                spool.write(data)
+            except OSError as e:
+                raise DataError(f"{name}: cannot keep a copy for the second reading in {tempfile.gettempdir()}: "
+                                f"{e.strerror or e} (set TMPDIR to a place with room, or give a file)") from None
         if is_utf8:
             nul = data.find(b"\x00")
             if nul >= 0:
@@ -217,6 +221,8 @@ class Source:
             spool.seek(0)
             yield from _text_chunks(spool, *args)
             return
+        if path == "-" and sys.stdin is None:
+            raise DataError("<stdin>: is closed")
         f = sys.stdin.buffer if path == "-" else _open(path)
         try:
             if not self.reread or (path != "-" and stat.S_ISREG(os.fstat(f.fileno()).st_mode)):
@@ -651,9 +657,15 @@ def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float) ->
         layout = Layout(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"]))
         if meta != _token_meta(corpus, vocab, val_frac, layout):
             return None
-        return _map(path, layout, meta)
+        tokens = _map(path, layout, meta)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    # a file damaged in place (its description intact): every id must be one of the vocabulary's
+    # (a pass over the mapped file, a chunk at a time; far cheaper than an epoch of training)
+    for start in range(0, len(tokens.ids), CHUNK_BYTES):
+        if int(tokens.ids[start : start + CHUNK_BYTES].max()) >= vocab.size:
+            return None
+    return tokens
 
 
 def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -> TokenFile:
@@ -702,12 +714,14 @@ def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -
         with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(meta, f)
         os.replace(meta_path + ".tmp", meta_path)
-    except BaseException:
+    except BaseException as e:
         for p in (tmp, os.path.join(directory, TOKENS_META) + ".tmp"):
             try:
                 os.unlink(p)
             except OSError:
                 pass
+        if isinstance(e, OSError):
+            raise DataError(f"could not write {path}: {e.strerror or e}") from None
         raise
     return _map(path, layout, meta)
 

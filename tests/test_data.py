@@ -603,7 +603,14 @@ def test_chunked_decoding_equals_whole_decoding(data, encoding, k):
     if data.draw(st.booleans()):
         at = data.draw(st.integers(0, len(raw)))
         raw = raw[:at] + data.draw(st.sampled_from(BAD_UTF8 + [b"\x00", b"\r", b"\xef\xbb\xbf"])) + raw[at:]
-    assert outcome(lambda: chunked_decode(raw, encoding, k)) == outcome(lambda: wholetext.decode_whole(raw, "f", encoding))
+    got, want = outcome(lambda: chunked_decode(raw, encoding, k)), outcome(lambda: wholetext.decode_whole(raw, "f", encoding))
+    if got[0] == want[0] == "error" and "binary" in got[1] and "not valid" in want[1]:
+        # both faults present: the whole-text decoder names the bad byte it meets decoding; the
+        # chunked reader stops at a NUL in an earlier chunk, before it reaches the bad byte
+        bad_at = int(re.search(r"byte offset (\d+)", want[1]).group(1))
+        assert "\x00" in raw[:bad_at].decode(encoding or "utf-8", errors="replace")
+    else:
+        assert got == want
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 7])
@@ -736,7 +743,7 @@ def test_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(data_mod.os, "fsync", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(DataError, match="could not write .*tokens.npy: disk full"):  # one line, not a traceback
         build_token_file(corpus, corpus.vocab, 0.1, str(run / "tokens.npy"))
     assert os.listdir(run) == []
 
@@ -930,5 +937,26 @@ def test_capped_vocab_in_document_mode_never_keeps_a_separator(tmp_path):
         assert "\n" not in corpus.vocab.chars
         capped = data_mod.capped_vocab(corpus, 2)
         assert capped.vocab.chars == ("a", "b")
+    finally:
+        corpus.close()
+
+
+def test_a_full_temporary_directory_or_run_directory_is_a_one_line_error(tmp_path, monkeypatch):
+    import errno
+
+    class Full(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    fake_stdin(monkeypatch, b"some text\n" * 100)
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, **k: Full())
+    with pytest.raises(DataError, match="cannot keep a copy .* No space left on device .*TMPDIR"):
+        read_corpus(["-"])
+    p = tmp_path / "c.txt"
+    p.write_text("some text\n" * 100, encoding="utf-8")
+    corpus = read_corpus([str(p)])
+    try:
+        with pytest.raises(DataError, match="could not write"):
+            build_token_file(corpus, corpus.vocab, 0.1, str(tmp_path / "gone" / "tokens.npy"))
     finally:
         corpus.close()
