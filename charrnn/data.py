@@ -30,6 +30,7 @@ import numpy as np
 
 from charrnn.config import DEFAULT_MAX_INPUT, format_size
 from charrnn.errors import DataError
+from charrnn.rundir import remove_files
 from charrnn.vocab import END_ID, MAX_CODE_POINT, START_ID, CharSet, Vocab, code_points
 
 DOC_MODES = ("line", "blank")
@@ -780,19 +781,10 @@ def remove_stale_token_temps(directory: str) -> list[str]:
     tokens.json.tmp), and nothing else. The caller must hold the run directory's lock: a live
     build in another process would otherwise lose its file."""
     pattern = re.compile(r"\.%s\.\d+\.tmp|%s\.tmp" % (re.escape(TOKENS_FILE), re.escape(TOKENS_META)))
-    removed = []
     try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return removed
-    for entry in entries:
-        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-            try:
-                os.unlink(entry.path)
-                removed.append(entry.path)
-            except OSError:
-                pass
-    return removed
+        return remove_files(directory, pattern)
+    except OSError as e:
+        raise DataError(f"{e.filename or directory}: cannot clean up: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------------------- capped vocabularies

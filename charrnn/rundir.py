@@ -116,6 +116,21 @@ class RunDir:
         return False
 
 
+def remove_files(directory: str, pattern) -> list[str]:
+    """Remove the regular files of `directory` whose whole names match `pattern` (a compiled
+    regular expression), and return their paths; OSError when listing or removing fails. Links
+    and directories are left: what a run writes is plain files."""
+    removed = []
+    for entry in list(os.scandir(directory)):
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(entry.path)
+    return removed
+
+
 def _make_dir(path: str) -> bool:
     """Make the directory (and its parents); whether this call created it."""
     if os.path.exists(path) and not os.path.isdir(path):
