@@ -35,6 +35,8 @@ from charrnn.vocab import END_ID, MAX_CODE_POINT, START_ID, CharSet, Vocab, code
 
 DOC_MODES = ("line", "blank")
 _BLANK_SPLIT = re.compile(r"\n[ \t]*\n")
+# --docs: the longest document (characters) held whole; a text without separators is not documents
+MAX_DOCUMENT_CHARS = 1 << 24
 CHUNK_BYTES = 1 << 24  # bytes read at a time: 16 MiB keeps the working set near 100 MB and numpy calls long
 TOKENS_FILE = "tokens.npy"  # the token file in a run directory; its description beside it in tokens.json
 TOKENS_META = "tokens.json"
@@ -288,14 +290,22 @@ def _could_end_separator(chunk: str, docs: str) -> bool:
     return _BLANK_SPLIT.search(chunk) is not None or re.match(r"[ \t]*\n", chunk) is not None
 
 
-def _segments(chunks, docs: str):
+def document_pieces(chunks, docs: str, max_doc: int | None = None):
     """The text again, in pieces that end at document separators (the last piece: the rest), so
     split_documents of each piece gives, in order, the documents of the whole text. A document
-    longer than a chunk is carried until it ends, as a list of chunks (joined once)."""
+    longer than a chunk is carried until it ends, as a list of chunks (joined once); one longer
+    than `max_doc` characters (MAX_DOCUMENT_CHARS) is an error, so memory stays bounded."""
+    max_doc = MAX_DOCUMENT_CHARS if max_doc is None else max_doc
     carry: list[str] = []
+    carried = 0
     for chunk in chunks:
         if not _could_end_separator(chunk, docs):
             carry.append(chunk)
+            carried += len(chunk)
+            if carried > max_doc:
+                sep = "newline" if docs == "line" else "blank line"
+                raise DataError(f"a document of more than {max_doc:,} characters (no {sep} in them): with --docs "
+                                f"{docs} each document is held in memory whole; is this text really in documents?")
             continue
         buf = "".join(carry) + chunk if carry else chunk
         if docs == "line":
@@ -310,13 +320,9 @@ def _segments(chunks, docs: str):
         if end:
             yield buf[:end]
         carry = [buf[end:]] if end < len(buf) else []
+        carried = len(buf) - end
     if carry:
         yield "".join(carry)
-
-
-def document_pieces(chunks, docs: str):
-    """Chunks of text regrouped into pieces that end at document separators (see _segments)."""
-    return _segments(chunks, docs)
 
 
 def encode_stream(vocab: Vocab, text: str, docs: str | None, unknown: str = "unk", end: bool = True, dtype=np.int32):
@@ -427,7 +433,7 @@ def read_corpus(paths, encoding: str | None = None, docs: str | None = None,
                 n += len(text)
                 seen.add_text(text, raw if len(raw) == len(text) else None)  # ASCII: its UTF-8 is its bytes
         else:
-            for piece in _segments(hashed(source.chunks()), docs):
+            for piece in document_pieces(hashed(source.chunks()), docs):
                 documents = split_documents(piece, docs)
                 inside = "".join(documents)
                 doc_count += len(documents)
@@ -533,10 +539,10 @@ def _pieces(corpus: Corpus, val_frac: float):
             seen += len(text)
             yield text
         if finder is not None:
-            finder.finish(seen)  # the text has ended: before _segments gives its last piece
+            finder.finish(seen)  # the text has ended: before document_pieces gives its last piece
 
     pos = 0
-    for piece in _segments(fed(corpus.text_chunks()), corpus.docs):
+    for piece in document_pieces(fed(corpus.text_chunks()), corpus.docs):
         end = pos + len(piece)
         cut = n if finder is None else finder.cut
         # cut still None: every separator seen so far ends before c, so this piece is training text

@@ -960,3 +960,17 @@ def test_a_full_temporary_directory_or_run_directory_is_a_one_line_error(tmp_pat
             build_token_file(corpus, corpus.vocab, 0.1, str(tmp_path / "gone" / "tokens.npy"))
     finally:
         corpus.close()
+
+
+def test_a_document_longer_than_the_limit_is_an_error_not_unbounded_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "MAX_DOCUMENT_CHARS", 1000)
+    p = tmp_path / "c.txt"
+    p.write_text("short one\n\n" + "x" * 5000 + "\n\nand another\n", encoding="utf-8")
+    with pytest.raises(DataError, match="a document of more than 1,000 characters"):
+        read_corpus([str(p)], docs="blank", chunk_bytes=64)
+    with pytest.raises(DataError, match=r"a document of more than 1,000 characters \(no newline"):
+        read_corpus([str(p)], docs="line", chunk_bytes=64)
+    p.write_text(("a line of text\n" * 40 + "\n") * 20, encoding="utf-8")  # 12k characters, short documents
+    corpus = read_corpus([str(p)], docs="blank", chunk_bytes=64)
+    assert corpus.doc_count == 20
+    corpus.close()
