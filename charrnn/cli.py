@@ -188,8 +188,12 @@ def _train(corpus, out, resume, quiet, workers, **opts):
         try:
             result = parallel.train(make, quiet)
         except CharrnnError as e:
-            # rank 0 reports what every worker raised alike; the others only what is theirs alone
-            if isinstance(e, parallel.Quiet) or (parallel.world_rank() != 0 and not isinstance(e, parallel.LocalError)):
+            # rank 0 reports what every worker raised alike, and its status is the run's; the others
+            # end quietly with 0 (mpiexec ends a job whose process fails, and rank 0 may still be
+            # saying why), and report only what is theirs alone
+            if parallel.world_rank() != 0 and not isinstance(e, parallel.LocalError):
+                sys.exit(0)
+            if isinstance(e, parallel.Quiet):
                 sys.exit(e.exit_code)
             raise
         if result is None:

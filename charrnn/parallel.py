@@ -41,9 +41,9 @@ SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 CHECK_EVERY = 100  # steps between comparisons of the workers' parameter checksums
 WATCH_EVERY_S = 0.25  # how often a worker looks at the other workers of its machine
 GRACE_S = 2.0  # a worker that ended may have ended with the run: time for this one to end too
-LAUNCHER_VARIABLE = "CHARRNN_LAUNCHER"  # set by `launch` for the workers it starts
-# lines of mpiexec's own (not the workers') that the launcher keeps off stderr: its notes on
-# forwarding Ctrl-C, and the banner about a worker that died, which the workers report themselves
+LAUNCH_DIR_VARIABLE = "CHARRNN_LAUNCH_DIR"  # set by `launch`: where its workers leave their rank and process id
+# lines of mpiexec's own (not the workers') that the launcher keeps off the terminal: its notes on
+# forwarding Ctrl-C, and the banner about a worker that ended badly, which it reports in one line
 _HYDRA_NOISE = (b"[mpiexec@", b"====", b"=   ", b"YOUR APPLICATION TERMINATED", b"This typically refers",
                 b"Please see the FAQ")
 
@@ -92,9 +92,11 @@ def launch(workers: int, argv: list[str], batch: int | None) -> int:
 
     The workers run in a session of their own, so a Ctrl-C at the terminal reaches this process
     only, and it is forwarded once, through mpiexec (which hands SIGINT and SIGTERM on to every
-    worker): each then stops at the same step, rank 0 saves last.npz, and all exit 130 / 143. If
-    this process dies, mpiexec gets SIGTERM (the same path). mpiexec's automatic clean-up is off:
-    the workers watch each other (Workers) and say which one died."""
+    worker): each then stops at the same step, rank 0 saves last.npz, and the run exits 130 / 143.
+    If this process dies, mpiexec gets SIGTERM (the same path). When a worker dies (SIGKILL, a
+    crash), mpiexec ends the others at once (its automatic clean-up) and names the process; the
+    workers have told this process their ranks and process ids (LAUNCH_DIR_VARIABLE), so it says
+    which worker it was, in one line."""
     if batch is not None and batch % workers:
         raise UsageError(f"--batch {batch} must be a multiple of --workers {workers} (every worker takes the same "
                          "number of streams)")
@@ -102,9 +104,19 @@ def launch(workers: int, argv: list[str], batch: int | None) -> int:
     if not _have_mpi4py() or not os.access(mpiexec, os.X_OK):
         missing = "mpi4py" if not _have_mpi4py() else f"mpiexec (looked for {mpiexec})"
         raise CharrnnError(f"--workers needs MPI, and {missing} is not installed: {INSTALL_HINT}")
-    cmd = [mpiexec, "-n", str(workers), "-disable-auto-cleanup", sys.executable, "-m", "charrnn", *argv]
-    env = dict(os.environ, **{LAUNCHER_VARIABLE: "1"})
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True,
+    import shutil
+    import tempfile
+
+    rendezvous = tempfile.mkdtemp(prefix="charrnn-workers-")
+    try:
+        return _launch([mpiexec, "-n", str(workers), sys.executable, "-m", "charrnn", *argv],
+                       dict(os.environ, **{LAUNCH_DIR_VARIABLE: rendezvous}), rendezvous)
+    finally:
+        shutil.rmtree(rendezvous, ignore_errors=True)
+
+
+def _launch(cmd, env, rendezvous) -> int:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             preexec_fn=_term_with_parent)
     received = []
 
@@ -116,26 +128,60 @@ def launch(workers: int, argv: list[str], batch: int | None) -> int:
             pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    relay = threading.Thread(target=_relay_stderr, args=(proc.stderr,), daemon=True)
-    relay.start()
+    notes = []  # mpiexec's own lines, kept off the terminal: which process ended badly, and how
+    relays = [threading.Thread(target=_relay, args=(pipe, dest, notes), daemon=True)
+              for pipe, dest in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+    for t in relays:
+        t.start()
     try:
-        while True:
-            try:
-                rc = proc.wait()
-                break
-            except KeyboardInterrupt:  # only if a handler could not be installed
-                continue
-        relay.join(5)
+        rc = proc.wait()
+        for t in relays:
+            t.join(5)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if rc < 0:  # mpiexec itself killed
+    if rc < 0:  # mpiexec itself was killed
         rc = 128 - rc
     if rc in (0, 1, 2, 130, 143):
         return rc
     if received:
         return 143 if signal.SIGTERM in received else 130
+    sys.stderr.write(f"charrnn: error: {_who_died(notes, rendezvous)}\n")
+    sys.stderr.flush()
     return 1
+
+
+def _who_died(notes: list[str], rendezvous: str) -> str:
+    """The one line on a worker that ended badly, from mpiexec's notes and the workers' own."""
+    import re
+
+    ranks = {}
+    for name in os.listdir(rendezvous):
+        if name.startswith("rank"):
+            try:
+                with open(os.path.join(rendezvous, name), encoding="utf-8") as f:
+                    pid, host = f.read().split()[:2]
+                ranks[int(pid)] = (int(name[4:]), host)
+            except (OSError, ValueError):
+                pass
+    text = "\n".join(notes)
+    pid = re.search(r"PID (\d+) RUNNING AT (\S+)", text)
+    how = re.search(r"EXIT STRING: (.+)", text)
+    code = re.search(r"EXIT CODE: (\d+)", text)
+    how = (f" ({how.group(1).strip().replace(' (', ', ').rstrip(')')})" if how  # "Killed (signal 9)" -> (Killed, signal 9)
+           else f" (exit status {code.group(1)})" if code else "")
+    who = "a worker"
+    if pid:
+        rank, host = ranks.get(int(pid.group(1)), (None, pid.group(2)))
+        who = f"worker {rank} (process {pid.group(1)} on {host})" if rank is not None else f"process {pid.group(1)}"
+    last = None
+    try:
+        with open(os.path.join(rendezvous, "out"), encoding="utf-8") as f:
+            last = os.path.join(f.read().strip(), "last.npz")
+    except OSError:
+        pass
+    saved = f"; the last checkpoint, {last}, is intact" if last and os.path.exists(last) else ""
+    return f"{who} ended unexpectedly{how}; all workers stopped{saved}"
 
 
 def _term_with_parent():
@@ -148,17 +194,19 @@ def _term_with_parent():
         pass
 
 
-def _relay_stderr(pipe):
-    """Copy the workers' stderr (through mpiexec) to ours as it comes, without mpiexec's own notes."""
-    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+def _relay(pipe, dest, notes: list):
+    """Copy the workers' output (through mpiexec) to ours as it comes; mpiexec's own lines (its
+    notes on forwarding Ctrl-C, its banner about a process that ended badly) go to `notes`."""
+    out = dest.buffer if hasattr(dest, "buffer") else None
     for line in iter(pipe.readline, b""):
-        if line.startswith(_HYDRA_NOISE):
+        if line.startswith(_HYDRA_NOISE) or (dest is sys.stdout and not line.strip()):  # training writes no stdout
+            notes.append(line.decode("utf-8", "replace").rstrip())
             continue
         if out is not None:
             out.write(line)
             out.flush()
         else:
-            sys.stderr.write(line.decode("utf-8", "replace"))
+            dest.write(line.decode("utf-8", "replace"))
     pipe.close()
 
 
@@ -214,8 +262,9 @@ class Workers:
         self.local_rank, self.local_size = host_comm.Get_rank(), host_comm.Get_size()
         self.host_comm = host_comm
         self.host = MPI.Get_processor_name()
-        me = {"version": __version__, "host": self.host, "machine": _machine(), "pid": os.getpid(),
-              "launcher": os.environ.get(LAUNCHER_VARIABLE) == "1"}
+        me = {"version": __version__, "host": self.host, "machine": _machine(), "pid": os.getpid()}
+        self._rendezvous = os.environ.get(LAUNCH_DIR_VARIABLE)
+        self._tell_launcher(f"rank{self.rank}", f"{os.getpid()} {self.host}")
         self.peers = self.comm.allgather(me)
         self.b0 = self.b1 = 0  # this worker's streams, set by set_batch
         self.out = None  # the run directory, for messages
@@ -234,6 +283,20 @@ class Workers:
                                "every host")
         self._watchdog = threading.Thread(target=self._watch, name="charrnn-watchdog", daemon=True)
         self._watchdog.start()
+
+    def _tell_launcher(self, name: str, text: str):
+        """Leave a note for `launch` (which process is which rank, where the run is), if it started us."""
+        if self._rendezvous:
+            try:
+                with open(os.path.join(self._rendezvous, name), "w", encoding="utf-8") as f:
+                    f.write(text)
+            except OSError:
+                pass
+
+    def set_out(self, out: str):
+        self.out = out
+        if self.root:
+            self._tell_launcher("out", os.path.abspath(out))
 
     # ------------------------------------------------------------------ streams
     @property
@@ -399,9 +462,10 @@ class Workers:
                 p = self.peers[dead[0]]
                 last = os.path.join(self.out or "", "last.npz")
                 saved = f"; the last checkpoint, {last}, is intact" if self.out and os.path.exists(last) else ""
-                sys.stderr.write(f"charrnn: error: worker {dead[0]} (process {p['pid']} on {p['host']}) ended "
-                                 f"unexpectedly; all workers stopped{saved}\n")
-                sys.stderr.flush()
+                message = (f"charrnn: error: worker {dead[0]} (process {p['pid']} on {p['host']}) ended unexpectedly; "
+                           f"all workers stopped{saved}\n")
+                os.write(2, message.encode("utf-8", "replace"))
+                time.sleep(0.5)  # mpiexec forwards what is in the pipe only while the process lives
             os._exit(1)
 
     def close(self, ok: bool):
@@ -451,7 +515,7 @@ def train(make, quiet: bool) -> dict | None:
     workers = Workers()
     ok = False
     try:
-        trainer = _build(workers, make, quiet)
+        trainer = build(workers, make, quiet)
         try:
             result = trainer.run()
         except CharrnnError as e:
@@ -463,7 +527,7 @@ def train(make, quiet: bool) -> dict | None:
         workers.close(ok)
 
 
-def _build(workers: Workers, make, quiet: bool):
+def build(workers: Workers, make, quiet: bool):
     if workers.root:
         try:
             trainer = make(quiet)
@@ -499,7 +563,7 @@ def _build(workers: Workers, make, quiet: bool):
         raise Quiet(max(failed))
     _share_arrays(workers, trainer)
     trainer.workers = workers
-    workers.out = trainer.out
+    workers.set_out(trainer.out)
     trainer.threads_default = threads_per_worker(workers.local_size)
     return trainer
 
