@@ -364,9 +364,9 @@ class Workers:
         crcs = self.comm.allgather(crc)
         bad = [r for r, c in enumerate(crcs) if c != crcs[0]]
         if bad:
+            where = f" (the checkpoints in {self.out} were saved before it)" if self.out else ""
             raise TrainingError(f"the workers' parameters diverged by step {step} (rank {bad[0]} differs from rank 0); "
-                                f"stopped. The last checkpoint{' in ' + self.out if self.out else ''} was checked and "
-                                "is intact")
+                                f"stopped{where}")
 
     # ------------------------------------------------------------------ rank 0's work
     def on_root(self, fn):
