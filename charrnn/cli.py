@@ -4,19 +4,25 @@ Thin on purpose: parse options, call the library, report. Results (samples, scor
 everything else (progress, notes, errors) to stderr. Errors are one line and an exit status:
 1 a failed operation, 2 bad usage, 130 / 143 after SIGINT / SIGTERM. Heavy imports (numpy, numba)
 happen inside the commands so `--help` stays fast.
+
+Every numeric option is range-checked by Click from the tables in config.py (floats through
+Finite, which also refuses NaN and inf), and a stdout that is closed or fails (a full disk) is a
+one-line error, while a reader that goes away (`| head`) ends the program quietly.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 
 import click
 
 from charrnn import __version__
-from charrnn.config import DEFAULTS
+from charrnn.config import DEFAULTS, SAMPLE_BOUNDS, SEED_LIMIT, TRAIN_BOUNDS
+from charrnn.errors import CharrnnError
 
 EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
 EPILOG_SAMPLE = "Example: charrnn sample --temp 0.8 --length 500 | head -n 20"
@@ -24,19 +30,61 @@ EPILOG_EVAL = "Example: charrnn eval sonnets.txt --json"
 
 
 def _fail(message: str, code: int):
-    click.echo(f"charrnn: error: {message}", err=True)
+    try:
+        click.echo(f"charrnn: error: {message}", err=True)  # silent when stderr is closed
+    except OSError:
+        pass  # stderr fails too: the exit status still says it
     sys.exit(code)
 
 
 def _quiet_exit_on_broken_pipe():
     """The reader went away (`| head`): stop quietly with status 0, and keep Python's final flush
     of stdout from complaining."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+    _discard_stdout()
     sys.exit(0)
+
+
+def _discard_stdout():
+    """Point stdout's file descriptor at /dev/null, so Python's final flush of what is still
+    buffered neither fails nor complains after the real stdout went away."""
+    try:
+        fd = sys.stdout.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real descriptor (a test's stream), or none at all
+        pass
+
+
+class ResultsOut:
+    """stdout, for results (samples, scores). Closed (`>&-`, so Python has no sys.stdout) or
+    failing (`> /dev/full`), it raises a CharrnnError: one line on stderr and exit status 1
+    instead of a traceback. A reader that went away raises BrokenPipeError as before, which
+    handle_errors turns into a quiet exit 0. Made at the start of a command, so a closed stdout
+    is found before any work is done."""
+
+    def __init__(self):
+        if sys.stdout is None:
+            raise CharrnnError("cannot write to stdout: it is closed")
+        self.stream = sys.stdout
+
+    def write(self, text: str):
+        self._guard(self.stream.write, text)
+
+    def flush(self):
+        self._guard(self.stream.flush)
+
+    @staticmethod
+    def _guard(op, *args):
+        try:
+            op(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            _discard_stdout()
+            raise CharrnnError(f"cannot write to stdout: {e.strerror or e}") from None
 
 
 def handle_errors(fn):
@@ -44,8 +92,6 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from charrnn.errors import CharrnnError
-
         try:
             return fn(*args, **kwargs)
         except CharrnnError as e:
@@ -68,6 +114,30 @@ def handle_errors(fn):
     return wrapper
 
 
+class Finite(click.FloatRange):
+    """A float option in a range, and finite. Click's FloatRange alone lets NaN through (every
+    comparison with NaN is False: `--lr nan` reached the optimizer) and accepts inf; this refuses
+    both as a usage error naming the option (exit 2). --help shows the range as FloatRange does."""
+
+    def convert(self, value, param, ctx):
+        x = click.types.FloatParamType.convert(self, value, param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(x, param, ctx)
+
+
+def _finite(bounds) -> Finite:
+    """The Click type of a float option with the given config.Bounds (one table for Click and
+    the library's own checks)."""
+    return Finite(min=bounds.min, max=bounds.max, min_open=bounds.min_open, max_open=bounds.max_open)
+
+
+def _seed_option(default, help):
+    """--seed, shared by train and sample: a whole number in [0, 2**64), the 64 bits the
+    generators are seeded with; anything else is a usage error, not an overflow later."""
+    return click.option("--seed", type=click.IntRange(0, SEED_LIMIT - 1), default=default, help=help)
+
+
 def _threads_option(f):
     return click.option("--threads", type=click.IntRange(min=1), default=None,
                         help="Threads for the compiled core (default: every core).")(f)
@@ -78,6 +148,22 @@ def _model_option(f):
                         help="A checkpoint file, or a run directory (its best.npz). Default: the most recent run under ./runs.")(f)
 
 
+def _max_input_option(f):
+    """--max-input SIZE: the most bytes read from the input, so /dev/zero or an endless pipe stops
+    with an error instead of filling memory or disk."""
+    from charrnn.config import format_size, parse_size
+
+    def parse(ctx, param, value):
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return click.option("--max-input", type=str, default=format_size(DEFAULTS.max_input), callback=parse,
+                        metavar="SIZE", help="Read at most this many bytes of input (e.g. 500M, 4G, 16G); "
+                        "more is an error.")(f)
+
+
 def _quiet_option(f):
     return click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")(f)
 
@@ -86,12 +172,19 @@ def _val_chars(value):
     """--val-chars: a positive count, or "all"."""
     if value is None or value == "all":
         return value
+    return _count_or_all(value, "characters")
+
+
+def _count_or_all(value, what: str):
+    """A positive count (1_000 and 1,000 read as 1000), or None for "all"."""
+    if value is None or value == "all":
+        return None
     try:
         n = int(value.replace("_", "").replace(",", ""))
     except ValueError:
         n = 0
     if n < 1:
-        raise click.BadParameter(f"{value!r} is neither a positive number of characters nor 'all'")
+        raise click.BadParameter(f"{value!r} is neither a positive number of {what} nor 'all'")
     return n
 
 
@@ -129,35 +222,41 @@ def cli():
               help="Recurrent cell (default: lstm; gru for --minutes 10 or less, where it learns faster).")
 @click.option("--nonlinearity", type=click.Choice(["tanh", "relu"]), default=DEFAULTS.nonlinearity, help="For --cell rnn.")
 @click.option("--layers", type=click.IntRange(min=1), default=DEFAULTS.layers, help="Stacked recurrent layers.")
-@click.option("--hidden", type=click.IntRange(min=1), default=None, help="Units per layer. Default: chosen from the corpus size and time budget.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout on each layer's output. Default: from the epochs the budget allows and the parameters per character (fitted once a --minutes run knows its speed).")
+@click.option("--hidden", type=click.IntRange(min=1, max=TRAIN_BOUNDS["hidden"].max), default=None, help="Units per layer. Default: chosen from the corpus size and time budget.")
+@click.option("--dropout", type=_finite(TRAIN_BOUNDS["dropout"]), default=None, help="Dropout on each layer's output. Default: from the epochs the budget allows and the parameters per character (fitted once a --minutes run knows its speed).")
 @click.option("--batch", type=click.IntRange(min=1), default=DEFAULTS.batch, help="Parallel streams per step (B).")
 @click.option("--seq", type=click.IntRange(min=1), default=DEFAULTS.seq, help="Backprop-through-time steps per update (T).")
 @click.option("--seq-warmup", type=click.IntRange(min=0), default=DEFAULTS.seq_warmup, metavar="STEPS", help="Grow T from 8 to --seq over this many steps (0: off).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr, help="Peak learning rate.")
+@click.option("--lr", type=_finite(TRAIN_BOUNDS["lr"]), default=DEFAULTS.lr, help="Peak learning rate.")
 @click.option("--optimizer", type=click.Choice(["adam", "rmsprop", "sgd"]), default=DEFAULTS.optimizer, help="Optimizer.")
 @click.option("--schedule", type=click.Choice(["auto", "constant", "step", "cosine", "wsd"]), default=DEFAULTS.schedule,
               help="Learning-rate schedule. auto: wsd fitted to a --minutes budget, else constant. cosine and wsd "
                    "(constant, then a linear decay over the last 20%) need --decay-steps.")
 @click.option("--warmup", type=click.IntRange(min=0), default=DEFAULTS.warmup, metavar="STEPS", help="Linear learning-rate warm-up.")
 @click.option("--decay-every", type=click.IntRange(min=1), default=DEFAULTS.decay_every, metavar="STEPS", help="Step schedule: decay interval.")
-@click.option("--decay-factor", type=click.FloatRange(0, 1, min_open=True), default=DEFAULTS.decay_factor, help="Step schedule: decay factor.")
+@click.option("--decay-factor", type=_finite(TRAIN_BOUNDS["decay_factor"]), default=DEFAULTS.decay_factor, help="Step schedule: decay factor.")
 @click.option("--decay-steps", type=click.IntRange(min=1), default=None, metavar="STEPS", help="Cosine schedule length.")
-@click.option("--clip", type=click.FloatRange(min=0), default=DEFAULTS.clip, help="Gradient clipping threshold (0: off).")
+@click.option("--clip", type=_finite(TRAIN_BOUNDS["clip"]), default=DEFAULTS.clip, help="Gradient clipping threshold (0: off).")
 @click.option("--clip-mode", type=click.Choice(["norm", "value"]), default=DEFAULTS.clip_mode, help="Clip the global norm, or each value.")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this many passes over the text (default 10 if no budget is given).")
-@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this much wall-clock time (with --resume: additional time).")
+@click.option("--epochs", type=_finite(TRAIN_BOUNDS["epochs"]), default=None, help="Stop after this many passes over the text (default 10 if no budget is given).")
+@click.option("--minutes", type=_finite(TRAIN_BOUNDS["minutes"]), default=None, help="Stop after this much wall-clock time (with --resume: additional time).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Stop after this many updates in total.")
-@click.option("--val-frac", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.val_frac, help="Fraction of the text (its end) held out for validation.")
+@click.option("--val-frac", type=_finite(TRAIN_BOUNDS["val_frac"]), default=DEFAULTS.val_frac, help="Fraction of the text (its end) held out for validation.")
 @click.option("--val-chars", type=str, default=None, metavar="N|all", callback=lambda ctx, p, v: _val_chars(v),
               help="Held-out characters scored at each validation, from the start of the split "
                    "(default: all of it up to 200,000; charrnn eval scores any text whole).")
+@click.option("--max-vocab", type=str, default=str(DEFAULTS.max_vocab), metavar="N|all",
+              callback=lambda ctx, p, v: _count_or_all(v, "characters"),
+              help="Keep the N most frequent characters, the rest become <UNK> (the decoder's work grows "
+                   "with the vocabulary).")
 @click.option("--docs", type=click.Choice(["line", "blank"]), default=None, help="Documents: one per line, or separated by blank lines.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="Steps between validations (default: about once per epoch, 200-2000).")
 @click.option("--patience", type=click.IntRange(min=1), default=None, help="Stop after this many validations without improvement.")
-@click.option("--forget-bias", type=float, default=DEFAULTS.forget_bias, help="LSTM forget-gate bias at initialisation.")
+@click.option("--forget-bias", type=_finite(TRAIN_BOUNDS["forget_bias"]), default=DEFAULTS.forget_bias,
+              help="LSTM forget-gate bias at initialisation (the gate saturates long before 100).")
 @click.option("--encoding", type=str, default=None, help="Text encoding of the corpus (default: strict UTF-8).")
-@click.option("--seed", type=int, default=DEFAULTS.seed, help="Seed for initialisation and dropout.")
+@_seed_option(DEFAULTS.seed, "Seed for initialisation and dropout.")
+@_max_input_option
 @_threads_option
 @click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
               help="Train with N worker processes over MPI (needs charrnn[mpi]); --batch is split among them and "
@@ -243,15 +342,15 @@ def _report(result: dict, quiet: bool):
 # ------------------------------------------------------------------------------------------ sample
 @cli.command(epilog=EPILOG_SAMPLE)
 @_model_option
-@click.option("--temp", type=click.FloatRange(min=0), default=1.0, help="Softmax temperature (0: greedy).")
+@click.option("--temp", type=_finite(SAMPLE_BOUNDS["temp"]), default=1.0, help="Softmax temperature (0: greedy).")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample only from the K most likely characters.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Sample from the smallest set holding probability P (nucleus).")
+@click.option("--top-p", type=_finite(SAMPLE_BOUNDS["top_p"]), default=None, help="Sample from the smallest set holding probability P (nucleus).")
 @click.option("--length", type=click.IntRange(min=0), default=1000, help="Characters per sample (0: unbounded, or until the document ends).")
-@click.option("--num", type=click.IntRange(min=1), default=1, help="Number of samples, separated by a newline.")
+@click.option("--num", type=click.IntRange(min=1, max=SAMPLE_BOUNDS["num"].max), default=1, help="Number of samples, separated by a newline.")
 @click.option("--prime", type=str, default="", help="Text to warm the model up with; printed first.")
 @click.option("--no-prime-echo", is_flag=True, help="Do not print the prime text.")
 @click.option("--unknown", type=click.Choice(["error", "skip", "unk"]), default="error", help="Prime characters the model never saw.")
-@click.option("--seed", type=int, default=None, help="Seed for identical output on every run (default: random).")
+@_seed_option(None, "Seed for identical output on every run (default: random).")
 @_threads_option
 @_quiet_option
 @handle_errors
@@ -262,6 +361,7 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, no_prime_echo, un
     from charrnn.errors import VocabError
     from charrnn.generate import SampleOptions, sample_chunks
 
+    out = ResultsOut()
     path, guessed = checkpoint.resolve(model_path)
     ck = checkpoint.load(path)
     if not quiet:
@@ -274,19 +374,18 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, no_prime_echo, un
         documents = (ck.meta.get("train") or {}).get("docs") is not None
         chunks = sample_chunks(ck.model, ck.vocab, opts, documents=documents)
         with _compile_notice(quiet, "the sampler"):
-            _write_samples(chunks, num, prime if (prime and not no_prime_echo) else "")
+            _write_samples(chunks, num, prime if (prime and not no_prime_echo) else "", out)
     except VocabError as e:
         from charrnn.errors import UsageError
 
         raise UsageError(f"--prime: {e} (use --unknown skip or --unknown unk to go on anyway)") from None
 
 
-def _write_samples(chunks, num: int, echo: str):
-    """Write the samples to stdout as they come: in order, each after the prime `echo`, one per
-    line. Samples advance in lock step, so later ones are buffered until their turn."""
-    out = sys.stdout
-    pending = [[] for _ in range(num)]
-    finished = [False] * num
+def _write_samples(chunks, num: int, echo: str, out: ResultsOut):
+    """Write the samples to `out` (stdout) as they come: in order, each after the prime `echo`,
+    one per line. Samples advance in lock step, so later ones are buffered until their turn."""
+    pending = {}  # sample -> its text so far, for samples not yet printing (nothing sized by num:
+    finished = set()  # a huge --num fails as the sampler allocates its streams, not here)
     current = 0
     out.write(echo)
     out.flush()
@@ -294,14 +393,14 @@ def _write_samples(chunks, num: int, echo: str):
         if b == current:
             out.write(text)
         else:
-            pending[b].append(text)
-        finished[b] = finished[b] or fin
-        while current < num and finished[current]:
+            pending.setdefault(b, []).append(text)
+        if fin:
+            finished.add(b)
+        while current < num and current in finished:
             out.write("\n")
             current += 1
             if current < num:
-                out.write(echo + "".join(pending[current]))
-                pending[current] = []
+                out.write(echo + "".join(pending.pop(current, [])))
         out.flush()
 
 
@@ -313,16 +412,22 @@ def _write_samples(chunks, num: int, echo: str):
 @click.option("--docs", type=click.Choice(["line", "blank", "none"]), default=None,
               help="Score as documents (default: as the model was trained).")
 @click.option("--encoding", type=str, default=None, help="Text encoding of the files (default: strict UTF-8).")
+@_max_input_option
 @_threads_option
 @_quiet_option
 @handle_errors
-def eval_cmd(files, model_path, as_json, docs, encoding, threads, quiet):
+def eval_cmd(files, model_path, as_json, docs, encoding, max_input, threads, quiet):
     """Score text: negative log-likelihood per character (nats), bits per character, perplexity."""
     from charrnn import checkpoint
     from charrnn import threads as th
-    from charrnn.data import read_text
-    from charrnn.evaluate import score_text
+    from charrnn.data import Source
+    from charrnn.evaluate import score_chunks
 
+    out = ResultsOut()
+    if files.count("-") > 1:
+        from charrnn.errors import UsageError
+
+        raise UsageError("stdin ('-') can be given only once")
     path, guessed = checkpoint.resolve(model_path)
     ck = checkpoint.load(path)
     if not quiet:
@@ -333,29 +438,76 @@ def eval_cmd(files, model_path, as_json, docs, encoding, threads, quiet):
     elif docs == "none":
         docs = None
     for fname in files:
-        text = read_text(fname, encoding)
-        bar = None
-        if not quiet and len(text) > 200_000 and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(text), unit="char", unit_scale=True, file=sys.stderr, leave=False)
-        with _compile_notice(quiet, "the scorer"):
-            score = score_text(ck.model, ck.vocab, text, docs=docs, progress=bar.update if bar else None)
-        if bar:
-            bar.close()
+        # read in chunks of 1 MiB and scored as they come: memory does not grow with the file
+        with Source([fname], encoding, max_input, chunk_bytes=1 << 20, reread=False) as source:
+            progress, done = _eval_progress(fname, quiet)
+            try:
+                with _compile_notice(quiet, "the scorer"):
+                    score = score_chunks(ck.model, ck.vocab, source.chunks(), docs=docs, progress=progress)
+            finally:
+                done()
         name = "<stdin>" if fname == "-" else fname
         if as_json:
             record = {"file": name, "model": path, "docs": docs}
             record.update(score.to_dict())
-            click.echo(json.dumps(record))
+            out.write(json.dumps(record) + "\n")
         else:
-            click.echo(f"{name}: {score.nats:.4f} nats/char, {score.bits:.4f} bits/char, perplexity {score.perplexity:.3f}, "
-                       f"{score.tokens:,} {'tokens' if docs else 'chars'} scored ({score.unk:,} unknown)")
-        sys.stdout.flush()
+            out.write(f"{name}: {score.nats:.4f} nats/char, {score.bits:.4f} bits/char, perplexity {score.perplexity:.3f}, "
+                      f"{score.tokens:,} {'tokens' if docs else 'chars'} scored ({score.unk:,} unknown)\n")
+        out.flush()
+
+
+def _raised_in_click_echo(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is click.utils.echo.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+EVAL_LOG_EVERY_S = 30.0  # eval's progress lines when stderr is not a terminal, as training's (progress.Reporter)
+
+
+def _eval_progress(fname: str, quiet: bool):
+    """(progress(n), done()): characters scored so far, on a tqdm bar on a terminal, else as a
+    plain line on stderr every 30 s (only long inputs get one); nothing with -q."""
+    import time
+
+    if quiet:
+        return None, lambda: None
+    name = "<stdin>" if fname == "-" else fname
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="char", unit_scale=True, file=sys.stderr, leave=False, desc=name,
+                   mininterval=0.5, delay=1.0)
+        return bar.update, bar.close
+    every = EVAL_LOG_EVERY_S
+    t0 = time.monotonic()
+    state = {"n": 0, "last": t0}
+
+    def progress(n: int):
+        state["n"] += n
+        now = time.monotonic()
+        if now - state["last"] >= every:
+            state["last"] = now
+            click.echo(f"charrnn: scoring {name}: {state['n']:,} characters so far, "
+                       f"{state['n'] / (now - t0):,.0f} chars/s", err=True)
+
+    return progress, lambda: None
 
 
 def main():
-    cli(prog_name="charrnn")
+    try:
+        cli(prog_name="charrnn")
+    except OSError as e:
+        # Click's own output (--help, --version, a usage error) to a full or failing stream; any
+        # other OSError that gets here is a bug and keeps its traceback
+        if isinstance(e, BrokenPipeError) or not _raised_in_click_echo(e):
+            raise
+        _discard_stdout()
+        _fail(f"cannot write output: {e.strerror or e}", 1)
 
 
 if __name__ == "__main__":

@@ -1,39 +1,53 @@
-"""Reading corpora and cutting them into batches for truncated backprop-through-time.
+"""Reading corpora in bounded memory, the memory-mapped token file, and the B-stream batches.
 
-What it does: files and `-` (stdin), strict UTF-8 (or another --encoding), binary detection, BOM
-and line-ending normalisation, stream and document modes, a contiguous train/validation split and
-the B-stream batch layout. What it does not do: anything with models or the command line.
+What it does: files and `-` (stdin, spooled to an anonymous temporary file so it can be read twice),
+read in chunks with strict UTF-8 (or another --encoding), binary detection, a size limit
+(--max-input), BOM and line-ending normalisation, stream and document modes, the corpus hash and
+vocabulary (pass 1), the contiguous train/validation split and the token file (pass 2), and the
+batch layout over it. Memory is a few chunks, never the corpus: a 1 GB text trains from a token
+file of 1 GB on disk, mapped read-only. What it does not do: anything with models or the command
+line.
+
+The chunked pipeline gives exactly what the whole-text one gave (tests/wholetext.py keeps that one
+as the reference): the same hash, so runs made before still resume, the same vocabulary, the same
+split and the same token ids.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import io
+import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from charrnn.config import DEFAULT_MAX_INPUT, format_size
 from charrnn.errors import DataError
-from charrnn.vocab import END_ID, START_ID, Vocab
+from charrnn.vocab import END_ID, MAX_CODE_POINT, START_ID, CharSet, Vocab, code_points
 
 DOC_MODES = ("line", "blank")
 _BLANK_SPLIT = re.compile(r"\n[ \t]*\n")
+CHUNK_BYTES = 1 << 24  # bytes read at a time: 16 MiB keeps the working set near 100 MB and numpy calls long
+TOKENS_FILE = "tokens.npy"  # the token file in a run directory; its description beside it in tokens.json
+TOKENS_META = "tokens.json"
+TOKENS_FORMAT = ("charrnn-tokens", 1)
 
 
-# ---------------------------------------------------------------------------- reading text
+# ---------------------------------------------------------------------------- reading text in chunks
 def _source_name(path: str) -> str:
     return "<stdin>" if path == "-" else path
 
 
-def read_bytes(path: str) -> bytes:
-    """The raw bytes of a file, or of stdin for `-`, with one-line errors for the usual mistakes."""
-    if path == "-":
-        return sys.stdin.buffer.read()
+def _open(path: str):
+    """A binary file object for `path`, with one-line errors for the usual mistakes."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -44,78 +58,202 @@ def read_bytes(path: str) -> bytes:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
-def decode_text(data: bytes, name: str, encoding: str | None = None) -> str:
-    """Bytes to text: strict decoding, binary detection, BOM removed, newlines normalised to \\n.
-
-    With the default UTF-8, a NUL byte means binary input; otherwise the first undecodable byte is
-    reported with its offset.
-    """
-    enc = (encoding or "utf-8").lower().replace("_", "-")
-    is_utf8 = enc in ("utf-8", "utf8", "utf-8-sig")
-    if is_utf8:
-        nul = data.find(b"\x00")
-        if nul >= 0:
-            raise DataError(f"{name}: looks like a binary file (NUL byte at offset {nul}), not text")
+def _read(f, n: int, name: str) -> bytes:
     try:
-        text = data.decode(encoding or "utf-8", errors="strict")
+        return f.read(n)
+    except IsADirectoryError:
+        raise DataError(f"{name}: is a directory, not a text file") from None
+    except OSError as e:
+        raise DataError(f"{name}: cannot read: {e.strerror or e}") from None
+
+
+def _decoder(encoding: str | None):
+    """(incremental decoder, whether it is UTF-8): the strict decoder of a text encoding."""
+    try:
+        info = codecs.lookup(encoding or "utf-8")
     except LookupError:
         raise DataError(f"unknown encoding {encoding!r}") from None
-    except UnicodeDecodeError as e:
-        bad = data[e.start : e.start + 1].hex()
-        hint = "; if the file is in another encoding, pass --encoding" if is_utf8 else ""
-        raise DataError(
-            f"{name}: not valid {e.encoding.upper()} at byte offset {e.start} (byte 0x{bad}){hint}"
-        ) from None
-    if not is_utf8:
-        nul = text.find("\x00")
-        if nul >= 0:
-            raise DataError(f"{name}: looks like a binary file (NUL character at position {nul}), not text")
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    if "\r" in text:
-        # Universal newlines, as Python's text mode: CRLF and lone CR both become \n.
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text
+    if not getattr(info, "_is_text_encoding", True):  # rot13, base64 ...: not bytes -> text
+        raise DataError(f"unknown encoding {encoding!r}")
+    return info.incrementaldecoder("strict"), info.name in ("utf-8", "utf-8-sig")
 
 
-def read_text(path: str, encoding: str | None = None) -> str:
-    """One corpus file (or stdin) as normalised text; an empty file is an error."""
-    name = _source_name(path)
-    text = decode_text(read_bytes(path), name, encoding)
-    if not text:
-        raise DataError(f"{name}: is empty")
-    return text
+def _native_decoder(dec):
+    """The machine-order decoder standing in for a BOM-less UTF-16/32 stream, or None."""
+    name = type(dec).__module__.rsplit(".", 1)[-1].replace("_", "-")
+    if name not in ("utf-16", "utf-32"):
+        return None
+    return codecs.getincrementaldecoder(f"{name}-{'le' if sys.byteorder == 'little' else 'be'}")("strict")
 
 
-def read_corpus(paths, encoding: str | None = None) -> "Corpus":
-    """Several files (or `-`) concatenated in order, as `cat` would."""
-    paths = list(paths)
-    if not paths:
-        raise DataError("no corpus given")
-    if paths.count("-") > 1:
-        raise DataError("stdin ('-') can be given only once")
-    texts = [read_text(p, encoding) for p in paths]
-    text = "".join(texts)
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    return Corpus(text=text, paths=tuple(paths), sha256=digest)
+class _Limit:
+    """The bytes a reading may still take (--max-input): an endless pipe stops here, not in swap."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int, name: str):
+        self.used += n
+        if self.limit is not None and self.used > self.limit:
+            raise DataError(
+                f"{name}: input larger than the --max-input limit of {format_size(self.limit)}; "
+                f"if it really is text, raise the limit, e.g. --max-input {format_size(self.limit * 4)}"
+            )
 
 
-@dataclass(frozen=True)
-class Corpus:
-    text: str
-    paths: tuple
-    sha256: str  # of the normalised text: resume checks it, so a changed corpus is refused
+def _text_chunks(f, name: str, encoding: str | None, chunk_bytes: int, limit: _Limit, spool=None):
+    """The normalised text of one open binary file, chunk by chunk: strict decoding, binary
+    detection, the BOM removed and CRLF / lone CR turned into \\n, exactly as decoding the whole
+    file at once would (a \\r at the end of a chunk waits for the next one; an incremental decoder
+    carries a character split across chunks). Errors name byte offsets in the file. Raw bytes are
+    copied to `spool` when given (stdin's first pass)."""
+    dec, is_utf8 = _decoder(encoding)
+    offset = 0  # bytes of this file before the current chunk
+    pos = 0  # characters decoded before the current chunk (before normalisation)
+    first = True
+    cr = False  # a \r held back from the end of the previous chunk
+    while True:
+        data = _read(f, chunk_bytes, name)
+        final = not data
+        limit.take(len(data), name)
+        if spool is not None and data:
+            spool.write(data)
+        if is_utf8:
+            nul = data.find(b"\x00")
+            if nul >= 0:
+                raise DataError(f"{name}: looks like a binary file (NUL byte at offset {offset + nul}), not text")
+        try:
+            held = dec.getstate()[0]  # bytes of a character begun in the previous chunk
+            pending = len(held)
+        except (AttributeError, TypeError, IndexError):
+            held, pending = b"", 0
+        try:
+            try:
+                text = dec.decode(data, final)
+            except UnicodeDecodeError:
+                raise
+            except UnicodeError:
+                # Python's incremental UTF-16/32 decoders refuse a stream without a BOM, which
+                # bytes.decode reads in the machine's byte order: do as bytes.decode does
+                dec = _native_decoder(dec)
+                if dec is None:
+                    raise
+                text = dec.decode(held + data, final)
+        except UnicodeDecodeError as e:
+            # e.start counts from the bytes the codec looked at: those held from the previous
+            # chunk and this one's, less any BOM the codec stripped (utf-8-sig)
+            seen = held + data
+            start = offset - pending + e.start + (len(seen) - len(e.object) if seen.endswith(e.object) else 0)
+            bad = e.object[e.start : e.start + 1].hex()
+            hint = "; if the file is in another encoding, pass --encoding" if is_utf8 else ""
+            raise DataError(
+                f"{name}: not valid {e.encoding.upper()} at byte offset {start} (byte 0x{bad}){hint}"
+            ) from None
+        if not is_utf8:
+            nul = text.find("\x00")
+            if nul >= 0:
+                raise DataError(f"{name}: looks like a binary file (NUL character at position {pos + nul}), not text")
+        offset += len(data)
+        pos += len(text)
+        if first and text:
+            first = False
+            if text[0] == "\ufeff":
+                text = text[1:]
+        if cr:
+            text = "\r" + text
+            cr = False
+        if not final and text.endswith("\r"):
+            text, cr = text[:-1], True  # it may be the \r of a \r\n split across chunks
+        if "\r" in text:
+            # Universal newlines, as Python's text mode: CRLF and lone CR both become \n.
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if text:
+            yield text
+        if final:
+            return
 
-    @property
-    def name(self) -> str:
-        """A short name for the run directory: the stem of the first file."""
-        first = self.paths[0]
-        if first == "-":
-            return "stdin"
-        return os.path.splitext(os.path.basename(os.path.normpath(first)))[0] or "corpus"
+
+class Source:
+    """Corpus files in order (`-` for stdin, at most once), readable as often as needed.
+
+    Every reading is chunked and bounded by `max_input` bytes in all. The first reading of stdin
+    copies its bytes into an anonymous temporary file (unlinked from the start, so it goes away on
+    any exit), which later readings read instead; `reread=False` says one reading is all (eval),
+    and nothing is copied. close() releases it."""
+
+    def __init__(self, paths, encoding: str | None = None, max_input: int | None = DEFAULT_MAX_INPUT,
+                 chunk_bytes: int = CHUNK_BYTES, reread: bool = True):
+        paths = list(paths)
+        if not paths:
+            raise DataError("no corpus given")
+        if paths.count("-") > 1:
+            raise DataError("stdin ('-') can be given only once")
+        self.paths = tuple(paths)
+        self.encoding = encoding
+        self.max_input = max_input
+        self.chunk_bytes = max(1, int(chunk_bytes))
+        self.reread = reread
+        self._spool = None
+        self._spooled = False
+
+    def chunks(self):
+        """Normalised text of every file in order, in chunks; an empty file is an error."""
+        limit = _Limit(self.max_input)
+        for path in self.paths:
+            name = _source_name(path)
+            seen = False
+            for text in self._file_chunks(path, name, limit):
+                seen = True
+                yield text
+            if not seen:
+                raise DataError(f"{name}: is empty")
+
+    def _file_chunks(self, path, name, limit):
+        if path != "-":
+            with _open(path) as f:
+                yield from _text_chunks(f, name, self.encoding, self.chunk_bytes, limit)
+            return
+        if not self.reread:
+            yield from _text_chunks(sys.stdin.buffer, name, self.encoding, self.chunk_bytes, limit)
+            return
+        if self._spooled:
+            self._spool.seek(0)
+            yield from _text_chunks(self._spool, name, self.encoding, self.chunk_bytes, limit)
+            return
+        if self._spool is None:
+            self._spool = tempfile.TemporaryFile(prefix="charrnn-stdin-")
+        self._spool.seek(0)
+        self._spool.truncate()
+        yield from _text_chunks(sys.stdin.buffer, name, self.encoding, self.chunk_bytes, limit, spool=self._spool)
+        self._spooled = True
+
+    def close(self):
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+            self._spooled = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
-# ---------------------------------------------------------------------------- documents and tokens
+def decode_text(data: bytes, name: str, encoding: str | None = None) -> str:
+    """Bytes to normalised text, through the same chunked decoder (one chunk): strict decoding,
+    binary detection (a NUL byte under UTF-8), BOM removed, newlines normalised to \\n."""
+    return "".join(_text_chunks(io.BytesIO(data), name, encoding, max(len(data), 1), _Limit(None)))
+
+
+def read_text(path: str, encoding: str | None = None, max_input: int | None = DEFAULT_MAX_INPUT) -> str:
+    """One small file (or stdin) as normalised text, whole; an empty file is an error."""
+    with Source([path], encoding, max_input) as src:
+        return "".join(src.chunks())
+
+
+# ---------------------------------------------------------------------------- documents
 def split_documents(text: str, docs: str) -> list[str]:
     """The documents of a text: one per line (`line`) or per blank-line-separated block (`blank`).
 
@@ -130,6 +268,46 @@ def split_documents(text: str, docs: str) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
+def _could_end_separator(chunk: str, docs: str) -> bool:
+    """Whether a document separator may end inside `chunk` (possibly begun before it)."""
+    if docs == "line":
+        return "\n" in chunk
+    # a blank-line separator ends at a \n: inside the chunk, or begun before it when the chunk
+    # starts with spaces/tabs and a \n
+    return _BLANK_SPLIT.search(chunk) is not None or re.match(r"[ \t]*\n", chunk) is not None
+
+
+def _segments(chunks, docs: str):
+    """The text again, in pieces that end at document separators (the last piece: the rest), so
+    split_documents of each piece gives, in order, the documents of the whole text. A document
+    longer than a chunk is carried until it ends, as a list of chunks (joined once)."""
+    carry: list[str] = []
+    for chunk in chunks:
+        if not _could_end_separator(chunk, docs):
+            carry.append(chunk)
+            continue
+        buf = "".join(carry) + chunk if carry else chunk
+        if docs == "line":
+            end = buf.rfind("\n") + 1
+        else:
+            # the last separator's end: matches found scanning from a separator's end are the
+            # whole text's (the pattern has no look-behind), and a separator begun at the very end
+            # of buf is not matched yet, so it stays in the carry
+            end = 0
+            for m in _BLANK_SPLIT.finditer(buf):
+                end = m.end()
+        if end:
+            yield buf[:end]
+        carry = [buf[end:]] if end < len(buf) else []
+    if carry:
+        yield "".join(carry)
+
+
+def document_pieces(chunks, docs: str):
+    """Chunks of text regrouped into pieces that end at document separators (see _segments)."""
+    return _segments(chunks, docs)
+
+
 def encode_stream(vocab: Vocab, text: str, docs: str | None, unknown: str = "unk", end: bool = True, dtype=np.int32):
     """The token stream a model sees for `text`.
 
@@ -141,17 +319,20 @@ def encode_stream(vocab: Vocab, text: str, docs: str | None, unknown: str = "unk
         if end:
             parts.append(np.array([END_ID], dtype=dtype))
         return np.concatenate(parts)
-    documents = split_documents(text, docs)
+    return _wrap_documents(vocab, split_documents(text, docs), unknown, dtype)
+
+
+def _wrap_documents(vocab: Vocab, documents: list[str], unknown: str, dtype):
+    """<START> doc <END> for every document, encoded in one call and the markers put in after."""
     if not documents:
         return np.zeros(0, dtype=dtype)
-    # Encode all documents in one call (fast), then insert the markers at the boundaries.
     if unknown == "skip":
         # lengths change when characters are dropped, so encode document by document
         encoded = [vocab.encode(d, unknown="skip", dtype=dtype) for d in documents]
         lengths = np.array([len(e) for e in encoded], dtype=np.int64)
         body = np.concatenate(encoded) if encoded else np.zeros(0, dtype=dtype)
     else:
-        lengths = np.array([len(d) for d in documents], dtype=np.int64)
+        lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
         body = vocab.encode("".join(documents), unknown=unknown, dtype=dtype)
     out = np.empty(len(body) + 2 * len(lengths), dtype=dtype)
     starts = np.concatenate([[0], np.cumsum(lengths + 2)[:-1]])
@@ -164,60 +345,378 @@ def encode_stream(vocab: Vocab, text: str, docs: str | None, unknown: str = "unk
     return out
 
 
-def corpus_vocab(text: str, docs: str | None) -> Vocab:
-    """The vocabulary a model trained on `text` needs: every character, but in document mode only
-    those inside documents (the separators become <START>/<END>, so line mode never emits \n)."""
-    if docs is None:
-        return Vocab.from_text(text)
-    return Vocab.from_text("".join(split_documents(text, docs)))
-
-
 def compact_dtype(vocab_size: int):
     """The smallest unsigned integer type that holds every id (memory: 100 MB of text -> 100 MB of ids)."""
     if vocab_size <= 256:
         return np.uint8
     if vocab_size <= 65536:
         return np.uint16
-    return np.int32
+    return np.uint32
+
+
+# ---------------------------------------------------------------------------- pass 1: the corpus
+@dataclass(frozen=True)
+class Corpus:
+    """What one reading of the corpus tells: enough to size a run, check a resume and build the
+    token file (the text itself is read again from `source` for that, never kept)."""
+
+    paths: tuple
+    sha256: str  # of the normalised text, all files concatenated: resume checks it, so a changed corpus is refused
+    chars: int  # N, characters of the normalised text
+    docs: str | None  # the document mode the vocabulary and counts below are for
+    vocab: Vocab  # every character; in document mode only those inside documents
+    doc_count: int = 0  # documents (document mode)
+    doc_chars: int = 0  # characters inside documents (document mode)
+    # document mode: (characters, tokens) at the end of each piece pass 1 read, ending at separators
+    # (about one per chunk), so the training tokens before a cut are known to within a piece
+    marks: tuple = field(default=(), compare=False, repr=False)
+    source: Source | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        """A short name for the run directory: the stem of the first file."""
+        first = self.paths[0]
+        if first == "-":
+            return "stdin"
+        return os.path.splitext(os.path.basename(os.path.normpath(first)))[0] or "corpus"
+
+    def text_chunks(self):
+        """The normalised text again, in chunks."""
+        return self.source.chunks()
+
+    def close(self):
+        if self.source is not None:
+            self.source.close()
+
+
+def read_corpus(paths, encoding: str | None = None, docs: str | None = None,
+                max_input: int | None = DEFAULT_MAX_INPUT, chunk_bytes: int = CHUNK_BYTES) -> Corpus:
+    """Read several files (or `-`) once, concatenated in order as `cat` would, in chunks: the hash,
+    the length, the vocabulary (of the documents, in document mode) and the document counts."""
+    if docs is not None and docs not in DOC_MODES:
+        raise ValueError(f"docs must be one of {DOC_MODES}, not {docs!r}")
+    source = Source(paths, encoding, max_input, chunk_bytes)
+    digest = hashlib.sha256()
+    seen = CharSet()
+    n = doc_count = doc_chars = 0
+    marks, pos = [], 0
+
+    def hashed(chunks):
+        nonlocal n
+        for text in chunks:
+            digest.update(text.encode("utf-8", "surrogatepass"))
+            n += len(text)
+            yield text
+
+    try:
+        if docs is None:
+            for text in source.chunks():
+                raw = text.encode("utf-8", "surrogatepass")
+                digest.update(raw)
+                n += len(text)
+                seen.add_text(text, raw if len(raw) == len(text) else None)  # ASCII: its UTF-8 is its bytes
+        else:
+            for piece in _segments(hashed(source.chunks()), docs):
+                documents = split_documents(piece, docs)
+                inside = "".join(documents)
+                doc_count += len(documents)
+                doc_chars += len(inside)
+                seen.add_text(inside)
+                pos += len(piece)
+                marks.append((pos, doc_chars + 2 * doc_count))
+    except BaseException:
+        source.close()
+        raise
+    return Corpus(paths=source.paths, sha256=digest.hexdigest(), chars=n, docs=docs, vocab=Vocab(seen.chars()),
+                  doc_count=doc_count, doc_chars=doc_chars, marks=tuple(marks), source=source)
+
+
+# ---------------------------------------------------------------------------- the split
+class _CutFinder:
+    """Where validation begins in document mode, found while the text streams past: the end of
+    the first document separator that ends at or after the nominal cut `c` (or N if none), as the
+    whole-text split did.
+
+    Line mode: the first \\n at or after c - 1. Blank mode: separators \\n[ \\t]*\\n pair up the
+    newlines of each run of spaces, tabs and newlines (1st with 2nd, 3rd with 4th ...), so the
+    state at c - 1 is only whether an odd number of that run's newlines lie before it; from there
+    on, the first separator found by scanning (a separator begun in one chunk and ended in the
+    next is carried as an open \\n)."""
+
+    def __init__(self, docs: str, c: int):
+        self.docs = docs
+        self.start = max(c - 1, 0)  # where the search begins
+        self.cut = None
+        self.trail_newlines = 0  # blank mode, before start: newlines in the trailing whitespace run
+        self.open = False  # blank mode, searching: an unmatched \n followed only by spaces/tabs
+
+    def feed(self, text: str, pos: int):
+        """The next chunk of the text, which begins at character `pos`."""
+        if self.cut is not None or pos + len(text) <= self.start:
+            if self.cut is None and self.docs == "blank":
+                self._track(text)
+            return
+        k = max(self.start - pos, 0)
+        if pos <= self.start:  # the chunk that holds the start
+            if self.docs == "blank":
+                self._track(text[:k])
+                self.open = self.trail_newlines % 2 == 1
+        self._search(text[k:], pos + k)
+
+    def _track(self, text: str):
+        body = text.rstrip(" \t\n")
+        tail_nl = text.count("\n", len(body))
+        self.trail_newlines = tail_nl + (self.trail_newlines if not body else 0)
+
+    def _search(self, text: str, pos: int):
+        if self.docs == "line":
+            i = text.find("\n")
+            if i >= 0:
+                self.cut = pos + i + 1
+            return
+        lead = "\n" if self.open else ""
+        m = _BLANK_SPLIT.search(lead + text)
+        if m:
+            self.cut = pos + m.end() - len(lead)
+            return
+        body = text.rstrip(" \t")
+        if body:
+            self.open = body.endswith("\n")
+
+    def finish(self, n: int) -> int:
+        if self.cut is None:
+            self.cut = n
+        return self.cut
+
+
+def _pieces(corpus: Corpus, val_frac: float):
+    """(part, text) in order, part "train" or "val": the text cut where the whole-text split cut
+    it. Stream mode: at round(N * (1 - val_frac)). Document mode: moved forward to the end of the
+    next document separator (_CutFinder), and every piece ends at a separator, so each encodes on
+    its own."""
+    if not 0.0 <= val_frac < 1.0:
+        raise ValueError("val_frac must be in [0, 1)")
+    n = corpus.chars
+    c = n if val_frac == 0.0 else int(round(n * (1.0 - val_frac)))
+    if corpus.docs is None:
+        pos = 0
+        for text in corpus.text_chunks():
+            end = pos + len(text)
+            if end <= c:
+                yield "train", text
+            elif pos >= c:
+                yield "val", text
+            else:
+                yield "train", text[: c - pos]
+                yield "val", text[c - pos :]
+            pos = end
+        return
+    finder = _CutFinder(corpus.docs, c) if c < n else None
+    seen = 0  # characters given to the finder
+
+    def fed(chunks):
+        nonlocal seen
+        for text in chunks:
+            if finder is not None:
+                finder.feed(text, seen)
+            seen += len(text)
+            yield text
+        if finder is not None:
+            finder.finish(seen)  # the text has ended: before _segments gives its last piece
+
+    pos = 0
+    for piece in _segments(fed(corpus.text_chunks()), corpus.docs):
+        end = pos + len(piece)
+        cut = n if finder is None else finder.cut
+        # cut still None: every separator seen so far ends before c, so this piece is training text
+        if cut is None or cut >= end:
+            yield "train", piece
+        elif cut <= pos:
+            yield "val", piece
+        else:
+            yield "train", piece[: cut - pos]
+            yield "val", piece[cut - pos :]
+        pos = end
 
 
 @dataclass(frozen=True)
-class Split:
-    train_text: str
-    val_text: str
+class Layout:
+    """Where the two token streams lie in the token file: training ids [0, n_train), validation
+    ids [n_train, n_train + n_val)."""
+
+    n_train: int  # tokens of the training stream: <START> text [<END> without validation], or its documents
+    n_val: int  # tokens of the validation stream (0: none)
+    has_val: bool  # whether any text was held out (in document mode it may still hold no document)
 
 
-def split_text(text: str, val_frac: float, docs: str | None) -> Split:
-    """A contiguous split: the last `val_frac` of the text is held out for validation.
-
-    In document mode the cut moves forward to the next document boundary so no document is split.
-    """
+def _nominal_cut(n: int, val_frac: float) -> int:
     if not 0.0 <= val_frac < 1.0:
         raise ValueError("val_frac must be in [0, 1)")
-    if val_frac == 0.0:
-        return Split(text, "")
-    cut = int(round(len(text) * (1.0 - val_frac)))
-    if docs is not None:
-        # move the cut to the end of the first separator that ends at or after it, using the same
-        # separators as split_documents (so a cut already on a boundary stays there)
-        sep = re.compile(r"\n") if docs == "line" else _BLANK_SPLIT
-        start = max(cut - 1, 0) if docs == "line" else _blank_scan_start(text, cut)
-        for m in sep.finditer(text, start):
-            if m.end() >= cut:
-                cut = m.end()
-                break
-        else:
-            cut = len(text)
-    return Split(text[:cut], text[cut:])
+    return n if val_frac == 0.0 else int(round(n * (1.0 - val_frac)))
 
 
-def _blank_scan_start(text: str, cut: int) -> int:
-    """Where to start looking for a blank-line separator that may straddle `cut`: the start of the
-    run of newlines, spaces and tabs that `cut` sits in (so huge texts are not scanned from 0)."""
-    i = cut
-    while i > 0 and text[i - 1] in " \t\n":
-        i -= 1
-    return i
+def total_tokens(corpus: Corpus, val_frac: float) -> int:
+    """Tokens in the token file, both streams: known after pass 1."""
+    if corpus.docs is not None:
+        return corpus.doc_chars + 2 * corpus.doc_count
+    _nominal_cut(corpus.chars, val_frac)  # checks val_frac
+    return corpus.chars + 2  # <START> train <START> validation, or <START> train <END>
+
+
+def check_sizes(corpus: Corpus, val_frac: float, batch: int, seq: int):
+    """The one-line errors of a training text too small for the run, before any token is
+    written. Document mode: the training tokens up to the last piece pass 1 saw end before the
+    nominal cut are a lower bound; only when that bound is too small is the text read again up to
+    the cut for the exact count (plan_layout)."""
+    if corpus.docs is None:
+        return check_layout(plan_layout(corpus, val_frac), batch, seq)
+    c = _nominal_cut(corpus.chars, val_frac)
+    at_least = max((tokens for end, tokens in corpus.marks if end <= c), default=0)
+    if c >= corpus.chars:
+        at_least = total_tokens(corpus, val_frac)
+    if at_least >= 2 and at_least - 1 >= batch * seq:
+        return
+    check_layout(plan_layout(corpus, val_frac), batch, seq)
+
+
+def plan_layout(corpus: Corpus, val_frac: float) -> Layout:
+    """The sizes of the two streams, before any token is written: arithmetic in stream mode; in
+    document mode a reading of the text up to where validation begins (the cut depends on it)."""
+    n = corpus.chars
+    c = _nominal_cut(n, val_frac)
+    if corpus.docs is None:
+        has_val = c < n
+        return Layout(n_train=c + (1 if has_val else 2), n_val=(n - c + 1) if has_val else 0, has_val=has_val)
+    total = corpus.doc_chars + 2 * corpus.doc_count
+    if c >= n:
+        return Layout(n_train=total, n_val=0, has_val=False)
+    n_train = 0
+    has_val = False
+    for part, piece in _pieces(corpus, val_frac):
+        if part == "val":
+            has_val = True
+            break
+        documents = split_documents(piece, corpus.docs)
+        n_train += sum(map(len, documents)) + 2 * len(documents)
+    return Layout(n_train=n_train, n_val=total - n_train, has_val=has_val)
+
+
+# ---------------------------------------------------------------------------- pass 2: the token file
+@dataclass
+class TokenFile:
+    """The corpus as token ids in a memory-mapped .npy file (uint8, uint16 or uint32 by the
+    vocabulary's size), opened read-only: training reads batches from `train`, validation scores
+    `val`; data-parallel workers can map the same file."""
+
+    path: str
+    ids: np.ndarray  # (n_train + n_val,) the whole file, mapped
+    layout: Layout
+    meta: dict
+
+    @property
+    def train(self) -> np.ndarray:
+        return self.ids[: self.layout.n_train]
+
+    @property
+    def val(self) -> np.ndarray | None:
+        """The validation stream, or None when no text was held out."""
+        return self.ids[self.layout.n_train :] if self.layout.has_val else None
+
+
+def _token_meta(corpus: Corpus, vocab: Vocab, val_frac: float, layout: Layout) -> dict:
+    return {"format": TOKENS_FORMAT[0], "version": TOKENS_FORMAT[1], "sha256": corpus.sha256, "chars": corpus.chars,
+            "docs": corpus.docs, "val_frac": val_frac,
+            "vocab_sha256": hashlib.sha256(vocab.to_json().encode("utf-8")).hexdigest(),
+            "dtype": np.dtype(compact_dtype(vocab.size)).str, "n_train": layout.n_train, "n_val": layout.n_val,
+            "has_val": layout.has_val}
+
+
+def _map(path: str, layout: Layout, meta: dict) -> TokenFile:
+    ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    if ids.ndim != 1 or ids.dtype.str != meta["dtype"] or len(ids) != layout.n_train + layout.n_val:
+        raise ValueError("token file does not match its description")
+    return TokenFile(path=path, ids=ids, layout=layout, meta=meta)
+
+
+def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float) -> TokenFile | None:
+    """The token file at `path` if it was built from this corpus, vocabulary and split; None when
+    it is missing, stale or damaged (then build it again)."""
+    try:
+        with open(os.path.join(os.path.dirname(path), TOKENS_META), encoding="utf-8") as f:
+            meta = json.load(f)
+        layout = Layout(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"]))
+        if meta != _token_meta(corpus, vocab, val_frac, layout):
+            return None
+        return _map(path, layout, meta)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -> TokenFile:
+    """Encode the corpus chunk by chunk into the token file at `path` (a temporary file beside it,
+    then os.replace; its description, tokens.json, after it) and map it. The streams are the
+    whole-text pipeline's: stream mode <START> train [<END> when nothing is held out], then
+    <START> validation; document mode <START> doc <END> for every document of each part (where
+    validation begins is found on the way, so the text is read once more, not twice)."""
+    dtype = np.dtype(compact_dtype(vocab.size))
+    total = total_tokens(corpus, val_frac)
+    planned = plan_layout(corpus, val_frac) if corpus.docs is None else None
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    marker = np.array([START_ID, END_ID], dtype=dtype)
+    written = {"train": 0, "val": 0}
+    saw_val = [False]  # document mode: whether any text was held out
+    try:
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (total,)})
+
+            def put(part, ids):
+                f.write(memoryview(np.ascontiguousarray(ids)))  # ids are in the file's dtype already
+                written[part] += len(ids)
+
+            if corpus.docs is None:
+                put("train", marker[:1])
+                for part, text in _pieces(corpus, val_frac):
+                    if part == "val" and not written["val"]:
+                        put("val", marker[:1])
+                    put(part, vocab.encode(text, unknown="unk", dtype=dtype))
+                if not planned.has_val:
+                    put("train", marker[1:])
+            else:
+                for part, text in _pieces(corpus, val_frac):
+                    saw_val[0] = saw_val[0] or part == "val"
+                    put(part, _wrap_documents(vocab, split_documents(text, corpus.docs), "unk", dtype))
+            f.flush()
+            os.fsync(f.fileno())
+        layout = Layout(written["train"], written["val"], has_val=saw_val[0] if planned is None else planned.has_val)
+        if written["train"] + written["val"] != total or planned not in (None, layout):
+            raise DataError(f"the corpus {', '.join(corpus.paths)} changed while it was being read; try again")
+        meta = _token_meta(corpus, vocab, val_frac, layout)
+        os.replace(tmp, path)
+        meta_path = os.path.join(directory, TOKENS_META)
+        with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        os.replace(meta_path + ".tmp", meta_path)
+    except BaseException:
+        for p in (tmp, os.path.join(directory, TOKENS_META) + ".tmp"):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        raise
+    return _map(path, layout, meta)
+
+
+def check_layout(layout: Layout, batch: int, seq: int):
+    """The one-line errors of a training text too small for the run."""
+    if layout.n_train < 2:
+        raise DataError("the training text is empty after removing the validation split")
+    if layout.n_train - 1 < batch * seq:
+        raise DataError(
+            f"the corpus is too small for one batch: {layout.n_train - 1} training tokens, but --batch {batch} "
+            f"x --seq {seq} needs {batch * seq}; use a smaller --batch/--seq or a larger text"
+        )
 
 
 # ---------------------------------------------------------------------------- batches
@@ -225,29 +724,25 @@ class BatchStream:
     """B contiguous streams through a token sequence, read T steps at a time.
 
     The token sequence of length N is cut into B streams of S = (N - 1) // B steps each; stream b
-    holds tokens [b*S, b*S + S] (one extra for the last target). They are stored time-major as a
-    (S + 1, B) array, so a batch's inputs `x = grid[p : p + T]` and targets `y = grid[p + 1 : p + T + 1]`
-    are contiguous (T, B) slices. The position p (0 <= p < S) is all that is needed to resume.
+    holds tokens [b*S, b*S + S] (one extra for the last target). A batch at position p
+    (0 <= p < S) is gathered straight from the ids, which may be a memory-mapped token file:
+    x[t, b] = ids[b*S + p + t] and y[t, b] = ids[b*S + p + t + 1], so nothing the size of the
+    corpus is copied. The position p is all that is needed to resume.
     """
 
     def __init__(self, ids: np.ndarray, batch: int):
-        ids = np.asarray(ids)
         if batch < 1:
             raise ValueError("batch must be >= 1")
+        self.ids = ids if isinstance(ids, np.ndarray) else np.asarray(ids)
         self.B = batch
-        self.S = (len(ids) - 1) // batch
+        self.S = (len(self.ids) - 1) // batch
         if self.S < 1:
             raise DataError(
-                f"the training text is too small: {len(ids)} tokens cannot make {batch} streams of at least "
+                f"the training text is too small: {len(self.ids)} tokens cannot make {batch} streams of at least "
                 "one step; use a smaller --batch or a larger corpus"
             )
-        S, B = self.S, batch
-        # grid[t, b] = ids[b*S + t], copied stream by stream: no index array, so the only memory
-        # beyond the ids themselves is the grid (same dtype, same size).
-        self.grid = np.empty((S + 1, B), dtype=ids.dtype)
-        for b in range(B):
-            self.grid[:, b] = ids[b * S : b * S + S + 1]
-        self.n_tokens = len(ids)
+        self._starts = np.arange(batch, dtype=np.int64) * self.S  # (B,) where each stream begins
+        self.n_tokens = len(self.ids)
 
     def batches_per_epoch(self, T: int) -> int:
         return -(-self.S // T)
@@ -257,6 +752,60 @@ class BatchStream:
         if not 0 <= p < self.S:
             raise IndexError(f"position {p} outside [0, {self.S})")
         end = min(p + T, self.S)
-        x = self.grid[p:end].astype(np.int32)
-        y = self.grid[p + 1 : end + 1].astype(np.int32)
-        return x, y
+        grid = self.ids[np.arange(p, end + 1, dtype=np.int64)[:, None] + self._starts[None, :]]  # (T+1, B)
+        grid = grid.astype(np.int32)
+        return grid[:-1], grid[1:]
+
+
+def remove_stale_token_temps(directory: str) -> list[str]:
+    """Remove what a killed build_token_file leaves in a run directory (.tokens.npy.<pid>.tmp and
+    tokens.json.tmp), and nothing else. The caller must hold the run directory's lock: a live
+    build in another process would otherwise lose its file."""
+    pattern = re.compile(r"\.%s\.\d+\.tmp|%s\.tmp" % (re.escape(TOKENS_FILE), re.escape(TOKENS_META)))
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.path)
+            except OSError:
+                pass
+    return removed
+
+
+# ---------------------------------------------------------------------------- capped vocabularies
+@dataclass(frozen=True)
+class Capped:
+    """A vocabulary cut to the most frequent characters, and what the cut cost."""
+
+    vocab: Vocab
+    dropped: int  # distinct characters left out (they become <UNK>)
+    dropped_chars: int  # their occurrences in the text
+    chars: int  # characters of the text
+
+
+def capped_vocab(corpus: Corpus, max_vocab: int | None) -> Capped | None:
+    """The vocabulary of --max-vocab: the corpus's own if it has at most `max_vocab` characters
+    (None: returned as is, without reading anything), else its `max_vocab` most frequent ones
+    (ties: the lower code point), in code-point order as always, the rest mapped to <UNK>.
+
+    Counting takes one more reading of the text, only for such corpora. Counts are over the whole
+    text; in document mode a character is kept only if it occurs inside documents (the corpus's
+    vocabulary), so separators are counted but never chosen on their own account."""
+    have = corpus.vocab.chars
+    if max_vocab is None or len(have) <= max_vocab:
+        return None
+    counts = np.zeros(MAX_CODE_POINT + 1, dtype=np.int64)
+    for text in corpus.text_chunks():
+        counts += np.bincount(code_points(text), minlength=MAX_CODE_POINT + 1)
+    cps = np.array([ord(ch) for ch in have], dtype=np.int64)  # ascending
+    # most frequent first; a stable sort on -count keeps ascending code points within a count
+    keep = np.sort(cps[np.argsort(-counts[cps], kind="stable")[:max_vocab]])
+    kept = int(counts[keep].sum())
+    total = int(counts.sum())
+    return Capped(Vocab(chr(int(cp)) for cp in keep), dropped=len(have) - max_vocab,
+                  dropped_chars=int(counts[cps].sum()) - kept, chars=total)

@@ -3,6 +3,10 @@ streams, and handing text back in chunks so the caller can stream it.
 
 The generation loop itself is compiled (kernels/sample.py, through Model.generate); this module
 decides what to feed it and turns token ids back into text. It does no I/O of its own.
+
+Special tokens (<START>, <UNK>, and <END> of a stream model) are banned in the draw, so they are
+never drawn; should one come back anyway, that is a bug in the sampler, and _chunks raises
+SamplerBug instead of printing the token's spelling as if it were text.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from charrnn.config import SAMPLE_BOUNDS, check_bounds
 from charrnn.errors import UsageError
 from charrnn.vocab import END_ID, START_ID, UNK_ID, Vocab
 
@@ -28,6 +33,17 @@ class SampleOptions:
     unknown: str = "error"  # prime characters outside the vocabulary: error | skip | unk
     seed: int | None = None  # None: a fresh random seed
 
+    def validate(self) -> None:
+        """Raise UsageError unless every option is in its range (config.SAMPLE_BOUNDS): the
+        command line checks the same, this keeps library callers from a NaN temperature."""
+        check_bounds(self, SAMPLE_BOUNDS)
+        if self.unknown not in ("error", "skip", "unk"):
+            raise UsageError(f"unknown must be error, skip or unk, got {self.unknown!r}")
+
+
+class SamplerBug(RuntimeError):
+    """The sampler drew a token it was told never to draw (a special token): a bug, not bad input."""
+
 
 def random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
@@ -41,6 +57,7 @@ def sample_chunks(model, vocab: Vocab, opts: SampleOptions, documents: bool = Fa
     on documents, at <END>; a stream model (which saw <END> at most once) never draws it. Bad
     options and unknown prime characters raise here, before anything is generated.
     """
+    opts.validate()
     if opts.length == 0 and opts.num > 1:
         raise UsageError("--length 0 (unbounded) works with a single sample (--num 1)")
     prime_ids = vocab.encode(opts.prime, unknown=opts.unknown) if opts.prime else np.zeros(0, np.int32)
@@ -64,6 +81,7 @@ def _chunks(model, vocab, opts, prime_ids, documents, target_s):
     produced = np.zeros(nb, dtype=np.int64)
     state = seed_state(opts.seed if opts.seed is not None else random_seed())
     table = vocab.tokens
+    top_k = min(opts.top_k, vocab.size)  # more than V keeps every id (and must fit the kernel's int64)
     steps = 16
     while not done.all():
         n = steps
@@ -71,10 +89,15 @@ def _chunks(model, vocab, opts, prime_ids, documents, target_s):
             n = min(n, opts.length - int(produced.max()))
         out = np.full((n, nb), -1, dtype=np.int32)
         t0 = time.perf_counter()
-        taken = model.generate(tok, h, c, out, opts.temp, opts.top_k, opts.top_p, banned, END_ID, done, state)
+        taken = model.generate(tok, h, c, out, opts.temp, top_k, opts.top_p, banned, END_ID, done, state)
         dt = time.perf_counter() - t0
+        drawn = out[:taken]
+        if banned[drawn[drawn >= 0]].any():  # never reached: the draw skips banned ids
+            bad = sorted({table[i] for i in drawn[drawn >= 0].tolist() if banned[i]})
+            raise SamplerBug(f"the sampler drew {', '.join(bad)}, which it must never draw "
+                             f"(temp={opts.temp!r}, top_k={opts.top_k}, top_p={opts.top_p!r})")
         for b in range(nb):
-            col = out[:taken, b]
+            col = drawn[:, b]
             ids = col[(col >= 0)]
             ended = bool((ids == END_ID).any())
             ids = ids[ids != END_ID]

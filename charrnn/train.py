@@ -28,7 +28,8 @@ import numpy as np
 from charrnn import budget, checkpoint, signals, threads
 from charrnn.budget import AUTO_MEASURE_STEPS, REFIT_EVERY, StepTimes, seq_len_at
 from charrnn.config import Fitted, TrainConfig, effective
-from charrnn.data import BatchStream, compact_dtype, corpus_vocab, encode_stream, read_corpus, split_text
+from charrnn.data import (TOKENS_FILE, BatchStream, TokenFile, build_token_file, capped_vocab, check_sizes,
+                          compact_dtype, open_token_file, read_corpus, remove_stale_token_temps, total_tokens)
 from charrnn.errors import CharrnnError, DataError, Interrupted, TrainingError, UsageError
 from charrnn.evaluate import Cancelled, score_tokens
 from charrnn.kernels.jit import compile_notice
@@ -40,6 +41,7 @@ from charrnn.signals import Signals
 from charrnn.vocab import Vocab
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
+LARGE_VOCAB = 2000  # tokens: above this a note says what the decoder costs (40% of a 2x256 LSTM step at 2,003)
 
 
 # ---------------------------------------------------------------------------------- one step
@@ -185,6 +187,28 @@ def _check_loadable(mcfg: ModelConfig, batch: int):
         raise UsageError(f"--batch {batch} is above the {checkpoint.MAX_STREAMS:,} streams a checkpoint can carry")
 
 
+def decoder_share(mcfg: ModelConfig) -> float:
+    """The decoder's share of a step's multiply-adds: V x H against the recurrent layers' G*H x
+    (H + H) each (layer 0's input is a gather, not a product)."""
+    G, H, V, L = mcfg.G, mcfg.hidden, mcfg.vocab_size, mcfg.layers
+    recurrent = G * H * H + (L - 1) * G * H * 2 * H
+    return V * H / (V * H + recurrent)
+
+
+def _vocab_notes(corpus, capped, mcfg: ModelConfig) -> list[str]:
+    """What the vocabulary costs: characters that became <UNK>, and a decoder that dominates."""
+    lines = []
+    if capped is not None:
+        lines.append(f"note: kept the {capped.vocab.size - 3:,} most frequent of {len(corpus.vocab.chars):,} characters "
+                     f"(--max-vocab); the other {capped.dropped:,} ({capped.dropped_chars:,} occurrences, "
+                     f"{capped.dropped_chars / max(capped.chars, 1):.3%} of the text) are <UNK>")
+    share = decoder_share(mcfg)
+    if mcfg.vocab_size > LARGE_VOCAB:
+        lines.append(f"note: a vocabulary of {mcfg.vocab_size:,} tokens: the decoder is {share:.0%} of each step's "
+                     "arithmetic; a smaller --max-vocab trains faster")
+    return lines
+
+
 def _check_out_dir(out: str, need_bytes: int):
     """Prove the (locked) run directory is writable and has room for its checkpoints, before any
     training: a read-only or full filesystem is found now, not after the first hour."""
@@ -202,6 +226,11 @@ def _check_out_dir(out: str, need_bytes: int):
         )
 
 
+def vocab_itemsize(vocab: Vocab) -> int:
+    """Bytes per token in the token file."""
+    return np.dtype(compact_dtype(vocab.size)).itemsize
+
+
 class Trainer:
     """One training run. Build with `Trainer.new(...)` or `Trainer.resume(...)`, then `run()`.
 
@@ -209,7 +238,7 @@ class Trainer:
     an option was left open, and `cfg` the two combined: what the loop follows."""
 
     def __init__(self, given: TrainConfig, fitted: Fitted, corpus, vocab: Vocab, model: Model, out: str, quiet: bool,
-                 state: RunState, opt, extra_minutes: float | None):
+                 state: RunState, opt, extra_minutes: float | None, tokens: TokenFile):
         self.given = given
         self.fitted = fitted
         self.corpus = corpus
@@ -221,20 +250,10 @@ class Trainer:
         self.opt = opt
         self.extra_minutes = extra_minutes
         cfg = self.cfg
-        split = split_text(corpus.text, cfg.val_frac, cfg.docs)
-        dtype = compact_dtype(vocab.size)
-        train_ids = encode_stream(vocab, split.train_text, cfg.docs, end=not split.val_text, dtype=dtype)
-        if len(train_ids) < 2:
-            raise DataError("the training text is empty after removing the validation split")
-        if len(train_ids) - 1 < cfg.batch * cfg.seq:
-            raise DataError(
-                f"the corpus is too small for one batch: {len(train_ids) - 1} training tokens, but --batch {cfg.batch} "
-                f"x --seq {cfg.seq} needs {cfg.batch * cfg.seq}; use a smaller --batch/--seq or a larger text"
-            )
-        self.stream = BatchStream(train_ids, cfg.batch)
-        self.val_tokens = (
-            encode_stream(vocab, split.val_text, cfg.docs, end=cfg.docs is not None) if split.val_text else None
-        )
+        # ---- data: batches and validation read the memory-mapped token file (data.py)
+        self.tokens = tokens
+        self.stream = BatchStream(tokens.train, cfg.batch)
+        self.val_tokens = tokens.val  # None when nothing is held out
         self.bpe = self.stream.batches_per_epoch(cfg.seq)
         self.eval_every = cfg.eval_every or int(min(2000, max(200, self.bpe)))
         self.h, self.c = model.zero_state(cfg.batch)
@@ -277,11 +296,19 @@ class Trainer:
     @classmethod
     def new(cls, paths, cfg: TrainConfig, out: str | None, quiet: bool = False, runs_dir: str = "runs"):
         early = Precompile(cfg, budget.chosen_cell(cfg), threads.set_threads(cfg.threads))
-        corpus = read_corpus(paths, cfg.encoding)
-        if cfg.docs is not None and not any(p.strip() for p in corpus.text.split("\n")):
+        corpus = read_corpus(paths, cfg.encoding, cfg.docs, cfg.max_input)  # one reading: hash, counts, vocabulary
+        try:
+            return cls._new(paths, cfg, out, quiet, runs_dir, early, corpus)
+        finally:
+            corpus.close()  # stdin's spool
+
+    @classmethod
+    def _new(cls, paths, cfg: TrainConfig, out: str | None, quiet: bool, runs_dir: str, early, corpus):
+        if cfg.docs is not None and corpus.doc_count == 0:
             raise DataError("the corpus holds no documents")
-        vocab = corpus_vocab(corpus.text, cfg.docs)
-        n_train = int(len(corpus.text) * (1 - cfg.val_frac))
+        capped = capped_vocab(corpus, cfg.max_vocab)
+        vocab = corpus.vocab if capped is None else capped.vocab
+        n_train = int(corpus.chars * (1 - cfg.val_frac))
         fitted = budget.choose_size(cfg, n_train)
         mcfg = ModelConfig(cell=fitted.cell, layers=cfg.layers, hidden=fitted.hidden, vocab_size=vocab.size,
                            nonlinearity=cfg.nonlinearity, dropout=fitted.dropout)
@@ -291,18 +318,25 @@ class Trainer:
             RunDir.lock(out).release()  # a live run there is named first
             raise UsageError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
         opt = make_optimizer(cfg.optimizer, model.n_params, model.dtype, cfg.lr)
-        # everything that can reject the input happens in the constructor, before the directory exists
-        trainer = cls(cfg, fitted, corpus, vocab, model, None, quiet, RunState(), opt, None)
+        # everything that can reject the input happens before the directory exists
+        check_sizes(corpus, cfg.val_frac, cfg.batch, cfg.seq)
+        token_bytes = total_tokens(corpus, cfg.val_frac) * vocab_itemsize(vocab)
+        rundir = RunDir.claim_new(out) if out is not None else RunDir.claim_default(os.path.join(runs_dir, corpus.name))
+        try:
+            _check_out_dir(rundir.path, need_bytes=4 * model.n_params * 4 * 3 + token_bytes)
+            remove_stale_token_temps(rundir.path)
+            tokens = build_token_file(corpus, vocab, cfg.val_frac, os.path.join(rundir.path, TOKENS_FILE))
+            trainer = cls(cfg, fitted, corpus, vocab, model, rundir.path, quiet, RunState(), opt, None, tokens)
+            trainer._own(rundir)
+        except BaseException:
+            rundir.discard_if_unused()
+            raise
         n_val = 0 if trainer.val_tokens is None else len(trainer.val_tokens) - 1
         trainer.fitted = replace(trainer.fitted, val_chars=budget.val_chars_for(cfg, n_val))
         trainer.precompile = early
-        rundir = RunDir.claim_new(out) if out is not None else RunDir.claim_default(os.path.join(runs_dir, corpus.name))
-        try:
-            trainer._own(rundir)
-            _check_out_dir(trainer.out, need_bytes=4 * model.n_params * 4 * 3)
-        except BaseException:
-            trainer.close()
-            raise
+        if not quiet:
+            for line in _vocab_notes(corpus, capped, mcfg):
+                print(line, file=sys.stderr)
         if model.n_params > 2 * n_train and not quiet:
             print(f"warning: the model has {model.n_params:,} parameters for {n_train:,} training characters; "
                   "expect overfitting (consider a smaller --hidden or --layers, or more --dropout)", file=sys.stderr)
@@ -317,8 +351,8 @@ class Trainer:
         try:
             if not os.path.exists(path):
                 raise CharrnnError(f"{run_dir}: no last.npz to resume from")
-            tr = cls._resume(rundir, path, steps, epochs, minutes, quiet, threads_n)
             _check_out_dir(run_dir, need_bytes=3 * os.path.getsize(path))
+            tr = cls._resume(rundir, path, steps, epochs, minutes, quiet, threads_n)
         except BaseException:
             rundir.release()
             raise
@@ -341,15 +375,28 @@ class Trainer:
             sha = meta["corpus"]["sha256"]
         except (KeyError, TypeError) as e:
             raise CharrnnError(f"{path}: cannot resume: checkpoint lacks training state ({e})") from None
+        except UsageError as e:  # options this version no longer accepts (a range tightened since)
+            raise CharrnnError(f"{path}: cannot resume: the run's recorded options are out of range: {e}") from None
+        if "max_vocab" not in meta.get("config", meta.get("train", {})):
+            given = replace(given, max_vocab=None)  # a run from before --max-vocab kept every character
         if "-" in paths:
             raise CharrnnError("cannot resume a run trained on stdin: the corpus cannot be read again")
         early = Precompile(effective(given, fitted), ck.model.cfg.cell,
                            threads.set_threads(threads_n if threads_n is not None else given.threads))
-        corpus = read_corpus(paths, given.encoding)
-        if corpus.sha256 != sha:
-            raise CharrnnError(f"cannot resume: the corpus {', '.join(paths)} changed since the run started")
-        if corpus_vocab(corpus.text, given.docs) != ck.vocab:
-            raise CharrnnError("cannot resume: the corpus's characters differ from the checkpoint's vocabulary")
+        corpus = read_corpus(paths, given.encoding, given.docs, given.max_input)  # in chunks, as a new run
+        try:
+            if corpus.sha256 != sha:
+                raise CharrnnError(f"cannot resume: the corpus {', '.join(paths)} changed since the run started")
+            capped = capped_vocab(corpus, given.max_vocab)
+            if (corpus.vocab if capped is None else capped.vocab) != ck.vocab:
+                raise CharrnnError("cannot resume: the corpus's characters differ from the checkpoint's vocabulary")
+            # the run's token file if it matches; else (a run from before token files, or a damaged one) build it
+            token_path = os.path.join(run_dir, TOKENS_FILE)
+            remove_stale_token_temps(run_dir)
+            tokens = (open_token_file(token_path, corpus, ck.vocab, given.val_frac)
+                      or build_token_file(corpus, ck.vocab, given.val_frac, token_path))
+        finally:
+            corpus.close()
         if steps is not None or epochs is not None:
             # a new budget replaces the old one, the default budget included
             given = replace(given, steps=steps, epochs=epochs, minutes=None)
@@ -368,7 +415,7 @@ class Trainer:
                 view[pname][...] = arr
             bufs[key] = flat
         opt.load_state(bufs, int(meta["optimizer"]["t"]))
-        tr = cls(given, fitted, corpus, ck.vocab, ck.model, run_dir, quiet, rs, opt, minutes)
+        tr = cls(given, fitted, corpus, ck.vocab, ck.model, run_dir, quiet, rs, opt, minutes, tokens)
         tr.precompile = early
         tr._own(rundir)
         h, c = ck.arrays.get("train.h"), ck.arrays.get("train.c")
@@ -396,7 +443,7 @@ class Trainer:
             "rng": {"seed": cfg.seed, "dropout": "splitmix64(seed, step, element)"},
             "data": {"pos": self.state.pos, "streams": cfg.batch, "stream_len": self.stream.S},
             "corpus": {"paths": [os.path.abspath(p) if p != "-" else "-" for p in self.corpus.paths],
-                       "sha256": self.corpus.sha256, "chars": len(self.corpus.text), "docs": cfg.docs},
+                       "sha256": self.corpus.sha256, "chars": self.corpus.chars, "docs": cfg.docs},
             "dtype": str(self.model.dtype),
         }
 

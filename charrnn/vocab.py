@@ -20,11 +20,44 @@ N_SPECIAL = len(SPECIALS)
 
 # Encoding works on chunks so a 100 MB text never needs a 400 MB UTF-32 copy at once.
 _CHUNK = 1 << 22
+MAX_CODE_POINT = 0x10FFFF
 
 
-def _code_points(text: str) -> np.ndarray:
-    """The code points of `text` as uint32 (surrogates pass through, so every str encodes)."""
+def code_points(text: str) -> np.ndarray:
+    """The code points of `text`: uint8 when it is ASCII (a byte copy, and the common case), else
+    uint32 (surrogates pass through, so every str encodes)."""
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+
+
+class CharSet:
+    """The distinct characters of a text seen chunk by chunk: one flag per code point (1.1 MB),
+    set by numpy per chunk; far faster than sorting each chunk, and the same set."""
+
+    def __init__(self):
+        self._seen = np.zeros(MAX_CODE_POINT + 1, dtype=bool)
+        self._ascii = b""  # the ASCII characters seen so far, as bytes
+
+    def add(self, cps: np.ndarray):
+        self._seen[cps] = True
+        self._ascii = np.flatnonzero(self._seen[:128]).astype(np.uint8).tobytes()
+
+    def add_text(self, text: str, ascii_bytes: bytes | None = None):
+        """Add the characters of `text` (`ascii_bytes`: its bytes, when it is ASCII and they are at
+        hand). ASCII text first drops every byte already seen (bytes.translate, a C loop at memory
+        speed): after the first chunk of a typical corpus nothing is left to scatter."""
+        if ascii_bytes is None and text.isascii():
+            ascii_bytes = text.encode("ascii")
+        if ascii_bytes is None:
+            self.add(code_points(text))
+            return
+        new = ascii_bytes.translate(None, self._ascii)
+        if new:
+            self.add(np.frombuffer(new, dtype=np.uint8))
+
+    def chars(self) -> list[str]:
+        return [chr(int(cp)) for cp in np.flatnonzero(self._seen)]
 
 
 def describe_chars(chars) -> str:
@@ -49,18 +82,19 @@ class Vocab:
         chars = sorted(set(chars))
         self.chars = tuple(chars)
         self.tokens = SPECIALS + self.chars
-        # Sorted code points: encoding is a binary search per character, done by numpy.
-        self._cps = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        self._cps = np.array([ord(c) for c in self.chars], dtype=np.uint32)  # sorted
         self._index = {tok: i for i, tok in enumerate(self.tokens)}
+        self._tables = {}  # dtype -> dense lookup table (_table)
+        self._ascii_table = None  # bytes: the uint8 table of ASCII, for bytes.translate
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_text(cls, text: str) -> "Vocab":
         """The vocabulary of every distinct character in `text`."""
-        seen = np.zeros(0, dtype=np.uint32)
+        seen = CharSet()
         for start in range(0, len(text), _CHUNK):
-            seen = np.union1d(seen, _code_points(text[start : start + _CHUNK]))
-        return cls(chr(int(cp)) for cp in seen)
+            seen.add_text(text[start : start + _CHUNK])
+        return cls(seen.chars())
 
     @classmethod
     def from_tokens(cls, tokens) -> "Vocab":
@@ -112,20 +146,42 @@ class Vocab:
         """The distinct characters of `text` that are not in the vocabulary, in code-point order."""
         missing = np.zeros(0, dtype=np.uint32)
         for start in range(0, len(text), _CHUNK):
-            cps = _code_points(text[start : start + _CHUNK])
+            cps = code_points(text[start : start + _CHUNK])
             _, known = self._lookup(cps)
             missing = np.union1d(missing, cps[~known])
         return [chr(int(cp)) for cp in missing]
 
     # ------------------------------------------------------------------ encoding
+    def _table(self, dtype) -> np.ndarray:
+        """A dense table indexed by code point: the id of every vocabulary character, and for any
+        other code point -1 (signed dtypes) or <UNK> (unsigned). At least 257 entries, and the last
+        one is never a character, so uint8 code points index it directly and larger ones clip to
+        it. One gather per chunk: much faster than a binary search."""
+        dtype = np.dtype(dtype)
+        table = self._tables.get(dtype)
+        if table is None:
+            size = max(256, int(self._cps[-1]) + 1 if len(self._cps) else 0) + 1
+            table = np.full(size, -1 if dtype.kind == "i" else UNK_ID, dtype=dtype)
+            table[self._cps] = np.arange(N_SPECIAL, N_SPECIAL + len(self._cps))
+            self._tables[dtype] = table
+        return table
+
+    def _gather(self, table: np.ndarray, cps: np.ndarray) -> np.ndarray:
+        if cps.dtype != np.uint8:
+            cps = np.minimum(cps, len(table) - 1)
+        return table[cps]
+
+    def _translate_ascii(self, text: str) -> np.ndarray:
+        """uint8 ids of ASCII text by bytes.translate through the table's first 256 entries: a C
+        loop, several times faster than a numpy gather."""
+        if self._ascii_table is None:
+            self._ascii_table = self._table(np.uint8)[:256].tobytes()
+        return np.frombuffer(bytearray(text.encode("ascii").translate(self._ascii_table)), dtype=np.uint8)
+
     def _lookup(self, cps: np.ndarray):
         """(ids, known): ids of the code points (arbitrary where unknown) and a mask of known ones."""
-        if len(self._cps) == 0:
-            return np.full(len(cps), UNK_ID, dtype=np.int64), np.zeros(len(cps), dtype=bool)
-        pos = np.searchsorted(self._cps, cps)
-        pos_clipped = np.minimum(pos, len(self._cps) - 1)
-        known = self._cps[pos_clipped] == cps
-        return pos_clipped + N_SPECIAL, known
+        ids = self._gather(self._table(np.int32), cps)
+        return ids, ids >= 0
 
     def encode(self, text: str, unknown: str = "error", dtype=np.int32) -> np.ndarray:
         """Token ids of the characters of `text` (no START/END added).
@@ -143,9 +199,17 @@ class Vocab:
                     + (" ..." if len(missing) > 20 else ""),
                     unknown=missing,
                 )
+        dtype = np.dtype(dtype)
+        direct = unknown != "skip" and dtype.kind == "u"  # one gather: the table maps unknowns to <UNK>
+        if direct and dtype == np.uint8 and text.isascii():
+            return self._translate_ascii(text)  # 1 byte per character in and out: no need for chunks
         parts = []
         for start in range(0, len(text), _CHUNK):
-            ids, known = self._lookup(_code_points(text[start : start + _CHUNK]))
+            cps = code_points(text[start : start + _CHUNK])
+            if direct:
+                parts.append(self._gather(self._table(dtype), cps))
+                continue
+            ids, known = self._lookup(cps)
             if unknown == "skip":
                 ids = ids[known]
             else:

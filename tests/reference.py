@@ -320,3 +320,36 @@ def loss_and_grads(cell, params, x, y, h0, c0=None, masks=None, nonlinearity="ta
 def relu_preactivations(cache):
     """All RNN pre-activations a (list of arrays); for kink checks in tests."""
     return [s["a"] for layer in cache["layers"] for s in layer["steps"] if "a" in s]
+
+
+# ----------------------------------------------------------------------------
+# sampling: the distribution one draw follows
+# ----------------------------------------------------------------------------
+
+def draw_probs(z, temp=1.0, top_k=0, top_p=1.0, banned=None):
+    """The probability of each id (V,) in one draw from logits z (V,), as the sampler defines it:
+    banned ids get 0; temp == 0 is the argmax (the first of ties); else softmax(z / temp) over the
+    allowed ids, cut to the top_k largest logits (ties in id order; 0: off), then to the smallest
+    prefix, by decreasing logit, whose mass reaches top_p (within a relative 1e-12), renormalised.
+    The softmax subtracts the largest allowed logit before dividing by temp, which is exact
+    algebra and keeps every positive temp, however small or large, finite: a tiny temp tends to
+    uniform over the tied maxima, a huge one to uniform over the allowed ids."""
+    z = np.asarray(z, dtype=np.float64)
+    V = z.shape[0]
+    allowed = np.ones(V, dtype=bool) if banned is None else ~np.asarray(banned, dtype=bool)
+    ids = np.flatnonzero(allowed)
+    order = ids[np.argsort(-z[ids], kind="stable")]  # allowed ids by decreasing logit
+    p = np.zeros(V)
+    if temp == 0.0:
+        p[order[0]] = 1.0
+        return p
+    if top_k > 0:
+        order = order[:top_k]
+    with np.errstate(over="ignore", under="ignore"):
+        w = np.exp((z[order] - z[order[0]]) / temp)  # the first weight is exp(0) = 1
+    if top_p < 1.0:
+        cum = np.cumsum(w)
+        n = int(np.argmax(cum >= top_p * cum[-1] * (1.0 - 1e-12))) + 1
+        order, w = order[:n], w[:n]
+    p[order] = w / w.sum()
+    return p

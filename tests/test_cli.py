@@ -191,3 +191,165 @@ def test_eval_bad_files(stream_model, tmp_path):
     for path, needle in ((empty, "empty"), (binary, "binary"), (tmp_path / "none.txt", "no such file")):
         res = sh(["eval", str(path), "--model", stream_model])
         assert res.returncode == 1 and needle in res.stderr and res.stdout == ""
+
+
+# ------------------------------------------------------------------------------------------ option ranges
+FLOAT_OPTIONS = [("train", o) for o in ("--lr", "--dropout", "--decay-factor", "--clip", "--epochs", "--minutes",
+                                        "--val-frac", "--forget-bias")] + [("sample", "--temp"), ("sample", "--top-p")]
+
+
+def test_every_float_option_is_finite():
+    """Every float option of every command refuses NaN and inf (Finite): Click's FloatRange alone
+    lets NaN through, so a new float option declared with it would fail here."""
+    from click.types import FloatParamType
+
+    from charrnn.cli import Finite
+
+    found = set()
+    for name, cmd in cli.commands.items():
+        for p in cmd.params:
+            if isinstance(p.type, FloatParamType):
+                assert isinstance(p.type, Finite), f"{name} {p.opts[0]} is a float option that lets NaN in"
+                found.add((name, p.opts[0]))
+    assert set(FLOAT_OPTIONS) <= found
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    f = tmp_path_factory.mktemp("tiny") / "tiny.txt"
+    f.write_text(open(os.path.join(ROOT, "corpora", "markov.txt"), encoding="utf-8").read()[:3000])
+    return str(f)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+@pytest.mark.parametrize("cmd,option", FLOAT_OPTIONS)
+def test_float_options_refuse_nan_and_inf(cmd, option, value, stream_model, tmp_path):
+    """NaN and inf are usage errors naming the option: `--lr nan` was a ValueError traceback,
+    `--minutes nan` trained 0 steps and exited 0, `--temp nan` printed <START><START>..."""
+    args = [cmd, f"{option}={value}"]
+    args += ["--model", stream_model] if cmd == "sample" else [str(tmp_path / "absent.txt"), "--steps", "2"]
+    res = run(args)
+    assert res.exit_code == 2, res.output
+    assert f"Invalid value for '{option}'" in res.output and "not a finite number" in res.output
+    assert "<START>" not in res.output
+
+
+@pytest.mark.parametrize("args", [["--forget-bias", "101"], ["--forget-bias", "-1e3"], ["--hidden", "65537"]])
+def test_train_options_out_of_range(args, tmp_path):
+    res = run(["train", str(tmp_path / "absent.txt"), *args])
+    assert res.exit_code == 2 and f"Invalid value for '{args[0]}'" in res.output
+
+
+@pytest.mark.parametrize("cmd", ["train", "sample"])
+@pytest.mark.parametrize("seed", ["-1", str(2**64), "12345678901234567890123", "1.5", "seven"])
+def test_seeds_are_whole_numbers_below_2_64(cmd, seed, stream_model, tiny_corpus, tmp_path):
+    """`sample --seed -1` and a 23-digit seed overflowed, `train --seed -1` was a ValueError."""
+    args = [cmd, "--seed", seed]
+    args += ["--model", stream_model, "--length", "5"] if cmd == "sample" else [tiny_corpus, "--out", str(tmp_path / "r"), "--steps", "2", *SMALL]
+    res = run(args)
+    assert res.exit_code == 2, res.output
+    assert "Invalid value for '--seed'" in res.output
+
+
+def test_help_shows_ranges_and_defaults():
+    squash = lambda s: " ".join(s.split())  # noqa: E731  (help text wraps with the terminal)
+    train_help = squash(run(["train", "--help"]).output)
+    for needle in ("[default: 0.003; x>0]", "[default: 1.0; -100<=x<=100]", "[default: 1234; 0<=x<=18446744073709551615]",
+                   "[default: 0.9; 0<x<=1]", "[default: 0.1; 0<=x<1]", "[default: 5.0; x>=0]", "0<=x<1]"):
+        assert needle in train_help, needle
+    sample_help = squash(run(["sample", "--help"]).output)
+    for needle in ("[default: 1.0; x>=0]", "[0<x<=1]", "[0<=x<=18446744073709551615]", "[default: 1; 1<=x<=1000000]"):
+        assert needle in sample_help, needle
+
+
+def test_largest_seed_samples(stream_model):
+    top = str(2**64 - 1)
+    a = run(["sample", "--model", stream_model, "--seed", top, "--length", "40", "-q"])
+    b = run(["sample", "--model", stream_model, "--seed", top, "--length", "40", "-q"])
+    assert a.exit_code == 0 and a.output == b.output and len(a.output) == 41
+
+
+@pytest.mark.parametrize("args", [["--temp", "1e-38"], ["--temp", "5e-324"], ["--top-p", "1e-300"], ["--top-k", "1"],
+                                  ["--temp", "0"], ["--temp", "1e38"], ["--temp", "1e300", "--top-k", "3"],
+                                  ["--top-k", "99999999999999999999999"]])
+def test_extreme_sampling_options_print_only_text(stream_model, args):
+    """`--temp 1e-38` printed <START><START>...: special tokens never reach stdout, and a tiny
+    temperature samples like --temp 0 (the model's logits do not tie)."""
+    res = run(["sample", "--model", stream_model, "--length", "80", "--seed", "2", "-q", *args])
+    assert res.exit_code == 0 and len(res.output) == 81 and "<" not in res.output
+    if args[0] == "--temp" and float(args[1]) < 1e-30:
+        assert res.output == run(["sample", "--model", stream_model, "--length", "80", "--temp", "0", "-q"]).output
+
+
+# ------------------------------------------------------------------------------------------ stdout failures
+def sh_shell(script, timeout=120):
+    """A shell line, for redirections subprocess cannot set up (closing stdout); {charrnn} in it
+    runs this Python's charrnn."""
+    script = script.format(charrnn=shlex_join([sys.executable, "-m", "charrnn"]))
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=timeout)
+
+
+def result_commands(model):
+    return {"sample": ["sample", "--model", model, "--length", "200", "--seed", "1", "-q"],
+            "eval": ["eval", os.path.join(ROOT, "corpora", "markov.txt"), "--model", model, "--json", "-q"]}
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("cmd", ["sample", "eval"])
+def test_full_stdout_is_a_one_line_error(stream_model, cmd):
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "charrnn", *result_commands(stream_model)[cmd]], stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == "charrnn: error: cannot write to stdout: No space left on device\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["sample", "--help"]])
+def test_click_output_to_a_full_stdout_is_a_one_line_error(args):
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "charrnn", *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                             timeout=120)
+    assert res.returncode == 1 and res.stderr == "charrnn: error: cannot write output: No space left on device\n"
+
+
+@pytest.mark.parametrize("cmd", ["sample", "eval"])
+def test_closed_stdout_is_a_one_line_error(stream_model, cmd):
+    args = shlex_join(result_commands(stream_model)[cmd])
+    res = sh_shell(f"exec {{charrnn}} {args} >&-")
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == "charrnn: error: cannot write to stdout: it is closed\n"
+    both = sh_shell(f"exec {{charrnn}} {args} >&- 2>&-")  # nowhere to say it: the status alone
+    assert both.returncode == 1 and both.stdout == "" and both.stderr == ""
+
+
+def test_train_writes_nothing_to_stdout(tiny_corpus, tmp_path):
+    """Progress, notes and the summary go to stderr: stdout stays empty (also with the largest seed)."""
+    res = sh(["train", tiny_corpus, "--out", str(tmp_path / "r"), "--steps", "3", "--seed", str(2**64 - 1),
+              "--hidden", "8", "--batch", "4", "--seq", "8", "--threads", "1"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "" and "done:" in res.stderr
+    meta = json.loads(str(np.load(str(tmp_path / "r" / "last.npz"), allow_pickle=False)["meta"][()]))
+    assert 2**64 - 1 in (meta.get("config", {}).get("seed"), meta.get("train", {}).get("seed"))
+
+
+# ------------------------------------------------------------------------------------------ library config
+@pytest.mark.parametrize("field,value", [
+    ("lr", float("nan")), ("lr", float("inf")), ("lr", 0.0), ("dropout", float("nan")), ("dropout", 1.0),
+    ("decay_factor", float("nan")), ("clip", float("nan")), ("epochs", float("inf")), ("minutes", float("nan")),
+    ("val_frac", -0.1), ("forget_bias", float("nan")), ("forget_bias", 1e3), ("seed", -1), ("seed", 2**64),
+    ("seed", 1.5), ("steps", 0), ("hidden", 2.5), ("batch", True), ("layers", "2"),
+])
+def test_train_config_refuses_what_the_command_line_refuses(field, value):
+    """A library caller gets the command line's checks: TrainConfig validates on construction
+    (and so on replace()), raising UsageError naming the field."""
+    from dataclasses import replace
+
+    from charrnn.config import DEFAULTS, TrainConfig
+    from charrnn.errors import UsageError
+
+    with pytest.raises(UsageError, match=field):
+        TrainConfig(**{field: value})
+    with pytest.raises(UsageError, match=field):
+        replace(DEFAULTS, **{field: value})
+    assert TrainConfig.from_dict(DEFAULTS.to_dict()) == DEFAULTS

@@ -4,7 +4,11 @@ batch layout (positions, shapes, resume, epoch coverage, memory)."""
 
 import hashlib
 import io
+import os
 import re
+import subprocess
+import sys
+import tempfile
 import tracemalloc
 import types
 
@@ -14,19 +18,25 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import charrnn.vocab as vocab_mod
+from charrnn import data as data_mod
+from charrnn.config import DEFAULT_MAX_INPUT, format_size, parse_size
 from charrnn.data import (
     BatchStream,
     Corpus,
+    build_token_file,
     compact_dtype,
     decode_text,
     encode_stream,
+    open_token_file,
+    plan_layout,
     read_corpus,
     read_text,
     split_documents,
-    split_text,
 )
 from charrnn.errors import DataError
 from charrnn.vocab import END_ID, START_ID, UNK_ID, Vocab
+from tests import wholetext
+from tests.wholetext import split_text
 
 # Surrogate-free text without NUL (NUL means binary).
 chars = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
@@ -230,11 +240,14 @@ def test_read_corpus_concatenates_in_order(tmp_path, monkeypatch):
     fake_stdin(monkeypatch, b"three")
     corpus = read_corpus([str(a), "-", str(b)])
     assert isinstance(corpus, Corpus)
-    assert corpus.text == "one\nthreetwo \u00e9\n"
+    text = "".join(corpus.text_chunks())  # read again: stdin from its spool
+    assert text == "one\nthreetwo \u00e9\n" and corpus.chars == len(text)
     assert corpus.paths == (str(a), "-", str(b))
-    assert corpus.sha256 == hashlib.sha256(corpus.text.encode()).hexdigest()
+    assert corpus.sha256 == hashlib.sha256(text.encode()).hexdigest()
+    assert corpus.vocab == Vocab.from_text(text)
     assert corpus.name == "b_first"
-    assert read_corpus([str(b), str(a)]).text == "two \u00e9\none\n"
+    corpus.close()
+    assert "".join(read_corpus([str(b), str(a)]).text_chunks()) == "two \u00e9\none\n"
 
 
 def test_read_corpus_errors(tmp_path, monkeypatch):
@@ -368,7 +381,7 @@ def test_stream_mode_maps_unknown_to_unk_by_default():
 
 # ----------------------------------------------------------------------------- compact_dtype
 @pytest.mark.parametrize(
-    "V, dtype", [(3, np.uint8), (256, np.uint8), (257, np.uint16), (65536, np.uint16), (65537, np.int32), (1_114_115, np.int32)]
+    "V, dtype", [(3, np.uint8), (256, np.uint8), (257, np.uint16), (65536, np.uint16), (65537, np.uint32), (1_114_115, np.uint32)]
 )
 def test_compact_dtype(V, dtype):
     assert compact_dtype(V) == dtype
@@ -510,35 +523,387 @@ def test_bad_positions_and_batch():
 
 
 # ----------------------------------------------------------------------------- memory
-def test_batch_stream_adds_little_memory():
+def test_batch_stream_adds_no_copy_of_the_ids():
+    """Batches are gathered from the ids (a mapped token file in training): building the stream
+    allocates next to nothing, and a batch only its own (T + 1, B)."""
     N = 4_000_000
     ids = np.random.default_rng(0).integers(0, 100, size=N, dtype=np.uint8)
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
         bs = BatchStream(ids, 50)
-        peak = tracemalloc.get_traced_memory()[1]
+        built = tracemalloc.get_traced_memory()[1] - base
+        x, y = bs.get(1000, 64)
+        peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
-    assert bs.grid.dtype == np.uint8
-    # The grid is a 1-byte-per-token copy; allow a little slack on top.
-    assert (peak - base) / N < 2.5, f"{(peak - base) / N:.2f} bytes per token"
+    assert built < 4096, f"{built} bytes to build the stream"
+    assert peak < 256 * 1024, f"{peak} bytes for one batch"  # a copy of the ids: 4 MB
+    assert x.shape == (64, 50) and x[0, 1] == ids[bs.S + 1000]
 
 
-def test_pipeline_memory_per_character(monkeypatch):
-    """A 100 MB corpus must fit well under 1 GB. Proxy: 20 MB of ASCII with the encoder's chunk
-    scaled down by the same factor 5 (its working set is per chunk, not per character)."""
-    N = 20_000_000
-    monkeypatch.setattr(vocab_mod, "_CHUNK", (1 << 22) // 5)
-    text = np.random.default_rng(1).integers(32, 127, size=N, dtype=np.uint8).tobytes().decode("ascii")
+def _peak_building(tmp_path, n_chars, monkeypatch):
+    text = np.random.default_rng(1).integers(32, 127, size=n_chars, dtype=np.uint8)
+    text[::61] = 10  # lines
+    path = tmp_path / f"c{n_chars}.txt"
+    path.write_bytes(text.tobytes())
     tracemalloc.start()
     try:
-        v = Vocab.from_text(text)
-        ids = encode_stream(v, text, None, dtype=compact_dtype(v.size))
-        bs = BatchStream(ids, 64)
+        corpus = read_corpus([str(path)], chunk_bytes=1 << 20)
+        tf = build_token_file(corpus, corpus.vocab, 0.1, str(tmp_path / "tokens.npy"))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert ids.dtype == np.uint8 and ids.nbytes == N + 2
-    assert bs.S == (N + 1) // 64
-    assert peak / N < 8, f"peak {peak / N:.2f} bytes per character"
+    assert tf.ids.dtype == np.uint8 and len(tf.ids) == n_chars + 2
+    del tf
+    return peak
+
+
+def test_reading_and_encoding_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch):
+    """Pass 1 and pass 2 hold a few chunks, never the corpus: the peak for 24 MB of text is the
+    peak for 6 MB (1 MiB chunks), and a few MB in all."""
+    small = _peak_building(tmp_path, 6_000_000, monkeypatch)
+    big = _peak_building(tmp_path, 24_000_000, monkeypatch)
+    assert big < 16 * 2**20, f"peak {big / 2**20:.1f} MiB"
+    assert big < small * 1.25 + 2**20, (small, big)
+
+
+# ----------------------------------------------------------------------------- chunked = whole-text pipeline
+# Pieces that, with chunks of 1..17 bytes, put every edge case on a chunk boundary: CRLF and lone
+# CR, BOMs, 2-, 3- and 4-byte UTF-8, blank-line separators with spaces and tabs, blank lines.
+PIECES = ["\r", "\n", "\r\n", "\ufeff", " ", "\t", "a", "b", "Z", "\u00e9", "\u20ac", "\U0001f600", "\n\n", "\n \n",
+          "\n\t\n\n", "x y", "\r\r\n", "\x0c"]
+piece_texts = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
+chunk_sizes = st.integers(1, 17)
+ENCODINGS = [None, "utf-8-sig", "latin-1", "utf-16", "utf-16-le", "utf-32", "ascii", "cp1252"]
+
+
+def outcome(fn):
+    """("ok", value) or ("error", the one-line message)."""
+    try:
+        return "ok", fn()
+    except DataError as e:
+        return "error", one_line(types.SimpleNamespace(value=e))
+
+
+def chunked_decode(data, encoding, k, name="f"):
+    return "".join(data_mod._text_chunks(io.BytesIO(data), name, encoding, k, data_mod._Limit(None)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data(), st.sampled_from(ENCODINGS), chunk_sizes)
+def test_chunked_decoding_equals_whole_decoding(data, encoding, k):
+    """Text (or text with bad bytes and NULs spliced in) decodes chunk by chunk to exactly what the
+    whole-text decoder gave, or fails with exactly its message (byte offsets in the file)."""
+    text = data.draw(piece_texts)
+    try:
+        raw = text.encode(encoding or "utf-8")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8")
+    if data.draw(st.booleans()):
+        at = data.draw(st.integers(0, len(raw)))
+        raw = raw[:at] + data.draw(st.sampled_from(BAD_UTF8 + [b"\x00", b"\r", b"\xef\xbb\xbf"])) + raw[at:]
+    assert outcome(lambda: chunked_decode(raw, encoding, k)) == outcome(lambda: wholetext.decode_whole(raw, "f", encoding))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 7])
+def test_chunk_edges_examples(k):
+    assert chunked_decode(b"\xef\xbb\xbfa\r\nb\r\rc\r", None, k) == "a\nb\n\nc\n"
+    assert chunked_decode("\u20ac\U0001f600\r\n".encode(), None, k) == "\u20ac\U0001f600\n"
+    with pytest.raises(DataError) as err:
+        chunked_decode(b"abc\xe2\x82x", None, k)
+    assert "byte offset 3 " in one_line(err)
+    with pytest.raises(DataError) as err:
+        chunked_decode(b"abcdefgh\xe2\x82", None, k)  # truncated at the very end
+    assert "byte offset 8 " in one_line(err)
+    with pytest.raises(DataError) as err:
+        chunked_decode(b"abcdefgh\x00", None, k)
+    assert "offset 8" in one_line(err) and "binary" in str(err.value)
+
+
+file_texts = piece_texts.filter(lambda t: wholetext.decode_whole(t.encode(), "f") != "")
+
+
+def _write(d, files):
+    paths = []
+    for i, data in enumerate(files):
+        p = os.path.join(d, f"f{i}.txt")
+        with open(p, "wb") as f:
+            f.write(data)
+        paths.append(p)
+    return paths
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(piece_texts.map(str.encode), min_size=1, max_size=3), st.sampled_from([None, "line", "blank"]), chunk_sizes)
+@example([b"a\r", b"\nb"], None, 1)
+@example([b"\xef\xbb\xbf"], None, 1)  # empty after normalisation
+def test_read_corpus_equals_whole_text(files, docs, k):
+    """One chunked reading of several files gives today's hash (so runs made before resume),
+    length, vocabulary (documents only, in document mode) and document counts; or today's error."""
+    with tempfile.TemporaryDirectory() as d:
+        paths = _write(d, files)
+        want = outcome(lambda: wholetext.corpus_text(files))
+        if want[0] == "error":
+            want = ("error", want[1].replace(want[1].split(":")[0], os.path.join(d, want[1].split(":")[0] + ".txt"), 1))
+        got = outcome(lambda: read_corpus(paths, docs=docs, chunk_bytes=k))
+        assert got[0] == want[0], (got, want)
+        if got[0] == "error":
+            assert got[1] == want[1]
+            return
+        text, sha = want[1]
+        corpus = got[1]
+        assert corpus.sha256 == sha == hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        assert corpus.chars == len(text)
+        assert corpus.vocab == wholetext.corpus_vocab(text, docs)
+        if docs is not None:
+            documents = split_documents(text, docs)
+            assert (corpus.doc_count, corpus.doc_chars) == (len(documents), sum(map(len, documents)))
+        assert "".join(corpus.text_chunks()) == text
+
+
+VAL_FRACS = st.one_of(st.sampled_from([0.0, 0.05, 0.1, 0.3, 0.5, 0.9, 0.99]), st.floats(0.0, 0.99))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(file_texts.map(str.encode), min_size=1, max_size=3), st.sampled_from([None, "line", "blank"]),
+       VAL_FRACS, chunk_sizes, st.integers(1, 4), st.integers(1, 6))
+@example([b"aa\n\nbb"], "blank", 0.5, 1, 1, 2)  # the cut between the two newlines of a separator
+@example([b"a\n \nb\n \nc"], "blank", 0.5, 2, 1, 3)
+@example([b"a\n", b"\n", b"\n\nb\n\n\n\nc"], "blank", 0.3, 1, 1, 1)
+@example([b"ab\r", b"\ncd\r\n\r\nef"], "line", 0.4, 1, 2, 2)
+def test_token_file_equals_whole_text_streams(files, docs, val_frac, k, B, T):
+    """The token file holds exactly today's training ids and validation ids (split where the whole
+    text was split), and batches gathered from it are today's batches, however the corpus is
+    chunked."""
+    text, _ = wholetext.corpus_text(files)
+    with tempfile.TemporaryDirectory() as d:
+        paths = _write(d, files)
+        corpus = read_corpus(paths, docs=docs, chunk_bytes=k)
+        vocab = corpus.vocab
+        dtype = compact_dtype(vocab.size)
+        want_train, want_val = wholetext.train_val_ids(text, vocab, docs, val_frac, dtype)
+        layout = plan_layout(corpus, val_frac)
+        assert (layout.n_train, layout.n_val, layout.has_val) == (
+            len(want_train), 0 if want_val is None else len(want_val), want_val is not None)
+        tf = build_token_file(corpus, vocab, val_frac, os.path.join(d, "tokens.npy"))
+        assert tf.layout == layout and len(tf.ids) == data_mod.total_tokens(corpus, val_frac)
+        assert tf.ids.dtype == dtype and isinstance(tf.ids, np.memmap)
+        assert tf.train.tolist() == want_train.tolist()
+        assert (tf.val is None) == (want_val is None)
+        if want_val is not None:
+            assert tf.val.tolist() == want_val.tolist()
+        if len(want_train) >= B + 1:
+            new, old = BatchStream(tf.train, B), wholetext.GridBatches(want_train, B)
+            assert new.S == old.S
+            for p in range(new.S):
+                for a, b in zip(new.get(p, T), old.get(p, T)):
+                    assert a.dtype == b.dtype == np.int32
+                    np.testing.assert_array_equal(a, b)
+        again = open_token_file(os.path.join(d, "tokens.npy"), corpus, vocab, val_frac)
+        assert again is not None and again.ids.tolist() == tf.ids.tolist()
+        del tf, again
+
+
+def test_token_file_is_checked_before_reuse(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("hello world\n" * 50)
+    corpus = read_corpus([str(path)])
+    tok = str(tmp_path / "run" / "tokens.npy")
+    os.makedirs(os.path.dirname(tok))
+    assert open_token_file(tok, corpus, corpus.vocab, 0.1) is None  # none yet
+    tf = build_token_file(corpus, corpus.vocab, 0.1, tok)
+    assert sorted(os.listdir(tmp_path / "run")) == ["tokens.json", "tokens.npy"]  # no temporary left
+    assert open_token_file(tok, corpus, corpus.vocab, 0.1) is not None
+    assert open_token_file(tok, corpus, corpus.vocab, 0.2) is None  # another split
+    assert open_token_file(tok, corpus, Vocab.from_text("helo wrd!"), 0.1) is None  # another vocabulary
+    other = read_corpus([str(path)], docs="line")
+    assert open_token_file(tok, other, other.vocab, 0.1) is None
+    with open(tok, "r+b") as f:  # a damaged (truncated) file
+        f.truncate(os.path.getsize(tok) - 1)
+    assert open_token_file(tok, corpus, corpus.vocab, 0.1) is None
+    del tf
+
+
+def test_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "c.txt"
+    path.write_text("hello world\n" * 50)
+    corpus = read_corpus([str(path)])
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(data_mod.os, "fsync", boom)
+    with pytest.raises(OSError):
+        build_token_file(corpus, corpus.vocab, 0.1, str(run / "tokens.npy"))
+    assert os.listdir(run) == []
+
+
+def test_stdin_is_spooled_once_and_cleaned_up(tmp_path, monkeypatch):
+    """stdin is read once, its bytes copied in chunks to an anonymous temporary file (never a
+    visible file, gone once closed), and the second reading comes from there."""
+    spool_dir = tmp_path / "tmp"
+    spool_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_dir))
+    data = "\ufeffone\r\ntwo \u20ac\r".encode() * 100
+    fake_stdin(monkeypatch, data)
+    corpus = read_corpus(["-"], chunk_bytes=7)
+    fake_stdin(monkeypatch, b"")  # stdin is used up: the second reading must not need it
+    assert os.listdir(spool_dir) == []
+    text = wholetext.decode_whole(data, "<stdin>")
+    assert "".join(corpus.text_chunks()) == text and corpus.sha256 == hashlib.sha256(text.encode()).hexdigest()
+    tf = build_token_file(corpus, corpus.vocab, 0.1, str(tmp_path / "tokens.npy"))
+    want_train, want_val = wholetext.train_val_ids(text, corpus.vocab, None, 0.1, np.uint8)
+    assert tf.train.tolist() == want_train.tolist() and tf.val.tolist() == want_val.tolist()
+    spool = corpus.source._spool
+    corpus.close()
+    assert spool.closed and os.listdir(spool_dir) == []
+
+
+# ----------------------------------------------------------------------------- the input limit
+@pytest.mark.parametrize("text, n", [("4G", 4 * 2**30), ("500M", 500 * 2**20), ("64k", 65536), ("1000", 1000),
+                                     ("1.5G", 3 * 2**29), ("2GiB", 2 * 2**30), ("10MB", 10 * 2**20)])
+def test_parse_size(text, n):
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("bad", ["", "G", "four", "-1M", "0", "1X", "nan", "inf"])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+def test_default_limit_is_well_above_a_gigabyte():
+    assert DEFAULT_MAX_INPUT >= 4 * 2**30 and format_size(DEFAULT_MAX_INPUT) == "4G"
+    assert parse_size(format_size(DEFAULT_MAX_INPUT)) == DEFAULT_MAX_INPUT
+
+
+def test_limit_counts_bytes_of_all_files(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_bytes(b"x" * 600)
+    b.write_bytes(b"y" * 400)
+    assert read_corpus([str(a), str(b)], max_input=1000, chunk_bytes=64).chars == 1000  # exactly the limit
+    with pytest.raises(DataError) as err:
+        read_corpus([str(a), str(b)], max_input=999, chunk_bytes=64)
+    msg = one_line(err)
+    assert msg.startswith(str(b)) and "--max-input" in msg and "limit" in msg
+
+
+class EndlessStdin:
+    """`yes |`: stdin that never ends; counts what was read."""
+
+    def __init__(self):
+        self.read_bytes = 0
+
+    def read(self, n):
+        self.read_bytes += n
+        return b"y\n" * (n // 2) or b"y"
+
+
+def test_endless_stdin_stops_at_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    endless = EndlessStdin()
+    monkeypatch.setattr("sys.stdin", types.SimpleNamespace(buffer=endless))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as err:
+            read_corpus(["-"], max_input=8 * 2**20, chunk_bytes=2**16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "<stdin>" in one_line(err) and "--max-input" in str(err.value)
+    assert 8 * 2**20 < endless.read_bytes <= 8 * 2**20 + 2**16
+    assert peak < 2 * 2**20, f"{peak} bytes"  # chunks, never the whole input
+    assert os.listdir(tmp_path) == []
+
+
+def _charrnn(args, **kw):
+    return subprocess.run([sys.executable, "-m", "charrnn", *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_dev_zero_and_yes_end_with_one_line_errors(tmp_path):
+    """`charrnn train /dev/zero` stops at the first chunk (binary); `yes | charrnn train -` at
+    --max-input; neither leaves a run directory."""
+    out = tmp_path / "out"
+    res = _charrnn(["train", "/dev/zero", "--out", str(out)])
+    assert res.returncode == 1 and "binary" in res.stderr and "offset 0" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    yes = subprocess.Popen(["yes"], stdout=subprocess.PIPE)
+    try:
+        res = _charrnn(["train", "-", "--max-input", "3M", "--out", str(out)], stdin=yes.stdout)
+    finally:
+        yes.kill()
+        yes.wait()
+    assert res.returncode == 1 and "--max-input" in res.stderr and "<stdin>" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert not out.exists()
+    res = _charrnn(["train", "x", "--max-input", "lots"])
+    assert res.returncode == 2 and "--max-input" in res.stderr
+
+
+def test_a_vocabulary_over_65536_characters_gives_a_uint32_token_file(tmp_path):
+    chars = [chr(cp) for cp in range(0x100, 0x100 + 70_000) if not 0xD800 <= cp < 0xE000 and chr(cp).strip()]
+    text = "".join(chars) + "\n" + "".join(reversed(chars))
+    path = tmp_path / "wide.txt"
+    path.write_text(text, encoding="utf-8")
+    corpus = read_corpus([str(path)], chunk_bytes=4096)
+    assert corpus.vocab.size > 65536
+    tf = build_token_file(corpus, corpus.vocab, 0.1, str(tmp_path / "tokens.npy"))
+    want_train, want_val = wholetext.train_val_ids(text, corpus.vocab, None, 0.1, np.int64)
+    assert tf.ids.dtype == np.uint32
+    assert tf.train.tolist() == want_train.tolist() and tf.val.tolist() == want_val.tolist()
+    del tf
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(file_texts.map(str.encode), min_size=1, max_size=3), st.sampled_from([None, "line", "blank"]),
+       VAL_FRACS, chunk_sizes, st.integers(1, 5), st.integers(1, 5))
+def test_size_check_before_writing_equals_the_exact_one(files, docs, val_frac, k, B, T):
+    """check_sizes decides from pass 1's marks (a lower bound on the training tokens) and reads
+    the text again only when that bound is too small: the same errors as the exact layout."""
+    with tempfile.TemporaryDirectory() as d:
+        corpus = read_corpus(_write(d, files), docs=docs, chunk_bytes=k)
+        exact = plan_layout(corpus, val_frac)
+        c = int(round(corpus.chars * (1 - val_frac))) if val_frac else corpus.chars
+        assert all(tokens <= exact.n_train for end, tokens in corpus.marks if end <= c)
+        assert outcome(lambda: data_mod.check_sizes(corpus, val_frac, B, T)) == outcome(
+            lambda: data_mod.check_layout(exact, B, T))
+
+
+# ---------------------------------------------------------------------------- --max-vocab
+def _corpus_of(tmp_path, text, docs=None):
+    p = tmp_path / "c.txt"
+    p.write_text(text, encoding="utf-8")
+    return data_mod.read_corpus([str(p)], docs=docs)
+
+
+def test_capped_vocab_keeps_the_most_frequent_characters_in_code_point_order(tmp_path):
+    text = "c" * 5 + "a" * 3 + "b" * 3 + "d" * 3 + "é" * 9 + "z"
+    corpus = _corpus_of(tmp_path, text)
+    try:
+        assert data_mod.capped_vocab(corpus, None) is None
+        assert data_mod.capped_vocab(corpus, 6) is None  # no more characters than the cap: nothing read
+        capped = data_mod.capped_vocab(corpus, 3)
+        # é 9, c 5, then a 3-way tie of a, b, d at 3: the lowest code point, a, wins
+        assert capped.vocab.chars == ("a", "c", "é")
+        assert (capped.dropped, capped.dropped_chars, capped.chars) == (3, 7, len(text))
+        # the vocabulary the whole text would give, cut by the plain-Python rule
+        counts = {ch: text.count(ch) for ch in set(text)}
+        want = sorted(sorted(counts, key=lambda ch: (-counts[ch], ch))[:3])
+        assert list(capped.vocab.chars) == want
+    finally:
+        corpus.close()
+
+
+def test_capped_vocab_in_document_mode_never_keeps_a_separator(tmp_path):
+    text = "ab\n" * 50 + "xyz\n"  # \n is the most frequent character, but a separator in line mode
+    corpus = _corpus_of(tmp_path, text, docs="line")
+    try:
+        assert "\n" not in corpus.vocab.chars
+        capped = data_mod.capped_vocab(corpus, 2)
+        assert capped.vocab.chars == ("a", "b")
+    finally:
+        corpus.close()

@@ -3,6 +3,7 @@ state, every character scored (no <END>) in stream mode; in document mode every 
 every <END>, never the <START> after an <END>; unknown characters as <UNK>, counted; the result
 independent of how the text is cut into spans."""
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from charrnn import evaluate
 from charrnn.evaluate import Score, score_text, score_tokens
+from charrnn.data import encode_stream
 from charrnn.model import Model, ModelConfig
 from charrnn.vocab import END_ID, START_ID, UNK_ID, Vocab
 
@@ -81,3 +83,69 @@ def test_nothing_to_score():
     assert (s.nll, s.tokens, s.unk) == (0.0, 0, 0) and math.isnan(s.nats) and math.isnan(s.perplexity)
     d = Score(3.0, 2, 1).to_dict()
     assert d["nats_per_char"] == 1.5 and d["bits_per_char"] == 1.5 / math.log(2) and d["unk"] == 1
+
+
+# ----------------------------------------------------------------------------- streaming over chunks
+def chunked(text, k):
+    return [text[i : i + k] for i in range(0, len(text), k)]
+
+
+@pytest.mark.parametrize("docs", [None, "line", "blank"])
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 16, 1000])
+def test_score_chunks_equals_score_text_exactly(monkeypatch, docs, k):
+    """Scoring a text as chunks of k characters, with the state carried across them, gives the
+    same number as scoring it whole, to the last bit: the model sees the same spans (a small SPAN
+    puts span edges inside and across chunks), documents and separators split across chunks, and
+    unknown characters counted."""
+    text = "the cat sat.\nthe dog ran\n\n a cab, a dab. \n \nbad cab zq\n\n\nend" * 3
+    m, v = model_for(text.replace("z", "").replace("q", ""))
+    monkeypatch.setattr(evaluate, "SPAN", 11)
+    whole = score_text(m, v, text, docs=docs)
+    seen = []
+    got = evaluate.score_chunks(m, v, chunked(text, k), docs=docs, progress=seen.append)
+    assert (got.nll, got.tokens, got.unk) == (whole.nll, whole.tokens, whole.unk)
+    assert got.unk == 6 and sum(seen) == len(
+        encode_stream(v, text, docs, end=docs is not None)) - 1
+
+
+def test_score_chunks_of_a_document_free_text():
+    m, v = model_for("ab")
+    s = evaluate.score_chunks(m, v, ["\n", "\n\n", " \n"], docs="blank")
+    assert (s.nll, s.tokens, s.unk) == (0.0, 0, 0)
+
+
+def test_score_tokens_reads_a_mapped_file_span_by_span(tmp_path, monkeypatch):
+    """Validation scores the token file's mapped ids: the same number as from an int32 copy."""
+    text = "the quick brown fox jumps over the lazy dog " * 30
+    m, v = model_for(text)
+    ids = encode_stream(v, text, None, end=False, dtype=np.uint8)
+    np.save(tmp_path / "t.npy", ids)
+    mapped = np.load(tmp_path / "t.npy", mmap_mode="r")
+    monkeypatch.setattr(evaluate, "SPAN", 64)
+    a, b = score_tokens(m, mapped), score_tokens(m, ids.astype(np.int32))
+    assert (a.nll, a.tokens) == (b.nll, b.tokens) and a.tokens == len(text)
+
+
+def test_eval_logs_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    """Off a terminal (CliRunner's stderr is not one), eval says how far it got at intervals
+    (EVAL_LOG_EVERY_S, 0 here so every span reports); with -q it says nothing."""
+    from click.testing import CliRunner
+
+    from charrnn import checkpoint, cli
+
+    text = "the quick brown fox jumps over the lazy dog\n" * 40
+    m, v = model_for(text)
+    checkpoint.save(str(tmp_path / "m.npz"), m, v, {"train": {"docs": None}})
+    f = tmp_path / "t.txt"
+    f.write_text(text)
+    monkeypatch.setattr(cli, "EVAL_LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(evaluate, "SPAN", 500)
+    res = CliRunner().invoke(cli.cli, ["eval", str(f), "--model", str(tmp_path / "m.npz"), "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [x for x in res.stderr.splitlines() if x.startswith(f"charrnn: scoring {f}:")]
+    assert len(lines) == -(-len(text) // 500) and "characters so far" in lines[-1]
+    rec = json.loads(res.stdout)
+    ck = checkpoint.load(str(tmp_path / "m.npz"))
+    assert rec["tokens"] == len(text) and rec["nll"] == score_text(ck.model, ck.vocab, text).nll  # exactly
+    res = CliRunner().invoke(cli.cli, ["eval", str(f), "--model", str(tmp_path / "m.npz"), "-q"])
+    assert res.exit_code == 0 and res.stderr == ""

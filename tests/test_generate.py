@@ -1,16 +1,23 @@
 """Sampling: the compiled generation loop on one thread and with threads splitting every layer's
 units (charrnn/kernels/sample.py through Model.generate), and the draw: greedy, temperature,
-top-k, top-p, banned ids, the end token, seeds."""
+top-k, top-p, banned ids, the end token, seeds; the draw against the reference distribution
+(tests/reference.py draw_probs) at any temperature; what generate.py refuses and never prints."""
+
+import math
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
 
 from charrnn import threads
+from charrnn.errors import UsageError
+from charrnn.generate import SampleOptions, SamplerBug, sample_chunks
 from charrnn.kernels import rng, sample
 from charrnn.model import Model, ModelConfig, State
+from charrnn.vocab import END_ID, START_ID, UNK_ID, Vocab
+from tests import reference as ref
 from tests.common import CASE_IDS, CASES, two_threads
-
-
 
 
 def gen_model(cell="lstm", nonlin="tanh", V=12, H=16, L=2, seed=21):
@@ -262,3 +269,111 @@ def test_threaded_generation_stops_at_end_like_serial(monkeypatch):
     np.testing.assert_array_equal(d1, d2)
     np.testing.assert_allclose(h2, h1, rtol=0, atol=1e-10)
     np.testing.assert_allclose(c2, c1, rtol=0, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- any temperature
+# Dividing the logits by a tiny temperature before subtracting their maximum once turned every
+# weight into 0 (a fastmath rounding residual of ~1e22 in the exponent), and the draw fell back to
+# id 0, <START>, banned or not: `charrnn sample --temp 1e-38` printed "<START><START>...".
+EXTREME_TEMPS = [5e-324, 1e-300, 1e-38, 1e-3, 0.7, 1e38, 1e300, 1.7e308]
+Z_TIED = np.array([0.3, 2.5, -1.0, 0.9, 2.5, -7.0, 1.1, 2.0, -0.2, 0.0])  # ids 1 and 4 tie for the max
+
+
+@pytest.mark.parametrize("temp", EXTREME_TEMPS)
+@pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"top_p": 0.5}, {"top_k": 5, "top_p": 0.9}], ids=["plain", "k", "p", "kp"])
+def test_draw_follows_the_reference_at_any_temperature(temp, kw):
+    ban = np.zeros(10, np.bool_)
+    ban[[0, 2]] = True  # id 0 as <START>: never drawn, however small the temperature
+    for z, banned in ((Z_TIED, None), (Z_TIED, ban), (np.random.default_rng(3).normal(0, 2, 10), ban)):
+        probs = ref.draw_probs(z, temp, banned=banned, **kw)
+        counts = draw_counts(z, 20000, temp=temp, banned=banned, **kw)
+        assert chi2_ok(counts, probs), (temp, kw, counts, probs)
+
+
+def test_tiny_temperature_is_the_limit_of_sampling():
+    """Tiny temperatures share the draws among the tied maxima (the limit as temp -> 0), so a
+    model's logits, which hardly ever tie, give the greedy sequence."""
+    for temp in (1e-38, 1e-300, 5e-324):
+        p = ref.draw_probs(Z_TIED, temp)
+        np.testing.assert_array_equal(p, np.where(Z_TIED == Z_TIED.max(), 0.5, 0.0))
+    m = gen_model()
+    tok, h, c = gen_start(m, 3)
+    greedy = run_generate(m, tok, h, c, 40, temp=0.0, banned=[START_ID])[0]
+    for temp in (1e-38, 5e-324):
+        out = run_generate(m, tok, h, c, 40, temp=temp, banned=[START_ID])[0]
+        np.testing.assert_array_equal(out, greedy)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=hs.data(),
+       temp=hs.floats(min_value=0.0, exclude_min=True, allow_nan=False, allow_infinity=False),
+       top_k=hs.integers(0, 12), top_p=hs.floats(min_value=0.0, max_value=1.0, exclude_min=True))
+def test_draw_never_leaves_the_reference_support(data, temp, top_k, top_p):
+    """For any finite temp > 0, top-k and top-p, every draw is an allowed id the reference gives
+    a positive probability (to within a relative 1e-9 of top_p, where rounding may differ)."""
+    V = data.draw(hs.integers(1, 10))
+    level = hs.sampled_from([-1e6, -30.0, -1.0, 0.0, 0.5, 1.0, 3.0, 1e6])  # few values: ties are common
+    z = np.array(data.draw(hs.lists(level | hs.floats(-100, 100), min_size=V, max_size=V)))
+    banned = np.array(data.draw(hs.lists(hs.booleans(), min_size=V, max_size=V)), dtype=np.bool_)
+    banned[data.draw(hs.integers(0, V - 1))] = False  # at least one id allowed
+    counts = draw_counts(z, 64, temp=temp, top_k=top_k, top_p=top_p, banned=banned, seed=data.draw(hs.integers(0, 99)))
+    p = ref.draw_probs(z, temp, top_k, min(1.0, top_p * (1 + 1e-9)), banned)
+    assert counts.sum() == 64
+    assert np.all(counts[banned] == 0)
+    assert np.all(counts[p == 0] == 0), (z, banned, counts, p)
+
+
+def test_draw_never_returns_a_banned_id_from_nan_logits():
+    z = np.array([0.0, np.nan, 1.0, np.nan, 2.0])
+    ban = np.array([True, False, False, False, True])
+    for kw in ({}, {"top_k": 2}, {"top_p": 0.5}):
+        counts = draw_counts(z, 200, banned=ban, **kw)
+        assert counts.sum() == 200 and np.all(counts[ban] == 0), kw
+
+
+# ----------------------------------------------------------------------------- generate.py
+class _FakeModel:
+    """A stand-in for Model that draws what it is told to: for generate.py's own checks."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def zero_state(self, nb):
+        return np.zeros((1, nb, 1)), np.zeros((1, nb, 1))
+
+    def feed(self, tokens, h, c):
+        return None
+
+    def generate(self, tok, h, c, out, *args):
+        out[:] = -1
+        out[: len(self.ids)] = np.asarray(self.ids, dtype=np.int32)[:, None]
+        return out.shape[0]
+
+
+@pytest.mark.parametrize("special,documents", [(START_ID, False), (UNK_ID, True), (END_ID, False)])
+def test_special_tokens_are_never_turned_into_text(special, documents):
+    """Defence in depth: a special token the draw should have skipped stops sampling with an
+    internal error instead of reaching the output as "<START>" (the kernel never draws one)."""
+    vocab = Vocab.from_text("abc")
+    a = vocab.id_of("a")
+    chunks = sample_chunks(_FakeModel([a, a, special, a]), vocab, SampleOptions(length=8, seed=1), documents=documents)
+    with pytest.raises(SamplerBug, match="<"):
+        for _, text, _ in chunks:
+            assert "<" not in text
+    # <END> of a documents model is how a sample ends, not a bug
+    out = list(sample_chunks(_FakeModel([a, END_ID]), vocab, SampleOptions(length=8, seed=1), documents=True))
+    assert out == [(0, "a", True)]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temp", math.nan), ("temp", math.inf), ("temp", -1.0), ("top_p", math.nan), ("top_p", 0.0), ("top_p", 1.5),
+    ("top_k", -1), ("top_k", 2.5), ("length", -1), ("num", 0), ("seed", -1), ("seed", 2**64), ("seed", 1.5),
+    ("unknown", "ignore"),
+])
+def test_sample_options_are_checked_for_library_callers(field, value):
+    vocab = Vocab.from_text("abc")
+    opts = SampleOptions(**{field: value})
+    with pytest.raises(UsageError, match=field):
+        sample_chunks(_FakeModel([]), vocab, opts)
+    for ok in (SampleOptions(temp=0.0), SampleOptions(temp=1e-320, top_p=1e-300, top_k=1), SampleOptions(seed=2**64 - 1)):
+        sample_chunks(_FakeModel([]), vocab, ok)  # no error

@@ -164,12 +164,13 @@ def test_resume_on_a_read_only_filesystem_fails_before_training(corpus, tmp_path
 def test_a_run_removes_the_temporary_files_killed_writes_left_and_refuses_unloadable_models(corpus, tmp_path):
     out = tmp_path / "run"
     assert run(["train", corpus, "--out", str(out), "--steps", "2", *SMALL]).exit_code == 0
-    stale = [out / ".last.npz.k3j_9xq1.tmp", out / ".best.npz.a8b7c6d5.tmp"]
+    stale = [out / ".last.npz.k3j_9xq1.tmp", out / ".best.npz.a8b7c6d5.tmp", out / ".tokens.npy.12345.tmp",
+             out / "tokens.json.tmp"]
     for p in stale:
         p.write_bytes(b"half a checkpoint")
     keep = out / "notes.tmp"
     keep.write_text("mine")
     assert run(["train", "--resume", str(out), "--steps", "3", "-q"]).exit_code == 0
     assert not any(p.exists() for p in stale) and keep.exists()
-    res = run(["train", corpus, "--out", str(tmp_path / "huge"), *SMALL, "--hidden", "70000"])
+    res = run(["train", corpus, "--out", str(tmp_path / "huge"), *SMALL, "--layers", "300"])
     assert res.exit_code == 2 and "at most" in res.output and not (tmp_path / "huge").exists()

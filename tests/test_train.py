@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from charrnn import checkpoint
 from charrnn.cli import cli
-from charrnn.data import split_text
+from tests.wholetext import split_text
 from charrnn.evaluate import score_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -500,3 +500,76 @@ def test_unwritable_metrics_is_a_one_line_error_after_the_checkpoint(corpus, tmp
     assert res.exit_code == 1 and "could not write" in res.output and "metrics.jsonl" in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert (out / "last.npz").exists()  # the checkpoint was written before the metrics line
+
+
+# ----------------------------------------------------------------------------- the token file
+def test_resume_reuses_the_token_file_or_builds_it(corpus, tmp_path):
+    """A run keeps its corpus as tokens.npy (+ tokens.json) in its directory; --resume maps it
+    again when it matches, and builds it when it is missing (a run made before token files) or
+    stale; either way the run ends with the weights of an uninterrupted one."""
+    opts = SMALL + ["--eval-every", "4"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run(["train", corpus, "--out", a, "--steps", "12", *opts]).exit_code == 0
+    assert run(["train", corpus, "--out", b, "--steps", "4", *opts]).exit_code == 0
+    tok = os.path.join(b, "tokens.npy")
+    ids = np.load(tok, mmap_mode="r")
+    # <START> training text, then <START> validation text
+    assert ids.dtype == np.uint8 and len(ids) == len(open(corpus, encoding="utf-8").read()) + 2
+    del ids
+    before = os.stat(tok)
+    assert run(["train", "--resume", b, "--steps", "8", "-q"]).exit_code == 0
+    after = os.stat(tok)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # reused, not rewritten
+    os.unlink(tok)
+    os.unlink(os.path.join(b, "tokens.json"))
+    assert run(["train", "--resume", b, "--steps", "10", "-q"]).exit_code == 0
+    assert os.path.exists(tok)
+    meta = json.load(open(os.path.join(b, "tokens.json")))
+    meta["n_train"] += 1  # stale: built for something else
+    json.dump(meta, open(os.path.join(b, "tokens.json"), "w"))
+    assert run(["train", "--resume", b, "--steps", "12", "-q"]).exit_code == 0
+    assert json.load(open(os.path.join(b, "tokens.json")))["n_train"] == meta["n_train"] - 1
+    pa, pb = params_of(os.path.join(a, "last.npz")), params_of(os.path.join(b, "last.npz"))
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+def test_training_on_stdin_builds_the_same_token_file(corpus, tmp_path):
+    """`charrnn train -` reads stdin once (spooled for the second reading) and trains on the
+    same tokens as the file."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run(["train", corpus, "--out", a, "--steps", "2", *SMALL]).exit_code == 0
+    res = CliRunner().invoke(cli, ["train", "-", "--out", b, "--steps", "2", *SMALL],
+                             input=open(corpus, "rb").read(), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert open(os.path.join(a, "tokens.npy"), "rb").read() == open(os.path.join(b, "tokens.npy"), "rb").read()
+    pa, pb = params_of(os.path.join(a, "last.npz")), params_of(os.path.join(b, "last.npz"))
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+def test_max_vocab_maps_rare_characters_to_unk_says_so_and_resumes(tmp_path):
+    """A text of many distinct characters (a CJK-like tail of rare ones): --max-vocab keeps the most
+    frequent, the rest train as <UNK>; the run says what it cost, and resumes with the same vocabulary."""
+    from charrnn.vocab import UNK_ID
+
+    rng = np.random.default_rng(0)
+    common = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年"
+    rare = "".join(chr(0x4E00 + 500 + i) for i in range(300))
+    text = "".join(rng.choice(list(common), size=6000)) + rare + "".join(rng.choice(list(common), size=2000))
+    src = tmp_path / "zh.txt"
+    src.write_text(text, encoding="utf-8")
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "charrnn", "train", str(src), "--out", str(out), "--steps", "3",
+                          "--max-vocab", "40", "--hidden", "16", "--batch", "4", "--seq", "16", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"kept the 40 most frequent of {len(set(text))} characters" in res.stderr
+    ck = checkpoint.load(str(out / "last.npz"))
+    assert ck.vocab.size == 43 and set(common) <= set(ck.vocab.chars)
+    ids = np.load(str(out / "tokens.npy"))
+    assert (ids == UNK_ID).sum() == len(set(text)) - 40  # each rare character occurs once
+    res = run(["train", "--resume", str(out), "--steps", "4", "-q"])
+    assert res.exit_code == 0, res.output
+    res = run(["train", str(src), "--out", str(tmp_path / "all"), "--steps", "1", "--max-vocab", "all", *SMALL])
+    assert res.exit_code == 0 and checkpoint.load(str(tmp_path / "all" / "last.npz")).vocab.size == len(set(text)) + 3

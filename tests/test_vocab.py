@@ -78,6 +78,29 @@ def test_round_trip_in_a_larger_vocabulary(text, extra):
     assert v.decode(v.encode(text)) == text
 
 
+@given(mixed_texts, mixed_texts, st.sampled_from([np.uint8, np.uint16, np.uint32, np.int32, np.int64]))
+@example("ab", "a\x00b\u00ff\u0100\U0010ffff", np.uint8)  # code points on and past the table's edges
+@example("", "xyz", np.uint16)
+def test_dense_table_encoding_matches_a_dictionary(known, text, dtype):
+    """Encoding gathers from a dense table indexed by code point (ASCII text as bytes, other text
+    as UTF-32, clipped to the table): the ids a plain dictionary gives, for every unknown mode and
+    id type."""
+    v = Vocab.from_text(known)
+    ids = {c: i for i, c in enumerate(v.tokens) if len(c) == 1}
+    assert v.encode(text, unknown="unk", dtype=dtype).tolist() == [ids.get(c, UNK_ID) for c in text]
+    assert v.encode(text, unknown="skip", dtype=dtype).tolist() == [ids[c] for c in text if c in ids]
+    assert v.encode(text, unknown="unk", dtype=dtype).dtype == dtype
+    assert v.unknown_chars(text) == sorted(set(c for c in text if c not in ids))
+
+
+@given(st.lists(mixed_texts, max_size=5))
+def test_char_set_is_the_set_of_characters(parts):
+    seen = vocab_mod.CharSet()
+    for p in parts:
+        seen.add(vocab_mod.code_points(p))
+    assert seen.chars() == sorted(set("".join(parts)))
+
+
 @given(mixed_texts)
 def test_chunked_encoding_matches_unchunked(text):
     """The encoder works on chunks; chunk boundaries (even inside an astral run) must not matter."""

@@ -163,29 +163,41 @@ def sort_descending(a, order, tmp):
 @helper
 def draw(z, dr):
     """A token id from logits z (V,) float64: temperature, top-k, top-p; never a banned id.
-    temp == 0 is greedy (argmax)."""
+    temp == 0 is greedy (argmax, the first of ties).
+
+    Each weight is exp((z[v] - m) / temp) with m the largest allowed logit: the shift comes before
+    the division, so the argmax's weight is exactly 1 at any temperature and the others are in
+    [0, 1]. (Dividing first, exp(z / temp - m / temp), goes wrong for a tiny temp: z / temp is
+    ~1e38 and, under fastmath, is not rounded the same way in both places, so the argmax's
+    exponent became a rounding residual of ~1e22 and every weight 0 or inf.) So a tiny temp
+    samples uniformly among the tied maxima, the limit of sampling as temp -> 0, and a huge one
+    uniformly among the allowed ids. If the weights are unusable anyway (NaN logits), the draw
+    falls back to the argmax: it never returns a banned id while one id is allowed."""
     V = z.shape[0]
     temp, top_k, top_p, banned, scratch, order = dr.temp, dr.top_k, dr.top_p, dr.banned, dr.scratch, dr.order
-    if temp == 0.0:
-        best = -1
-        for v in range(V):
-            if not banned[v] and (best < 0 or z[v] > z[best]):
-                best = v
-        return best
-    m = -np.inf
+    best = -1
     for v in range(V):
-        if not banned[v]:
-            m = max(m, z[v] / temp)
+        if not banned[v] and (best < 0 or z[v] > z[best]):
+            best = v
+    if temp == 0.0 or best < 0:
+        return best
+    m = z[best]
     if top_k <= 0 and top_p >= 1.0:
         # the common case: plain softmax with temperature, no sort
         s = 0.0
         for v in range(V):
-            e = 0.0 if banned[v] else math.exp(z[v] / temp - m)
+            e = 0.0
+            if not banned[v]:
+                d = z[v] - m
+                # d == 0 skips the division: 0 * (1 / temp) is NaN when 1 / temp overflows
+                e = 1.0 if d == 0.0 else math.exp(d / temp)
             scratch[v] = e
             s += e
+        if not s > 0.0:
+            return best
         u = uniform(dr.state) * s
         acc = 0.0
-        last = 0
+        last = best
         for v in range(V):
             if scratch[v] > 0.0:
                 acc += scratch[v]
@@ -206,9 +218,12 @@ def draw(z, dr):
         n = min(n, top_k)
     s = 0.0
     for i in range(n):
-        e = math.exp(scratch[order[i]] / temp - m)
+        d = scratch[order[i]] - m
+        e = 1.0 if d == 0.0 else math.exp(d / temp)
         scratch[order[i]] = e
         s += e
+    if not s > 0.0:
+        return best
     if top_p < 1.0:
         acc = 0.0
         for i in range(n):
@@ -219,11 +234,15 @@ def draw(z, dr):
                 break
     u = uniform(dr.state) * s
     acc = 0.0
+    last = best
     for i in range(n):
-        acc += scratch[order[i]]
-        if u < acc:
-            return order[i]
-    return order[n - 1]
+        e = scratch[order[i]]
+        if e > 0.0:  # an id of weight 0 (underflow, or banned when NaN upset the sort) is never drawn
+            acc += e
+            last = order[i]
+            if u < acc:
+                return last
+    return last
 
 
 @helper
