@@ -311,10 +311,6 @@ class Workers:
         per = B // self.size
         self.b0, self.b1 = self.rank * per, (self.rank + 1) * per
 
-    def columns(self, a: np.ndarray) -> np.ndarray:
-        """This worker's streams of a (T, B) batch, contiguous."""
-        return np.ascontiguousarray(a[:, self.b0 : self.b1])
-
     # ------------------------------------------------------------------ every step
     def watch(self, poll):
         """Agree now on the signals received and on rank 0's clock (`poll()` -> (signal or None,
@@ -528,6 +524,9 @@ def train(make, quiet: bool) -> dict | None:
 
 
 def build(workers: Workers, make, quiet: bool):
+    """Every worker's Trainer: rank 0's from `make`, the others' from what rank 0 sends, each on
+    the token file of its host (host_tokens); then rank 0's arrays on all. Collective."""
+    trainer = None
     if workers.root:
         try:
             trainer = make(quiet)
@@ -545,20 +544,21 @@ def build(workers: Workers, make, quiet: bool):
         kind, spec = workers.share(None)
         if kind == "error":
             raise Quiet(spec)
-        trainer = None
-        error = None
-        try:
+    error = None
+    try:
+        if not workers.root:
             workers.set_batch(spec["given"]["batch"])
-            trainer = _follow(workers, spec)
-        except CharrnnError as e:
-            error = e
+        path = host_tokens(workers, spec)
+        if not workers.root:
+            trainer = _follow(spec, path)
+    except CharrnnError as e:
+        error = e
     # every worker says whether it is ready; one that is not has said why
-    failed = workers.comm.allgather(0 if workers.root or error is None else error.exit_code)
+    failed = workers.comm.allgather(0 if error is None else error.exit_code)
     if any(failed):
         if workers.root:
             trainer.close()
-            raise Quiet(max(failed))
-        if error is not None:
+        if error is not None and not isinstance(error, Quiet):
             raise LocalError(f"worker {workers.rank} on {workers.host}: {error}") from None
         raise Quiet(max(failed))
     _share_arrays(workers, trainer)
@@ -573,28 +573,96 @@ def _spec(trainer) -> dict:
     return {"given": trainer.given.to_dict(), "fitted": trainer.fitted.to_dict(), "vocab": trainer.vocab.to_json(),
             "model": trainer.model.cfg.to_dict(), "dtype": str(trainer.model.dtype),
             "state": trainer.state.__dict__.copy(), "out": trainer.out, "extra_minutes": trainer.extra_minutes,
-            "paths": list(trainer.corpus.paths), "sha256": trainer.corpus.sha256}
+            "corpus": {"paths": list(trainer.corpus.paths), "sha256": trainer.corpus.sha256,
+                       "chars": trainer.corpus.chars},
+            "tokens": {"path": os.path.abspath(trainer.tokens.path), "meta": trainer.tokens.meta}}
 
 
-def _follow(workers: Workers, spec: dict):
-    """A trainer like rank 0's, for a worker that writes nothing."""
+# Where a host other than rank 0's keeps its copy of the token file: this directory if set (a
+# node-local disk), else the run directory's own file if the host sees it (a shared filesystem),
+# else the temporary directory. Copies are kept by content (corpus hash, vocabulary, split), so a
+# later run on the same corpus maps the one already there.
+TOKEN_DIR_VARIABLE = "CHARRNN_TOKEN_DIR"
+
+
+def host_tokens(workers: Workers, spec: dict) -> str:
+    """The path of the token file this worker maps: on rank 0's host, the run directory's
+    tokens.npy (rank 0 wrote it); on another host, the one its first worker found or built
+    (_host_copy). Collective within each host: its workers map one file, so the corpus is in
+    memory once per machine (the page cache's pages, shared)."""
+    if workers.local_rank == 0:
+        try:
+            path = spec["tokens"]["path"] if workers.root else _host_copy(spec)
+        except BaseException:
+            workers.host_comm.bcast(None, root=0)
+            raise
+        workers.host_comm.bcast(path, root=0)
+        return path
+    path = workers.host_comm.bcast(None, root=0)
+    if path is None:
+        raise Quiet(1)  # this host's first worker failed, and said why
+    return path
+
+
+def _host_copy(spec: dict) -> str:
+    """The token file of a host that is not rank 0's: rank 0's own (a shared filesystem), one built
+    earlier, or a new one, encoded from this host's copy of the corpus after checking its hash."""
+    import hashlib
+    import json
+    import tempfile
+
+    from charrnn.config import TrainConfig
+    from charrnn.data import TOKENS_FILE, build_token_file, map_token_file, read_corpus
+    from charrnn.vocab import Vocab
+
+    meta = spec["tokens"]["meta"]
+    base = os.environ.get(TOKEN_DIR_VARIABLE)
+    if not base and map_token_file(spec["tokens"]["path"], meta) is not None:
+        return spec["tokens"]["path"]
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+    directory = os.path.join(base or os.path.join(tempfile.gettempdir(), f"charrnn-tokens-{os.getuid()}"), key)
+    path = os.path.join(directory, TOKENS_FILE)
+    if map_token_file(path, meta) is not None:
+        return path
+    given = TrainConfig.from_dict(spec["given"])
+    corpus = read_corpus(spec["corpus"]["paths"], given.encoding, given.docs, given.max_input)
+    try:
+        if corpus.sha256 != spec["corpus"]["sha256"]:
+            raise CharrnnError(f"the corpus {', '.join(spec['corpus']['paths'])} is not rank 0's (its hash differs); "
+                               "every host needs the same corpus at the same path")
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise CharrnnError(f"cannot make {directory} for this host's token file: {e.strerror or e} (set "
+                               f"{TOKEN_DIR_VARIABLE})") from None
+        tokens = build_token_file(corpus, Vocab.from_json(spec["vocab"]), given.val_frac, path)
+    finally:
+        corpus.close()
+    if tokens.meta != meta:
+        raise CharrnnError(f"this host's token file {path} differs from rank 0's (another charrnn version?)")
+    return path
+
+
+def _follow(spec: dict, path: str):
+    """A trainer like rank 0's, for a worker that writes nothing, on the token file at `path`."""
+    from types import SimpleNamespace
+
     from charrnn.config import Fitted, TrainConfig
-    from charrnn.data import read_corpus
+    from charrnn.data import map_token_file
     from charrnn.model import Model, ModelConfig
     from charrnn.optim import make_optimizer
     from charrnn.train import RunState, Trainer
     from charrnn.vocab import Vocab
 
+    tokens = map_token_file(path, spec["tokens"]["meta"])
+    if tokens is None:
+        raise CharrnnError(f"cannot map the token file {path} (missing, or not rank 0's)")
     given, fitted = TrainConfig.from_dict(spec["given"]), Fitted.from_dict(spec["fitted"])
-    corpus = read_corpus(spec["paths"], given.encoding)
-    if corpus.sha256 != spec["sha256"]:
-        raise CharrnnError(f"the corpus {', '.join(spec['paths'])} is not rank 0's (its hash differs); every host "
-                           "needs the same corpus at the same path")
     model = Model(ModelConfig(**spec["model"]), dtype=np.dtype(spec["dtype"]))
     opt = make_optimizer(given.optimizer, model.n_params, model.dtype, given.lr)
-    tr = Trainer(given, fitted, corpus, Vocab.from_json(spec["vocab"]), model, spec["out"], True,
-                 RunState(**spec["state"]), opt, spec["extra_minutes"])
-    return tr
+    corpus = SimpleNamespace(**spec["corpus"])  # what rank 0 read; only rank 0 writes it into checkpoints
+    return Trainer(given, fitted, corpus, Vocab.from_json(spec["vocab"]), model, spec["out"], True,
+                   RunState(**spec["state"]), opt, spec["extra_minutes"], tokens)
 
 
 def _share_arrays(workers: Workers, trainer):

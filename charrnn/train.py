@@ -86,10 +86,8 @@ class Solo:
     (parallel.Workers): one worker owning every stream, nothing to combine or agree on. The loop
     calls these at the points where workers must meet, so it reads the same either way."""
 
-    rank, size, root, b0 = 0, 1, True, 0
-
-    def columns(self, a):
-        return a  # every stream is this process's
+    rank, size, root = 0, 1, True
+    b0, b1 = 0, None  # every stream is this process's
 
     def watch(self, poll):
         pass
@@ -581,8 +579,7 @@ class Trainer:
                     cfg = self.cfg
                     t0 = time.perf_counter()
                     T = min(seq_len_at(cfg, st.step), self.stream.S - st.pos)
-                    x, y = self.stream.get(st.pos, T)
-                    x, y = workers.columns(x), workers.columns(y)  # (T, B/N): this worker's streams
+                    x, y = self.stream.get(st.pos, T, workers.b0, workers.b1)  # (T, B/N): this worker's streams
                     if cfg.dropout > 0:  # the whole batch's masks, this worker's streams of them
                         masks = model.dropout_masks(T, x.shape[1], cfg.seed, st.step, out=masks, p=cfg.dropout,
                                                     B_all=cfg.batch, b0=workers.b0)

@@ -135,14 +135,19 @@ def test_two_workers_compute_what_one_process_computes_in_float64(corpus, tmp_pa
 def test_two_hosts_compute_what_one_process_computes_in_float32(corpus, tmp_path):
     """Through the CLI in float32, the workers started by hand as on two machines (mpiexec's two
     host names for this one, no ssh): the same parameters as one process within F32_ATOL, and the
-    same validation losses (rank 0 scores the one held-out stream, as a single process does)."""
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    same validation losses (rank 0 scores the one held-out stream, as a single process does). The
+    second host builds its own token file in its token directory, the same as rank 0's."""
+    one, two, cache = str(tmp_path / "one"), str(tmp_path / "two"), tmp_path / "host-tokens"
     args = ["train", corpus, *SMALL, "--steps", "20", "--eval-every", "10", "--threads", "1", "-q"]
     res = run_cli([*args, "--out", one])
     assert res.returncode == 0, res.stderr
     res = subprocess.run([MPIEXEC, "-launcher", "fork", "-hosts", "localhost,127.0.0.1", "-n", "2",
-                          *charrnn_cmd(*args, "--out", two)], capture_output=True, text=True, timeout=240, cwd=ROOT)
+                          *charrnn_cmd(*args, "--out", two)], capture_output=True, text=True, timeout=240, cwd=ROOT,
+                         env=dict(os.environ, **{parallel.TOKEN_DIR_VARIABLE: str(cache)}))
     assert res.returncode == 0, res.stderr
+    copies = glob.glob(str(cache / "*" / "tokens.npy"))
+    assert len(copies) == 1
+    np.testing.assert_array_equal(np.load(copies[0]), np.load(os.path.join(two, "tokens.npy")))
     p1, p2 = params_of(os.path.join(one, "last.npz")), params_of(os.path.join(two, "last.npz"))
     assert p1.keys() == p2.keys()
     for k in p1:
