@@ -510,6 +510,9 @@ def train(make, quiet: bool) -> dict | None:
     result (None on the others)."""
     workers = Workers()
     ok = False
+    if workers.root and not quiet:  # to read mpiexec's banner by, should one of them die
+        sys.stderr.write(f"charrnn: {workers.size} workers: "
+                         + ", ".join(f"{r} {p['host']}:{p['pid']}" for r, p in enumerate(workers.peers)) + "\n")
     try:
         trainer = build(workers, make, quiet)
         try:
