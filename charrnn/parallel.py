@@ -376,6 +376,7 @@ class Workers:
                 result = ("ok", fn())
             except Cancelled:
                 result = ("cancelled", self._poll()[0])  # the signal that cut it short
+                self.agreed_signal = result[1]  # every worker stops for it now
                 self._finish_root(result)
                 raise
             except CharrnnError as e:
