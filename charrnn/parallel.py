@@ -262,7 +262,12 @@ class Workers:
         self.local_rank, self.local_size = host_comm.Get_rank(), host_comm.Get_size()
         self.host_comm = host_comm
         self.host = MPI.Get_processor_name()
-        me = {"version": __version__, "host": self.host, "machine": _machine(), "pid": os.getpid()}
+        import numba
+
+        # the same code everywhere: other versions of the kernels or their compiler could round
+        # differently, and the workers' parameters would drift apart
+        me = {"version": f"charrnn {__version__}, numba {numba.__version__}, numpy {np.__version__}",
+              "host": self.host, "machine": _machine(), "pid": os.getpid()}
         self._rendezvous = os.environ.get(LAUNCH_DIR_VARIABLE)
         self._tell_launcher(f"rank{self.rank}", f"{os.getpid()} {self.host}")
         self.peers = self.comm.allgather(me)
@@ -279,8 +284,8 @@ class Workers:
         versions = {p["version"] for p in self.peers}
         if len(versions) > 1:
             detail = ", ".join(f"rank {r} on {p['host']}: {p['version']}" for r, p in enumerate(self.peers))
-            raise CharrnnError(f"the workers run different versions of charrnn ({detail}); install the same one on "
-                               "every host")
+            raise CharrnnError(f"the workers run different versions ({detail}); install the same charrnn, numba and "
+                               "numpy on every host")
         self._watchdog = threading.Thread(target=self._watch, name="charrnn-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -368,7 +373,7 @@ class Workers:
     def on_root(self, fn):
         """Run fn() on rank 0 while the others wait (without spinning: they would steal its cores),
         and return its result on every worker. If it fails, rank 0 raises its error and the others
-        end quietly with the same status; a Cancelled (an interrupted validation) is raised on all."""
+        raise Quiet (rank 0 reports it); a Cancelled (an interrupted validation) is raised on all."""
         from charrnn.evaluate import Cancelled
 
         if self.root:

@@ -192,7 +192,10 @@ def test_resume_with_the_same_workers_is_exact_and_with_another_count_equal(corp
     carried state are the whole batch's), within float32 rounding of it."""
     a, b, c = (str(tmp_path / n) for n in "abc")
     base = [*SMALL, "--eval-every", "7", "-q"]
-    assert run_cli(["train", corpus, "--out", a, "--steps", "24", "--workers", "2", *base]).returncode == 0
+    # the mpiexec beside the interpreter, with no virtualenv on PATH (a console script run as is)
+    bare = dict(os.environ, PATH="/usr/bin:/bin")
+    res = run_cli(["train", corpus, "--out", a, "--steps", "24", "--workers", "2", *base], env=bare)
+    assert res.returncode == 0, res.stderr
     res = run_cli(["train", corpus, "--out", b, "--steps", "11", "--workers", "2", *base])
     assert res.returncode == 0, res.stderr
     shutil.copytree(b, c)
