@@ -98,6 +98,40 @@ def run_throughput(config, corpus, args, scratch):
             "other_cpu": max(0.0, other) / (wall * cores)}
 
 
+_COLLECTIVES = """
+import statistics, sys, time
+import numpy as np
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+grad, ctl = np.ones(int(sys.argv[1]), np.float32), np.zeros(4)
+reduce_s, agree_s = [], []
+for i in range(60):
+    comm.Barrier()  # every worker arrives together: the transfer alone, no waiting for a slower one
+    t0 = time.perf_counter()
+    comm.Allreduce(MPI.IN_PLACE, grad, op=MPI.SUM)
+    grad *= np.float32(0.5)
+    t1 = time.perf_counter()
+    comm.Allreduce(MPI.IN_PLACE, ctl, op=MPI.SUM)
+    t2 = time.perf_counter()
+    if i >= 10:
+        reduce_s.append(t1 - t0)
+        agree_s.append(t2 - t1)
+if comm.rank == 0:
+    print(1000 * statistics.median(reduce_s), 1000 * statistics.median(agree_s))
+"""
+
+
+def collective_cost(workers: int, n_params: int):
+    """The all-reduce of an n_params float32 gradient (with its 1/N scaling) and the 4-number
+    agreement, with every worker arriving together: ms per step (medians of 50)."""
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    res = subprocess.run([mpiexec, "-n", str(workers), sys.executable, "-c", _COLLECTIVES, str(n_params)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        return None
+    return tuple(float(x) for x in res.stdout.split())
+
+
 def quality(corpus, args, scratch):
     """1 against 2 workers at the same global batch, --quality-minutes each: validation loss
     against characters and against time (metrics.jsonl)."""
@@ -198,6 +232,16 @@ def main():
                         f"{config[1]} worker(s) x {config[2]} thread(s) @{config[3]}")
                 col = f", all-reduce {statistics.median(red):.2f} ms/step, agreement {statistics.median(agr):.3f} ms/step" if red else ""
                 print(f"  {text:>10} ({what}): {med:>10,.0f} chars/s  {med / ref:.3f}x{pairs}{col}")
+        sys.path.insert(0, ROOT)
+        from charrnn.model import approx_params
+
+        n = approx_params(args.cell, args.layers, args.hidden, 68)
+        for workers in sorted({c[1] for _, c in configs if c[0] == "workers" and c[1] > 1}):
+            cost = collective_cost(workers, n)
+            if cost:
+                print(f"collectives alone, {workers} workers, every worker arriving together: all-reduce of "
+                      f"{n:,} float32 ({4 * n / 2**20:.1f} MiB) {cost[0]:.2f} ms, agreement {cost[1]:.3f} ms "
+                      "(the per-step figures above include waiting for the slowest worker)")
         if args.quality_minutes > 0:
             quality(args.corpus, args, scratch)
     finally:
