@@ -22,10 +22,10 @@ then 2 minutes each of 1 and 2 workers on tiny Shakespeare). Writes nothing into
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -43,9 +43,26 @@ def _busy_jiffies():
     return sum(vals) - vals[3] - vals[4]
 
 
-def _children_cpu():
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+def _tree_cpu(roots, seen: dict):
+    """CPU seconds of the processes under `roots` so far, kept per process in `seen` (the last
+    reading before each ends): mpiexec reaps its workers without adding them to our children's time."""
+    parent, cpu = {}, {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat, encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            pid = int(stat.split("/")[2])
+            parent[pid] = int(fields[1])
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            pass
+    todo = list(roots)
+    while todo:
+        p = todo.pop()
+        if p in cpu:
+            seen[p] = cpu[p]
+        todo += [c for c, pp in parent.items() if pp == p]
 
 
 def parse_config(text: str, batch: int):
@@ -73,7 +90,7 @@ def run_throughput(config, corpus, args, scratch):
     """One measurement: chars/s over the training steps (summed over independent processes), the
     collectives' cost per step, and the share of the machine other processes took."""
     kind, n, threads, batch = config
-    j0, c0, t0 = _busy_jiffies(), _children_cpu(), time.monotonic()
+    j0, t0 = _busy_jiffies(), time.monotonic()
     count = n if kind == "independent" else 1
     procs = []
     for i in range(count):
@@ -82,9 +99,13 @@ def run_throughput(config, corpus, args, scratch):
         procs.append(subprocess.Popen(train_cmd(corpus, out, 1 if kind == "independent" else n, threads, batch, args,
                                                 args.steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                       text=True, cwd=scratch))
+    seen = {}
+    while any(p.poll() is None for p in procs):
+        _tree_cpu([p.pid for p in procs], seen)
+        time.sleep(0.2)
     outputs = [p.communicate()[1] for p in procs]
     wall = time.monotonic() - t0
-    other = (_busy_jiffies() - j0) / os.sysconf("SC_CLK_TCK") - (_children_cpu() - c0)
+    other = (_busy_jiffies() - j0) / os.sysconf("SC_CLK_TCK") - sum(seen.values())
     cps, reduce_ms, agree_ms = 0.0, None, None
     for p, err in zip(procs, outputs):
         if p.returncode != 0:

@@ -20,6 +20,7 @@ Nothing here is imported, and mpi4py is never imported, unless workers are used:
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,7 +46,8 @@ LAUNCH_DIR_VARIABLE = "CHARRNN_LAUNCH_DIR"  # set by `launch`: where its workers
 # lines of mpiexec's own (not the workers') that the launcher keeps off the terminal: its notes on
 # forwarding Ctrl-C, and the banner about a worker that ended badly, which it reports in one line
 _HYDRA_NOISE = (b"[mpiexec@", b"====", b"=   ", b"YOUR APPLICATION TERMINATED", b"This typically refers",
-                b"Please see the FAQ")
+                b"Please see the FAQ", b"Abort(")
+_MPI_STACK = re.compile(rb"^[A-Za-z_]+\(\d+\)\.*: ")  # the lines of MPI's error stack under an Abort(...) line
 
 
 # ---------------------------------------------------------------------------------- detection
@@ -128,8 +130,10 @@ def _launch(cmd, env, rendezvous) -> int:
             pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    notes = []  # mpiexec's own lines, kept off the terminal: which process ended badly, and how
-    relays = [threading.Thread(target=_relay, args=(pipe, dest, notes), daemon=True)
+    # mpiexec's own lines, kept off the terminal (which process ended badly, and how), and whether
+    # a worker has said what went wrong itself
+    seen = {"notes": [], "error": False}
+    relays = [threading.Thread(target=_relay, args=(pipe, dest, seen), daemon=True)
               for pipe, dest in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
     for t in relays:
         t.start()
@@ -142,19 +146,18 @@ def _launch(cmd, env, rendezvous) -> int:
             signal.signal(s, h)
     if rc < 0:  # mpiexec itself was killed
         rc = 128 - rc
-    if rc in (0, 1, 2, 130, 143):
-        return rc
     if received:
-        return 143 if signal.SIGTERM in received else 130
-    sys.stderr.write(f"charrnn: error: {_who_died(notes, rendezvous)}\n")
-    sys.stderr.flush()
+        return rc if rc in (130, 143) else (143 if signal.SIGTERM in received else 130)
+    if rc in (0, 2) or (rc in (1, 130, 143) and (seen["error"] or not seen["notes"])):
+        return rc  # the workers ended as they meant to, and said why
+    if not seen["error"]:  # a worker ended badly, and mpiexec ended the others before they could say so
+        sys.stderr.write(f"charrnn: error: {_who_died(seen['notes'], rendezvous)}\n")
+        sys.stderr.flush()
     return 1
 
 
 def _who_died(notes: list[str], rendezvous: str) -> str:
     """The one line on a worker that ended badly, from mpiexec's notes and the workers' own."""
-    import re
-
     ranks = {}
     for name in os.listdir(rendezvous):
         if name.startswith("rank"):
@@ -194,14 +197,17 @@ def _term_with_parent():
         pass
 
 
-def _relay(pipe, dest, notes: list):
+def _relay(pipe, dest, seen: dict):
     """Copy the workers' output (through mpiexec) to ours as it comes; mpiexec's own lines (its
-    notes on forwarding Ctrl-C, its banner about a process that ended badly) go to `notes`."""
+    notes on forwarding Ctrl-C, its banner about a process that ended badly) go to seen["notes"]."""
     out = dest.buffer if hasattr(dest, "buffer") else None
     for line in iter(pipe.readline, b""):
-        if line.startswith(_HYDRA_NOISE) or (dest is sys.stdout and not line.strip()):  # training writes no stdout
-            notes.append(line.decode("utf-8", "replace").rstrip())
+        if (line.startswith(_HYDRA_NOISE) or _MPI_STACK.match(line)
+                or (dest is sys.stdout and not line.strip())):  # training writes no stdout
+            seen["notes"].append(line.decode("utf-8", "replace").rstrip())
             continue
+        if line.startswith(b"charrnn: error"):
+            seen["error"] = True
         if out is not None:
             out.write(line)
             out.flush()
@@ -257,8 +263,12 @@ class Workers:
 
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
+        # a failed operation (a worker gone) raises MPI.Exception, which says which one (lost);
+        # MPI's default would abort with a page of error stack
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         host_comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        host_comm.Set_errhandler(MPI.ERRORS_RETURN)
         self.local_rank, self.local_size = host_comm.Get_rank(), host_comm.Get_size()
         self.host_comm = host_comm
         self.host = MPI.Get_processor_name()
@@ -438,12 +448,43 @@ class Workers:
             self.comm.Scatter(buf, mine, root=0)
 
     @contextmanager
+    def validating(self):
+        """Around rank 0's validation: the other workers of its machine sleep meanwhile, so it
+        scores with every core of the machine (the score does not depend on the thread count),
+        then goes back to its share."""
+        from charrnn import threads
+
+        n = threads.get_threads()
+        threads.set_threads(None)
+        try:
+            yield
+        finally:
+            threads.set_threads(n)
+
+    @contextmanager
     def writing(self):
         """Around a checkpoint write: a worker found dead meanwhile is reported once it is done."""
         with self._writing:
             yield
 
     # ------------------------------------------------------------------ faults and the end
+    def lost(self, error) -> CharrnnError:
+        """The error to end with when an MPI operation failed: a worker is gone. The lowest
+        surviving rank of this machine names it (once); the others end quietly."""
+        me = self.peers[self.rank]["machine"]
+        mates = [(r, p["pid"]) for r, p in enumerate(self.peers) if p["machine"] == me and r != self.rank]
+        dead = [r for r, pid in mates if not _alive(pid)]
+        if self.rank != min([r for r, pid in mates if _alive(pid)] + [self.rank]):
+            return Quiet(1)
+        last = os.path.join(self.out or "", "last.npz")
+        saved = f"; the last checkpoint, {last}, is intact" if self.out and os.path.exists(last) else ""
+        if dead:
+            p = self.peers[dead[0]]
+            return LocalError(f"worker {dead[0]} (process {p['pid']} on {p['host']}) ended unexpectedly; all workers "
+                              f"stopped{saved}")
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return LocalError(f"lost contact with another worker (MPI: {first}); all workers stopped{saved}")
+
     def _watch(self):
         """Look at the other workers on this machine every WATCH_EVERY_S; if one has died (killed,
         crashed), the lowest surviving rank says which, and every worker here ends: the others
@@ -528,6 +569,14 @@ def train(make, quiet: bool) -> dict | None:
             raise
         ok = True
         return result if workers.root else None
+    except workers.MPI.Exception as e:
+        # a worker is gone: say which (once), and end now, past every exit handler (MPI's own
+        # would abort with its error stack, or wait for the dead)
+        error = workers.lost(e)
+        if not isinstance(error, Quiet):
+            os.write(2, f"charrnn: error: {error}\n".encode("utf-8", "replace"))
+            time.sleep(0.5)  # mpiexec forwards what is in the pipe only while the process lives
+        os._exit(1)
     finally:
         workers.close(ok)
 

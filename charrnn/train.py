@@ -109,6 +109,9 @@ class Solo:
     def writing(self):
         return nullcontext()
 
+    def validating(self):
+        return nullcontext()
+
     def report(self):
         return None
 
@@ -707,7 +710,8 @@ class Trainer:
 
     def _validate_and_record(self, rep: Reporter, smooth, cps, h, c, stop) -> tuple[str | None, dict]:
         st = self.state
-        val = self.validate(stop=stop)
+        with self.workers.validating():
+            val = self.validate(stop=stop)
         st.eval_due = False
         improved = val is not None and val < st.best_val
         if improved:

@@ -251,7 +251,7 @@ def test_a_killed_worker_stops_the_others_with_the_rank_named(corpus, tmp_path):
     t0 = time.time()
     stdout, stderr = proc.communicate(timeout=60)
     assert time.time() - t0 < 10
-    assert proc.returncode == 1, stderr
+    assert proc.returncode == 1, (proc.returncode, stderr)
     errors = [line for line in stderr.splitlines() if line.startswith("charrnn: error")]
     assert len(errors) == 1 and f"worker 1 (process {ranks[1]} " in errors[0], stderr
     assert "Traceback" not in stderr
