@@ -131,6 +131,7 @@ def worker(side, name, seconds, threads, cell):
 
 
 def main():
+    global V
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="A,B,C,D")
     ap.add_argument("--rounds", type=int, default=3)
@@ -141,12 +142,11 @@ def main():
     ap.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
     ap.add_argument("--baseline", default=None, metavar="PATH",
                     help="another checkout of charrnn, measured as a side of its own (before/after)")
-    ap.add_argument("--vocab", type=int, default=V, metavar="V",
+    ap.add_argument("--vocab", type=int, default=68, metavar="V",
                     help="vocabulary size, special tokens included (PyTorch's one-hot input is a dense V-wide "
                          "product: compare with it only for small V)")
     ap.add_argument("--worker", nargs=2, metavar=("SIDE", "CONFIG"))
     args = ap.parse_args()
-    global V
     V = args.vocab
     if args.worker:
         worker(args.worker[0], args.worker[1], args.seconds, args.threads, args.cell)

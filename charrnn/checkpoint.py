@@ -30,6 +30,7 @@ import numpy as np
 from charrnn import __version__
 from charrnn.errors import CheckpointError
 from charrnn.model import CELLS, Model, ModelConfig, param_shapes
+from charrnn.rundir import remove_files
 from charrnn.vocab import Vocab
 
 FORMAT = "charrnn"
@@ -166,22 +167,10 @@ def remove_stale_temps(directory: str, names=("best.npz", "last.npz")) -> list[s
     return their paths. Callers must hold the run directory's exclusive lock: without it, the
     temporary file of a live writer would be removed from under it."""
     pattern = re.compile(r"\.(?:%s)\.[a-z0-9_]{8}\.tmp" % "|".join(re.escape(n) for n in names))
-    removed = []
     try:
-        entries = list(os.scandir(directory))
+        return remove_files(directory, pattern)
     except OSError as e:
-        raise CheckpointError(f"{_shown(directory)}: cannot list: {e.strerror or e}") from None
-    for entry in entries:
-        # only regular files: a directory or a link with such a name is not one this module made
-        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-            try:
-                os.unlink(entry.path)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                raise CheckpointError(f"{_shown(entry.path)}: cannot remove: {e.strerror or e}") from None
-            removed.append(entry.path)
-    return removed
+        raise CheckpointError(f"{_shown(e.filename or directory)}: cannot clean up: {e.strerror or e}") from None
 
 
 def save(path: str, model: Model, vocab: Vocab, meta: dict, extra: dict | None = None,

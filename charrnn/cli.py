@@ -101,6 +101,8 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             click.echo("charrnn: interrupted", err=True)
             sys.exit(130)
+        except MemoryError:
+            _fail("out of memory; try a smaller model, batch or text", 1)
         except BaseException as e:
             from charrnn.signals import SignalExit
 
@@ -108,8 +110,6 @@ def handle_errors(fn):
                 click.echo("charrnn: terminated", err=True)
                 sys.exit(e.exit_code)
             raise
-        except MemoryError:
-            _fail("out of memory; try a smaller model, batch or text", 1)
 
     return wrapper
 
@@ -500,14 +500,37 @@ def _eval_progress(fname: str, quiet: bool):
 
 def main():
     try:
-        cli(prog_name="charrnn")
-    except OSError as e:
-        # Click's own output (--help, --version, a usage error) to a full or failing stream; any
-        # other OSError that gets here is a bug and keeps its traceback
-        if isinstance(e, BrokenPipeError) or not _raised_in_click_echo(e):
-            raise
-        _discard_stdout()
-        _fail(f"cannot write output: {e.strerror or e}", 1)
+        try:
+            cli(prog_name="charrnn")
+        except OSError as e:
+            # Click's own output (--help, --version, a usage error) to a full or failing stream; any
+            # other OSError that gets here is a bug and keeps its traceback
+            if isinstance(e, BrokenPipeError) or not _raised_in_click_echo(e):
+                raise
+            _discard_stdout()
+            _fail(f"cannot write output: {e.strerror or e}", 1)
+    except SystemExit as e:
+        _exit_now_if_compiling(e.code)
+        raise
+
+
+def _exit_now_if_compiling(code):
+    """Exit at once, skipping the interpreter's shutdown, while a background thread still compiles
+    kernels (a run that stopped early on a cold cache: bad input, an interrupt). Shutting down
+    under a compiling thread can abort inside LLVM with an assertion instead of the one-line
+    message already printed; the compiler's cache writes are atomic, so nothing is lost."""
+    import threading
+
+    if not any(t.name == "charrnn-precompile" and t.is_alive() for t in threading.enumerate()):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    os._exit(status)
 
 
 if __name__ == "__main__":

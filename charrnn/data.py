@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -29,10 +30,13 @@ import numpy as np
 
 from charrnn.config import DEFAULT_MAX_INPUT, format_size
 from charrnn.errors import DataError
+from charrnn.rundir import remove_files
 from charrnn.vocab import END_ID, MAX_CODE_POINT, START_ID, CharSet, Vocab, code_points
 
 DOC_MODES = ("line", "blank")
 _BLANK_SPLIT = re.compile(r"\n[ \t]*\n")
+# --docs: the longest document (characters) held whole; a text without separators is not documents
+MAX_DOCUMENT_CHARS = 1 << 24
 CHUNK_BYTES = 1 << 24  # bytes read at a time: 16 MiB keeps the working set near 100 MB and numpy calls long
 TOKENS_FILE = "tokens.npy"  # the token file in a run directory; its description beside it in tokens.json
 TOKENS_META = "tokens.json"
@@ -118,7 +122,11 @@ def _text_chunks(f, name: str, encoding: str | None, chunk_bytes: int, limit: _L
         final = not data
         limit.take(len(data), name)
         if spool is not None and data:
-            spool.write(data)
+            try:
+                spool.write(data)
+            except OSError as e:
+                raise DataError(f"{name}: cannot keep a copy for the second reading in {tempfile.gettempdir()}: "
+                                f"{e.strerror or e} (set TMPDIR to a place with room, or give a file)") from None
         if is_utf8:
             nul = data.find(b"\x00")
             if nul >= 0:
@@ -177,10 +185,11 @@ def _text_chunks(f, name: str, encoding: str | None, chunk_bytes: int, limit: _L
 class Source:
     """Corpus files in order (`-` for stdin, at most once), readable as often as needed.
 
-    Every reading is chunked and bounded by `max_input` bytes in all. The first reading of stdin
-    copies its bytes into an anonymous temporary file (unlinked from the start, so it goes away on
-    any exit), which later readings read instead; `reread=False` says one reading is all (eval),
-    and nothing is copied. close() releases it."""
+    Every reading is chunked and bounded by `max_input` bytes in all. The first reading of stdin,
+    or of any file that is not a regular one (a pipe, a FIFO, `<(command)`, a device), copies its
+    bytes into an anonymous temporary file (unlinked from the start, so it goes away on any exit),
+    which later readings read instead; `reread=False` says one reading is all (eval), and nothing
+    is copied. close() releases the copies."""
 
     def __init__(self, paths, encoding: str | None = None, max_input: int | None = DEFAULT_MAX_INPUT,
                  chunk_bytes: int = CHUNK_BYTES, reread: bool = True):
@@ -194,45 +203,49 @@ class Source:
         self.max_input = max_input
         self.chunk_bytes = max(1, int(chunk_bytes))
         self.reread = reread
-        self._spool = None
-        self._spooled = False
+        self._spools = {}  # index in paths -> the complete copy of a stream read once
 
     def chunks(self):
         """Normalised text of every file in order, in chunks; an empty file is an error."""
         limit = _Limit(self.max_input)
-        for path in self.paths:
+        for i, path in enumerate(self.paths):
             name = _source_name(path)
             seen = False
-            for text in self._file_chunks(path, name, limit):
+            for text in self._file_chunks(i, path, name, limit):
                 seen = True
                 yield text
             if not seen:
                 raise DataError(f"{name}: is empty")
 
-    def _file_chunks(self, path, name, limit):
-        if path != "-":
-            with _open(path) as f:
-                yield from _text_chunks(f, name, self.encoding, self.chunk_bytes, limit)
+    def _file_chunks(self, i, path, name, limit):
+        args = (name, self.encoding, self.chunk_bytes, limit)
+        spool = self._spools.get(i)
+        if spool is not None:  # a stream read once already: its copy
+            spool.seek(0)
+            yield from _text_chunks(spool, *args)
             return
-        if not self.reread:
-            yield from _text_chunks(sys.stdin.buffer, name, self.encoding, self.chunk_bytes, limit)
-            return
-        if self._spooled:
-            self._spool.seek(0)
-            yield from _text_chunks(self._spool, name, self.encoding, self.chunk_bytes, limit)
-            return
-        if self._spool is None:
-            self._spool = tempfile.TemporaryFile(prefix="charrnn-stdin-")
-        self._spool.seek(0)
-        self._spool.truncate()
-        yield from _text_chunks(sys.stdin.buffer, name, self.encoding, self.chunk_bytes, limit, spool=self._spool)
-        self._spooled = True
+        if path == "-" and sys.stdin is None:
+            raise DataError("<stdin>: is closed")
+        f = sys.stdin.buffer if path == "-" else _open(path)
+        try:
+            if not self.reread or (path != "-" and stat.S_ISREG(os.fstat(f.fileno()).st_mode)):
+                yield from _text_chunks(f, *args)
+                return
+            spool = tempfile.TemporaryFile(prefix="charrnn-input-")
+            try:
+                yield from _text_chunks(f, *args, spool=spool)
+            except BaseException:
+                spool.close()
+                raise
+            self._spools[i] = spool  # only a complete copy
+        finally:
+            if path != "-":
+                f.close()
 
     def close(self):
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
-            self._spooled = False
+        for spool in self._spools.values():
+            spool.close()
+        self._spools = {}
 
     def __enter__(self):
         return self
@@ -277,14 +290,22 @@ def _could_end_separator(chunk: str, docs: str) -> bool:
     return _BLANK_SPLIT.search(chunk) is not None or re.match(r"[ \t]*\n", chunk) is not None
 
 
-def _segments(chunks, docs: str):
+def document_pieces(chunks, docs: str, max_doc: int | None = None):
     """The text again, in pieces that end at document separators (the last piece: the rest), so
     split_documents of each piece gives, in order, the documents of the whole text. A document
-    longer than a chunk is carried until it ends, as a list of chunks (joined once)."""
+    longer than a chunk is carried until it ends, as a list of chunks (joined once); one longer
+    than `max_doc` characters (MAX_DOCUMENT_CHARS) is an error, so memory stays bounded."""
+    max_doc = MAX_DOCUMENT_CHARS if max_doc is None else max_doc
     carry: list[str] = []
+    carried = 0
     for chunk in chunks:
         if not _could_end_separator(chunk, docs):
             carry.append(chunk)
+            carried += len(chunk)
+            if carried > max_doc:
+                sep = "newline" if docs == "line" else "blank line"
+                raise DataError(f"a document of more than {max_doc:,} characters (no {sep} in them): with --docs "
+                                f"{docs} each document is held in memory whole; is this text really in documents?")
             continue
         buf = "".join(carry) + chunk if carry else chunk
         if docs == "line":
@@ -299,13 +320,9 @@ def _segments(chunks, docs: str):
         if end:
             yield buf[:end]
         carry = [buf[end:]] if end < len(buf) else []
+        carried = len(buf) - end
     if carry:
         yield "".join(carry)
-
-
-def document_pieces(chunks, docs: str):
-    """Chunks of text regrouped into pieces that end at document separators (see _segments)."""
-    return _segments(chunks, docs)
 
 
 def encode_stream(vocab: Vocab, text: str, docs: str | None, unknown: str = "unk", end: bool = True, dtype=np.int32):
@@ -416,7 +433,7 @@ def read_corpus(paths, encoding: str | None = None, docs: str | None = None,
                 n += len(text)
                 seen.add_text(text, raw if len(raw) == len(text) else None)  # ASCII: its UTF-8 is its bytes
         else:
-            for piece in _segments(hashed(source.chunks()), docs):
+            for piece in document_pieces(hashed(source.chunks()), docs):
                 documents = split_documents(piece, docs)
                 inside = "".join(documents)
                 doc_count += len(documents)
@@ -522,10 +539,10 @@ def _pieces(corpus: Corpus, val_frac: float):
             seen += len(text)
             yield text
         if finder is not None:
-            finder.finish(seen)  # the text has ended: before _segments gives its last piece
+            finder.finish(seen)  # the text has ended: before document_pieces gives its last piece
 
     pos = 0
-    for piece in _segments(fed(corpus.text_chunks()), corpus.docs):
+    for piece in document_pieces(fed(corpus.text_chunks()), corpus.docs):
         end = pos + len(piece)
         cut = n if finder is None else finder.cut
         # cut still None: every separator seen so far ends before c, so this piece is training text
@@ -659,9 +676,15 @@ def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float) ->
         layout = Layout(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"]))
         if meta != _token_meta(corpus, vocab, val_frac, layout):
             return None
-        return _map(path, layout, meta)
+        tokens = _map(path, layout, meta)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    # a file damaged in place (its description intact): every id must be one of the vocabulary's
+    # (a pass over the mapped file, a chunk at a time; far cheaper than an epoch of training)
+    for start in range(0, len(tokens.ids), CHUNK_BYTES):
+        if int(tokens.ids[start : start + CHUNK_BYTES].max()) >= vocab.size:
+            return None
+    return tokens
 
 
 def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -> TokenFile:
@@ -710,12 +733,14 @@ def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -
         with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(meta, f)
         os.replace(meta_path + ".tmp", meta_path)
-    except BaseException:
+    except BaseException as e:
         for p in (tmp, os.path.join(directory, TOKENS_META) + ".tmp"):
             try:
                 os.unlink(p)
             except OSError:
                 pass
+        if isinstance(e, OSError):
+            raise DataError(f"could not write {path}: {e.strerror or e}") from None
         raise
     return _map(path, layout, meta)
 
@@ -777,19 +802,10 @@ def remove_stale_token_temps(directory: str) -> list[str]:
     tokens.json.tmp), and nothing else. The caller must hold the run directory's lock: a live
     build in another process would otherwise lose its file."""
     pattern = re.compile(r"\.%s\.\d+\.tmp|%s\.tmp" % (re.escape(TOKENS_FILE), re.escape(TOKENS_META)))
-    removed = []
     try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return removed
-    for entry in entries:
-        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-            try:
-                os.unlink(entry.path)
-                removed.append(entry.path)
-            except OSError:
-                pass
-    return removed
+        return remove_files(directory, pattern)
+    except OSError as e:
+        raise DataError(f"{e.filename or directory}: cannot clean up: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------------------- capped vocabularies

@@ -23,6 +23,18 @@ def remaining(step, total, t_steps, steps_here, budget_s, t_start) -> str:
     return f"{left // 60}:{left % 60:02d}"
 
 
+def note(quiet: bool, text: str, stream=None):
+    """One line on stderr unless -q. Progress is optional: a closed or failing stderr loses the
+    line, never the run (and a closed one must not send it to stdout, as print(file=None) would)."""
+    stream = stream or sys.stderr
+    if quiet or stream is None:
+        return
+    try:
+        print(text, file=stream, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 class Reporter:
     """Messages and a progress line for one run."""
 
@@ -33,9 +45,10 @@ class Reporter:
         self.stream = stream or sys.stderr
         self.bar = None
         self.last_line = 0.0
-        if quiet:
+        if quiet or self.stream is None:
+            self.quiet = True
             return
-        if self.stream.isatty():
+        if _isatty(self.stream):
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step",
@@ -45,9 +58,12 @@ class Reporter:
         if self.quiet:
             return
         if self.bar is not None:
-            self.bar.write(text, file=self.stream)
+            try:
+                self.bar.write(text, file=self.stream)
+            except (OSError, ValueError):
+                pass
         else:
-            print(text, file=self.stream, flush=True)
+            note(False, text, self.stream)
 
     def progress(self, step: int, info: dict):
         if self.quiet:
@@ -55,12 +71,25 @@ class Reporter:
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix(info, refresh=False)
-            self.bar.refresh()
+            try:
+                self.bar.refresh()
+            except (OSError, ValueError):
+                pass
         elif time.monotonic() - self.last_line >= self.LOG_EVERY_S:
             self.last_line = time.monotonic()
             self.message("step " + str(step) + " " + " ".join(f"{k}={v}" for k, v in info.items()))
 
     def close(self):
         if self.bar is not None:
-            self.bar.close()
+            try:
+                self.bar.close()
+            except (OSError, ValueError):
+                pass
             self.bar = None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError, AttributeError):
+        return False

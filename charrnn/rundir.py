@@ -44,15 +44,8 @@ class RunDir:
     def lock(cls, path: str) -> "RunDir":
         """Create `path` if needed and lock it; Busy (naming the holder) if a live run has it."""
         created = _make_dir(path)
-        try:
-            fd = _try_lock(path)
-        except BaseException:
-            if created:
-                _remove_quietly(path)
-            raise
+        fd = _try_lock(path)  # a directory this call made is left if another run locked it first: it is theirs
         if fd is None:
-            if created:
-                _remove_quietly(path)
             holder = _holder(path)
             raise Busy(f"{path} is in use by another charrnn run ({holder}); wait for it to end, or choose "
                        "another --out")
@@ -99,9 +92,20 @@ class RunDir:
 
     def discard_if_unused(self):
         """Remove the directory again if this run made it and saved no checkpoint into it (a run
-        stopped before its first save), then release it."""
-        if self.created and not holds_run(self.path):
-            _remove_quietly(self.path)
+        stopped before its first save), then release it. Its files go while the lock is held, the
+        lock file last, and the directory only if nothing else appeared in it meanwhile."""
+        if self._fd is not None and self.created and not holds_run(self.path):
+            try:
+                for entry in os.scandir(self.path):
+                    if entry.name != LOCK_NAME:
+                        if entry.is_dir(follow_symlinks=False):
+                            shutil.rmtree(entry.path, ignore_errors=True)
+                        else:
+                            os.unlink(entry.path)
+                os.unlink(os.path.join(self.path, LOCK_NAME))
+                os.rmdir(self.path)
+            except OSError:
+                pass
         self.release()
 
     def __enter__(self):
@@ -110,6 +114,21 @@ class RunDir:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def remove_files(directory: str, pattern) -> list[str]:
+    """Remove the regular files of `directory` whose whole names match `pattern` (a compiled
+    regular expression), and return their paths; OSError when listing or removing fails. Links
+    and directories are left: what a run writes is plain files."""
+    removed = []
+    for entry in list(os.scandir(directory)):
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(entry.path)
+    return removed
 
 
 def _make_dir(path: str) -> bool:
@@ -127,7 +146,7 @@ def _make_dir(path: str) -> bool:
         raise CharrnnError(f"cannot create output directory {path}: {e.strerror or e}") from None
 
 
-def _try_lock(path: str) -> int | None:
+def _try_lock(path: str, retries: int = 2) -> int | None:
     """An fd holding the directory's exclusive lock, with our pid written in; None if held."""
     lock_path = os.path.join(path, LOCK_NAME)
     try:
@@ -141,6 +160,16 @@ def _try_lock(path: str) -> int | None:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return None
         raise CharrnnError(f"cannot lock output directory {path}: {e.strerror or e}") from None
+    try:  # a lock on a file a departing run had already unlinked protects nothing: not ours
+        current = os.stat(lock_path).st_ino
+    except OSError:
+        current = None
+    if current != os.fstat(fd).st_ino:
+        os.close(fd)
+        if retries > 0:  # the directory is being given up right now: take it as new
+            _make_dir(path)
+            return _try_lock(path, retries - 1)
+        return None
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -160,5 +189,3 @@ def _holder(path: str) -> str:
     return f"process {pid}" if pid > 0 else "process unknown"
 
 
-def _remove_quietly(path: str):
-    shutil.rmtree(path, ignore_errors=True)

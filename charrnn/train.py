@@ -35,7 +35,7 @@ from charrnn.evaluate import Cancelled, score_tokens
 from charrnn.kernels.jit import compile_notice
 from charrnn.model import Model, ModelConfig, approx_params
 from charrnn.optim import Optimizer, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
-from charrnn.progress import Reporter, remaining
+from charrnn.progress import Reporter, note, remaining
 from charrnn.rundir import RunDir, holds_run
 from charrnn.signals import Signals
 from charrnn.vocab import Vocab
@@ -174,6 +174,8 @@ class RunState:
     bad_evals: int = 0
     elapsed: float = 0.0  # training seconds before this process (resume)
     eval_due: bool = False  # an interrupt cut this step's validation short: the resumed run does it first
+    train_loss: float | None = None  # the smoothed training loss when saved (metrics go on from it on resume)
+    chars_per_s: float = 0.0  # the speed when saved
 
 
 def _check_loadable(mcfg: ModelConfig, batch: int):
@@ -335,12 +337,11 @@ class Trainer:
         n_val = 0 if trainer.val_tokens is None else len(trainer.val_tokens) - 1
         trainer.fitted = replace(trainer.fitted, val_chars=budget.val_chars_for(cfg, n_val))
         trainer.precompile = early
-        if not quiet:
-            for line in _vocab_notes(corpus, capped, mcfg):
-                print(line, file=sys.stderr)
-        if model.n_params > 2 * n_train and not quiet:
-            print(f"warning: the model has {model.n_params:,} parameters for {n_train:,} training characters; "
-                  "expect overfitting (consider a smaller --hidden or --layers, or more --dropout)", file=sys.stderr)
+        for line in _vocab_notes(corpus, capped, mcfg):
+            note(quiet, line)
+        if model.n_params > 2 * n_train:
+            note(quiet, f"warning: the model has {model.n_params:,} parameters for {n_train:,} training characters; "
+                        "expect overfitting (consider a smaller --hidden or --layers, or more --dropout)")
         return trainer
 
     @classmethod
@@ -553,7 +554,7 @@ class Trainer:
         fit = budget.Fit(self.fitted, self.eval_every, budget_s is not None and (
             auto_eval or self.fitted.schedule == "auto" or self.fitted.dropout_pending), False)
         masks = None
-        smooth = None
+        smooth = st.train_loss  # the smoothed loss goes on where the saved run left it
         self._snapshot()
         elapsed0 = st.elapsed
         t_start = time.monotonic()
@@ -573,7 +574,7 @@ class Trainer:
             try:
                 workers.watch(lambda: (sig.received, time_up()))
                 if st.eval_due:  # the validation an interrupt cut short, before the resumed run goes on
-                    self._evaluate(rep, smooth, 0.0, t_start, elapsed0, stop=interrupted)
+                    self._evaluate(rep, smooth, st.chars_per_s, t_start, elapsed0, stop=interrupted)
                 while True:
                     received, out_of_time = workers.agreed(sig.received, time_up())
                     stop = self._stop_reason(out_of_time)
@@ -658,6 +659,7 @@ class Trainer:
             received = workers.agreed(sig.received, False)[0]
             if received is not None:
                 st.elapsed = elapsed0 + time.monotonic() - t_start
+                st.train_loss, st.chars_per_s = smooth, (chars_done / t_steps if t_steps else st.chars_per_s)
                 if not np.all(np.isfinite(model.theta)):
                     self._restore()
                 if self._saved_step != st.step or st.eval_due:
@@ -692,6 +694,7 @@ class Trainer:
         state, when `stop()` interrupts it."""
         st = self.state
         st.elapsed = elapsed0 + time.monotonic() - t_start
+        st.train_loss, st.chars_per_s = smooth, cps
         if not np.all(np.isfinite(self.model.theta)):
             self._restore()
         self._snapshot()

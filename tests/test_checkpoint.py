@@ -644,7 +644,7 @@ def test_remove_stale_temps_removes_what_a_killed_write_leaves_and_nothing_else(
     assert sorted(removed) == sorted(made) and len(made) == 2
     assert sorted(os.listdir(tmp_path)) == sorted(keep + [".last.npz.zzzzzzzz.tmp", ".last.npz.yyyyyyyy.tmp"])
     assert checkpoint.remove_stale_temps(str(tmp_path)) == []
-    with pytest.raises(CheckpointError, match="cannot list"):
+    with pytest.raises(CheckpointError, match="cannot clean up"):
         checkpoint.remove_stale_temps(str(tmp_path / "gone"))
 
 

@@ -412,3 +412,17 @@ def test_float32_exp_is_within_two_ulp_of_the_true_value_and_keeps_the_special_v
     out64 = np.empty_like(x64)
     apply(x64, out64)
     np.testing.assert_allclose(out64, np.exp(x64), rtol=4e-16, atol=0)
+
+
+@pytest.mark.parametrize("cell,nonlin", CASES)
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_a_vocabulary_larger_than_the_batch_matches_reference(cell, nonlin, nthreads, restore_threads):
+    """With more tokens in the vocabulary than rows in a thread's part, the first layer's input
+    gradient is written column by column for the tokens that occur (repeated ones included), and
+    the transposed input weights tile by tile: the same numbers as the reference."""
+    threads.set_threads(nthreads)
+    m, x, y, h, c = make(cell, nonlin, 2, V=70, H=6, T=3, B=4, dropout=0.2)
+    x[0, :] = 5  # one token four times, another at both ends of the vocabulary
+    x[1, 0], x[2, 3] = 0, 69
+    T, B = x.shape
+    assert_batch_matches_reference(m, x, y, h, c, m.dropout_masks(T, B, seed=2, step=1), cell, nonlin)

@@ -174,3 +174,28 @@ def test_a_run_removes_the_temporary_files_killed_writes_left_and_refuses_unload
     assert not any(p.exists() for p in stale) and keep.exists()
     res = run(["train", corpus, "--out", str(tmp_path / "huge"), *SMALL, "--layers", "300"])
     assert res.exit_code == 2 and "at most" in res.output and not (tmp_path / "huge").exists()
+
+
+def test_losing_a_race_for_a_new_directory_leaves_the_winner_alone(tmp_path, monkeypatch):
+    """This call makes the directory, but another run locks it first: Busy, and the directory
+    and the winner's lock file stay (removing them would let a third run in beside the winner)."""
+    from charrnn import rundir
+
+    d = tmp_path / "run"
+    real_make = rundir._make_dir
+    procs = []
+
+    def make_and_lose(path):
+        created = real_make(path)
+        procs.append(_holder(path))  # the other run takes the lock between our mkdir and our flock
+        return created
+
+    monkeypatch.setattr(rundir, "_make_dir", make_and_lose)
+    try:
+        with pytest.raises(Busy):
+            RunDir.lock(str(d))
+        assert (d / ".lock").read_text().strip() == str(procs[0].pid)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()

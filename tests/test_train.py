@@ -394,7 +394,8 @@ def _interrupt_at_validation(tr, at_step, sig, span_calls):
     tr.model.score = score
 
 
-@pytest.mark.parametrize("sig,code,at", [(signal.SIGINT, 130, 10), (signal.SIGTERM, 143, 8)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("at", [10, 8])
 def test_interrupt_during_a_validation_stops_it_saves_and_the_resumed_run_does_it(corpus, tmp_path, monkeypatch, sig,
                                                                                   code, at):
     """At step 10 (not a multiple of --eval-every: the final validation) or 8 (an in-loop one): the
@@ -424,7 +425,10 @@ def test_interrupt_during_a_validation_stops_it_saves_and_the_resumed_run_does_i
     Trainer.resume(out, quiet=True).run()
     got, want = _metrics(out), _metrics(ref)
     assert [x["step"] for x in got] == [x["step"] for x in want] == [4, 8, 10]
-    assert [x["val_loss"] for x in got] == [x["val_loss"] for x in want]
+    for g, w in zip(got, want):  # every key of the contract but the measured times and speeds
+        assert {k: v for k, v in g.items() if k not in ("elapsed_s", "chars_per_s")} == \
+            {k: v for k, v in w.items() if k not in ("elapsed_s", "chars_per_s")}
+        assert g["chars_per_s"] > 0
     pa, pb = params_of(os.path.join(ref, "last.npz")), params_of(os.path.join(out, "last.npz"))
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
@@ -573,3 +577,56 @@ def test_max_vocab_maps_rare_characters_to_unk_says_so_and_resumes(tmp_path):
     assert res.exit_code == 0, res.output
     res = run(["train", str(src), "--out", str(tmp_path / "all"), "--steps", "1", "--max-vocab", "all", *SMALL])
     assert res.exit_code == 0 and checkpoint.load(str(tmp_path / "all" / "last.npz")).vocab.size == len(set(text)) + 3
+
+
+def test_an_early_exit_while_kernels_compile_in_the_background_is_clean(corpus, tmp_path):
+    """On a cold cache, SIGTERM while the run waits for its corpus (a FIFO nobody writes yet) and
+    the background thread compiles: one line, exit 143, at once, and no abort inside LLVM from
+    shutting down under the compiling thread."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    fifo = tmp_path / "c.fifo"
+    os.mkfifo(fifo)
+    for attempt in range(2):
+        proc = subprocess.Popen([sys.executable, "-m", "charrnn", "train", str(fifo), "--out", str(tmp_path / "o"),
+                                 "--steps", "1", "--hidden", "16"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(3.0 if attempt == 0 else 1.0)  # the background compile is under way
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 143, stderr
+        assert stderr.strip() == "charrnn: terminated" and stdout == ""
+
+
+# ---------------------------------------------------------------------------------- found in review
+def test_closed_stdin_closed_stderr_and_out_of_memory_are_handled(corpus, tmp_path, monkeypatch):
+    """`train - <&-`: one line, exit 1. `2>&-`: the run trains and nothing of its notes reaches
+    stdout. A MemoryError anywhere: the promised one-line message."""
+    res = subprocess.run(["sh", "-c", f'exec "{sys.executable}" -m charrnn train - --steps 1 <&-'],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "<stdin>: is closed" in res.stderr and "Traceback" not in res.stderr
+    out = tmp_path / "quiet"
+    res = subprocess.run(["sh", "-c", f'exec "{sys.executable}" -m charrnn train "{corpus}" --out "{out}" --steps 2 '
+                          f'--max-vocab 20 --hidden 64 --batch 8 --seq 16 --threads 1 2>&-'],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout == ""
+    assert (out / "last.npz").exists()
+    from charrnn import train as train_mod
+
+    def oom(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(train_mod.Trainer, "new", oom)
+    res = run(["train", corpus, "--steps", "1"])
+    assert res.exit_code == 1 and "out of memory" in res.output
+
+
+def test_a_token_file_damaged_in_place_is_built_again(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert run(["train", corpus, "--out", str(out), "--steps", "2", *SMALL]).exit_code == 0
+    tok = out / "tokens.npy"
+    raw = bytearray(tok.read_bytes())
+    raw[200:400] = b"\xff" * 200  # ids far outside the vocabulary; tokens.json untouched
+    tok.write_bytes(bytes(raw))
+    res = run(["train", "--resume", str(out), "--steps", "3", "-q"])
+    assert res.exit_code == 0, res.output
+    assert int(np.load(str(tok)).max()) < checkpoint.load(str(out / "last.npz")).vocab.size

@@ -97,12 +97,19 @@ def layer_output(acts, k, dropout, T, s0, s1, H):
 
 
 @helper
-def fill_w0t(w0t, W_ih0):
-    """w0t (V, G*H) <- weight_ih_l0^T (G*H, V)."""
-    GH, V = W_ih0.shape
-    for g in range(GH):
-        for v in range(V):
-            w0t[v, g] = W_ih0[g, v]
+def fill_w0t(w0t, W_ih0, v0, v1):
+    """Rows v0..v1-1 of w0t (V, G*H) <- weight_ih_l0^T (G*H, V), in 32 x 32 tiles: an element-wise
+    transpose misses the cache on every element one side strides over (V x G*H of them, 10M for a
+    10,000-character vocabulary at H = 256)."""
+    GH = W_ih0.shape[0]
+    for g0 in range(0, GH, 32):
+        g1 = min(g0 + 32, GH)
+        for a in range(v0, v1, 32):
+            b = min(a + 32, v1)
+            for g in range(g0, g1):
+                src = W_ih0[g]
+                for v in range(a, b):
+                    w0t[v, g] = src[v]
 
 
 @helper
@@ -180,16 +187,32 @@ def layer_grad_rows(r0, r1, dG2, dGr2, hprev2, inp2, x, B, W_ih, gW_ih, gW_hh, g
         np.dot(dG.T, rows(inp2, r0, r1), gW_ih)
         np.dot(dG, W_ih, rows(dH2, r0, r1))
     else:
-        # one-hot input: scatter-add rows of dG into rows of (W_ih)^T, then transpose once
+        # one-hot input: scatter-add rows of dG into rows of (W_ih)^T, then transpose
         GH, V = gW_ih.shape
-        w0g[:] = zero
-        for r in range(r0, r1):
-            dst, src = w0g[x[r // B, r % B]], dG2[r]
-            for j in range(GH):
-                dst[j] += src[j]
-        for g in range(GH):
-            for v in range(V):
-                gW_ih[g, v] = w0g[v, g]
+        if V <= r1 - r0:  # most tokens occur: zero the whole of (W_ih)^T, transpose it whole
+            w0g[:] = zero
+            for r in range(r0, r1):
+                dst, src = w0g[x[r // B, r % B]], dG2[r]
+                for j in range(GH):
+                    dst[j] += src[j]
+            for g in range(GH):
+                for v in range(V):
+                    gW_ih[g, v] = w0g[v, g]
+        else:  # a large vocabulary: only the columns of tokens that occur are not zero
+            gW_ih[:] = zero
+            for r in range(r0, r1):
+                dst = w0g[x[r // B, r % B]]
+                for j in range(GH):
+                    dst[j] = zero
+            for r in range(r0, r1):
+                dst, src = w0g[x[r // B, r % B]], dG2[r]
+                for j in range(GH):
+                    dst[j] += src[j]
+            for r in range(r0, r1):  # a token's column written once per occurrence: the same sums
+                v = x[r // B, r % B]
+                src = w0g[v]
+                for g in range(GH):
+                    gW_ih[g, v] = src[g]
 
 
 # ----------------------------------------------------------------------------- one thread's part
@@ -224,8 +247,8 @@ def _forward_backward(p, cell, net, bt, acts, scr, plan, backward):
     dH2 = grad.dH.reshape((T * nb, H))
     hp = thread_rows(scr.hp, p, nb, G * Hp)
     ep = 1
-    if p == 0:
-        fill_w0t(acts.w0t, layer_weights(net.theta, net, 0, G)[0])
+    vb = (net.V + n - 1) // n  # each thread transposes a block of the vocabulary
+    fill_w0t(acts.w0t, layer_weights(net.theta, net, 0, G)[0], min(net.V, p * vb), min(net.V, (p + 1) * vb))
     ep = barrier(sync, p, n, ep)
     for k in range(L):
         lay = layer(acts, k, T, s0, s1, G)
