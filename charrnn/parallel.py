@@ -2,10 +2,13 @@
 
 N worker processes train one model. Worker r owns streams [r*B/N, (r+1)*B/N) of the single
 process's B-stream layout; every step each runs forward/backward on its streams, one in-place
-Allreduce sums the flat gradient, and every worker then clips and steps the optimizer on the same
-numbers, so the parameters stay identical everywhere (checked: a checksum every CHECK_EVERY steps).
-What only one process may do (validation, the run directory, fitting the budget) rank 0 does and
-broadcasts; the decisions that end a run are agreed at every step, so all stop at the same step.
+Allreduce sums the flat gradient (a second one of 4 numbers carries the loss and the flags that
+end a run), and every worker then clips and steps the optimizer on the same numbers, so the
+parameters stay identical everywhere (checked: a checksum every CHECK_EVERY steps). What only one
+process may do (validation, the run directory, fitting the budget) rank 0 does and broadcasts;
+the decisions that end a run are agreed at every step, so all stop at the same step. A worker that
+dies is named in one line: by the launcher from mpiexec's report, by a surviving worker from a
+failed MPI call, or by a worker's watchdog over the processes of its machine.
 
 - `launch`: `charrnn train --workers N` re-runs itself under the virtualenv's own mpiexec.
 - `Workers`: one rank's view of the team, plugged into train.Trainer (the same interface as
