@@ -112,24 +112,26 @@ def wait_for(predicate, timeout, what):
 
 
 # ----------------------------------------------------------------------------- equivalence
-def test_two_workers_compute_what_one_process_computes_in_float64(corpus, tmp_path, restore_threads):
-    """At library level, in memory, in float64, with dropout and --seq-warmup: the parameters of 2
-    workers after 14 steps equal the single process's to 1e-10, and are bit for bit the same on
-    both workers."""
+@pytest.mark.parametrize("n", [2, 4])
+def test_workers_compute_what_one_process_computes_in_float64(corpus, tmp_path, restore_threads, n):
+    """At library level, in memory, in float64, with dropout and --seq-warmup: the parameters of n
+    workers (4 streams, or 2, each) after 14 steps equal the single process's to 1e-10, and are bit
+    for bit the same on every worker."""
     from tests import parallel_run
 
     single = parallel_run.make(corpus, str(tmp_path / "one"))
     theta0 = single.model.theta.copy()
     single.run()
     dest = str(tmp_path / "theta")
-    res = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(ROOT, "tests", "parallel_run.py"), corpus,
-                          str(tmp_path / "two"), dest], capture_output=True, text=True, timeout=240)
+    res = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, os.path.join(ROOT, "tests", "parallel_run.py"),
+                          corpus, str(tmp_path / "many"), dest], capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr
-    w0, w1 = np.load(dest + ".0.npy"), np.load(dest + ".1.npy")
-    assert w0.dtype == np.float64
-    np.testing.assert_array_equal(w0, w1)  # the workers never drift apart
+    ws = [np.load(f"{dest}.{r}.npy") for r in range(n)]
+    assert ws[0].dtype == np.float64
+    for w in ws[1:]:
+        np.testing.assert_array_equal(w, ws[0])  # the workers never drift apart
     assert np.max(np.abs(single.model.theta - theta0)) > 1e-2  # it trained: the comparison means something
-    assert np.max(np.abs(w0 - single.model.theta)) <= 1e-10
+    assert np.max(np.abs(ws[0] - single.model.theta)) <= 1e-10
 
 
 def test_two_hosts_compute_what_one_process_computes_in_float32(corpus, tmp_path):
