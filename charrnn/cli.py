@@ -274,6 +274,7 @@ def train(corpus, out, resume, quiet, workers, **opts):
 def _train(corpus, out, resume, quiet, workers, **opts):
     from charrnn import parallel
     from charrnn.errors import CharrnnError, UsageError
+    from charrnn.signals import SignalExit
 
     size = parallel.world_size()  # > 1: this is one of the workers of an MPI job (nothing imported to know)
     if size == 1 and workers is not None and workers > 1:
@@ -294,6 +295,10 @@ def _train(corpus, out, resume, quiet, workers, **opts):
                 sys.exit(0)
             if isinstance(e, parallel.Quiet):
                 sys.exit(e.exit_code)
+            raise
+        except (KeyboardInterrupt, SignalExit):
+            if parallel.world_rank() != 0:  # before training: every worker got the signal; rank 0 says so
+                sys.exit(0)
             raise
         if result is None:
             return
