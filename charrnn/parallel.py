@@ -135,9 +135,10 @@ def _launch(cmd, env, rendezvous) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     # mpiexec's own lines, kept off the terminal (which process ended badly, and how), and whether
     # a worker has said what went wrong itself
-    seen = {"notes": [], "error": False}
+    seen = {"notes": [], "error": False, "first_dead": None}
     relays = [threading.Thread(target=_relay, args=(pipe, dest, seen), daemon=True)
               for pipe, dest in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+    relays.append(threading.Thread(target=_watch_workers, args=(proc, rendezvous, seen), daemon=True))
     for t in relays:
         t.start()
     try:
@@ -154,13 +155,23 @@ def _launch(cmd, env, rendezvous) -> int:
     if rc in (0, 2) or (rc in (1, 130, 143) and (seen["error"] or not seen["notes"])):
         return rc  # the workers ended as they meant to, and said why
     if not seen["error"]:  # a worker ended badly, and mpiexec ended the others before they could say so
-        sys.stderr.write(f"charrnn: error: {_who_died(seen['notes'], rendezvous)}\n")
+        sys.stderr.write(f"charrnn: error: {_who_died(seen['notes'], rendezvous, seen['first_dead'])}\n")
         sys.stderr.flush()
     return 1
 
 
-def _who_died(notes: list[str], rendezvous: str) -> str:
-    """The one line on a worker that ended badly, from mpiexec's notes and the workers' own."""
+def _watch_workers(proc, rendezvous: str, seen: dict):
+    """Note which worker ended first while others still ran (mpiexec names it too, most times)."""
+    while proc.poll() is None:
+        pids = _rank_pids(rendezvous)
+        dead = [r for pid, (r, _) in pids.items() if not _alive(pid)]
+        if dead and len(dead) < len(pids) and seen["first_dead"] is None:
+            seen["first_dead"] = min(dead)
+        time.sleep(0.02)
+
+
+def _rank_pids(rendezvous: str) -> dict:
+    """{pid: (rank, host)} from the notes the workers left."""
     ranks = {}
     for name in os.listdir(rendezvous):
         if name.startswith("rank"):
@@ -170,6 +181,12 @@ def _who_died(notes: list[str], rendezvous: str) -> str:
                 ranks[int(pid)] = (int(name[4:]), host)
             except (OSError, ValueError):
                 pass
+    return ranks
+
+
+def _who_died(notes: list[str], rendezvous: str, first_dead: int | None = None) -> str:
+    """The one line on a worker that ended badly, from mpiexec's notes and the workers' own."""
+    ranks = _rank_pids(rendezvous)
     text = "\n".join(notes)
     pid = re.search(r"PID (\d+) RUNNING AT (\S+)", text)
     how = re.search(r"EXIT STRING: (.+)", text)
@@ -177,6 +194,10 @@ def _who_died(notes: list[str], rendezvous: str) -> str:
     how = (f" ({how.group(1).strip().replace(' (', ', ').rstrip(')')})" if how  # "Killed (signal 9)" -> (Killed, signal 9)
            else f" (exit status {code.group(1)})" if code else "")
     who = "a worker"
+    if first_dead is not None:
+        pid_of = {r: (p, host) for p, (r, host) in ranks.items()}
+        if first_dead in pid_of:
+            who = f"worker {first_dead} (process {pid_of[first_dead][0]} on {pid_of[first_dead][1]})"
     if pid:
         rank, host = ranks.get(int(pid.group(1)), (None, pid.group(2)))
         who = f"worker {rank} (process {pid.group(1)} on {host})" if rank is not None else f"process {pid.group(1)}"
