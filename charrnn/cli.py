@@ -258,17 +258,54 @@ def cli():
 @_seed_option(DEFAULTS.seed, "Seed for initialisation and dropout.")
 @_max_input_option
 @_threads_option
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Train with N worker processes over MPI (needs charrnn[mpi]); --batch is split among them and "
+                   "--threads counts per worker (default: the cores divided among the workers).")
 @_quiet_option
 @handle_errors
-def train(corpus, out, resume, quiet, **opts):
+def train(corpus, out, resume, quiet, workers, **opts):
     """Train a model on CORPUS (one or more text files; - for stdin)."""
     from charrnn.signals import Raising
 
     with Raising():  # interruptible from the start; the run defers signals once it has something to save
-        _train(corpus, out, resume, quiet, **opts)
+        _train(corpus, out, resume, quiet, workers, **opts)
 
 
-def _train(corpus, out, resume, quiet, **opts):
+def _train(corpus, out, resume, quiet, workers, **opts):
+    from charrnn import parallel
+    from charrnn.errors import CharrnnError, UsageError
+    from charrnn.signals import SignalExit
+
+    size = parallel.world_size()  # > 1: this is one of the workers of an MPI job (nothing imported to know)
+    if size == 1 and workers is not None and workers > 1:
+        sys.exit(parallel.launch(workers, sys.argv[1:], None if resume else opts["batch"]))
+    if size > 1 and workers is not None and workers != size:
+        raise UsageError(f"--workers {workers}, but mpiexec started {size} processes")
+    make = functools.partial(_make_trainer, corpus, out, resume, opts=opts)
+    if size == 1:
+        result = make(quiet).run()
+    else:
+        try:
+            result = parallel.train(make, quiet)
+        except CharrnnError as e:
+            # rank 0 reports what every worker raised alike, and its status is the run's; the others
+            # end quietly with 0 (mpiexec ends a job whose process fails, and rank 0 may still be
+            # saying why), and report only what is theirs alone
+            if parallel.world_rank() != 0 and not isinstance(e, parallel.LocalError):
+                sys.exit(0)
+            if isinstance(e, parallel.Quiet):
+                sys.exit(e.exit_code)
+            raise
+        except (KeyboardInterrupt, SignalExit):
+            if parallel.world_rank() != 0:  # before training: every worker got the signal; rank 0 says so
+                sys.exit(0)
+            raise
+        if result is None:
+            return
+    _report(result, quiet)
+
+
+def _make_trainer(corpus, out, resume, quiet, opts):
     from charrnn.config import TrainConfig
     from charrnn.errors import UsageError
     from charrnn.train import Trainer
@@ -278,9 +315,9 @@ def _train(corpus, out, resume, quiet, **opts):
             raise UsageError("--resume takes the corpus from the run; do not give CORPUS too")
         ctx = click.get_current_context()
         changed = [k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
-                   and k not in ("steps", "epochs", "minutes", "threads")]
+                   and k not in ("steps", "epochs", "minutes", "threads", "workers")]
         if changed:
-            raise UsageError("with --resume only --steps, --epochs, --minutes and --threads may be given "
+            raise UsageError("with --resume only --steps, --epochs, --minutes, --threads and --workers may be given "
                              f"(options come from the run): {', '.join('--' + k.replace('_', '-') for k in changed)}")
         trainer = Trainer.resume(resume, steps=opts["steps"], epochs=opts["epochs"], minutes=opts["minutes"],
                                  quiet=quiet, threads_n=opts["threads"])
@@ -291,7 +328,10 @@ def _train(corpus, out, resume, quiet, **opts):
             raise UsageError(f"--schedule {opts['schedule']} needs --decay-steps (the schedule must not depend on the budget, so runs resume exactly)")
         cfg = TrainConfig(**opts)
         trainer = Trainer.new(corpus, cfg, out, quiet=quiet)
-    result = trainer.run()
+    return trainer
+
+
+def _report(result: dict, quiet: bool):
     if not quiet:
         import math
 

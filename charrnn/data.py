@@ -655,6 +655,18 @@ def _map(path: str, layout: Layout, meta: dict) -> TokenFile:
     return TokenFile(path=path, ids=ids, layout=layout, meta=meta)
 
 
+def map_token_file(path: str, meta: dict) -> TokenFile | None:
+    """The token file at `path` if its description is `meta` (another process's TokenFile.meta:
+    data-parallel workers map the file their rank 0 or their host built); None otherwise."""
+    try:
+        with open(os.path.join(os.path.dirname(path), TOKENS_META), encoding="utf-8") as f:
+            if json.load(f) != meta:
+                return None
+        return _map(path, Layout(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"])), meta)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float) -> TokenFile | None:
     """The token file at `path` if it was built from this corpus, vocabulary and split; None when
     it is missing, stale or damaged (then build it again)."""
@@ -772,12 +784,15 @@ class BatchStream:
     def batches_per_epoch(self, T: int) -> int:
         return -(-self.S // T)
 
-    def get(self, p: int, T: int):
-        """Inputs and targets for steps p .. p+T-1 (shorter at the end of an epoch), as int32 (T, B)."""
+    def get(self, p: int, T: int, b0: int = 0, b1: int | None = None):
+        """Inputs and targets for steps p .. p+T-1 (shorter at the end of an epoch), as int32 (T, B);
+        with b0, b1: streams b0 .. b1-1 only, (T, b1-b0), gathered alone (a data-parallel worker
+        reads only the pages of its own streams)."""
         if not 0 <= p < self.S:
             raise IndexError(f"position {p} outside [0, {self.S})")
         end = min(p + T, self.S)
-        grid = self.ids[np.arange(p, end + 1, dtype=np.int64)[:, None] + self._starts[None, :]]  # (T+1, B)
+        starts = self._starts[b0:b1]
+        grid = self.ids[np.arange(p, end + 1, dtype=np.int64)[:, None] + starts[None, :]]  # (T+1, B)
         grid = grid.astype(np.int32)
         return grid[:-1], grid[1:]
 

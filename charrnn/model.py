@@ -272,14 +272,16 @@ class Model:
         self.forward_backward(x, x, h, c, masks=masks)
         self._ws = None  # the real batches get their own buffers
 
-    def dropout_masks(self, T: int, B: int, seed: int, step: int, out=None, p: float | None = None):
+    def dropout_masks(self, T: int, B: int, seed: int, step: int, out=None, p: float | None = None,
+                      B_all: int | None = None, b0: int = 0):
         """Inverted-dropout masks (L, T, B, H) for a training step, decided by (seed, step) alone;
-        p, the rate, defaults to the config's."""
+        p, the rate, defaults to the config's. With B_all: the masks of streams b0 .. b0+B-1 of a
+        batch of B_all streams, exactly those columns of that batch's masks (data-parallel workers)."""
         cfg = self.cfg
         shape = (cfg.layers, T, B, cfg.hidden)
         if out is None or out.shape != shape:
             out = layout.empty(shape, self.dtype)
-        return rng.dropout_masks(out, seed, step, float(cfg.dropout if p is None else p), threads.team())
+        return rng.dropout_masks(out, seed, step, float(cfg.dropout if p is None else p), threads.team(), B_all, b0)
 
     # ------------------------------------------------------------------ single steps and sampling
     def _step_buffers(self, nb: int) -> sample.Step:

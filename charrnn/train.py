@@ -20,6 +20,7 @@ import shutil
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -78,6 +79,41 @@ def train_step(model: Model, opt: Optimizer, x, y, h, c, masks, lr: float, clip:
     if finite:
         opt.step(model.theta, grad, lr)
     return StepResult(loss, norm, finite, out["h"], out["c"])
+
+
+class Solo:
+    """The single process's side of the interface that data-parallel workers implement
+    (parallel.Workers): one worker owning every stream, nothing to combine or agree on. The loop
+    calls these at the points where workers must meet, so it reads the same either way."""
+
+    rank, size, root = 0, 1, True
+    b0, b1 = 0, None  # every stream is this process's
+
+    def watch(self, poll):
+        pass
+
+    reduce = staticmethod(no_reduction)
+
+    def agreed(self, signum, time_up: bool):
+        return signum, time_up  # what this process saw is what it decides
+
+    def check_same(self, step: int, theta, force: bool = False):
+        pass
+
+    def on_root(self, fn):
+        return fn()
+
+    def gather_state(self, h, c):
+        return h, c
+
+    def writing(self):
+        return nullcontext()
+
+    def validating(self):
+        return nullcontext()
+
+    def report(self):
+        return None
 
 
 # ---------------------------------------------------------------------------------- compiling early
@@ -226,6 +262,8 @@ class Trainer:
         self.h, self.c = model.zero_state(cfg.batch)
         self.metrics_path = os.path.join(out, "metrics.jsonl") if out is not None else None
         self.precompile = None  # a Precompile started by new()
+        self.workers = Solo()  # or parallel.Workers: this process's share of the streams, and the meeting points
+        self.threads_default = None  # threads when --threads is left open (None: every core)
         self.rundir = None  # the locked run directory (RunDir), from new() / resume()
         self._saved_step = None  # the step last.npz was last written at, by this process
         self._evaluated_step = None  # the step last validated, by this process
@@ -411,19 +449,22 @@ class Trainer:
             "dtype": str(self.model.dtype),
         }
 
-    def _save_last(self):
-        extra = {"train.h": self.h, "train.c": self.c}
+    def _save_last(self, h=None, c=None):
+        """last.npz, with the carried state of every stream (h, c (L, B, H); this process's own by default)."""
+        extra = {"train.h": self.h if h is None else h, "train.c": self.c if c is None else c}
         for key, flat in self.opt.state_buffers().items():
             fp = Model(self.model.cfg, dtype=self.model.dtype, theta=flat).params
             for pname, arr in fp.items():
                 extra[f"optim.{key}.{pname}"] = arr
-        checkpoint.save(os.path.join(self.out, "last.npz"), self.model, self.vocab, self._meta(), extra,
-                        dropout=self.fitted.dropout)
+        with self.workers.writing():
+            checkpoint.save(os.path.join(self.out, "last.npz"), self.model, self.vocab, self._meta(), extra,
+                            dropout=self.fitted.dropout)
         self._saved_step = self.state.step
 
     def _save_best(self):
-        checkpoint.save(os.path.join(self.out, "best.npz"), self.model, self.vocab, self._meta(),
-                        dropout=self.fitted.dropout)
+        with self.workers.writing():
+            checkpoint.save(os.path.join(self.out, "best.npz"), self.model, self.vocab, self._meta(),
+                            dropout=self.fitted.dropout)
 
     # ------------------------------------------------------------------ validation
     def validate(self, stop=None) -> float | None:
@@ -437,13 +478,13 @@ class Trainer:
         return score_tokens(self.model, tokens, stop=stop).nats
 
     # ------------------------------------------------------------------ the loop
-    def _stop_reason(self, t_start: float, budget_s: float | None, eval_cost: float) -> str | None:
+    def _stop_reason(self, time_up: bool) -> str | None:
         cfg, st = self.cfg, self.state
         if cfg.steps is not None and st.step >= cfg.steps:
             return f"reached {cfg.steps} steps"
         if cfg.epochs is not None and st.step >= self._epoch_steps(cfg.epochs):
             return f"reached {cfg.epochs:g} epochs"
-        if budget_s is not None and time.monotonic() - t_start + eval_cost >= budget_s:
+        if time_up:
             return "time budget used"
         return None
 
@@ -459,7 +500,7 @@ class Trainer:
 
     def run(self) -> dict:
         st, model = self.state, self.model
-        n_threads = threads.set_threads(self.given.threads)
+        n_threads = threads.set_threads(self.given.threads if self.given.threads is not None else self.threads_default)
         budget_s = self._budget_seconds()
         if self.cfg.steps is None and self.cfg.epochs is None and budget_s is None:
             self.fitted = replace(self.fitted, epochs=budget.DEFAULT_EPOCHS)  # the documented default budget
@@ -471,7 +512,7 @@ class Trainer:
             f"charrnn: {cfg.cell} {cfg.layers}x{cfg.hidden} dropout {cfg.dropout:g}"
             f"{' (until fitted to the budget)' if self.fitted.dropout_pending else ''}, {model.n_params:,} parameters, "
             f"vocabulary {self.vocab.size}, {self.stream.n_tokens:,} training tokens, batch {cfg.batch}x{cfg.seq}, "
-            f"{n_threads} thread(s) -> {self.out}"
+            f"{n_threads} thread(s){f' x {self.workers.size} workers' if self.workers.size > 1 else ''} -> {self.out}"
         )
         said = []
 
@@ -525,23 +566,30 @@ class Trainer:
         eval_cost = 0.0
         bad = 0
         stop = None
+        workers = self.workers
+        received = None  # the signal that stops the run (agreed by all workers)
         with Signals() as sig:
             interrupted = lambda: sig.received is not None  # noqa: E731 - asked between spans of a validation
+            time_up = lambda: budget_s is not None and time.monotonic() - t_start + eval_cost >= budget_s  # noqa: E731
             try:
+                workers.watch(lambda: (sig.received, time_up()))
                 if st.eval_due:  # the validation an interrupt cut short, before the resumed run goes on
                     self._evaluate(rep, smooth, st.chars_per_s, t_start, elapsed0, stop=interrupted)
                 while True:
-                    stop = self._stop_reason(t_start, budget_s, eval_cost)
-                    if stop or sig.received is not None:
+                    received, out_of_time = workers.agreed(sig.received, time_up())
+                    stop = self._stop_reason(out_of_time)
+                    if stop or received is not None:
                         break
                     cfg = self.cfg
                     t0 = time.perf_counter()
                     T = min(seq_len_at(cfg, st.step), self.stream.S - st.pos)
-                    x, y = self.stream.get(st.pos, T)
-                    if cfg.dropout > 0:
-                        masks = model.dropout_masks(T, cfg.batch, cfg.seed, st.step, out=masks, p=cfg.dropout)
+                    x, y = self.stream.get(st.pos, T, workers.b0, workers.b1)  # (T, B/N): this worker's streams
+                    if cfg.dropout > 0:  # the whole batch's masks, this worker's streams of them
+                        masks = model.dropout_masks(T, x.shape[1], cfg.seed, st.step, out=masks, p=cfg.dropout,
+                                                    B_all=cfg.batch, b0=workers.b0)
                     res = train_step(model, self.opt, x, y, self.h, self.c, masks if cfg.dropout > 0 else None,
-                                     self.schedule.lr_at(st.step) * st.lr_scale, cfg.clip, cfg.clip_mode)
+                                     self.schedule.lr_at(st.step) * st.lr_scale, cfg.clip, cfg.clip_mode,
+                                     reduce=workers.reduce)
                     if res.finite:
                         bad = 0
                         self.h, self.c = res.h, res.c
@@ -562,6 +610,7 @@ class Trainer:
                                 "or --clip"
                             )
                     st.step += 1
+                    workers.check_same(st.step, model.theta)
                     st.pos += T
                     if st.pos >= self.stream.S:
                         st.pos = 0
@@ -583,9 +632,11 @@ class Trainer:
                         times.add(T, dt)
                     if (budget_s is not None and fit.open and steps_here >= AUTO_MEASURE_STEPS
                             and (steps_here - AUTO_MEASURE_STEPS) % REFIT_EVERY == 0):
-                        fit, lines = budget.refit(cfg, fit, st.step, times, budget_s,
-                                                  budget_s - (time.monotonic() - t_start), eval_cost, auto_eval,
-                                                  model.n_params, self.stream.n_tokens)
+                        # fitted on rank 0's clock and shared: workers that each fitted their own
+                        # timings would follow different schedules and drift apart
+                        fit, lines = workers.on_root(lambda: budget.refit(
+                            cfg, fit, st.step, times, budget_s, budget_s - (time.monotonic() - t_start), eval_cost,
+                            auto_eval, model.n_params, self.stream.n_tokens))
                         self.fitted, self.eval_every = fit.fitted, fit.eval_every
                         for line in lines:
                             rep.message(line)
@@ -595,7 +646,7 @@ class Trainer:
                         eval_cost = time.monotonic() - te
                         if stop:
                             break
-                if sig.received is None and self._evaluated_step != st.step and (
+                if received is None and self._evaluated_step != st.step and (
                         st.step % self.eval_every != 0 or st.step == 0):
                     # the final validation, unless the last step was just validated
                     self._evaluate(rep, smooth, chars_done / t_steps if t_steps else 0.0, t_start, elapsed0,
@@ -605,18 +656,25 @@ class Trainer:
             except KeyboardInterrupt:
                 rep.close()
                 raise Interrupted("interrupted twice; stopped without saving the last steps", 130) from None
-            if sig.received is not None:
+            received = workers.agreed(sig.received, False)[0]
+            if received is not None:
                 st.elapsed = elapsed0 + time.monotonic() - t_start
                 st.train_loss, st.chars_per_s = smooth, (chars_done / t_steps if t_steps else st.chars_per_s)
                 if not np.all(np.isfinite(model.theta)):
                     self._restore()
                 if self._saved_step != st.step or st.eval_due:
                     rep.message("interrupted: saving the run ...")
-                    self._save_last()
+                    h, c = workers.gather_state(self.h, self.c)
+                    workers.on_root(lambda: self._save_last(h, c))
+                    self._saved_step = st.step
                 rep.close()
-                raise Interrupted(f"stopped by {sig.name} at step {st.step}; saved {os.path.join(self.out, 'last.npz')} "
-                                  f"(continue with: charrnn train --resume {self.out})", sig.exit_code)
+                raise Interrupted(f"stopped by {signals.name_of(received)} at step {st.step}; saved "
+                                  f"{os.path.join(self.out, 'last.npz')} (continue with: charrnn train --resume "
+                                  f"{self.out})", signals.EXIT_CODES.get(received, 130))
         rep.close()
+        line = workers.report()
+        if line:
+            rep.message(line)
         st.elapsed = elapsed0 + time.monotonic() - t_start
         return {"stop": stop, "step": st.step, "best_val": st.best_val, "out": self.out,
                 "chars_per_s": chars_done / t_steps if t_steps else 0.0}
@@ -640,13 +698,24 @@ class Trainer:
         if not np.all(np.isfinite(self.model.theta)):
             self._restore()
         self._snapshot()
+        self.workers.check_same(st.step, self.model.theta, force=True)
+        h, c = self.workers.gather_state(self.h, self.c)  # every stream's, on rank 0
         try:
-            val = self.validate(stop=stop)
+            # rank 0 validates and writes; the others wait for its verdict (the exact single-stream
+            # number: scoring split among workers would start chunks from a zero state)
+            reason, state = self.workers.on_root(lambda: self._validate_and_record(rep, smooth, cps, h, c, stop))
         except Cancelled:
             st.eval_due = True
             raise
+        self.state.__dict__.update(state)
+        self._evaluated_step = self._saved_step = st.step  # on every worker: they decide alike from here
+        return reason
+
+    def _validate_and_record(self, rep: Reporter, smooth, cps, h, c, stop) -> tuple[str | None, dict]:
+        st = self.state
+        with self.workers.validating():
+            val = self.validate(stop=stop)
         st.eval_due = False
-        self._evaluated_step = st.step
         improved = val is not None and val < st.best_val
         if improved:
             st.best_val, st.best_step, st.bad_evals = val, st.step, 0
@@ -654,14 +723,14 @@ class Trainer:
             st.bad_evals += 1
         if val is None:
             st.best_step = st.step  # no validation: the latest model is the best we know
-        self._save_last()
+        self._save_last(h, c)
         if improved or val is None:
             self._save_best()
         line = {"step": st.step, "epoch": round(st.step / self.bpe, 4), "train_loss": smooth,
                 "val_loss": val, "val_bits": None if val is None else val / math.log(2),
                 "chars_per_s": round(cps, 1), "elapsed_s": round(st.elapsed, 2)}
         try:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
+            with self.workers.writing(), open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
         except OSError as e:
             raise CharrnnError(f"could not write {self.metrics_path}: {e.strerror or e} "
@@ -670,5 +739,5 @@ class Trainer:
             rep.message(f"step {st.step}: val {val:.4f} nats/char ({val / math.log(2):.4f} bits/char)"
                         + (" *best*" if improved else ""))
         if self.cfg.patience is not None and st.bad_evals >= self.cfg.patience:
-            return f"no improvement in {self.cfg.patience} validations"
-        return None
+            return f"no improvement in {self.cfg.patience} validations", st.__dict__.copy()
+        return None, st.__dict__.copy()

@@ -247,6 +247,22 @@ def test_dropout_masks(p, dtype, restore_threads):
     np.testing.assert_array_equal(m.dropout_masks(T, B, seed=3, step=10), a)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dropout_masks_of_some_streams_are_those_columns_of_the_whole_batch(dtype, restore_threads):
+    """A data-parallel worker owning streams b0 .. b1-1 draws exactly the single process's masks
+    for them."""
+    m = Model(ModelConfig(cell="lstm", layers=2, hidden=24, vocab_size=10, dropout=0.3), dtype=dtype)
+    T, B = 7, 12
+    whole = m.dropout_masks(T, B, seed=9, step=4)
+    for b0, b1 in ((0, 6), (6, 12), (3, 4), (0, 12), (8, 11)):
+        part = m.dropout_masks(T, b1 - b0, seed=9, step=4, B_all=B, b0=b0)
+        assert part.flags.c_contiguous
+        np.testing.assert_array_equal(part, whole[:, :, b0:b1])
+    assert not np.array_equal(m.dropout_masks(T, 6, seed=9, step=4, B_all=B, b0=6), whole[:, :, :6])
+    with pytest.raises(ValueError, match="not within"):
+        m.dropout_masks(T, 6, seed=9, step=4, B_all=B, b0=7)
+
+
 def test_dropout_mask_p_zero_is_all_ones():
     m = Model(ModelConfig(cell="gru", layers=1, hidden=8, vocab_size=6, dropout=0.0))
     assert np.all(m.dropout_masks(5, 3, seed=1, step=1) == 1)

@@ -31,10 +31,12 @@ def uniform(state):
 
 
 @helper
-def mask_rows(p, n, masks, seed, step, prob):
+def mask_rows(p, n, masks, seed, step, prob, B_all, b0):
     """Thread p of n: its share of the rows of masks (L, T, B, H) <- 0 with probability prob, else
     1/(1-prob) (inverted dropout). Element e of the mask at training step `step` is decided by
-    hash(seed, step, e) alone."""
+    hash(seed, step, e) alone, e indexing the (L, T, B_all, H) masks of the whole batch: `masks`
+    holds its streams b0 .. b0+B-1 (a data-parallel worker's share, the same values the single
+    process computes for those streams)."""
     L, T, B, H = masks.shape
     key = mix64(mix64(np.uint64(seed) + _GOLDEN) + np.uint64(step) * _M1)
     keep = cast(masks[0, 0, 0, 0], 1.0 / (1.0 - prob))
@@ -45,7 +47,9 @@ def mask_rows(p, n, masks, seed, step, prob):
     flat = masks.reshape((n_rows, H))
     per = (n_rows + n - 1) // n
     for r in range(p * per, min(n_rows, (p + 1) * per)):
-        base = key + np.uint64(r) * np.uint64(H) * _GOLDEN
+        lt, b = divmod(r, B)
+        r_all = lt * B_all + b0 + b  # the row's index in the whole batch's masks
+        base = key + np.uint64(r_all) * np.uint64(H) * _GOLDEN
         row = flat[r]
         for j in range(H):
             u = mix64(base + np.uint64(j) * _GOLDEN) >> np.uint64(32)
@@ -53,8 +57,8 @@ def mask_rows(p, n, masks, seed, step, prob):
 
 
 @kernel
-def _masks_thread(p, n, masks, seed, step, prob):
-    mask_rows(p, n, masks, seed, step, prob)
+def _masks_thread(p, n, masks, seed, step, prob, B_all, b0):
+    mask_rows(p, n, masks, seed, step, prob, B_all, b0)
 
 
 @kernel
@@ -69,13 +73,20 @@ def seed_state(seed: int) -> np.ndarray:
     return _seed_state(np.uint64(int(seed) % 2**64))
 
 
-def dropout_masks(masks: np.ndarray, seed: int, step: int, prob: float, team) -> np.ndarray:
+def dropout_masks(masks: np.ndarray, seed: int, step: int, prob: float, team, B_all: int | None = None,
+                  b0: int = 0) -> np.ndarray:
     """Fill masks (L, T, B, H) with the inverted-dropout masks of training step `step`, split over
-    the threads of `team` (the result does not depend on how many)."""
+    the threads of `team` (the result does not depend on how many). With B_all: streams
+    b0 .. b0+B-1 of the masks of a batch of B_all streams (a data-parallel worker's columns)."""
     if masks.ndim != 4 or masks.dtype not in (np.float32, np.float64) or not masks.flags.c_contiguous:
         raise ValueError("masks must be a C-contiguous (L, T, B, H) float array")
     if not 0.0 <= prob < 1.0:
         raise ValueError("dropout probability must be in [0, 1)")
-    n = max(1, min(team.size, masks.shape[0] * masks.shape[1] * masks.shape[2]))
-    team.run(n, _masks_thread, n, masks, np.uint64(int(seed) % 2**64), np.uint64(step), float(prob))
+    B = masks.shape[2]
+    B_all = B if B_all is None else int(B_all)
+    if not (0 <= b0 and b0 + B <= B_all):
+        raise ValueError(f"streams {b0} .. {b0 + B - 1} are not within a batch of {B_all}")
+    n = max(1, min(team.size, masks.shape[0] * masks.shape[1] * B))
+    team.run(n, _masks_thread, n, masks, np.uint64(int(seed) % 2**64), np.uint64(step), float(prob),
+             np.int64(B_all), np.int64(b0))
     return masks

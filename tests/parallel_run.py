@@ -1,0 +1,47 @@
+"""A float64 training run at library level, in memory, for the equivalence test of
+tests/test_parallel.py: imported there for the single process, and run under `mpiexec -n N python
+tests/parallel_run.py CORPUS OUT DEST` for the workers, each of which saves its final parameters
+to DEST.<rank>.npy (checkpoints are float32; these are the float64 parameters themselves)."""
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from charrnn.config import TrainConfig  # noqa: E402
+from charrnn.model import Model  # noqa: E402
+from charrnn.optim import make_optimizer  # noqa: E402
+from charrnn.train import Trainer  # noqa: E402
+
+# dropout and the --seq-warmup curriculum on (T grows from 8 to 12 over the first 10 steps)
+CONFIG = dict(cell="lstm", layers=2, hidden=16, dropout=0.3, batch=8, seq=12, seq_warmup=10, steps=14,
+              eval_every=1000, threads=1, seed=7, lr=1e-2, warmup=0)
+
+
+def in_float64(tr: Trainer) -> Trainer:
+    """The same run with its model, optimizer and carried state in float64."""
+    m = tr.model
+    tr.model = Model(m.cfg, dtype=np.float64, theta=m.theta.astype(np.float64))
+    tr.opt = make_optimizer(tr.cfg.optimizer, m.n_params, np.float64, tr.cfg.lr)
+    tr.h, tr.c = tr.model.zero_state(tr.cfg.batch)
+    return tr
+
+
+def make(corpus: str, out: str) -> Trainer:
+    return in_float64(Trainer.new([corpus], TrainConfig(**CONFIG), out, quiet=True))
+
+
+def main(corpus: str, out: str, dest: str):
+    from charrnn import parallel
+
+    workers = parallel.Workers()
+    tr = parallel.build(workers, lambda quiet: make(corpus, out), True)
+    tr.run()
+    np.save(f"{dest}.{workers.rank}.npy", tr.model.theta)
+    workers.close(True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
