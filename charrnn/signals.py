@@ -80,12 +80,3 @@ class Signals(_Handlers):
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             raise KeyboardInterrupt
         self.received = signum
-
-    @property
-    def exit_code(self) -> int:
-        """The conventional status after the signal received: 130 (SIGINT) or 143 (SIGTERM)."""
-        return EXIT_CODES.get(self.received, 130)
-
-    @property
-    def name(self) -> str:
-        return name_of(self.received)

@@ -1,5 +1,8 @@
 """Helpers shared by the tests of the kernels, the model and sampling: small models on random
-data, the float64 reference run on a model's parameters, thread switching."""
+data, the float64 reference run on a model's parameters, thread switching, and reading a
+checkpoint's arrays and meta record."""
+
+import json
 
 import numpy as np
 import pytest
@@ -58,3 +61,15 @@ def ref_nll(logits, y):
 
 def grad_views(m, grad):
     return Model(m.cfg, dtype=grad.dtype, theta=grad.copy()).params
+
+
+def params_of(path):
+    """Every array of a checkpoint file but its meta record, by name."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files if k != "meta"}
+
+
+def meta_of(path):
+    """A checkpoint file's meta record."""
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(str(z["meta"][()]))

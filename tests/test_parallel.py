@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from charrnn import checkpoint, parallel
 from charrnn.cli import cli
+from tests.common import meta_of, params_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIEXEC = parallel.mpiexec_path()
@@ -50,16 +51,6 @@ def charrnn_cmd(*args):
 
 def run_cli(args, timeout=240, **kw):
     return subprocess.run(charrnn_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
-
-
-def params_of(path):
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files if k != "meta"}
-
-
-def meta_of(path):
-    with np.load(path, allow_pickle=False) as z:
-        return json.loads(str(z["meta"][()]))
 
 
 def val_losses(run_dir):

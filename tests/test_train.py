@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from charrnn import checkpoint
 from charrnn.cli import cli
+from tests.common import meta_of, params_of
 from tests.wholetext import split_text
 from charrnn.evaluate import score_text
 
@@ -42,16 +43,6 @@ def run(args, cwd=None):
     finally:
         os.chdir(old)
     return res
-
-
-def params_of(path):
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files if k != "meta"}
-
-
-def meta_of(path):
-    with np.load(path, allow_pickle=False) as z:
-        return json.loads(str(z["meta"][()]))
 
 
 def test_resumed_run_equals_uninterrupted_run(corpus, tmp_path):
