@@ -99,12 +99,12 @@ def carried_state(cfg, shapes, m):
 
 
 # Every member a version-1 checkpoint may hold besides `meta`, all floating point; a name that no
-# family claims is refused. A new kind of member is one more line here, for example averaged
-# weights: Member(r"avg\.(?P<param>.+)", like_param).
+# family claims is refused. A new kind of member is one more line here.
 MEMBERS = (
     Member(r"(?P<param>.+)", like_param, param=True),  # rnn.weight_ih_l0 ... decoder.bias
     Member(r"optim\.[A-Za-z0-9_]+\.(?P<param>.+)", like_param),  # optim.<buffer>.<param>: m, v, sq, buf
     Member(r"train\.[hc]", carried_state),  # train.h, train.c
+    Member(r"avg\.(?P<param>.+)", like_param),  # avg.<param>: the averaged weights of a run (last.npz; --average)
 )
 
 

@@ -224,6 +224,16 @@ def cli():
 @click.option("--layers", type=click.IntRange(min=1), default=DEFAULTS.layers, help="Stacked recurrent layers.")
 @click.option("--hidden", type=click.IntRange(min=1, max=TRAIN_BOUNDS["hidden"].max), default=None, help="Units per layer. Default: chosen from the corpus size and time budget.")
 @click.option("--dropout", type=_finite(TRAIN_BOUNDS["dropout"]), default=None, help="Dropout on each layer's output. Default: from the epochs the budget allows and the parameters per character (fitted once a --minutes run knows its speed).")
+@click.option("--dropout-mode", type=click.Choice(["step", "locked"]), default=DEFAULTS.dropout_mode,
+              help="step: a new dropout mask at every time step; locked: one mask per stream for the whole batch "
+                   "(variational dropout).")
+@click.option("--weight-drop", type=_finite(TRAIN_BOUNDS["weight_drop"]), default=DEFAULTS.weight_drop, metavar="P",
+              help="DropConnect on every layer's hidden-to-hidden weights, one mask per batch (e.g. --weight-drop 0.2).")
+@click.option("--average", type=click.Choice(["off", "ema", "polyak"]), default=DEFAULTS.average,
+              help="Validate, and keep as best.npz, an average of the weights: ema (exponential moving average) or "
+                   "polyak (the mean from the start of the learning rate's decay).")
+@click.option("--avg-decay", type=_finite(TRAIN_BOUNDS["avg_decay"]), default=DEFAULTS.avg_decay, metavar="D",
+              help="--average ema: the average spans at most about 1/(1-D) updates.")
 @click.option("--batch", type=click.IntRange(min=1), default=DEFAULTS.batch, help="Parallel streams per step (B).")
 @click.option("--seq", type=click.IntRange(min=1), default=DEFAULTS.seq, help="Backprop-through-time steps per update (T).")
 @click.option("--seq-warmup", type=click.IntRange(min=0), default=DEFAULTS.seq_warmup, metavar="STEPS", help="Grow T from 8 to --seq over this many steps (0: off).")

@@ -71,6 +71,8 @@ TRAIN_BOUNDS = {
     "dropout": Bounds(min=0, max=1, max_open=True, optional=True),
     # |b| <= 100: sigmoid(100) is 1 in float32 already; anything larger only risks overflow
     "forget_bias": Bounds(min=-100, max=100),
+    "weight_drop": Bounds(min=0, max=1, max_open=True),
+    "avg_decay": Bounds(min=0, max=1, max_open=True),
     "batch": _COUNT,
     "seq": _COUNT,
     "seq_warmup": Bounds(min=0, integer=True),
@@ -113,6 +115,10 @@ class TrainConfig:
     hidden: int | None = None  # units per layer; None: sized from the corpus and the time budget
     dropout: float | None = None  # on each layer's output; None: chosen from the epochs the budget allows
     forget_bias: float = 1.0  # LSTM forget-gate bias at init (1.0 is the usual choice; PyTorch's 0 trains slower)
+    dropout_mode: str = "step"  # step: a new dropout mask at every time step | locked: one per stream and batch
+    weight_drop: float = 0.0  # DropConnect on every layer's hidden-to-hidden weights, one mask per batch
+    average: str = "off"  # off | ema | polyak: validate (and keep as best.npz) an average of the weights
+    avg_decay: float = 0.999  # ema: the average spans at most about 1 / (1 - avg_decay) updates
     # ---- data
     batch: int = 32  # B parallel streams per step
     seq: int = 64  # T steps of backprop-through-time per update
@@ -151,7 +157,12 @@ class TrainConfig:
         """Raise UsageError unless every numeric field is in its range (TRAIN_BOUNDS): finite, and
         a whole number where the loop counts with it. Runs on construction, so no TrainConfig
         (from the command line, a library caller or replace()) holds a NaN or a negative seed."""
+        from charrnn.errors import UsageError
+
         check_bounds(self, TRAIN_BOUNDS)
+        for name, allowed in (("dropout_mode", ("step", "locked")), ("average", ("off", "ema", "polyak"))):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         v = self.val_chars
         if not (v is None or v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
             raise UsageError(f"val_chars must be a positive number of characters or 'all', not {v!r}")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from charrnn import threads
-from charrnn.kernels import bptt, cells, layout, rng, sample, score
+from charrnn.kernels import bptt, cells, layout, rng, sample, score, wdrop
 
 CELLS = tuple(cells.CELLS)
 NONLINEARITIES = ("tanh", "relu")
@@ -159,6 +159,7 @@ class Model:
         self._pipe = None
         self._steps = {}  # streams -> sample.Step buffers
         self._gen = None
+        self._dropped = None  # (buffer, Net over it): the weights of a batch run with weight drop
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -220,16 +221,34 @@ class Model:
             if masks.shape != (cfg.layers, T, B, cfg.hidden) or masks.dtype != self.dtype or not masks.flags.c_contiguous:
                 raise ValueError("masks must be a contiguous (L, T, B, H) array of the model's dtype")
 
-    def forward_backward(self, x, y, h, c, masks=None, backward=True):
+    def forward_backward(self, x, y, h, c, masks=None, backward=True, weight_masks=None):
         """Loss of a (T, B) batch from state (h, c), and, if `backward`, its gradients.
+
+        `masks`: dropout on each layer's output (dropout_masks); `weight_masks`: weight drop on
+        each layer's weight_hh (weight_masks): the batch runs with weight_hh * mask, and the
+        gradient is taken with respect to theta, the raw weights.
 
         Returns a dict: loss (mean NLL over T*B), nll (T, B) float64, h and c (final state, new
         arrays), and with backward: grad (flat, same layout as theta; valid until the next call),
         dh0 and dc0 (gradient of the initial state).
         """
         self._check_batch(x, y, h, c, masks)
-        bt, self._ws = bptt.forward_backward(self.cell, self.cfg.cell, self._net, x, y, h, c, masks, backward,
+        net = self._net
+        if weight_masks is not None:
+            cfg = self.cfg
+            shape = (cfg.layers, cfg.G * cfg.hidden, cfg.hidden)
+            if (not isinstance(weight_masks, np.ndarray) or weight_masks.shape != shape
+                    or weight_masks.dtype != self.dtype or not weight_masks.flags.c_contiguous):
+                raise ValueError(f"weight masks must be a contiguous {shape} array of the model's dtype")
+            if self._dropped is None:
+                buf = layout.empty(self.params.size, self.dtype)
+                self._dropped = (buf, self._net._replace(theta=buf))
+            wdrop._drop(self._dropped[0], self.theta, self.params.table, weight_masks)
+            net = self._dropped[1]
+        bt, self._ws = bptt.forward_backward(self.cell, self.cfg.cell, net, x, y, h, c, masks, backward,
                                              threads.team(), self._ws)
+        if backward and weight_masks is not None:
+            wdrop._mask_grad(bt.grad, self.params.table, weight_masks)
         out = {"loss": float(bt.nll.mean()), "nll": bt.nll, "h": bt.hT, "c": bt.cT}
         if backward:
             out.update(grad=bt.grad, dh0=bt.dh0, dc0=bt.dc0)
@@ -262,26 +281,38 @@ class Model:
             c[...] = out["c"]
         return nll
 
-    def warm_up(self, dropout: bool | None = None):
+    def warm_up(self, dropout: bool | None = None, weight_drop: bool = False):
         """Compile (or load from the cache) the training kernels on a tiny batch, so that the first
         real step, and a --minutes budget, do not include compilation."""
         x = np.zeros((2, 2), dtype=np.int32)
         h, c = self.zero_state(2)
         use = self.cfg.dropout > 0 if dropout is None else dropout
         masks = self.dropout_masks(2, 2, 0, 0, p=0.5) if use else None
-        self.forward_backward(x, x, h, c, masks=masks)
+        wmasks = self.weight_masks(0, 0, 0.5) if weight_drop else None
+        self.forward_backward(x, x, h, c, masks=masks, weight_masks=wmasks)
         self._ws = None  # the real batches get their own buffers
 
     def dropout_masks(self, T: int, B: int, seed: int, step: int, out=None, p: float | None = None,
-                      B_all: int | None = None, b0: int = 0):
+                      B_all: int | None = None, b0: int = 0, locked: bool = False):
         """Inverted-dropout masks (L, T, B, H) for a training step, decided by (seed, step) alone;
         p, the rate, defaults to the config's. With B_all: the masks of streams b0 .. b0+B-1 of a
-        batch of B_all streams, exactly those columns of that batch's masks (data-parallel workers)."""
+        batch of B_all streams, exactly those columns of that batch's masks (data-parallel workers).
+        `locked`: the same mask at every time step of a stream (variational, or locked, dropout)."""
         cfg = self.cfg
         shape = (cfg.layers, T, B, cfg.hidden)
         if out is None or out.shape != shape:
             out = layout.empty(shape, self.dtype)
-        return rng.dropout_masks(out, seed, step, float(cfg.dropout if p is None else p), threads.team(), B_all, b0)
+        return rng.dropout_masks(out, seed, step, float(cfg.dropout if p is None else p), threads.team(), B_all, b0,
+                                 locked)
+
+    def weight_masks(self, seed: int, step: int, p: float, out=None):
+        """Weight-drop masks (L, G*H, H) of a training step, one per layer's weight_hh, for the
+        whole batch: decided by (seed, step) alone, the same in every data-parallel worker."""
+        cfg = self.cfg
+        shape = (cfg.layers, cfg.G * cfg.hidden, cfg.hidden)
+        if out is None or out.shape != shape:
+            out = layout.empty(shape, self.dtype)
+        return rng.weight_masks(out, seed, step, float(p), threads.team())
 
     # ------------------------------------------------------------------ single steps and sampling
     def _step_buffers(self, nb: int) -> sample.Step:

@@ -91,18 +91,31 @@ class Optimizer:
         self._buffers[name] = np.zeros(self.size, dtype=self.dtype)
         return self._buffers[name]
 
-    def step(self, theta: np.ndarray, grad: np.ndarray, lr: float | None = None) -> None:
+    def step(self, theta: np.ndarray, grad: np.ndarray, lr: float | None = None, avg: np.ndarray | None = None,
+             rate: float = 0.0) -> None:
         """One update of `theta` in place from `grad` (left unchanged) at learning rate `lr`
-        (default: the constructor's)."""
+        (default: the constructor's); in the same pass, an average of the weights `avg` (if
+        given) moves `rate` of the way to the new theta: avg += rate * (theta - avg)."""
         _check_flat("theta", theta, self.size, self.dtype)
         _check_flat("grad", grad, self.size, self.dtype)
         if np.shares_memory(theta, grad):
             raise ValueError("theta and grad must not overlap")
+        if avg is None:
+            avg = self._no_avg
+        else:
+            _check_flat("avg", avg, self.size, self.dtype)
+            if np.shares_memory(avg, theta) or np.shares_memory(avg, grad):
+                raise ValueError("avg must not overlap theta or grad")
+        rate = _check_scalar("rate", rate, hi=1.0)
         lr = self.lr if lr is None else _check_scalar("lr", lr)
         self.t += 1
-        self._update(theta, grad, lr)
+        self._update(theta, grad, lr, avg, rate)
 
-    def _update(self, theta, grad, lr):  # pragma: no cover - abstract
+    @property
+    def _no_avg(self):
+        return np.zeros(0, dtype=self.dtype)
+
+    def _update(self, theta, grad, lr, avg, rate):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def state_buffers(self) -> dict[str, np.ndarray]:
@@ -145,8 +158,8 @@ class Adam(Optimizer):
         self.m = self._new_buffer("m")
         self.v = self._new_buffer("v")
 
-    def _update(self, theta, grad, lr):
-        _adam(theta, grad, self.m, self.v, lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.t)
+    def _update(self, theta, grad, lr, avg, rate):
+        _adam(theta, grad, self.m, self.v, lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.t, avg, rate)
 
     def hparams(self):
         return dict(super().hparams(), betas=[self.beta1, self.beta2], eps=self.eps, weight_decay=self.weight_decay)
@@ -163,8 +176,8 @@ class RMSprop(Optimizer):
         self.eps = _check_scalar("eps", eps)
         self.sq = self._new_buffer("sq")
 
-    def _update(self, theta, grad, lr):
-        _rmsprop(theta, grad, self.sq, lr, self.alpha, self.eps)
+    def _update(self, theta, grad, lr, avg, rate):
+        _rmsprop(theta, grad, self.sq, lr, self.alpha, self.eps, avg, rate)
 
     def hparams(self):
         return dict(super().hparams(), alpha=self.alpha, eps=self.eps)
@@ -180,8 +193,8 @@ class SGD(Optimizer):
         self.momentum = _check_scalar("momentum", momentum)
         self.buf = self._new_buffer("buf") if self.momentum != 0.0 else np.zeros(0, dtype=self.dtype)
 
-    def _update(self, theta, grad, lr):
-        _sgd(theta, grad, self.buf, lr, self.momentum, self.t)
+    def _update(self, theta, grad, lr, avg, rate):
+        _sgd(theta, grad, self.buf, lr, self.momentum, self.t, avg, rate)
 
     def hparams(self):
         return dict(super().hparams(), momentum=self.momentum)
@@ -195,6 +208,39 @@ def make_optimizer(name: str, size: int, dtype, lr: float, **kw) -> Optimizer:
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}")
     return OPTIMIZERS[name](size, dtype, lr=lr, **kw)
+
+
+# ----------------------------------------------------------------------------- weight averaging
+AVERAGES = ("off", "ema", "polyak")
+
+
+class Averager:
+    """An average of the weights along training, the model a run validates and keeps as best.npz.
+
+      ema     an exponential moving average: after update number n (1-based) the average moves
+              rate(n) = max(1 - decay, 10 / (9 + n)) of the way to the new weights, so it starts
+              as the weights themselves and spans about the last tenth of the updates so far,
+              at most about 1 / (1 - decay) of them
+      polyak  the plain mean of the weights after every update from `start` on (the beginning of
+              the learning rate's decay); before it, the weights themselves
+
+    The rate is a pure function of the update number and `start`, so a resumed run (which restores
+    `avg`) continues exactly. The update itself is fused into the optimizer's pass (Optimizer.step).
+    """
+
+    def __init__(self, kind: str, size: int, dtype, decay: float = 0.999):
+        if kind not in AVERAGES[1:]:
+            raise ValueError(f"average must be one of {AVERAGES[1:]}, got {kind!r}")
+        self.kind = kind
+        self.decay = _check_scalar("decay", decay, hi=1.0, hi_open=True)
+        self.avg = np.zeros(int(size), dtype=np.dtype(dtype))
+
+    def rate(self, n: int, start: int = 0) -> float:
+        """The share of the new weights in the average after update number n (n >= 1)."""
+        n = _check_int("update number", n, 1)
+        if self.kind == "ema":
+            return max(1.0 - self.decay, 10.0 / (9.0 + n))
+        return 1.0 if n <= start else 1.0 / (n - start)
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -748,14 +748,16 @@ def _follow(spec: dict, path: str):
 
 
 def _share_arrays(workers: Workers, trainer):
-    """Rank 0's parameters, optimizer moments and step count on every worker, and each worker's
-    streams of the carried state."""
+    """Rank 0's parameters, optimizer moments, step count and averaged weights on every worker, and
+    each worker's streams of the carried state."""
     workers.share_array(trainer.model.theta)
     bufs = trainer.opt.state_buffers()
     for key in sorted(bufs):
         workers.share_array(bufs[key])
     t = workers.share(trainer.opt.t)
     trainer.opt.load_state(bufs, t)
+    if trainer.averager is not None:
+        workers.share_array(trainer.averager.avg)
     h_all, c_all = (trainer.h, trainer.c) if workers.root else (None, None)
     trainer.h, trainer.c = trainer.model.zero_state(workers.b1 - workers.b0)
     workers.scatter_state(h_all, c_all, trainer.h, trainer.c)

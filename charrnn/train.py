@@ -20,7 +20,7 @@ import shutil
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -34,7 +34,8 @@ from charrnn.errors import CharrnnError, DataError, Interrupted, TrainingError, 
 from charrnn.evaluate import Cancelled, score_tokens
 from charrnn.kernels.jit import compile_notice
 from charrnn.model import Model, ModelConfig, approx_params
-from charrnn.optim import Optimizer, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
+from charrnn.optim import (WSD_DECAY_FRAC, Averager, Optimizer, Schedule, clip_grad_norm, clip_grad_value, grad_norm,
+                           make_optimizer)
 from charrnn.progress import Reporter, note, remaining
 from charrnn.rundir import RunDir, holds_run
 from charrnn.signals import Signals
@@ -60,12 +61,14 @@ def no_reduction(grad: np.ndarray, loss: float) -> float:
 
 
 def train_step(model: Model, opt: Optimizer, x, y, h, c, masks, lr: float, clip: float, clip_mode: str,
-               reduce=no_reduction) -> StepResult:
-    """One update: forward and backward over the batch, the gradient reduction (`reduce(grad,
-    loss)` combines the gradient in place and returns the combined loss: data-parallel workers
-    plug an all-reduce in here), clipping, and the optimizer step, which a non-finite loss or
-    gradient skips (the caller decides what to do about it)."""
-    out = model.forward_backward(x, y, h, c, masks=masks)
+               reduce=no_reduction, weight_masks=None, avg=None, rate: float = 0.0) -> StepResult:
+    """One update: forward and backward over the batch (with output dropout `masks` and weight
+    drop `weight_masks`, either None), the gradient reduction (`reduce(grad, loss)` combines the
+    gradient in place and returns the combined loss: data-parallel workers plug an all-reduce in
+    here), clipping, and the optimizer step, which a non-finite loss or gradient skips (the
+    caller decides what to do about it). The step moves the average of the weights `avg`, if
+    given, `rate` of the way to the new weights, in the optimizer's own pass."""
+    out = model.forward_backward(x, y, h, c, masks=masks, weight_masks=weight_masks)
     grad = out["grad"]
     loss = reduce(grad, out["loss"])
     if clip > 0 and clip_mode == "value":
@@ -77,7 +80,7 @@ def train_step(model: Model, opt: Optimizer, x, y, h, c, masks, lr: float, clip:
         norm = grad_norm(grad)
     finite = math.isfinite(loss) and math.isfinite(norm)
     if finite:
-        opt.step(model.theta, grad, lr)
+        opt.step(model.theta, grad, lr, avg=avg, rate=rate)
     return StepResult(loss, norm, finite, out["h"], out["c"])
 
 
@@ -146,10 +149,11 @@ class Precompile:
         cfg, cell, threads_n = self._args
         try:
             model = Model(ModelConfig(cell=cell, layers=2, hidden=8, vocab_size=4, nonlinearity=cfg.nonlinearity))
-            model.warm_up(dropout=cfg.dropout != 0)  # None: chosen later, and likely above 0
+            model.warm_up(dropout=cfg.dropout != 0, weight_drop=cfg.weight_drop > 0)  # None: chosen later, likely > 0
             opt = make_optimizer(cfg.optimizer, model.n_params, model.dtype, 1e-3)
             x = np.zeros((2, 2), np.int32)
-            train_step(model, opt, x, x, *model.zero_state(2), None, 1e-3, cfg.clip, cfg.clip_mode)
+            train_step(model, opt, x, x, *model.zero_state(2), None, 1e-3, cfg.clip, cfg.clip_mode,
+                       avg=np.zeros(model.n_params, model.dtype), rate=1.0)
             if threads_n >= 2 and cfg.layers >= 2:
                 h, c = model.zero_state(1)
                 model.score(np.zeros(2, np.int32), np.zeros(2, np.int32), h, c)
@@ -260,6 +264,10 @@ class Trainer:
         self.bpe = self.stream.batches_per_epoch(cfg.seq)
         self.eval_every = cfg.eval_every or int(min(2000, max(200, self.bpe)))
         self.h, self.c = model.zero_state(cfg.batch)
+        # the average of the weights the run validates and keeps as best (--average); its first
+        # update has rate 1, so a new run's buffer needs no initial value
+        self.averager = None if cfg.average == "off" else Averager(cfg.average, model.n_params, model.dtype,
+                                                                   cfg.avg_decay)
         self.metrics_path = os.path.join(out, "metrics.jsonl") if out is not None else None
         self.precompile = None  # a Precompile started by new()
         self.workers = Solo()  # or parallel.Workers: this process's share of the streams, and the meeting points
@@ -379,8 +387,11 @@ class Trainer:
             raise CharrnnError(f"{path}: cannot resume: checkpoint lacks training state ({e})") from None
         except UsageError as e:  # options this version no longer accepts (a range tightened since)
             raise CharrnnError(f"{path}: cannot resume: the run's recorded options are out of range: {e}") from None
-        if "max_vocab" not in meta.get("config", meta.get("train", {})):
+        recorded = meta.get("config", meta.get("train", {}))
+        if "max_vocab" not in recorded:
             given = replace(given, max_vocab=None)  # a run from before --max-vocab kept every character
+        if "weight_drop" not in recorded:  # a run from before these options trained without them
+            given = replace(given, weight_drop=0.0, dropout_mode="step", average="off")
         if "-" in paths:
             raise CharrnnError("cannot resume a run trained on stdin: the corpus cannot be read again")
         early = Precompile(effective(given, fitted), ck.model.cfg.cell,
@@ -425,6 +436,13 @@ class Trainer:
             raise CharrnnError(f"{path}: cannot resume: carried training state missing")
         tr.h[...] = h
         tr.c[...] = c
+        if tr.averager is not None:
+            view = Model(ck.model.cfg, dtype=ck.model.dtype, theta=tr.averager.avg).params
+            for pname in view.views:
+                arr = ck.arrays.get(f"avg.{pname}")
+                if arr is None or arr.shape != view[pname].shape:
+                    raise CharrnnError(f"{path}: cannot resume: averaged weights avg.{pname} missing or wrong")
+                view[pname][...] = arr
         if rs.pos >= tr.stream.S:
             raise CharrnnError(f"{path}: cannot resume: data position beyond the corpus")
         return tr
@@ -452,30 +470,36 @@ class Trainer:
     def _save_last(self, h=None, c=None):
         """last.npz, with the carried state of every stream (h, c (L, B, H); this process's own by default)."""
         extra = {"train.h": self.h if h is None else h, "train.c": self.c if c is None else c}
-        for key, flat in self.opt.state_buffers().items():
+        flats = {f"optim.{key}.": flat for key, flat in self.opt.state_buffers().items()}
+        if self.averager is not None:
+            flats["avg."] = self.averager.avg  # the raw weights stay under rnn.* / decoder.*, for resume
+        for prefix, flat in flats.items():
             fp = Model(self.model.cfg, dtype=self.model.dtype, theta=flat).params
             for pname, arr in fp.items():
-                extra[f"optim.{key}.{pname}"] = arr
+                extra[f"{prefix}{pname}"] = arr
         with self.workers.writing():
             checkpoint.save(os.path.join(self.out, "last.npz"), self.model, self.vocab, self._meta(), extra,
                             dropout=self.fitted.dropout)
         self._saved_step = self.state.step
 
     def _save_best(self):
-        with self.workers.writing():
+        """best.npz: the model validation scored (the average of the weights, with --average)."""
+        with self.workers.writing(), self._averaged():
             checkpoint.save(os.path.join(self.out, "best.npz"), self.model, self.vocab, self._meta(),
                             dropout=self.fitted.dropout)
 
     # ------------------------------------------------------------------ validation
     def validate(self, stop=None) -> float | None:
         """Mean loss over the held-out positions the run scores (the first Fitted.val_chars of the
-        split, or all of it), by DESIGN.md's definition; None without a split. Cancelled as soon as
-        `stop()` says so (it is asked between spans of the scorer)."""
+        split, or all of it), by DESIGN.md's definition, of the averaged weights with --average;
+        None without a split. Cancelled as soon as `stop()` says so (it is asked between spans of
+        the scorer)."""
         if self.val_tokens is None or len(self.val_tokens) < 2:
             return None
         n = self.fitted.val_chars
         tokens = self.val_tokens if n is None else self.val_tokens[: n + 1]
-        return score_tokens(self.model, tokens, stop=stop).nats
+        with self._averaged():
+            return score_tokens(self.model, tokens, stop=stop).nats
 
     # ------------------------------------------------------------------ the loop
     def _stop_reason(self, time_up: bool) -> str | None:
@@ -532,7 +556,8 @@ class Trainer:
                     # seen at once (a compile in this thread would hold it for many seconds)
                     if self.precompile is not None:
                         self.precompile.wait()
-                    self.model.warm_up(dropout=cfg.dropout > 0 or self.fitted.dropout_pending)
+                    self.model.warm_up(dropout=cfg.dropout > 0 or self.fitted.dropout_pending,
+                                       weight_drop=cfg.weight_drop > 0)
                 except (KeyboardInterrupt, signals.SignalExit) as e:
                     rep.close()
                     signum = getattr(e, "signum", 2)
@@ -553,7 +578,7 @@ class Trainer:
             rep.message(line)
         fit = budget.Fit(self.fitted, self.eval_every, budget_s is not None and (
             auto_eval or self.fitted.schedule == "auto" or self.fitted.dropout_pending), False)
-        masks = None
+        masks = wmasks = None
         smooth = st.train_loss  # the smoothed loss goes on where the saved run left it
         self._snapshot()
         elapsed0 = st.elapsed
@@ -586,10 +611,16 @@ class Trainer:
                     x, y = self.stream.get(st.pos, T, workers.b0, workers.b1)  # (T, B/N): this worker's streams
                     if cfg.dropout > 0:  # the whole batch's masks, this worker's streams of them
                         masks = model.dropout_masks(T, x.shape[1], cfg.seed, st.step, out=masks, p=cfg.dropout,
-                                                    B_all=cfg.batch, b0=workers.b0)
+                                                    B_all=cfg.batch, b0=workers.b0,
+                                                    locked=cfg.dropout_mode == "locked")
+                    if cfg.weight_drop > 0:  # one mask for the whole batch: every worker draws the same
+                        wmasks = model.weight_masks(cfg.seed, st.step, cfg.weight_drop, out=wmasks)
+                    av = self.averager
                     res = train_step(model, self.opt, x, y, self.h, self.c, masks if cfg.dropout > 0 else None,
                                      self.schedule.lr_at(st.step) * st.lr_scale, cfg.clip, cfg.clip_mode,
-                                     reduce=workers.reduce)
+                                     reduce=workers.reduce, weight_masks=wmasks if cfg.weight_drop > 0 else None,
+                                     avg=None if av is None else av.avg,
+                                     rate=0.0 if av is None else av.rate(st.step + 1, self._averaging_start()))
                     if res.finite:
                         bad = 0
                         self.h, self.c = res.h, res.c
@@ -680,13 +711,39 @@ class Trainer:
                 "chars_per_s": chars_done / t_steps if t_steps else 0.0}
 
     def _snapshot(self):
-        """Remember the current parameters and optimizer state as the last good ones."""
-        self._good = (self.model.theta.copy(), {k: v.copy() for k, v in self.opt.state_buffers().items()}, self.opt.t)
+        """Remember the current parameters, optimizer state and average as the last good ones."""
+        self._good = (self.model.theta.copy(), {k: v.copy() for k, v in self.opt.state_buffers().items()}, self.opt.t,
+                      None if self.averager is None else self.averager.avg.copy())
 
     def _restore(self):
-        theta, bufs, t = self._good
+        theta, bufs, t, avg = self._good
         self.model.theta[...] = theta
         self.opt.load_state({k: v.copy() for k, v in bufs.items()}, t)
+        if avg is not None:
+            self.averager.avg[...] = avg
+
+    def _averaging_start(self) -> int:
+        """The update after which a Polyak average begins: where the learning rate starts to decay
+        (a wsd schedule's decay; otherwise the end of the warm-up). A function of the fitted
+        schedule, which is final before the decay begins, so a resumed run averages the same."""
+        cfg = self.cfg
+        if cfg.schedule == "wsd" and cfg.decay_steps is not None:
+            return cfg.warmup + int(cfg.decay_steps * (1.0 - WSD_DECAY_FRAC))
+        return cfg.warmup
+
+    @contextmanager
+    def _averaged(self):
+        """The model's weights are the average's inside (validation, best.npz), the raw ones after."""
+        if self.averager is None:
+            yield
+            return
+        theta = self.model.theta
+        raw = theta.copy()
+        theta[...] = self.averager.avg
+        try:
+            yield
+        finally:
+            theta[...] = raw
 
     def _evaluate(self, rep: Reporter, smooth, cps, t_start, elapsed0, stop=None) -> str | None:
         """Validate, save last.npz (and best.npz when better) and append to metrics.jsonl; the stop

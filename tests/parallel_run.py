@@ -1,7 +1,8 @@
 """A float64 training run at library level, in memory, for the equivalence test of
 tests/test_parallel.py: imported there for the single process, and run under `mpiexec -n N python
-tests/parallel_run.py CORPUS OUT DEST` for the workers, each of which saves its final parameters
-to DEST.<rank>.npy (checkpoints are float32; these are the float64 parameters themselves)."""
+tests/parallel_run.py CORPUS OUT DEST [regularised]` for the workers, each of which saves its final
+parameters to DEST.<rank>.npy (checkpoints are float32; these are the float64 parameters themselves),
+followed by its averaged weights when there are some."""
 
 import os
 import sys
@@ -12,12 +13,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from charrnn.config import TrainConfig  # noqa: E402
 from charrnn.model import Model  # noqa: E402
-from charrnn.optim import make_optimizer  # noqa: E402
+from charrnn.optim import Averager, make_optimizer  # noqa: E402
 from charrnn.train import Trainer  # noqa: E402
 
 # dropout and the --seq-warmup curriculum on (T grows from 8 to 12 over the first 10 steps)
 CONFIG = dict(cell="lstm", layers=2, hidden=16, dropout=0.3, batch=8, seq=12, seq_warmup=10, steps=14,
               eval_every=1000, threads=1, seed=7, lr=1e-2, warmup=0)
+# and with weight drop, locked dropout and an exponential average of the weights
+REGULARISED = dict(CONFIG, weight_drop=0.25, dropout_mode="locked", average="ema", avg_decay=0.8)
 
 
 def in_float64(tr: Trainer) -> Trainer:
@@ -26,22 +29,30 @@ def in_float64(tr: Trainer) -> Trainer:
     tr.model = Model(m.cfg, dtype=np.float64, theta=m.theta.astype(np.float64))
     tr.opt = make_optimizer(tr.cfg.optimizer, m.n_params, np.float64, tr.cfg.lr)
     tr.h, tr.c = tr.model.zero_state(tr.cfg.batch)
+    if tr.averager is not None:
+        tr.averager = Averager(tr.cfg.average, m.n_params, np.float64, tr.cfg.avg_decay)
     return tr
 
 
-def make(corpus: str, out: str) -> Trainer:
-    return in_float64(Trainer.new([corpus], TrainConfig(**CONFIG), out, quiet=True))
+def make(corpus: str, out: str, regularised: bool = False) -> Trainer:
+    cfg = TrainConfig(**(REGULARISED if regularised else CONFIG))
+    return in_float64(Trainer.new([corpus], cfg, out, quiet=True))
 
 
-def main(corpus: str, out: str, dest: str):
+def weights(tr: Trainer) -> np.ndarray:
+    """The parameters, then the averaged weights if any."""
+    return tr.model.theta.copy() if tr.averager is None else np.concatenate([tr.model.theta, tr.averager.avg])
+
+
+def main(corpus: str, out: str, dest: str, regularised: str = ""):
     from charrnn import parallel
 
     workers = parallel.Workers()
-    tr = parallel.build(workers, lambda quiet: make(corpus, out), True)
+    tr = parallel.build(workers, lambda quiet: make(corpus, out, regularised == "regularised"), True)
     tr.run()
-    np.save(f"{dest}.{workers.rank}.npy", tr.model.theta)
+    np.save(f"{dest}.{workers.rank}.npy", weights(tr))
     workers.close(True)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -402,7 +402,9 @@ def test_the_limits_refuse_no_model_anyone_could_train():
     ("rnn.weight_ih_l2", np.zeros((24, 6), np.float32)),  # a layer the meta does not declare
     ("optim.m.nosuch", np.zeros(3, np.float32)),
     ("train.x", np.zeros((2, 3, 6), np.float32)),
-    ("avg.decoder.bias", np.zeros(11, np.float32)),  # not (yet) a member
+    ("avg.decoder.bias2", np.zeros(11, np.float32)),  # averaged weights of no parameter
+    ("avg.optim.m.decoder.bias", np.zeros(11, np.float32)),
+    ("avg", np.zeros(11, np.float32)),
     ("evil", np.array([object()], dtype=object)),  # a pickle, never run
 ])
 def test_unknown_members_are_refused(good, tmp_path, name, arr):
@@ -419,6 +421,8 @@ def test_unknown_members_are_refused(good, tmp_path, name, arr):
     ("decoder.bias", np.zeros(11, "U3"), "decoder.bias has dtype <U3, expected a float type"),
     ("optim.m.decoder.bias", np.zeros(10, np.float32), "optim.m.decoder.bias has shape (10,), expected (11,)"),
     ("optim.m.decoder.bias", np.zeros(11, np.int32), "optim.m.decoder.bias has dtype int32"),
+    ("avg.decoder.bias", np.zeros(10, np.float32), "avg.decoder.bias has shape (10,), expected (11,)"),
+    ("avg.rnn.weight_hh_l0", np.zeros((24, 6), np.int16), "avg.rnn.weight_hh_l0 has dtype int16"),
     ("train.h", np.zeros((3, 4, 6), np.float32), "train.h has shape (3, 4, 6), expected (2, B, 6)"),
     ("train.h", np.zeros((2, 0, 6), np.float32), "train.h has shape (2, 0, 6)"),
 ])
@@ -699,3 +703,18 @@ def test_the_cli_refuses_hostile_models_in_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "charrnn", "sample", "--length", "5", "--model", good],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr  # the good one still samples
+
+
+def test_averaged_weights_are_members_shaped_like_their_parameters(good, tmp_path):
+    """avg.<param> (a run's averaged weights, last.npz with --average) loads, on request, beside the
+    raw weights that the model itself gets."""
+    arrays = arrays_of(good)
+    avg = {f"avg.{k}": np.full(v.shape, 0.5, np.float32) for k, v in arrays.items() if k != "meta"}
+    arrays.update(avg)
+    p = tmp_path / "avg.npz"
+    write(p, arrays)
+    ck = checkpoint.load(str(p), with_arrays=True)
+    assert set(avg) <= set(ck.arrays)
+    for k, v in avg.items():
+        np.testing.assert_array_equal(ck.arrays[k], v)
+        assert not np.array_equal(ck.model.params[k[4:]], v)  # the model holds the raw weights

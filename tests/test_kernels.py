@@ -426,3 +426,123 @@ def test_a_vocabulary_larger_than_the_batch_matches_reference(cell, nonlin, nthr
     x[1, 0], x[2, 3] = 0, 69
     T, B = x.shape
     assert_batch_matches_reference(m, x, y, h, c, m.dropout_masks(T, B, seed=2, step=1), cell, nonlin)
+
+
+# ----------------------------------------------------------------------------- 7. weight drop and locked dropout
+def ref_params_dropped(m, wmasks):
+    """The reference's parameters with every layer's weight_hh multiplied by its weight mask."""
+    params = ref_params(m)
+    for k in range(m.cfg.layers):
+        params[f"rnn.weight_hh_l{k}"] = params[f"rnn.weight_hh_l{k}"] * wmasks[k]
+    return params
+
+
+@pytest.mark.parametrize("cell,nonlin", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("L", [1, 2])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_weight_drop_matches_reference_on_the_dropped_weights(cell, nonlin, L, nthreads, restore_threads):
+    """A batch with weight drop is the reference run on weight_hh * mask; the gradient of the raw
+    weight_hh is the reference's gradient times the mask, every other gradient the reference's."""
+    threads.set_threads(nthreads)
+    m, x, y, h, c = make(cell, nonlin, L, H=16, B=4, dropout=0.3)
+    T, B = x.shape
+    masks = m.dropout_masks(T, B, seed=5, step=3)
+    wm = m.weight_masks(seed=5, step=3, p=0.4)
+    assert 0 < np.mean(wm == 0) < 1
+    theta0 = m.theta.copy()
+    out = m.forward_backward(x, y, h, c, masks=masks, weight_masks=wm)
+    np.testing.assert_array_equal(m.theta, theta0)  # the raw weights are untouched
+    c0 = c if cell == "lstm" else None
+    loss, logits, hT, cT, grads, dh0, dc0 = ref.loss_and_grads(cell, ref_params_dropped(m, wm), x, y, h, c0,
+                                                               list(masks), nonlin)
+    assert abs(out["loss"] - loss) < 1e-12
+    np.testing.assert_allclose(out["h"], hT, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out["dh0"], dh0, rtol=0, atol=1e-12)
+    got = grad_views(m, out["grad"])
+    for name in param_shapes(m.cfg):
+        want = grads[name] * wm[int(name[-1])] if "weight_hh" in name else grads[name]
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-12, err_msg=name)
+    plain = m.forward_backward(x, y, h, c, masks=masks)  # and without weight drop, the plain batch again
+    assert abs(plain["loss"] - ref.loss_and_grads(cell, ref_params(m), x, y, h, c0, list(masks), nonlin)[0]) < 1e-12
+
+
+@pytest.mark.parametrize("cell,nonlin", CASES, ids=CASE_IDS)
+def test_weight_drop_finite_differences_with_the_mask_fixed(cell, nonlin):
+    m, x, y, h, c, masks = fd_problem(cell, nonlin, 2, True)
+    wm = m.weight_masks(seed=3, step=2, p=0.4)
+    assert 0 < np.mean(wm == 0) < 1
+    out = m.forward_backward(x, y, h, c, masks=masks, weight_masks=wm)
+    grads = grad_views(m, out["grad"])
+
+    def loss():
+        return m.forward_backward(x, y, h, c, masks=masks, weight_masks=wm, backward=False)["loss"]
+
+    assert loss() == out["loss"]
+    for name, p in m.params.items():
+        if "weight_hh" in name:  # a dropped weight has no effect: its gradient is exactly 0
+            k = int(name[-1])
+            assert np.all(grads[name][wm[k] == 0] == 0)
+            kept = wm[k] != 0
+            analytic = grads[name]
+            numeric_check = np.where(kept, analytic, 0.0)
+            fd_check_masked(loss, p, numeric_check, kept, name)
+        else:
+            fd_check(loss, p, grads[name], name)
+
+
+def fd_check_masked(loss, arr, analytic, kept, name):
+    """fd_check over the kept entries only; the dropped ones must not move the loss at all."""
+    numeric = np.zeros(arr.shape)
+    for idx in np.ndindex(*arr.shape):
+        old = arr[idx]
+        arr[idx] = old + FD_EPS
+        lp = loss()
+        arr[idx] = old - FD_EPS
+        lm = loss()
+        arr[idx] = old
+        numeric[idx] = (lp - lm) / (2 * FD_EPS)
+        if not kept[idx]:
+            assert lp == lm, f"{name}{idx}: a dropped weight changed the loss"
+    assert np.max(np.abs(numeric)) > 0
+    err = rel_error(analytic, numeric)
+    assert err < FD_TOL, f"{name}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_masks_are_decided_by_seed_and_step_and_drop_about_p(dtype, restore_threads):
+    m = Model(ModelConfig(cell="lstm", layers=2, hidden=64, vocab_size=10), dtype=dtype)
+    p = 0.3
+    a = m.weight_masks(seed=3, step=10, p=p)
+    assert a.shape == (2, 4 * 64, 64) and a.dtype == dtype
+    assert np.all((a == 0) | (a == dtype(1 / (1 - p))))
+    assert abs(np.mean(a == 0) - p) < 0.01
+    assert abs(np.mean((a[0] == 0) == (a[1] == 0)) - (p * p + (1 - p) ** 2)) < 0.01  # layers independent
+    np.testing.assert_array_equal(m.weight_masks(seed=3, step=10, p=p), a)
+    other = m.weight_masks(seed=3, step=11, p=p)
+    assert abs(np.mean((other == 0) == (a == 0)) - (p * p + (1 - p) ** 2)) < 0.01
+    out = m.dropout_masks(8, 32, seed=3, step=10, p=p)  # not the output masks of the same step
+    assert abs(np.mean((out.reshape(2, -1)[:, :4096] == 0) == (a.reshape(2, -1)[:, :4096] == 0))
+               - (p * p + (1 - p) ** 2)) < 0.02
+    threads.set_threads(1)
+    np.testing.assert_array_equal(m.weight_masks(seed=3, step=10, p=p), a)
+    assert np.all(m.weight_masks(seed=3, step=10, p=0.0) == 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_locked_dropout_masks_are_one_mask_per_stream_for_every_step(dtype, restore_threads):
+    m = Model(ModelConfig(cell="gru", layers=2, hidden=32, vocab_size=10), dtype=dtype)
+    T, B, p = 9, 12, 0.4
+    a = m.dropout_masks(T, B, seed=7, step=5, p=p, locked=True)
+    for t in range(T):
+        np.testing.assert_array_equal(a[:, t], a[:, 0])
+    assert abs(np.mean(a == 0) - p) < 0.05
+    assert not np.array_equal(a[:, :, 0], a[:, :, 1])  # streams and layers differ
+    assert not np.array_equal(a[0], a[1])
+    step_masks = m.dropout_masks(T, B, seed=7, step=5, p=p)
+    np.testing.assert_array_equal(step_masks[:, 0], a[:, 0])  # step 0 is the per-step mask of step 0
+    assert not np.array_equal(step_masks[:, 1], a[:, 1])
+    for b0, b1 in ((0, 6), (6, 12), (5, 9)):  # a data-parallel worker's streams: the same columns
+        np.testing.assert_array_equal(m.dropout_masks(T, b1 - b0, seed=7, step=5, p=p, B_all=B, b0=b0, locked=True),
+                                      a[:, :, b0:b1])
+    threads.set_threads(1)
+    np.testing.assert_array_equal(m.dropout_masks(T, B, seed=7, step=5, p=p, locked=True), a)

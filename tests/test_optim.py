@@ -12,6 +12,7 @@ from charrnn.kernels.optim import _adam, _clip_value, _rmsprop, _scale, _sgd, _s
 from charrnn.optim import (
     SGD,
     Adam,
+    Averager,
     RMSprop,
     Schedule,
     clip_grad_norm,
@@ -78,7 +79,7 @@ def test_adam_kernel_matches_reference(wd):
     rt, rm, rv = theta.copy(), m.copy(), v.copy()
     for t, g in enumerate(grads(1), start=1):
         g0 = g.copy()
-        _adam(theta, g, m, v, 3e-3, 0.8, 0.99, 1e-8, wd, t)
+        _adam(theta, g, m, v, 3e-3, 0.8, 0.99, 1e-8, wd, t, np.zeros(0), 0.0)
         rt, rm, rv = ref_adam(rt, g, rm, rv, 3e-3, 0.8, 0.99, 1e-8, wd, t)
         np.testing.assert_array_equal(g, g0)  # gradient untouched
         np.testing.assert_allclose(theta, rt, rtol=0, atol=1e-12)
@@ -91,7 +92,7 @@ def test_rmsprop_kernel_matches_reference():
     sq[:] = 0
     rt, rs = theta.copy(), sq.copy()
     for g in grads(2):
-        _rmsprop(theta, g, sq, 1e-2, 0.95, 1e-8)
+        _rmsprop(theta, g, sq, 1e-2, 0.95, 1e-8, np.zeros(0), 0.0)
         rt, rs = ref_rmsprop(rt, g, rs, 1e-2, 0.95, 1e-8)
         np.testing.assert_allclose(theta, rt, rtol=0, atol=1e-12)
         np.testing.assert_allclose(sq, rs, rtol=0, atol=1e-12)
@@ -102,7 +103,7 @@ def test_sgd_kernel_matches_reference(mu):
     theta, buf, _ = data(3)  # buf starts as garbage: t == 1 must overwrite it
     rt, rb = theta.copy(), buf.copy()
     for t, g in enumerate(grads(3), start=1):
-        _sgd(theta, g, buf, 0.05, mu, t)
+        _sgd(theta, g, buf, 0.05, mu, t, np.zeros(0), 0.0)
         rt, rb = ref_sgd(rt, g, rb, 0.05, mu, t)
         np.testing.assert_allclose(theta, rt, rtol=0, atol=1e-12)
         if mu:
@@ -121,6 +122,59 @@ def test_float32_stays_float32_and_close_to_float64(name):
     assert t32.dtype == np.float32 and all(b.dtype == np.float32 for b in o32.state_buffers().values())
     np.testing.assert_allclose(t32, t64, rtol=1e-5, atol=1e-5)
     assert not np.allclose(t64, theta)  # the steps did move the parameters
+
+
+# ----------------------------------------------------------------------------- weight averaging
+def ref_average(thetas, rates):
+    """The average of a sequence of weights, the obvious way: a_1 = theta_1 moved by rate 1 from
+    anything, then a_n = a_{n-1} + rate_n (theta_n - a_{n-1})."""
+    a = np.zeros_like(thetas[0])
+    for th, r in zip(thetas, rates):
+        a = a + r * (th - a)
+    return a
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "rmsprop", "sgd"])
+@pytest.mark.parametrize("kind,start", [("ema", 0), ("polyak", 0), ("polyak", 3)])
+def test_averaging_fused_into_each_optimizer_equals_a_numpy_average_of_the_same_weights(opt_name, kind, start):
+    theta, _, _ = data(7)
+    plain = make_optimizer(opt_name, N, np.float64, 3e-3)
+    fused = make_optimizer(opt_name, N, np.float64, 3e-3)
+    av = Averager(kind, N, np.float64, decay=0.75)
+    av.avg[:] = 123.0  # garbage: the first update's rate is 1 and must overwrite it
+    t_plain, t_fused = theta.copy(), theta.copy()
+    seen, rates = [], []
+    for n, g in enumerate(grads(7, steps=8), start=1):
+        plain.step(t_plain, g)
+        rates.append(av.rate(n, start))
+        fused.step(t_fused, g, avg=av.avg, rate=rates[-1])
+        np.testing.assert_array_equal(t_fused, t_plain)  # averaging never touches the weights
+        seen.append(t_plain.copy())
+        np.testing.assert_allclose(av.avg, ref_average(seen, rates), rtol=1e-12, atol=1e-12)
+    if kind == "polyak":  # the plain mean of the weights after updates start+1 ..
+        np.testing.assert_allclose(av.avg, np.mean(seen[start:], axis=0), rtol=1e-12, atol=1e-12)
+    else:  # weights on recent updates: not the plain mean, and not the last weights
+        assert not np.allclose(av.avg, np.mean(seen, axis=0)) and not np.allclose(av.avg, seen[-1])
+
+
+def test_ema_rate_starts_at_one_spans_a_tenth_of_the_run_and_is_floored_by_the_decay():
+    av = Averager("ema", 1, np.float64, decay=0.999)
+    assert av.rate(1) == 1.0
+    assert av.rate(91) == pytest.approx(0.1)
+    assert av.rate(10**6) == pytest.approx(0.001)
+    with pytest.raises(ValueError):
+        Averager("mean", 1, np.float64)
+    with pytest.raises(ValueError):
+        av.rate(0)
+
+
+def test_step_refuses_an_average_that_overlaps_or_a_rate_outside_0_1():
+    opt = Adam(N, np.float64)
+    theta, g, _ = data(8)
+    with pytest.raises(ValueError):
+        opt.step(theta, g, avg=theta, rate=0.5)
+    with pytest.raises(ValueError):
+        opt.step(theta, g, avg=np.zeros(N), rate=1.5)
 
 
 # ----------------------------------------------------------------------------- against torch

@@ -103,26 +103,30 @@ def wait_for(predicate, timeout, what):
 
 
 # ----------------------------------------------------------------------------- equivalence
-@pytest.mark.parametrize("n", [2, 4])
-def test_workers_compute_what_one_process_computes_in_float64(corpus, tmp_path, restore_threads, n):
-    """At library level, in memory, in float64, with dropout and --seq-warmup: the parameters of n
-    workers (4 streams, or 2, each) after 14 steps equal the single process's to 1e-10, and are bit
-    for bit the same on every worker."""
+@pytest.mark.parametrize("n,regularised", [(2, False), (4, False), (2, True)], ids=["2", "4", "2-regularised"])
+def test_workers_compute_what_one_process_computes_in_float64(corpus, tmp_path, restore_threads, n, regularised):
+    """At library level, in memory, in float64, with dropout and --seq-warmup (and regularised:
+    with weight drop, locked dropout and averaged weights): the parameters of n workers (4 streams,
+    or 2, each) after 14 steps, and their average, equal the single process's to 1e-10, and are
+    bit for bit the same on every worker."""
     from tests import parallel_run
 
-    single = parallel_run.make(corpus, str(tmp_path / "one"))
+    single = parallel_run.make(corpus, str(tmp_path / "one"), regularised)
     theta0 = single.model.theta.copy()
     single.run()
     dest = str(tmp_path / "theta")
     res = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, os.path.join(ROOT, "tests", "parallel_run.py"),
-                          corpus, str(tmp_path / "many"), dest], capture_output=True, text=True, timeout=240)
+                          corpus, str(tmp_path / "many"), dest, "regularised" if regularised else "plain"],
+                         capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr
     ws = [np.load(f"{dest}.{r}.npy") for r in range(n)]
     assert ws[0].dtype == np.float64
     for w in ws[1:]:
         np.testing.assert_array_equal(w, ws[0])  # the workers never drift apart
     assert np.max(np.abs(single.model.theta - theta0)) > 1e-2  # it trained: the comparison means something
-    assert np.max(np.abs(ws[0] - single.model.theta)) <= 1e-10
+    want = parallel_run.weights(single)
+    assert ws[0].shape == want.shape == ((2 if regularised else 1) * theta0.size,)
+    assert np.max(np.abs(ws[0] - want)) <= 1e-10
 
 
 def test_two_hosts_compute_what_one_process_computes_in_float32(corpus, tmp_path):

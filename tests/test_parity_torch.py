@@ -95,3 +95,37 @@ def test_matches_torch(cell, nonlin, dtype, L):
     close(out["dh0"], th0.grad, "h0")
     if cell == "lstm":
         close(out["dc0"], tc0.grad, "c0")
+
+
+@pytest.mark.parametrize("cell,nonlin", CASES, ids=CASE_IDS)
+def test_weight_drop_matches_torch_on_masked_recurrent_weights(cell, nonlin):
+    """Weight drop as AWD-LSTM writes it in torch: the module runs with weight_hh_l{k} = raw * mask
+    (torch.func.functional_call), and autograd takes the gradient back to the raw weights."""
+    L, tol = 2, F64
+    cfg = ModelConfig(cell=cell, layers=L, hidden=H, vocab_size=V, nonlinearity=nonlin)
+    m = Model(cfg, dtype=np.float64).init(3)
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, V, size=(T, B)).astype(np.int32)
+    y = rng.integers(0, V, size=(T, B)).astype(np.int32)
+    h, c = m.zero_state(B)
+    wm = m.weight_masks(seed=8, step=5, p=0.5)
+    out = m.forward_backward(x, y, h, c, weight_masks=wm)
+
+    rnn, dec = torch_modules(cell, nonlin, L, torch.float64)
+    named = load(m, rnn, dec)
+    params = {n: p for n, p in rnn.named_parameters()}
+    run_with = dict(params)
+    for k in range(L):
+        run_with[f"weight_hh_l{k}"] = params[f"weight_hh_l{k}"] * torch.from_numpy(wm[k].copy())
+    X = torch.nn.functional.one_hot(torch.from_numpy(x).long(), V).to(torch.float64)
+    h0 = torch.from_numpy(h.copy())
+    state = (h0, torch.from_numpy(c.copy())) if cell == "lstm" else h0
+    top, _ = torch.func.functional_call(rnn, run_with, (X, state))
+    tnll = torch.nn.functional.cross_entropy(dec(top).reshape(T * B, V), torch.from_numpy(y).long().reshape(-1))
+    tnll.backward()
+    assert abs(out["loss"] - float(tnll.detach())) < tol["nll"]
+    grad = Model(cfg, dtype=np.float64, theta=out["grad"].copy()).params
+    for name, p in named.items():
+        theirs = p.grad.detach().numpy()
+        assert np.max(np.abs(grad[name] - theirs)) <= tol["grad"] * np.max(np.abs(theirs)), name
+    assert np.all(grad["rnn.weight_hh_l0"][wm[0] == 0] == 0)

@@ -45,8 +45,13 @@ def run(args, cwd=None):
     return res
 
 
-def test_resumed_run_equals_uninterrupted_run(corpus, tmp_path):
-    opts = SMALL + ["--dropout", "0.2", "--eval-every", "7", "--seq-warmup", "10"]
+REGULARISED = [[], ["--weight-drop", "0.3", "--dropout-mode", "locked", "--average", "ema", "--avg-decay", "0.9"],
+               ["--weight-drop", "0.2", "--average", "polyak", "--schedule", "wsd", "--decay-steps", "20", "--warmup", "2"]]
+
+
+@pytest.mark.parametrize("extra", REGULARISED, ids=["plain", "wdrop-locked-ema", "wdrop-polyak"])
+def test_resumed_run_equals_uninterrupted_run(corpus, tmp_path, extra):
+    opts = SMALL + ["--dropout", "0.2", "--eval-every", "7", "--seq-warmup", "10"] + extra
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert run(["train", corpus, "--out", a, "--steps", "24", *opts]).exit_code == 0
     assert run(["train", corpus, "--out", b, "--steps", "11", *opts]).exit_code == 0
@@ -61,6 +66,15 @@ def test_resumed_run_equals_uninterrupted_run(corpus, tmp_path):
     ma, mb = meta_of(os.path.join(a, "last.npz")), meta_of(os.path.join(b, "last.npz"))
     assert ma["run"]["step"] == mb["run"]["step"] == 24
     assert ma["run"]["pos"] == mb["run"]["pos"]
+    assert ma["run"]["best_val"] == mb["run"]["best_val"]
+    ba, bb = params_of(os.path.join(a, "best.npz")), params_of(os.path.join(b, "best.npz"))
+    for k in ba:
+        np.testing.assert_array_equal(ba[k], bb[k], err_msg=k)
+    if "--average" in extra:  # best.npz holds the average under the usual names, last.npz the raw weights too
+        assert any(k.startswith("avg.") for k in pa) and not any(k.startswith("avg.") for k in ba)
+        assert any(not np.array_equal(pa[k], pa["avg." + k]) for k in ba)
+    else:
+        assert not any(k.startswith("avg.") for k in pa)
 
 
 def test_same_seed_same_model_and_different_seed_differs(corpus, tmp_path):

@@ -6,6 +6,9 @@ shapes and contiguity and then calls these `_` kernels, which trust their inputs
 gradients `g` and moments share one length and one dtype (float32 in real use, float64 in tests);
 each update is one loop over the buffer.
 
+Each update can also move an average of the weights, in the same pass (`avg`, empty when there is
+none): avg += rate * (theta_new - avg), the exponential or Polyak average that train.py validates.
+
 Update rules are PyTorch's (torch.optim, single-tensor path), with step count t starting at 1:
     Adam     g += wd*theta (if wd != 0); m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2
              theta -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
@@ -68,8 +71,9 @@ def _clip_value(g, c):
 
 
 @kernel
-def _adam(theta, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
-    """One Adam step on theta (n,) with gradient g (n,) and moments m, v (n,), all updated in place.
+def _adam(theta, g, m, v, lr, beta1, beta2, eps, weight_decay, t, avg, rate):
+    """One Adam step on theta (n,) with gradient g (n,) and moments m, v (n,), all updated in place,
+    and the average avg (n,) (or (0,): none) moved `rate` of the way to the new theta.
 
     g is not modified (weight decay is added to a local copy of each element). t >= 1 is the step
     count including this step.
@@ -83,6 +87,8 @@ def _adam(theta, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
     a2 = _like(theta, 1.0 - beta2)
     e = _like(theta, eps)
     wd = _like(theta, weight_decay)
+    r = _like(theta, rate)
+    averaging = avg.size > 0
     if weight_decay != 0.0:
         for i in range(theta.size):
             gi = g[i] + wd * theta[i]  # L2 penalty folded into the gradient, as PyTorch does
@@ -90,7 +96,10 @@ def _adam(theta, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
             vi = b2 * v[i] + a2 * gi * gi
             m[i] = mi
             v[i] = vi
-            theta[i] -= step * mi / (math.sqrt(vi) / bc2 + e)
+            x = theta[i] - step * mi / (math.sqrt(vi) / bc2 + e)
+            theta[i] = x
+            if averaging:
+                avg[i] += r * (x - avg[i])
     else:
         # separate loop so wd*theta (NaN for an infinite theta) never enters when wd is 0
         for i in range(theta.size):
@@ -99,39 +108,51 @@ def _adam(theta, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
             vi = b2 * v[i] + a2 * gi * gi
             m[i] = mi
             v[i] = vi
-            theta[i] -= step * mi / (math.sqrt(vi) / bc2 + e)
+            x = theta[i] - step * mi / (math.sqrt(vi) / bc2 + e)
+            theta[i] = x
+            if averaging:
+                avg[i] += r * (x - avg[i])
 
 
 @kernel
-def _rmsprop(theta, g, sq, lr, alpha, eps):
-    """One RMSprop step (no momentum, not centred) on theta (n,), g (n,), running mean square sq (n,)."""
+def _rmsprop(theta, g, sq, lr, alpha, eps, avg, rate):
+    """One RMSprop step (no momentum, not centred) on theta (n,), g (n,), running mean square sq (n,);
+    the average avg (n,) (or (0,)) moved `rate` of the way to the new theta."""
     a = _like(theta, alpha)
     a1 = _like(theta, 1.0 - alpha)
     r = _like(theta, lr)
     e = _like(theta, eps)
+    ra = _like(theta, rate)
+    averaging = avg.size > 0
     for i in range(theta.size):
         gi = g[i]
         s = a * sq[i] + a1 * gi * gi
         sq[i] = s
-        theta[i] -= r * gi / (math.sqrt(s) + e)
+        x = theta[i] - r * gi / (math.sqrt(s) + e)
+        theta[i] = x
+        if averaging:
+            avg[i] += ra * (x - avg[i])
 
 
 @kernel
-def _sgd(theta, g, buf, lr, momentum, t):
+def _sgd(theta, g, buf, lr, momentum, t, avg, rate):
     """One SGD step on theta (n,) with gradient g (n,); momentum buffer buf (n,), unused (may be
-    empty) when momentum == 0. t >= 1 is the step count including this step."""
+    empty) when momentum == 0. t >= 1 is the step count including this step. The average avg (n,)
+    (or (0,)) is moved `rate` of the way to the new theta."""
     r = _like(theta, lr)
     mu = _like(theta, momentum)
-    if momentum == 0.0:
-        for i in range(theta.size):
-            theta[i] -= r * g[i]
-    elif t == 1:
-        # PyTorch starts the buffer as a copy of the first gradient (no dampening)
-        for i in range(theta.size):
-            buf[i] = g[i]
-            theta[i] -= r * g[i]
-    else:
-        for i in range(theta.size):
-            b = mu * buf[i] + g[i]
-            buf[i] = b
-            theta[i] -= r * b
+    ra = _like(theta, rate)
+    averaging = avg.size > 0
+    for i in range(theta.size):
+        if momentum == 0.0:
+            d = g[i]
+        elif t == 1:
+            d = g[i]  # PyTorch starts the buffer as a copy of the first gradient (no dampening)
+            buf[i] = d
+        else:
+            d = mu * buf[i] + g[i]
+            buf[i] = d
+        x = theta[i] - r * d
+        theta[i] = x
+        if averaging:
+            avg[i] += ra * (x - avg[i])

@@ -31,12 +31,13 @@ def uniform(state):
 
 
 @helper
-def mask_rows(p, n, masks, seed, step, prob, B_all, b0):
+def mask_rows(p, n, masks, seed, step, prob, B_all, b0, locked):
     """Thread p of n: its share of the rows of masks (L, T, B, H) <- 0 with probability prob, else
     1/(1-prob) (inverted dropout). Element e of the mask at training step `step` is decided by
     hash(seed, step, e) alone, e indexing the (L, T, B_all, H) masks of the whole batch: `masks`
     holds its streams b0 .. b0+B-1 (a data-parallel worker's share, the same values the single
-    process computes for those streams)."""
+    process computes for those streams). `locked`: every time step of a stream gets the mask of
+    its step 0 (variational dropout: one mask per layer and stream for the whole batch)."""
     L, T, B, H = masks.shape
     key = mix64(mix64(np.uint64(seed) + _GOLDEN) + np.uint64(step) * _M1)
     keep = cast(masks[0, 0, 0, 0], 1.0 / (1.0 - prob))
@@ -48,6 +49,8 @@ def mask_rows(p, n, masks, seed, step, prob, B_all, b0):
     per = (n_rows + n - 1) // n
     for r in range(p * per, min(n_rows, (p + 1) * per)):
         lt, b = divmod(r, B)
+        if locked:
+            lt -= lt % T  # step 0 of the same layer
         r_all = lt * B_all + b0 + b  # the row's index in the whole batch's masks
         base = key + np.uint64(r_all) * np.uint64(H) * _GOLDEN
         row = flat[r]
@@ -57,8 +60,30 @@ def mask_rows(p, n, masks, seed, step, prob, B_all, b0):
 
 
 @kernel
-def _masks_thread(p, n, masks, seed, step, prob, B_all, b0):
-    mask_rows(p, n, masks, seed, step, prob, B_all, b0)
+def _masks_thread(p, n, masks, seed, step, prob, B_all, b0, locked):
+    mask_rows(p, n, masks, seed, step, prob, B_all, b0, locked)
+
+
+_WEIGHT_SALT = np.uint64(0xD1B54A32D192ED03)  # weight masks hash apart from the output masks of the same step
+
+
+@kernel
+def _weight_masks_thread(p, n, masks, seed, step, prob):
+    """Thread p of n: its share of the rows of masks (L, R, C) <- 0 with probability prob, else
+    1/(1-prob): element e of layer k decided by hash(seed, step, k, e) alone."""
+    L, R, C = masks.shape
+    key = mix64(mix64(np.uint64(seed) + _GOLDEN) + np.uint64(step) * _M1) ^ _WEIGHT_SALT
+    keep = cast(masks[0, 0, 0], 1.0 / (1.0 - prob))
+    zero = cast(masks[0, 0, 0], 0.0)
+    threshold = np.uint64(min(int(prob * 4294967296.0), 4294967295))
+    flat = masks.reshape((L * R, C))
+    per = (L * R + n - 1) // n
+    for r in range(p * per, min(L * R, (p + 1) * per)):
+        base = mix64(key + np.uint64(r) * _M2)
+        row = flat[r]
+        for j in range(C):
+            u = mix64(base + np.uint64(j) * _GOLDEN) >> np.uint64(32)
+            row[j] = keep if u >= threshold else zero
 
 
 @kernel
@@ -74,10 +99,11 @@ def seed_state(seed: int) -> np.ndarray:
 
 
 def dropout_masks(masks: np.ndarray, seed: int, step: int, prob: float, team, B_all: int | None = None,
-                  b0: int = 0) -> np.ndarray:
+                  b0: int = 0, locked: bool = False) -> np.ndarray:
     """Fill masks (L, T, B, H) with the inverted-dropout masks of training step `step`, split over
     the threads of `team` (the result does not depend on how many). With B_all: streams
-    b0 .. b0+B-1 of the masks of a batch of B_all streams (a data-parallel worker's columns)."""
+    b0 .. b0+B-1 of the masks of a batch of B_all streams (a data-parallel worker's columns).
+    `locked`: one mask per layer and stream, the same at every time step."""
     if masks.ndim != 4 or masks.dtype not in (np.float32, np.float64) or not masks.flags.c_contiguous:
         raise ValueError("masks must be a C-contiguous (L, T, B, H) float array")
     if not 0.0 <= prob < 1.0:
@@ -88,5 +114,18 @@ def dropout_masks(masks: np.ndarray, seed: int, step: int, prob: float, team, B_
         raise ValueError(f"streams {b0} .. {b0 + B - 1} are not within a batch of {B_all}")
     n = max(1, min(team.size, masks.shape[0] * masks.shape[1] * B))
     team.run(n, _masks_thread, n, masks, np.uint64(int(seed) % 2**64), np.uint64(step), float(prob),
-             np.int64(B_all), np.int64(b0))
+             np.int64(B_all), np.int64(b0), bool(locked))
+    return masks
+
+
+def weight_masks(masks: np.ndarray, seed: int, step: int, prob: float, team) -> np.ndarray:
+    """Fill masks (L, R, C) with the inverted-dropout (DropConnect) masks of the recurrent weights
+    at training step `step`: one mask per layer for the whole batch, decided by (seed, step) alone,
+    so every data-parallel worker draws the same one and a resumed run the same as before."""
+    if masks.ndim != 3 or masks.dtype not in (np.float32, np.float64) or not masks.flags.c_contiguous:
+        raise ValueError("weight masks must be a C-contiguous (L, R, C) float array")
+    if not 0.0 <= prob < 1.0:
+        raise ValueError("weight-drop probability must be in [0, 1)")
+    n = max(1, min(team.size, masks.shape[0] * masks.shape[1]))
+    team.run(n, _weight_masks_thread, n, masks, np.uint64(int(seed) % 2**64), np.uint64(step), float(prob))
     return masks
