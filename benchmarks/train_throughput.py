@@ -13,6 +13,13 @@ threads on two cores collapse under any other load.
     python benchmarks/train_throughput.py --cell gru      # GRUs (what a --minutes run trains)
     python benchmarks/train_throughput.py --baseline /path/to/other/checkout   # before/after, interleaved
     python benchmarks/train_throughput.py --vocab 50004 --configs B --sides charrnn   # a CJK-sized vocabulary
+    python benchmarks/train_throughput.py --cell gru --configs B --weight-drop 0.2 --average   # regularised steps
+
+With --weight-drop P every step draws a new DropConnect mask for every layer's weight_hh (charrnn:
+Model.weight_masks, as train.py does; torch: AWD-LSTM's way, the module run through
+torch.func.functional_call on weight_hh * mask); with --average the optimizer's pass also moves an
+exponential average of the weights (charrnn only: torch's step is left as is, so the ratio shows
+the whole cost).
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/train_throughput.py
 """
 
@@ -60,7 +67,7 @@ def _own_cpu():
     return t.user + t.system
 
 
-def worker(side, name, seconds, threads, cell):
+def worker(side, name, seconds, threads, cell, weight_drop=0.0, average=False):
     L, H, B, T = CONFIGS[name]
     G = {"lstm": 4, "gru": 3}[cell]
     import numpy as np
@@ -77,12 +84,21 @@ def worker(side, name, seconds, threads, cell):
         m = Model(ModelConfig(cell=cell, layers=L, hidden=H, vocab_size=V)).init(0)
         opt = make_optimizer("adam", m.n_params, m.dtype, 2e-3)
         h, c = m.zero_state(B)
+        wm = None
+        avg = m.theta.copy() if average else None
+        count = [0]
 
         def step():
-            nonlocal h, c
-            out = m.forward_backward(x, y, h, c)
+            nonlocal h, c, wm
+            count[0] += 1
+            if weight_drop > 0:
+                wm = m.weight_masks(0, count[0], weight_drop, out=wm)
+            out = m.forward_backward(x, y, h, c, weight_masks=wm)
             clip_grad_norm(out["grad"], 5.0)
-            opt.step(m.theta, out["grad"], 2e-3)
+            if average:
+                opt.step(m.theta, out["grad"], 2e-3, avg=avg, rate=0.001)
+            else:
+                opt.step(m.theta, out["grad"], 2e-3)
             h, c = out["h"], out["c"]
     else:  # "torch" (its default, foreach Adam) or "torch-fused" (fused Adam, its fastest)
         import torch
@@ -97,10 +113,18 @@ def worker(side, name, seconds, threads, cell):
         yt = torch.from_numpy(y).long().reshape(-1)
         state = (torch.zeros(L, B, H), torch.zeros(L, B, H)) if cell == "lstm" else torch.zeros(L, B, H)
 
+        hh = {n: p for n, p in rnn.named_parameters() if n.startswith("weight_hh")}
+
         def step():
             nonlocal state
             opt.zero_grad(set_to_none=True)
-            out, st = rnn(xt, state)
+            if weight_drop > 0:
+                run_with = dict(rnn.named_parameters())
+                for n, p in hh.items():
+                    run_with[n] = torch.nn.functional.dropout(p, weight_drop, training=True)
+                out, st = torch.func.functional_call(rnn, run_with, (xt, state))
+            else:
+                out, st = rnn(xt, state)
             loss = torch.nn.functional.cross_entropy(dec(out).reshape(-1, V), yt)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
@@ -145,11 +169,13 @@ def main():
     ap.add_argument("--vocab", type=int, default=68, metavar="V",
                     help="vocabulary size, special tokens included (PyTorch's one-hot input is a dense V-wide "
                          "product: compare with it only for small V)")
+    ap.add_argument("--weight-drop", type=float, default=0.0, metavar="P")
+    ap.add_argument("--average", action="store_true")
     ap.add_argument("--worker", nargs=2, metavar=("SIDE", "CONFIG"))
     args = ap.parse_args()
     V = args.vocab
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.seconds, args.threads, args.cell)
+        worker(args.worker[0], args.worker[1], args.seconds, args.threads, args.cell, args.weight_drop, args.average)
         return
     sides = args.sides.split(",")
     if args.baseline:
@@ -161,7 +187,8 @@ def main():
             print("torch not importable: charrnn only", file=sys.stderr)
             sides = [s for s in sides if not s.startswith("torch")]
     env_note = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    print(f"# {args.cell}, V {V}, env {env_note}, threads {args.threads}, {args.rounds} rounds x {args.seconds}s", flush=True)
+    print(f"# {args.cell}, V {V}, env {env_note}, threads {args.threads}, {args.rounds} rounds x {args.seconds}s, "
+          f"weight drop {args.weight_drop:g}, average {args.average}", flush=True)
     results = {}
     for r in range(args.rounds):
         for name in args.configs.split(","):
@@ -172,7 +199,8 @@ def main():
                 worker_side = "charrnn" if side == "baseline" else side
                 out = subprocess.run([sys.executable, __file__, "--worker", worker_side, name, "--seconds",
                                       str(args.seconds), "--threads", str(args.threads), "--cell", args.cell,
-                                      "--vocab", str(V)],
+                                      "--vocab", str(V), "--weight-drop", str(args.weight_drop)]
+                                     + (["--average"] if args.average else []),
                                      capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
                 if out.returncode != 0:
                     print(out.stderr, file=sys.stderr)

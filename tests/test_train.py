@@ -88,9 +88,13 @@ def test_same_seed_same_model_and_different_seed_differs(corpus, tmp_path):
     assert any(not np.array_equal(outs[0][k], outs[2][k]) for k in outs[0])
 
 
-def test_validation_loss_equals_eval_of_the_held_out_text(corpus, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--average", "ema", "--avg-decay", "0.9", "--weight-drop", "0.3"]],
+                         ids=["raw", "averaged"])
+def test_validation_loss_equals_eval_of_the_held_out_text(corpus, tmp_path, extra):
+    """What a run reports as its best validation loss is what `charrnn eval` of best.npz gives: with
+    --average, best.npz holds the averaged weights validation scored."""
     out = str(tmp_path / "run")
-    assert run(["train", corpus, "--out", out, "--steps", "15", *SMALL]).exit_code == 0
+    assert run(["train", corpus, "--out", out, "--steps", "15", *SMALL, *extra]).exit_code == 0
     meta = meta_of(os.path.join(out, "best.npz"))
     with open(corpus, encoding="utf-8") as f:
         text = f.read()
