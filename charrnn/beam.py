@@ -44,7 +44,7 @@ class Hypothesis:
     score: float  # the ranking objective: mean log-probability per token consumed (text + terminator)
     tokens: int  # tokens consumed: its characters and its terminator
     end: str  # why it ended: length | end | stop
-    greedy: bool = False  # the greedy stream's sequence (only kept when no beam hypothesis equals it)
+    greedy: bool = False  # from the greedy stream (kept over a beam hypothesis of the same text and score)
 
 
 class StopMatcher:

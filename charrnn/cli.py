@@ -514,8 +514,10 @@ def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, 
         found = beam_search(ck.model, ck.vocab, prime_ids, width, length, num=num, documents=documents, stop=stop)
     for rank, h in enumerate(found, 1):
         if not quiet:
-            click.echo(f"charrnn: beam {rank}/{len(found)}: log-probability {h.logprob:.4f} nats, {len(h.ids)} "
-                       f"characters, ended by {h.end}; ranked by {h.score:.4f} nats per token", err=True)
+            n = len(h.ids)
+            click.echo(f"charrnn: beam {rank}/{len(found)}: log-probability {h.logprob:.4f} nats, {n} "
+                       f"character{'' if n == 1 else 's'}, ended by {h.end}; ranked by {h.score:.4f} nats per token",
+                       err=True)
         if fmt == "jsonl":
             out.write(_json_line({"text": h.text, "prime": prime, "seed": None, "temp": None,
                                   "logprob": h.logprob, "end": h.end}))
