@@ -21,11 +21,14 @@ import sys
 import click
 
 from charrnn import __version__
-from charrnn.config import DEFAULTS, SAMPLE_BOUNDS, SEED_LIMIT, TRAIN_BOUNDS
+from charrnn.config import BEAM_MAX, DEFAULTS, SAMPLE_BOUNDS, SEED_LIMIT, TRAIN_BOUNDS
 from charrnn.errors import CharrnnError
 
 EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
-EPILOG_SAMPLE = "Example: charrnn sample --temp 0.8 --length 500 | head -n 20"
+EPILOG_SAMPLE = """\b
+Example: charrnn sample --temp 0.8 --length 500 | head -n 20
+         charrnn sample --beam 8 --length 200 --num 3
+         charrnn sample --prime-file intro.txt --stop $'\\n\\n' --format jsonl | jq .logprob"""
 EPILOG_EVAL = "Example: charrnn eval sonnets.txt --json"
 
 
@@ -363,19 +366,36 @@ def _report(result: dict, quiet: bool):
 @click.option("--length", type=click.IntRange(min=0), default=1000, help="Characters per sample (0: unbounded, or until the document ends).")
 @click.option("--num", type=click.IntRange(min=1, max=SAMPLE_BOUNDS["num"].max), default=1, help="Number of samples, separated by a newline.")
 @click.option("--prime", type=str, default="", help="Text to warm the model up with; printed first.")
+@click.option("--prime-file", type=str, default=None, metavar="PATH",
+              help="Read the prime from a file (- for stdin): its text exactly, a final newline included, in "
+                   "UTF-8. Not with --prime. Example: --prime-file intro.txt")
 @click.option("--no-prime-echo", is_flag=True, help="Do not print the prime text.")
 @click.option("--unknown", type=click.Choice(["error", "skip", "unk"]), default="error", help="Prime characters the model never saw.")
+@click.option("--stop", type=str, default=None, metavar="STRING",
+              help="End a sample at the first occurrence of STRING in the generated text; STRING itself is not "
+                   "printed. Example: --stop $'\\n\\n' (at a blank line)")
+@click.option("--beam", type=click.IntRange(1, BEAM_MAX), default=None, metavar="K",
+              help="Beam search of width K instead of sampling: the most probable text found, scored at "
+                   "temperature 1 (no --temp, --top-k, --top-p or --length 0); --num N (at most K) gives the N "
+                   "best. Printed when the search ends, not streamed. Example: --beam 8 --length 200")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text",
+              help="text: the samples, one per line. jsonl: one JSON object per sample, with text, prime, seed, "
+                   "temp, logprob (natural log, at temperature 1, of the text given the prime) and end (length, "
+                   "end or stop). Example: --format jsonl | jq -r .text")
 @_seed_option(None, "Seed for identical output on every run (default: random).")
 @_threads_option
 @_quiet_option
 @handle_errors
-def sample(model_path, temp, top_k, top_p, length, num, prime, no_prime_echo, unknown, seed, threads, quiet):
-    """Generate text from a trained model, streamed to stdout."""
+def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_prime_echo, unknown, stop, beam, fmt,
+           seed, threads, quiet):
+    """Generate text from a trained model, streamed to stdout (beam search prints each text when
+    the search ends)."""
     from charrnn import checkpoint
     from charrnn import threads as th
-    from charrnn.errors import VocabError
-    from charrnn.generate import SampleOptions, sample_chunks
+    from charrnn.errors import UsageError, VocabError
+    from charrnn.generate import SampleOptions, prime_tokens, random_seed, sample_pieces
 
+    _check_sample_options(click.get_current_context(), prime, prime_file, stop, beam, length, num)
     out = ResultsOut()
     path, guessed = checkpoint.resolve(model_path)
     ck = checkpoint.load(path)
@@ -383,17 +403,137 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, no_prime_echo, un
         cfg = ck.model.cfg
         click.echo(f"charrnn: sampling from {path} ({cfg.cell} {cfg.layers}x{cfg.hidden})", err=True)
     th.set_threads(threads)
-    opts = SampleOptions(temp=temp, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0,
-                         length=length, num=num, prime=prime, unknown=unknown, seed=seed)
+    documents = (ck.meta.get("train") or {}).get("docs") is not None
+    if fmt == "jsonl" and length == 0 and not documents and stop is None:
+        raise UsageError("--format jsonl writes a sample when it ends, and with --length 0 a sample of a model "
+                         "trained without --docs never does: give --length N or --stop STRING")
+    if prime_file is not None:
+        prime = _read_prime(prime_file)
+    if stop is not None and not quiet and ck.vocab.unknown_chars(stop):
+        click.echo(f"charrnn: note: --stop {stop!r} holds characters the model never writes, so it never stops a "
+                   "sample", err=True)
     try:
-        documents = (ck.meta.get("train") or {}).get("docs") is not None
-        chunks = sample_chunks(ck.model, ck.vocab, opts, documents=documents)
-        with _compile_notice(quiet, "the sampler"):
-            _write_samples(chunks, num, prime if (prime and not no_prime_echo) else "", out)
+        prime_ids = prime_tokens(ck.vocab, prime, unknown)
     except VocabError as e:
-        from charrnn.errors import UsageError
+        raise UsageError(f"{'--prime-file' if prime_file is not None else '--prime'}: {e} "
+                         "(use --unknown skip or --unknown unk to go on anyway)") from None
+    echo = prime if (prime and not no_prime_echo) else ""
+    if beam is not None:
+        _beam(ck, prime, prime_ids, beam, length, num, documents, stop, fmt, echo, quiet, out)
+        return
+    seed = seed if seed is not None else random_seed()  # known, so jsonl can say which
+    opts = SampleOptions(temp=temp, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0,
+                         length=length, num=num, prime=prime, unknown=unknown, seed=seed, stop=stop)
+    pieces = sample_pieces(ck.model, ck.vocab, opts, documents=documents)
+    with _compile_notice(quiet, "the sampler"):
+        if fmt == "jsonl":
+            record = functools.partial(_sample_record, ck.model, ck.vocab, prime, prime_ids, seed, temp)
+            _write_jsonl_samples(pieces, record, out)
+        else:
+            _write_samples(((p.stream, p.text, p.end is not None) for p in pieces), num, echo, out)
 
-        raise UsageError(f"--prime: {e} (use --unknown skip or --unknown unk to go on anyway)") from None
+
+def _given(ctx, name: str) -> bool:
+    """Whether the option `name` was given (not left at its default)."""
+    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def _check_sample_options(ctx, prime, prime_file, stop, beam, length, num):
+    """The usage errors of `sample` that need no model: one line each, exit status 2."""
+    from charrnn.errors import UsageError
+
+    for name, value in (("--prime", prime), ("--stop", stop)):
+        if value and not _is_utf8(value):
+            raise UsageError(f"{name} is not valid UTF-8 text")
+    if prime_file is not None and _given(ctx, "prime"):
+        raise UsageError("give --prime or --prime-file, not both")
+    if stop is not None and not stop:
+        raise UsageError("--stop needs a non-empty STRING")
+    if beam is None:
+        return
+    sampling = [f"--{n.replace('_', '-')}" for n in ("temp", "top_k", "top_p") if _given(ctx, n)]
+    if sampling:
+        raise UsageError(f"--beam searches for the most probable text at temperature 1 and draws nothing: "
+                         f"drop {', '.join(sampling)}")
+    if length == 0:
+        raise UsageError("--beam needs a --length of at least 1 (a beam search settles nothing until it ends)")
+    if num > beam:
+        raise UsageError(f"--num {num} needs --beam {num} or wider (the beam returns its N best texts)")
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a command-line argument whose bytes were not UTF-8 (Python keeps them as lone
+    surrogates, which no output can write)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _read_prime(path: str) -> str:
+    """--prime-file: the text of a file or stdin, read as corpora are (strict UTF-8, a BOM dropped,
+    CRLF as \\n); one-line errors for a missing, binary, empty or undecodable file."""
+    from charrnn.data import read_text
+    from charrnn.errors import DataError
+
+    try:
+        return read_text(path)
+    except DataError as e:  # the reader's hint names train's and eval's --encoding, which sample lacks
+        raise DataError(f"--prime-file: {str(e).split('; if the file is in another encoding')[0]}") from None
+
+
+def _sample_record(model, vocab, prime, prime_ids, seed, temp, text, end) -> dict:
+    """The JSON object of one sample: its log-probability is scored once it has ended."""
+    from charrnn.generate import continuation_logprob
+
+    logprob = continuation_logprob(model, prime_ids, vocab.encode(text))
+    return {"text": text, "prime": prime, "seed": seed, "temp": temp, "logprob": logprob, "end": end}
+
+
+def _json_line(record: dict) -> str:
+    """One line of JSON (a log-probability that is not finite becomes null: JSON has no -Infinity)."""
+    lp = record.get("logprob")
+    if lp is not None and not math.isfinite(lp):
+        record = dict(record, logprob=None)
+    return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _write_jsonl_samples(pieces, record, out: "ResultsOut"):
+    """One JSON object per sample, in sample order, each written and flushed as soon as it and
+    every sample before it have ended."""
+    texts = {}  # sample -> its pieces so far
+    ready = {}  # sample -> (text, end): ended, waiting for the samples before it
+    current = 0
+    for p in pieces:
+        texts.setdefault(p.stream, []).append(p.text)
+        if p.end is None:
+            continue
+        ready[p.stream] = ("".join(texts.pop(p.stream)), p.end)
+        while current in ready:
+            out.write(_json_line(record(*ready.pop(current))))
+            out.flush()
+            current += 1
+
+
+def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, quiet, out: "ResultsOut"):
+    """sample --beam: search, then print the texts, best first; each one's log-probability on stderr."""
+    from charrnn.beam import beam_search
+
+    with _compile_notice(quiet, "the beam search"):
+        found = beam_search(ck.model, ck.vocab, prime_ids, width, length, num=num, documents=documents, stop=stop)
+    for rank, h in enumerate(found, 1):
+        if not quiet:
+            n = len(h.ids)
+            click.echo(f"charrnn: beam {rank}/{len(found)}: log-probability {h.logprob:.4f} nats, {n} "
+                       f"character{'' if n == 1 else 's'}, ended by {h.end}; ranked by {h.score:.4f} nats per token",
+                       err=True)
+        if fmt == "jsonl":
+            out.write(_json_line({"text": h.text, "prime": prime, "seed": None, "temp": None,
+                                  "logprob": h.logprob, "end": h.end}))
+        else:
+            out.write(echo + h.text + "\n")
+        out.flush()
 
 
 def _write_samples(chunks, num: int, echo: str, out: ResultsOut):

@@ -105,6 +105,10 @@ SAMPLE_BOUNDS = {
 }
 """The ranges of generate.SampleOptions, here so the command line can declare them without numpy."""
 
+# `sample --beam K`: each position scores K x V continuations in float64 (K = 1024 with a vocabulary
+# of 10,000 is 80 MB a step) and steps K + 1 streams; wider beams only cost time
+BEAM_MAX = 1024
+
 
 @dataclass(frozen=True)
 class TrainConfig:

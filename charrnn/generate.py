@@ -1,5 +1,6 @@
 """Sampling from a trained model: priming, temperature / top-k / top-p, several samples as parallel
-streams, and handing text back in chunks so the caller can stream it.
+streams, stop strings, and handing text back in chunks so the caller can stream it; and the
+log-probability of a sample under the model (temperature 1), for --format jsonl.
 
 The generation loop itself is compiled (kernels/sample.py, through Model.generate); this module
 decides what to feed it and turns token ids back into text. It does no I/O of its own.
@@ -7,6 +8,12 @@ decides what to feed it and turns token ids back into text. It does no I/O of it
 Special tokens (<START>, <UNK>, and <END> of a stream model) are banned in the draw, so they are
 never drawn; should one come back anyway, that is a bug in the sampler, and _chunks raises
 SamplerBug instead of printing the token's spelling as if it were text.
+
+A stop string ends a sample at its first occurrence in the generated text (not in the prime); the
+string itself is not part of the sample. While a sample streams, only its last characters that
+could still be the start of the string are held back.
+
+Beam search, the deterministic decoder, is in beam.py.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ class SampleOptions:
     prime: str = ""  # text to warm the state up with
     unknown: str = "error"  # prime characters outside the vocabulary: error | skip | unk
     seed: int | None = None  # None: a fresh random seed
+    stop: str | None = None  # end a sample at the first occurrence of this string (not printed)
 
     def validate(self) -> None:
         """Raise UsageError unless every option is in its range (config.SAMPLE_BOUNDS): the
@@ -39,6 +47,18 @@ class SampleOptions:
         check_bounds(self, SAMPLE_BOUNDS)
         if self.unknown not in ("error", "skip", "unk"):
             raise UsageError(f"unknown must be error, skip or unk, got {self.unknown!r}")
+        if self.stop is not None and (not isinstance(self.stop, str) or not self.stop):
+            raise UsageError(f"stop must be a non-empty string, got {self.stop!r}")
+
+
+@dataclass
+class Piece:
+    """The next text of one sample. `end` is None while the sample goes on; its last piece says
+    why it ended: "length" (--length characters), "end" (<END>, document models) or "stop"."""
+
+    stream: int
+    text: str
+    end: str | None = None
 
 
 class SamplerBug(RuntimeError):
@@ -50,18 +70,53 @@ def random_seed() -> int:
 
 
 def sample_chunks(model, vocab: Vocab, opts: SampleOptions, documents: bool = False, target_s: float = 0.05):
-    """An iterator of (stream index, text, finished) pieces as samples are generated.
+    """An iterator of (stream index, text, finished) pieces as samples are generated: sample_pieces
+    without the reason a sample ended."""
+    pieces = sample_pieces(model, vocab, opts, documents, target_s)
+    return ((p.stream, p.text, p.end is not None) for p in pieces)
+
+
+def sample_pieces(model, vocab: Vocab, opts: SampleOptions, documents: bool = False, target_s: float = 0.05):
+    """An iterator of Pieces as samples are generated.
 
     All `num` samples advance in lock step; each chunk of steps takes about `target_s` seconds so
-    output can be flushed promptly. A sample ends after `length` characters or, for a model trained
-    on documents, at <END>; a stream model (which saw <END> at most once) never draws it. Bad
-    options and unknown prime characters raise here, before anything is generated.
+    output can be flushed promptly. A sample ends after `length` characters, at the first
+    occurrence of `opts.stop` or, for a model trained on documents, at <END>; a stream model
+    (which saw <END> at most once) never draws it. Bad options and unknown prime characters raise
+    here, before anything is generated.
     """
     opts.validate()
     if opts.length == 0 and opts.num > 1:
         raise UsageError("--length 0 (unbounded) works with a single sample (--num 1)")
-    prime_ids = vocab.encode(opts.prime, unknown=opts.unknown) if opts.prime else np.zeros(0, np.int32)
+    prime_ids = prime_tokens(vocab, opts.prime, opts.unknown)
     return _chunks(model, vocab, opts, prime_ids, documents, target_s)
+
+
+def prime_tokens(vocab: Vocab, prime: str, unknown: str = "error") -> np.ndarray:
+    """The token ids of a prime (no <START>); VocabError for unknown characters under "error"."""
+    return vocab.encode(prime, unknown=unknown) if prime else np.zeros(0, np.int32)
+
+
+def held_back(text: str, stop: str) -> int:
+    """How many of the last characters of `text` (which does not contain `stop`) could be the
+    start of `stop`: the longest proper prefix of `stop` that `text` ends with."""
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
+
+
+def _cut(text: str, stop: str | None, end: str | None):
+    """(text to print now, text held back, end) for a sample whose new text (after what was held
+    back) is `text`: cut at the first occurrence of `stop` (end "stop"); else, while the sample
+    goes on, hold back its last characters that could be the start of `stop`."""
+    if not stop:
+        return text, "", end
+    i = text.find(stop)
+    if i >= 0:
+        return text[:i], "", "stop"
+    k = held_back(text, stop) if end is None else 0
+    return text[: len(text) - k], text[len(text) - k :], end
 
 
 def _chunks(model, vocab, opts, prime_ids, documents, target_s):
@@ -78,6 +133,8 @@ def _chunks(model, vocab, opts, prime_ids, documents, target_s):
     banned[UNK_ID] = True
     banned[END_ID] = not documents
     done = np.zeros(nb, dtype=np.bool_)
+    over = set()  # samples whose last piece has been handed out
+    held = [""] * nb  # text held back per sample: it may be the start of the stop string
     produced = np.zeros(nb, dtype=np.int64)
     state = seed_state(opts.seed if opts.seed is not None else random_seed())
     table = vocab.tokens
@@ -97,17 +154,33 @@ def _chunks(model, vocab, opts, prime_ids, documents, target_s):
             raise SamplerBug(f"the sampler drew {', '.join(bad)}, which it must never draw "
                              f"(temp={opts.temp!r}, top_k={opts.top_k}, top_p={opts.top_p!r})")
         for b in range(nb):
+            if b in over:  # ended in an earlier chunk: its last piece is out
+                continue
             col = drawn[:, b]
             ids = col[(col >= 0)]
             ended = bool((ids == END_ID).any())
             ids = ids[ids != END_ID]
             produced[b] += len(ids) + (1 if ended else 0)
-            finished = ended or (opts.length > 0 and produced[b] >= opts.length)
-            if finished:
-                done[b] = True
-            text = "".join(table[i] for i in ids.tolist())
-            if text or finished:
-                yield b, text, finished
+            end = "end" if ended else "length" if opts.length > 0 and produced[b] >= opts.length else None
+            text, held[b], end = _cut(held[b] + "".join(table[i] for i in ids.tolist()), opts.stop, end)
+            if end is not None:
+                done[b] = True  # the generator skips it from now on (a stop string: it did not know)
+                over.add(b)
+            if text or end is not None:
+                yield Piece(b, text, end)
         # aim each call at target_s so output is flushed at least ~10 times a second
         if dt > 0:
             steps = int(min(4096, max(1, steps * min(4.0, target_s / dt))))
+
+
+def continuation_logprob(model, prime_ids, ids) -> float:
+    """log p(ids | <START> prime), nats, under the model at temperature 1: the sequence fed from
+    a zero state as eval feeds a text, and only the positions after the prime summed. The sampler
+    does not keep its logits, so --format jsonl scores each sample once it has ended."""
+    ids = np.asarray(ids, dtype=np.int32)
+    if ids.size == 0:
+        return 0.0
+    tokens = np.concatenate([[START_ID], np.asarray(prime_ids, dtype=np.int32), ids]).astype(np.int32)
+    h, c = model.zero_state(1)
+    nll = model.score(tokens[:-1], tokens[1:], h, c)
+    return -float(np.sum(nll[len(tokens) - 1 - ids.size :]))
