@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -77,14 +78,20 @@ def _vocab_source(given: str) -> Base:
     """--vocab: a checkpoint or run directory (its vocabulary), or a JSON file of the vocabulary's
     JSON form, {"tokens": ["<START>", "<END>", "<UNK>", "a", ...]} (Vocab.to_json; every run
     directory's tokens.json holds it too)."""
-    if os.path.isdir(given):
+    try:
+        mode = os.stat(given).st_mode
+    except FileNotFoundError:
+        raise CharrnnError(f"{given}: no such vocabulary file or checkpoint") from None
+    except OSError as e:
+        raise CharrnnError(f"{given}: cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
         path, _ = checkpoint.resolve(given)
         return _checkpoint_vocab(path)
+    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+        raise CharrnnError(f"{given}: not a regular file; expected a checkpoint or a JSON vocabulary file")
     try:
         with open(given, "rb") as f:
             head = f.read(4)
-    except FileNotFoundError:
-        raise CharrnnError(f"{given}: no such vocabulary file or checkpoint") from None
     except OSError as e:
         raise CharrnnError(f"{given}: cannot read: {e.strerror or e}") from None
     if head == b"PK\x03\x04":  # a zip: an .npz checkpoint

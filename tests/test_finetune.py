@@ -323,3 +323,25 @@ def test_fine_tune_in_a_real_process(parent, texts, tmp_path):
     s = subprocess.run([sys.executable, "-m", "charrnn", "sample", "--model", out, "--length", "40", "--seed", "1",
                         "-q"], capture_output=True, text=True, timeout=300)
     assert s.returncode == 0 and len(s.stdout) == 41  # 40 characters and the newline
+
+
+def test_a_fifo_as_vocabulary_is_refused_without_blocking(texts, tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    line = one_line_error(run(["train", texts[0], "--out", str(tmp_path / "o"), "--vocab", fifo, "--steps", "1",
+                               *SMALL]), 1)
+    assert "not a regular file" in line
+
+
+def test_a_token_description_from_before_it_listed_the_vocabulary_is_updated_not_rebuilt(parent, texts, tmp_path):
+    out = str(tmp_path / "run")
+    assert run(["train", texts[0], "--out", out, "--hidden", "8", "--steps", "2", *SMALL]).exit_code == 0
+    desc = os.path.join(out, "tokens.json")
+    meta = json.load(open(desc))
+    tokens = meta.pop("tokens")
+    json.dump(meta, open(desc, "w"))  # as charrnn wrote it before
+    before = os.stat(os.path.join(out, "tokens.npy"))
+    assert run(["train", "--resume", out, "--steps", "3", "-q"]).exit_code == 0
+    after = os.stat(os.path.join(out, "tokens.npy"))
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)  # kept, not built again
+    assert json.load(open(desc))["tokens"] == tokens == meta_of(os.path.join(out, "last.npz"))["vocab"]
