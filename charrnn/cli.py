@@ -268,6 +268,18 @@ def cli():
 @click.option("--forget-bias", type=_finite(TRAIN_BOUNDS["forget_bias"]), default=DEFAULTS.forget_bias,
               help="LSTM forget-gate bias at initialisation (the gate saturates long before 100).")
 @click.option("--encoding", type=str, default=None, help="Text encoding of the corpus (default: strict UTF-8).")
+@click.option("--init-from", type=str, default=None, metavar="MODEL",
+              help="Fine-tune: start from MODEL's weights, cell, size and vocabulary (a checkpoint, or a run directory "
+                   "meaning its best.npz) with a fresh optimizer and schedule; options that contradict its size are "
+                   "refused. E.g. charrnn train new.txt --init-from runs/shakespeare --unknown extend --minutes 5")
+@click.option("--vocab", type=str, default=None, metavar="MODEL|FILE",
+              help="Train a new model over a given vocabulary, so models share it and their scores compare: a "
+                   "checkpoint, a run directory, or a JSON file such as a run's tokens.json. "
+                   "E.g. charrnn train b.txt --vocab runs/a --unknown unk")
+@click.option("--unknown", type=click.Choice(["error", "unk", "extend"]), default=DEFAULTS.unknown,
+              help="With --init-from or --vocab, characters of the text outside that vocabulary: error lists them "
+                   "and stops (nothing changes a vocabulary unasked), unk reads them as <UNK>, extend adds them to "
+                   "the model (--init-from only). E.g. --init-from runs/a --unknown extend")
 @_seed_option(DEFAULTS.seed, "Seed for initialisation and dropout.")
 @_max_input_option
 @_threads_option
@@ -340,7 +352,9 @@ def _make_trainer(corpus, out, resume, quiet, opts):
         if opts["schedule"] in ("cosine", "wsd") and opts["decay_steps"] is None:
             raise UsageError(f"--schedule {opts['schedule']} needs --decay-steps (the schedule must not depend on the budget, so runs resume exactly)")
         cfg = TrainConfig(**opts)
-        trainer = Trainer.new(corpus, cfg, out, quiet=quiet)
+        ctx = click.get_current_context()
+        explicit = [k for k in opts if ctx.get_parameter_source(k) not in (None, click.core.ParameterSource.DEFAULT)]
+        trainer = Trainer.new(corpus, cfg, out, quiet=quiet, explicit=explicit)
     return trainer
 
 

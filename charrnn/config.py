@@ -145,6 +145,12 @@ class TrainConfig:
     decay_steps: int | None = None  # cosine / wsd schedule length, steps
     clip: float = 5.0  # clip the gradient's global norm at this value (0: off)
     clip_mode: str = "norm"  # norm | value
+    # ---- starting point (finetune.py): fine-tuning and shared vocabularies
+    init_from: str | None = None  # a checkpoint or run directory whose weights, size and vocabulary the run starts from
+    vocab: str | None = None  # a checkpoint, run directory or JSON vocabulary file whose vocabulary a new model uses
+    # characters of the text outside that vocabulary: error (refuse, naming them), unk (read as <UNK>),
+    # extend (add them, --init-from only). error: nothing changes a vocabulary unasked
+    unknown: str = "error"
     # ---- budget and evaluation
     epochs: float | None = None  # stop after this many passes over the training text
     steps: int | None = None  # stop after this many updates (counted from the start of the run)
@@ -167,9 +173,24 @@ class TrainConfig:
         for name, allowed in (("dropout_mode", ("step", "locked")), ("average", ("off", "ema", "polyak"))):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        self._check_start()
         v = self.val_chars
         if not (v is None or v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
             raise UsageError(f"val_chars must be a positive number of characters or 'all', not {v!r}")
+
+    def _check_start(self) -> None:
+        """--init-from, --vocab and --unknown: one starting point at most, and a mode that fits it."""
+        from charrnn.errors import UsageError
+
+        if self.unknown not in ("error", "unk", "extend"):
+            raise UsageError(f"unknown must be error, unk or extend, not {self.unknown!r}")
+        if self.init_from is not None and self.vocab is not None:
+            raise UsageError("--init-from and --vocab do not combine: --init-from brings the model's own vocabulary")
+        if self.unknown == "extend" and self.vocab is not None:
+            raise UsageError("--unknown extend applies only to --init-from: --vocab keeps its vocabulary as it is "
+                             "(use --unknown unk or error)")
+        if self.unknown != "error" and self.init_from is None and self.vocab is None:
+            raise UsageError("--unknown applies only with --init-from or --vocab")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -641,11 +641,21 @@ class TokenFile:
 
 
 def _token_meta(corpus: Corpus, vocab: Vocab, val_frac: float, layout: Layout) -> dict:
+    """tokens.json: what tokens.npy holds. Its "tokens" list, the vocabulary in id order, makes it
+    the vocabulary's JSON form too (Vocab.from_json reads it): `train --vocab RUN/tokens.json`."""
     return {"format": TOKENS_FORMAT[0], "version": TOKENS_FORMAT[1], "sha256": corpus.sha256, "chars": corpus.chars,
             "docs": corpus.docs, "val_frac": val_frac,
             "vocab_sha256": hashlib.sha256(vocab.to_json().encode("utf-8")).hexdigest(),
             "dtype": np.dtype(compact_dtype(vocab.size)).str, "n_train": layout.n_train, "n_val": layout.n_val,
-            "has_val": layout.has_val}
+            "has_val": layout.has_val, "tokens": list(vocab.tokens)}
+
+
+def _write_token_meta(directory: str, meta: dict):
+    """tokens.json, atomically (a temporary file beside it, then os.replace)."""
+    meta_path = os.path.join(directory, TOKENS_META)
+    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    os.replace(meta_path + ".tmp", meta_path)
 
 
 def _map(path: str, layout: Layout, meta: dict) -> TokenFile:
@@ -674,8 +684,17 @@ def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float) ->
         with open(os.path.join(os.path.dirname(path), TOKENS_META), encoding="utf-8") as f:
             meta = json.load(f)
         layout = Layout(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"]))
-        if meta != _token_meta(corpus, vocab, val_frac, layout):
-            return None
+        want = _token_meta(corpus, vocab, val_frac, layout)
+        if meta != want:
+            if "tokens" in meta or meta != {k: v for k, v in want.items() if k != "tokens"}:
+                return None
+            # a description from before it listed the vocabulary (pinned by vocab_sha256 all the
+            # same): brought up to date, the token file kept
+            try:
+                _write_token_meta(os.path.dirname(path), want)
+                meta = want
+            except OSError:
+                pass
         tokens = _map(path, layout, meta)
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -729,10 +748,7 @@ def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -
             raise DataError(f"the corpus {', '.join(corpus.paths)} changed while it was being read; try again")
         meta = _token_meta(corpus, vocab, val_frac, layout)
         os.replace(tmp, path)
-        meta_path = os.path.join(directory, TOKENS_META)
-        with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(meta, f)
-        os.replace(meta_path + ".tmp", meta_path)
+        _write_token_meta(directory, meta)
     except BaseException as e:
         for p in (tmp, os.path.join(directory, TOKENS_META) + ".tmp"):
             try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from charrnn import budget, checkpoint, signals, threads
+from charrnn import budget, checkpoint, finetune, signals, threads
 from charrnn.budget import AUTO_MEASURE_STEPS, REFIT_EVERY, StepTimes, seq_len_at
 from charrnn.config import Fitted, TrainConfig, effective
 from charrnn.data import (TOKENS_FILE, BatchStream, TokenFile, build_token_file, capped_vocab, check_sizes,
@@ -244,6 +244,8 @@ class Trainer:
     `given` is the configuration as the user gave it, `fitted` what the run chose or fitted where
     an option was left open, and `cfg` the two combined: what the loop follows."""
 
+    lineage = None  # {"origin": ...} or {"vocab_from": ...}: where a run started from (finetune.record), into its meta
+
     def __init__(self, given: TrainConfig, fitted: Fitted, corpus, vocab: Vocab, model: Model, out: str, quiet: bool,
                  state: RunState, opt, extra_minutes: float | None, tokens: TokenFile):
         self.given = given
@@ -305,26 +307,41 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def new(cls, paths, cfg: TrainConfig, out: str | None, quiet: bool = False, runs_dir: str = "runs"):
+    def new(cls, paths, cfg: TrainConfig, out: str | None, quiet: bool = False, runs_dir: str = "runs",
+            explicit=()):
+        """A new run. With cfg.init_from or cfg.vocab it starts from that checkpoint or vocabulary
+        (finetune.py); `explicit` names the options the user gave (the command line's), which must
+        then agree with the model (finetune.adopt)."""
+        base = finetune.load_base(cfg)  # None for an ordinary run
+        cfg = finetune.adopt(cfg, base, explicit)
         early = Precompile(cfg, budget.chosen_cell(cfg), threads.set_threads(cfg.threads))
         corpus = read_corpus(paths, cfg.encoding, cfg.docs, cfg.max_input)  # one reading: hash, counts, vocabulary
         try:
-            return cls._new(paths, cfg, out, quiet, runs_dir, early, corpus)
+            return cls._new(paths, cfg, out, quiet, runs_dir, early, corpus, base)
         finally:
             corpus.close()  # stdin's spool
 
     @classmethod
-    def _new(cls, paths, cfg: TrainConfig, out: str | None, quiet: bool, runs_dir: str, early, corpus):
+    def _new(cls, paths, cfg: TrainConfig, out: str | None, quiet: bool, runs_dir: str, early, corpus, base=None):
         if cfg.docs is not None and corpus.doc_count == 0:
             raise DataError("the corpus holds no documents")
-        capped = capped_vocab(corpus, cfg.max_vocab)
-        vocab = corpus.vocab if capped is None else capped.vocab
+        plan = None
+        if base is None:
+            capped = capped_vocab(corpus, cfg.max_vocab)
+            vocab = corpus.vocab if capped is None else capped.vocab
+        else:  # the vocabulary is given: the text's other characters as --unknown says
+            capped = None
+            plan = finetune.plan_vocab(base, corpus.vocab.chars, cfg.unknown, base.what)
+            vocab = plan.vocab
         n_train = int(corpus.chars * (1 - cfg.val_frac))
         fitted = budget.choose_size(cfg, n_train)
         mcfg = ModelConfig(cell=fitted.cell, layers=cfg.layers, hidden=fitted.hidden, vocab_size=vocab.size,
                            nonlinearity=cfg.nonlinearity, dropout=fitted.dropout)
         _check_loadable(mcfg, cfg.batch)
-        model = Model(mcfg).init(cfg.seed, forget_bias=cfg.forget_bias)  # only a cell with a forget gate has one
+        if base is not None and base.model is not None:  # fine-tuning: the parent's weights, a fresh optimizer
+            model = finetune.transplant(base.model, base.vocab, vocab, mcfg, cfg.seed)
+        else:
+            model = Model(mcfg).init(cfg.seed, forget_bias=cfg.forget_bias)  # only a cell with a forget gate has one
         if out is not None and holds_run(out):  # said before the corpus is encoded; checked again under the lock
             RunDir.lock(out).release()  # a live run there is named first
             raise UsageError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
@@ -345,6 +362,15 @@ class Trainer:
         n_val = 0 if trainer.val_tokens is None else len(trainer.val_tokens) - 1
         trainer.fitted = replace(trainer.fitted, val_chars=budget.val_chars_for(cfg, n_val))
         trainer.precompile = early
+        if base is not None:
+            trainer.lineage = finetune.record(base, plan, cfg.unknown)
+            for line in plan.notes + [finetune.docs_note(base, cfg.docs)]:
+                if line:
+                    note(quiet, line)
+            if plan.missing and cfg.unknown == "unk":
+                n_unk = finetune.count_unk(trainer.tokens.ids)
+                note(quiet, f"note: {n_unk:,} of the text's {corpus.chars:,} characters ({n_unk / max(corpus.chars, 1):.3%}) "
+                            "are <UNK>")
         for line in _vocab_notes(corpus, capped, mcfg):
             note(quiet, line)
         if model.n_params > 2 * n_train:
@@ -400,9 +426,13 @@ class Trainer:
         try:
             if corpus.sha256 != sha:
                 raise CharrnnError(f"cannot resume: the corpus {', '.join(paths)} changed since the run started")
-            capped = capped_vocab(corpus, given.max_vocab)
-            if (corpus.vocab if capped is None else capped.vocab) != ck.vocab:
-                raise CharrnnError("cannot resume: the corpus's characters differ from the checkpoint's vocabulary")
+            if given.init_from is not None or given.vocab is not None:
+                # a given vocabulary (fine-tuned, extended, shared): the one the run recorded
+                finetune.check_resume_vocab(corpus.vocab.chars, ck.vocab, given.unknown, path)
+            else:
+                capped = capped_vocab(corpus, given.max_vocab)
+                if (corpus.vocab if capped is None else capped.vocab) != ck.vocab:
+                    raise CharrnnError("cannot resume: the corpus's characters differ from the checkpoint's vocabulary")
             # the run's token file if it matches; else (a run from before token files, or a damaged one) build it
             token_path = os.path.join(run_dir, TOKENS_FILE)
             remove_stale_token_temps(run_dir)
@@ -430,6 +460,7 @@ class Trainer:
         opt.load_state(bufs, int(meta["optimizer"]["t"]))
         tr = cls(given, fitted, corpus, ck.vocab, ck.model, run_dir, quiet, rs, opt, minutes, tokens)
         tr.precompile = early
+        tr.lineage = {k: meta[k] for k in ("origin", "vocab_from") if k in meta} or None
         tr._own(rundir)
         h, c = ck.arrays.get("train.h"), ck.arrays.get("train.c")
         if h is None or c is None or h.shape != tr.h.shape:
@@ -465,6 +496,7 @@ class Trainer:
             "corpus": {"paths": [os.path.abspath(p) if p != "-" else "-" for p in self.corpus.paths],
                        "sha256": self.corpus.sha256, "chars": self.corpus.chars, "docs": cfg.docs},
             "dtype": str(self.model.dtype),
+            **(self.lineage or {}),  # where the run started from: origin (--init-from), vocab_from (--vocab)
         }
 
     def _save_last(self, h=None, c=None):
