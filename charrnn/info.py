@@ -467,6 +467,10 @@ def plot(c: dict, path: str) -> None:
                 xy = [(x_of(p), p[1]) for p in points if x_of(p) is not None]
                 if xy:
                     ax.plot([a for a, _ in xy], [b for _, b in xy], label=label, **style)
+            b = c["best"]
+            at = [p for p in val if b is not None and p[0] == b["step"] and x_of(p) is not None]
+            if at:  # the checkpoint best.npz holds
+                ax.plot([x_of(at[-1])], [at[-1][1]], "*", color="tab:red", ms=11, label="best")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("loss (nats/char)")
             ax.grid(True, alpha=0.3)
