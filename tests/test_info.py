@@ -283,3 +283,10 @@ def test_bad_inputs_are_one_line_errors(trained_run, tmp_path):
 def test_help_has_an_example():
     res = run(["info", "--help"])
     assert res.exit_code == 0 and "Example: charrnn info" in res.output and "--plot" in res.output
+
+
+def test_a_full_stdout_is_a_one_line_error(trained_run):
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "charrnn", "info", trained_run], stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.strip() == "charrnn: error: cannot write to stdout: No space left on device"
