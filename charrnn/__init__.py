@@ -5,3 +5,6 @@ Importing the package is cheap: heavy modules (numba kernels) load on first use.
 """
 
 __version__ = "0.1.0"
+# The name on the package index (`pip install charrnn-cli`): "charrnn" there is an unrelated
+# project. The command and the import name stay `charrnn`. Install hints name this.
+DISTRIBUTION = "charrnn-cli"

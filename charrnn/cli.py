@@ -1,4 +1,4 @@
-"""The command line: `charrnn train`, `charrnn sample`, `charrnn eval`.
+"""The command line: `charrnn train`, `charrnn sample`, `charrnn eval`, `charrnn info`.
 
 Thin on purpose: parse options, call the library, report. Results (samples, scores) go to stdout;
 everything else (progress, notes, errors) to stderr. Errors are one line and an exit status:
@@ -624,6 +624,40 @@ def eval_cmd(files, model_path, as_json, docs, encoding, max_input, threads, qui
             out.write(f"{name}: {score.nats:.4f} nats/char, {score.bits:.4f} bits/char, perplexity {score.perplexity:.3f}, "
                       f"{score.tokens:,} {'tokens' if docs else 'chars'} scored ({score.unk:,} unknown)\n")
         out.flush()
+
+
+# ------------------------------------------------------------------------------------------ info
+EPILOG_INFO = "Example: charrnn info runs/shakespeare --plot curve.png"
+
+
+@cli.command(epilog=EPILOG_INFO)
+@click.argument("path", metavar="MODEL|RUN", type=str)
+@click.option("--json", "as_json", is_flag=True, help="The card as one JSON object (e.g. charrnn info runs/x --json | jq .best).")
+@click.option("--plot", "plot_path", type=str, default=None, metavar="FILE.png",
+              help="Also write a figure of the training and validation loss against steps and minutes "
+                   "(needs the [plot] extra, matplotlib), e.g. --plot curve.png.")
+@_quiet_option
+@handle_errors
+def info(path, as_json, plot_path, quiet):
+    """The model card of a checkpoint (MODEL.npz) or a run directory (RUN: its best.npz and
+    metrics.jsonl): model, vocabulary, corpus, options as given and as fitted, progress, best
+    validation loss, and for a run its loss curve as a small text plot."""
+    from charrnn import info as card_info
+
+    out = ResultsOut()
+    if plot_path is not None:
+        card_info.check_plot_path(plot_path)  # a missing extra or a bad file name before any work
+    notes = []
+    c = card_info.card(path, notes)
+    if not quiet:
+        for note in notes:
+            click.echo(f"charrnn: {note}", err=True)
+    if plot_path is not None:
+        card_info.plot(c, plot_path)
+        if not quiet:
+            click.echo(f"charrnn: wrote {plot_path}", err=True)
+    out.write(card_info.to_json(c) + "\n" if as_json else card_info.render(c))
+    out.flush()
 
 
 def _raised_in_click_echo(e: BaseException) -> bool:

@@ -35,10 +35,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from charrnn import __version__
+from charrnn import DISTRIBUTION, __version__
 from charrnn.errors import CharrnnError, TrainingError, UsageError
 
-INSTALL_HINT = "pip install 'charrnn[mpi]'"
+INSTALL_HINT = f"pip install '{DISTRIBUTION}[mpi]'"  # the index's "charrnn" is another project
 # the environment variables by which process managers tell a process the size of its MPI job
 # (MPICH's hydra and Intel MPI: PMI_SIZE; Open MPI: OMPI_COMM_WORLD_SIZE; PMIx launchers: PMIX_SIZE)
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")

@@ -1,0 +1,509 @@
+"""The model card (`charrnn info`): what a checkpoint or a run directory holds, in words or as JSON;
+the validation curve of a run as a small plain-text plot; and a loss-curve figure through
+matplotlib (the optional extra `[plot]`).
+
+The card reads the checkpoint through checkpoint.load, so a corrupt, foreign or hostile file gets
+the same one-line refusal as `sample` and `eval`. Everything else it shows comes from the meta
+record and metrics.jsonl as written, and is read defensively: a record from an older or newer
+charrnn may lack a key or hold one this version does not know, and the card shows what is there
+rather than failing. Nothing here prints: the command line decides what goes to stdout and stderr.
+
+Not here: the checkpoint format (checkpoint.py), what a run records (train.py), the options'
+meanings (config.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import unicodedata
+import zipfile
+from dataclasses import dataclass, field, fields
+
+from charrnn import DISTRIBUTION
+from charrnn.errors import CharrnnError, UsageError
+
+PLOT_HINT = f"pip install '{DISTRIBUTION}[plot]'"
+METRICS_FILE = "metrics.jsonl"
+# The terminal plot: wide enough to show a curve's shape, narrow enough for an 80-column terminal
+# beside its 9-character axis labels.
+CURVE_WIDTH = 60
+CURVE_HEIGHT = 10
+MAX_SHOWN_CHARS = 120  # the vocabulary's characters are listed in full up to this many
+
+
+# ------------------------------------------------------------------------------ metrics.jsonl
+@dataclass
+class Metrics:
+    """The records of a run's metrics.jsonl that could be read, and a note for each line that
+    could not (not JSON, not an object, no whole-number step)."""
+
+    path: str | None = None
+    records: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (line number, why)
+
+    def points(self, key: str) -> list[tuple[int, float, float | None]]:
+        """(step, value, elapsed seconds) for every record whose `key` is a finite number: a run
+        without a validation split writes val_loss null, and a diverged one may write NaN."""
+        out = []
+        for r in self.records:
+            v = _finite(r.get(key))
+            if v is not None:
+                out.append((r["step"], v, _finite(r.get("elapsed_s"))))
+        return out
+
+
+def read_metrics(path: str) -> Metrics:
+    """Read metrics.jsonl, skipping lines that cannot be read (a line cut short by a crash, or a
+    hand edit) with a note each rather than refusing the whole file."""
+    m = Metrics(path=path)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    m.skipped.append((n, "not JSON"))
+                    continue
+                if not isinstance(rec, dict):
+                    m.skipped.append((n, "not a JSON object"))
+                elif type(rec.get("step")) is not int:
+                    m.skipped.append((n, "no whole-number step"))
+                else:
+                    m.records.append(rec)
+    except OSError as e:
+        raise CharrnnError(f"{path}: cannot read: {e.strerror or e}") from None
+    return m
+
+
+# ------------------------------------------------------------------------------ finding the files
+@dataclass
+class Located:
+    checkpoint: str  # the checkpoint the card describes
+    run_dir: str | None  # the run directory, when there is one
+    metrics: str | None  # its metrics.jsonl, when there is one
+    last: str | None  # its last.npz, when that is not the checkpoint described
+
+
+def locate(path: str) -> Located:
+    """MODEL or RUN: a run directory means its best.npz (else last.npz), as for `sample`; a
+    checkpoint inside a run directory (one that holds metrics.jsonl) brings its run along."""
+    from charrnn import checkpoint
+
+    ck_path, _ = checkpoint.resolve(path)
+    run_dir = os.path.dirname(ck_path) or "."
+    metrics = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isdir(path) and not os.path.isfile(metrics):
+        return Located(ck_path, None, None, None)
+    last = os.path.join(run_dir, "last.npz")
+    if not os.path.isfile(last) or os.path.samefile(last, ck_path):
+        last = None
+    return Located(ck_path, path if os.path.isdir(path) else run_dir,
+                   metrics if os.path.isfile(metrics) else None, last)
+
+
+# ------------------------------------------------------------------------------ the card
+def card(path: str, notes: list | None = None) -> dict:
+    """The model card of a checkpoint or run directory as a JSON-ready dict. `notes` collects what
+    the caller may want to say on stderr (skipped metrics lines, an unreadable last.npz)."""
+    from charrnn import checkpoint
+
+    notes = notes if notes is not None else []
+    loc = locate(path)
+    ck = checkpoint.load(loc.checkpoint)
+    meta = ck.meta
+    progress = meta  # the latest state of the run: last.npz's meta when the card is of best.npz
+    if loc.last is not None:
+        try:
+            progress = checkpoint.load(loc.last).meta
+        except CharrnnError as e:
+            notes.append(f"training progress from {loc.checkpoint}, not last.npz: {e}")
+    cfg = ck.model.cfg
+    out = {
+        "path": loc.checkpoint,
+        "run": loc.run_dir,
+        "format_version": meta.get("version"),
+        "charrnn_version": meta.get("charrnn_version"),
+        "model": {
+            "cell": cfg.cell,
+            "nonlinearity": cfg.nonlinearity,
+            "layers": cfg.layers,
+            "hidden": cfg.hidden,
+            "dropout": cfg.dropout,
+            "parameters": int(ck.model.n_params),
+            "averaged_weights": _has_averaged_weights(loc.checkpoint),
+        },
+        "vocab": vocab_summary(ck.vocab.tokens),
+        "corpus": _dict(meta, "corpus") or None,
+        "options": options(meta),
+        "training": training(progress),
+        "best": best(progress, meta),
+    }
+    for key in ("origin", "vocab_from"):  # fine-tuned runs and runs over a given vocabulary
+        if key in meta:
+            out[key] = meta[key]
+    if loc.metrics is not None:
+        m = read_metrics(loc.metrics)
+        for n, why in m.skipped[:3]:
+            notes.append(f"{m.path}: line {n} skipped ({why})")
+        if len(m.skipped) > 3:
+            notes.append(f"{m.path}: {len(m.skipped) - 3} more lines skipped")
+        out["metrics"] = {
+            "path": m.path,
+            "records": len(m.records),
+            "skipped": len(m.skipped),
+            "points": [{k: r.get(k) for k in ("step", "epoch", "elapsed_s", "train_loss", "val_loss")}
+                       for r in m.records],
+        }
+        out["_metrics"] = m  # for the terminal plot and the figure; dropped from the JSON
+    return out
+
+
+def to_json(c: dict) -> str:
+    """The card as one JSON object (NaN written as null, so jq and strict parsers read it)."""
+    return json.dumps(_no_nan({k: v for k, v in c.items() if not k.startswith("_")}), ensure_ascii=False)
+
+
+def _has_averaged_weights(path: str) -> bool:
+    """Does the checkpoint hold averaged weights (members avg.*)? Read from the zip's directory,
+    which checkpoint.load has already checked."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.startswith("avg.") for n in zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def vocab_summary(tokens) -> dict:
+    """Counts of the vocabulary's characters by kind, and its special tokens (every token longer
+    than one character: <START>, <END>, <UNK> today)."""
+    chars = [t for t in tokens if len(t) == 1]
+    kinds = {"letters": 0, "digits": 0, "whitespace": 0, "punctuation": 0, "other": 0}
+    for ch in chars:
+        kinds[_kind(ch)] += 1
+    return {"size": len(tokens), "characters": len(chars), **kinds,
+            "specials": [t for t in tokens if len(t) != 1], "chars": "".join(chars)}
+
+
+def _kind(ch: str) -> str:
+    if ch.isalpha():
+        return "letters"
+    if ch.isdigit():
+        return "digits"
+    if ch.isspace():
+        return "whitespace"
+    if unicodedata.category(ch).startswith("P"):
+        return "punctuation"
+    return "other"  # symbols (+ = $), marks, control characters
+
+
+def options(meta: dict) -> dict:
+    """The training options as given (None where left open), as fitted (what the run chose for
+    those), and the given ones that differ from this version's defaults. A checkpoint written
+    before the two were kept apart has only the combined record, shown as given."""
+    from charrnn.config import DEFAULTS
+
+    given = _dict(meta, "config") or _dict(meta, "train")
+    fitted = _dict(meta, "fitted")
+    defaults = {f.name: getattr(DEFAULTS, f.name) for f in fields(DEFAULTS)}
+    # an option this version does not know (from a newer charrnn) counts as given when it is set
+    changed = {k: v for k, v in given.items()
+               if (v != defaults[k] if k in defaults else (k != "dropout_fit" and v is not None))}
+    return {"given": given, "fitted": fitted, "non_default": changed, "separate": "config" in meta}
+
+
+def training(meta: dict) -> dict:
+    """Steps, epochs (fractional: steps over the batches an epoch holds), time and speed."""
+    run = _dict(meta, "run")
+    train = _dict(meta, "train") or _dict(meta, "config")
+    data = _dict(meta, "data")
+    step = meta.get("step", run.get("step"))
+    epochs = None
+    seq, stream_len = train.get("seq"), data.get("stream_len")
+    if type(step) is int and type(seq) is int and type(stream_len) is int and seq > 0 and stream_len > 0:
+        epochs = step / -(-stream_len // seq)
+    opt = _dict(meta, "optimizer")
+    sched = _dict(meta, "schedule")
+    return {"step": step if type(step) is int else None,
+            "epochs": epochs, "epochs_completed": meta.get("epoch", run.get("epoch")),
+            "seconds": _finite(run.get("elapsed")), "chars_per_s": _finite(run.get("chars_per_s")),
+            "optimizer": opt.get("name"), "lr": _finite(_dict(opt, "hparams").get("lr")),
+            "schedule": sched.get("kind"), "batch": train.get("batch"), "seq": seq}
+
+
+def best(progress: dict, meta: dict) -> dict | None:
+    """The best validation loss of the run and the step it was reached at (nats and bits/char)."""
+    for m in (progress, meta):
+        v = _finite(m.get("best_val"))
+        if v is not None:
+            step = _dict(m, "run").get("best_step")
+            return {"val_loss": v, "val_bits": v / math.log(2), "step": step if type(step) is int else None}
+    return None
+
+
+# ------------------------------------------------------------------------------ the card as text
+def render(c: dict) -> str:
+    """The card in words: a few labelled sections, the curve at the end (when there is a run)."""
+    lines = [f"charrnn model card: {c['path']}"]
+    add = lambda label, text: lines.append(f"  {label:<12} {text}")  # noqa: E731
+    if c["run"]:
+        add("run", c["run"])
+    lines.append("model")
+    mo = c["model"]
+    cell = mo["cell"] + (f" ({mo['nonlinearity']})" if mo["cell"] == "rnn" else "")
+    add("cell", f"{cell}, {mo['layers']} layer{'s' * (mo['layers'] != 1)} x {mo['hidden']} units, "
+        f"dropout {mo['dropout']:g}")
+    add("parameters", f"{mo['parameters']:,}" + ("; averaged weights: yes" if mo["averaged_weights"] else ""))
+    v = c["vocab"]
+    add("vocabulary", f"{v['size']:,} tokens: {v['letters']:,} letters, {v['digits']:,} digits, "
+        f"{v['whitespace']:,} whitespace, {v['punctuation']:,} punctuation, {v['other']:,} other")
+    add("specials", " ".join(v["specials"]) or "none")
+    add("characters", _show_chars(v["chars"]))
+    lines.append("corpus")
+    corpus = c["corpus"] or {}
+    paths = corpus.get("paths")
+    if isinstance(paths, list) and paths:
+        add("files", ", ".join(str(p) for p in paths))
+    if type(corpus.get("chars")) is int:
+        add("size", f"{corpus['chars']:,} characters")
+    if corpus.get("sha256"):
+        add("sha256", corpus["sha256"])
+    if corpus.get("docs"):
+        add("documents", f"--docs {corpus['docs']}")
+    if not corpus:
+        add("", "(not recorded)")
+    for key in ("origin", "vocab_from"):
+        if key in c:
+            lines.append({"origin": "fine-tuned from", "vocab_from": "vocabulary from"}[key])
+            lines.extend(_show_generic(c[key]))
+    lines.append("training")
+    o = c["options"]
+    add("options", _show_options(o["non_default"]) or "all defaults")
+    chosen = _show_fitted(o)
+    if chosen:
+        add("fitted", chosen)
+    t = c["training"]
+    if t["step"] is not None:
+        parts = [f"{t['step']:,} steps"]
+        if t["epochs"] is not None:
+            parts.append(f"{t['epochs']:.2f} epochs")
+        if t["seconds"] is not None:
+            parts.append(_show_time(t["seconds"]))
+        if t["chars_per_s"]:
+            parts.append(f"{t['chars_per_s']:,.0f} chars/s")
+        add("progress", ", ".join(parts))
+    if t["optimizer"]:
+        add("optimizer", f"{t['optimizer']}" + (f", lr {t['lr']:g}" if t["lr"] is not None else "")
+            + (f", {t['schedule']} schedule" if t["schedule"] else ""))
+    b = c["best"]
+    add("best val", "none recorded" if b is None else
+        f"{b['val_loss']:.4f} nats/char ({b['val_bits']:.4f} bits/char)"
+        + (f" at step {b['step']:,}" if b["step"] is not None else ""))
+    m = c.get("_metrics")
+    if m is not None:
+        lines.append("")
+        lines.extend(curve(m))
+    return "\n".join(lines) + "\n"
+
+
+def _show_chars(chars: str) -> str:
+    """The characters as one quoted line: controls and whitespace other than a space escaped."""
+    def one(ch):
+        if ch == " " or (ch.isprintable() and not ch.isspace()):
+            return "\\\\" if ch == "\\" else ch
+        return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch, f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    shown = "".join(one(ch) for ch in chars[:MAX_SHOWN_CHARS])
+    more = f" and {len(chars) - MAX_SHOWN_CHARS:,} more" if len(chars) > MAX_SHOWN_CHARS else ""
+    return f'"{shown}"{more}'
+
+
+def _show_value(key: str, v) -> str:
+    if key == "max_input" and type(v) is int:
+        from charrnn.config import format_size
+
+        return format_size(v)
+    if v is None:
+        return "all" if key in ("max_vocab", "val_chars") else "auto"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, ensure_ascii=False)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _show_options(opts: dict) -> str:
+    """Options as they would be typed: --hidden 16 --steps 30 (flags as --name alone)."""
+    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {_show_value(k, v)}")
+                    for k, v in opts.items())
+
+
+def _show_fitted(o: dict) -> str:
+    """What the run chose where the user left an option open (given None, or schedule auto)."""
+    given, fitted = o["given"], o["fitted"]
+    shown = []
+    for k, v in fitted.items():
+        if k == "dropout_pending" or v is None:
+            continue
+        if given.get(k) is None or (k == "schedule" and given.get(k) == "auto" and v != "auto"):
+            shown.append(f"{k.replace('_', ' ')} {_show_value(k, v)}")
+    if fitted.get("dropout_pending"):
+        shown.append("(dropout still to be fitted to the budget)")
+    return ", ".join(shown)
+
+
+def _show_generic(value, indent: str = "  ") -> list[str]:
+    """A record another part of charrnn wrote (where a fine-tuned run came from, ...), shown as
+    key: value lines whatever it holds."""
+    if isinstance(value, dict):
+        return [f"{indent}{str(k):<12} {_show_value(str(k), v)}" for k, v in value.items()]
+    return [f"{indent}{'':<12} {_show_value('', value)}"]
+
+
+def _show_time(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = seconds / 60
+    if minutes < 60:
+        return f"{minutes:.1f} min"
+    return f"{int(minutes // 60)} h {minutes % 60:02.0f} min"
+
+
+# ------------------------------------------------------------------------------ the curve as text
+def curve(m: Metrics, width: int = CURVE_WIDTH, height: int = CURVE_HEIGHT) -> list[str]:
+    """The validation loss (*) and the training loss (.) against steps, as lines of text: a grid
+    of `height` rows, nats/char on the left, steps and minutes below. Points that fall in one
+    column are averaged; validation wins a cell both want."""
+    val, train = m.points("val_loss"), m.points("train_loss")
+    if not val and not train:
+        return ["loss curve: no losses recorded in metrics.jsonl yet"]
+    steps = [p[0] for p in val + train]
+    s0, s1 = min(steps), max(steps)
+    values = [p[1] for p in val + train]
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-9:  # a flat curve (or one point): a band around it, so it sits mid-plot
+        lo, hi = lo - 0.5, hi + 0.5
+    col = lambda s: 0 if s1 == s0 else round((s - s0) / (s1 - s0) * (width - 1))  # noqa: E731
+    row = lambda v: round((hi - v) / (hi - lo) * (height - 1))  # noqa: E731
+    grid = [[" "] * width for _ in range(height)]
+    for points, mark in ((train, "."), (val, "*")):
+        by_col = {}
+        for s, v, _ in points:
+            by_col.setdefault(col(s), []).append(v)
+        for x, vs in by_col.items():
+            grid[row(sum(vs) / len(vs))][x] = mark
+    label = {0: f"{hi:.3f}", height - 1: f"{lo:.3f}", (height - 1) // 2: f"{(hi + lo) / 2:.3f}"}
+    title = "loss curve, nats/char (* validation, . training)"
+    if not val:
+        title += ": no validation losses (the run has no held-out text)"
+    out = [title]
+    out += [f"{label.get(r, ''):>8} |{''.join(grid[r]).rstrip()}" for r in range(height)]
+    out.append(" " * 9 + "+" + "-" * width)
+    out.append(_axis("step", f"{s0:,}", f"{s1:,}", width))
+    t = {p[0]: p[2] for p in val + train if p[2] is not None}
+    if s0 in t and s1 in t:
+        digits = 2 if t[s1] < 600 else 1  # a short run's minutes still tell apart
+        out.append(_axis("minutes", f"{t[s0] / 60:.{digits}f}", f"{t[s1] / 60:.{digits}f}", width))
+    if len(set(steps)) == 1:
+        out.append(" " * 10 + "(one validation so far)")
+    return out
+
+
+def _axis(name: str, left: str, right: str, width: int) -> str:
+    return f"{name:>8}  {left}{right:>{max(1, width - len(left))}}"
+
+
+# ------------------------------------------------------------------------------ the figure
+def require_matplotlib():
+    """matplotlib with the Agg backend (files only, no display needed), or a one-line error that
+    says what to install."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CharrnnError(f"--plot needs matplotlib, which is not installed: {PLOT_HINT}") from None
+    return plt
+
+
+def check_plot_path(path: str) -> None:
+    """Refuse, before any work, a figure path whose format matplotlib cannot write."""
+    plt = require_matplotlib()
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    fig = plt.figure()
+    try:
+        supported = fig.canvas.get_supported_filetypes()
+    finally:
+        plt.close(fig)
+    if ext not in supported:
+        raise UsageError(f"--plot {path}: give a file name ending in .png (or one of "
+                         f"{', '.join('.' + e for e in sorted(supported))})")
+
+
+def plot(c: dict, path: str) -> None:
+    """A figure of the training and validation loss against steps (left) and minutes (right),
+    nats/char on the left axis and bits/char on the right, titled with the run and model."""
+    m = c.get("_metrics")
+    if m is None:
+        raise UsageError(f"--plot needs a run directory (its {METRICS_FILE}); {c['path']} is not in one")
+    val, train = m.points("val_loss"), m.points("train_loss")
+    if not val and not train:
+        raise CharrnnError(f"{m.path}: no losses recorded yet; nothing to plot")
+    plt = require_matplotlib()
+    mo = c["model"]
+    name = os.path.basename(os.path.abspath(c["run"] or c["path"]))
+    title = f"{name}: {mo['cell']} {mo['layers']}x{mo['hidden']}"
+    if c["best"] is not None:
+        title += f", best validation {c['best']['val_loss']:.4f} nats/char"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    try:
+        for ax, x_of, xlabel in ((axes[0], lambda p: p[0], "step"),
+                                 (axes[1], lambda p: None if p[2] is None else p[2] / 60, "minutes")):
+            for points, style, label in ((train, dict(color="tab:blue", lw=1.2), "training (smoothed)"),
+                                         (val, dict(color="tab:orange", lw=1.6, marker="o", ms=3), "validation")):
+                xy = [(x_of(p), p[1]) for p in points if x_of(p) is not None]
+                if xy:
+                    ax.plot([a for a, _ in xy], [b for _, b in xy], label=label, **style)
+            b = c["best"]
+            at = [p for p in val if b is not None and p[0] == b["step"] and x_of(p) is not None]
+            if at:  # the checkpoint best.npz holds
+                ax.plot([x_of(at[-1])], [at[-1][1]], "*", color="tab:red", ms=11, label="best")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("loss (nats/char)")
+            ax.grid(True, alpha=0.3)
+            ax.secondary_yaxis("right", functions=(lambda n: n / math.log(2), lambda b: b * math.log(2))) \
+              .set_ylabel("bits/char")
+            ax.legend()
+        axes[0].set_title("against steps")
+        axes[1].set_title("against training time")
+        fig.suptitle(title)
+        try:
+            fig.savefig(path, dpi=120)
+        except OSError as e:
+            raise CharrnnError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ small helpers
+def _dict(d, key) -> dict:
+    """d[key] when it is a dict, else {} (a meta record from another version may lack it)."""
+    v = d.get(key) if isinstance(d, dict) else None
+    return v if isinstance(v, dict) else {}
+
+
+def _finite(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _no_nan(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_no_nan(v) for v in obj]
+    return obj
