@@ -18,7 +18,7 @@ from charrnn.train import Trainer  # noqa: E402
 
 # dropout and the --seq-warmup curriculum on (T grows from 8 to 12 over the first 10 steps)
 CONFIG = dict(cell="lstm", layers=2, hidden=16, dropout=0.3, batch=8, seq=12, seq_warmup=10, steps=14,
-              eval_every=1000, threads=1, seed=7, lr=1e-2, warmup=0)
+              eval_every=1000, threads=1, seed=7, lr=1e-2, warmup=0, average="off")
 # and with weight drop, locked dropout and an exponential average of the weights
 REGULARISED = dict(CONFIG, weight_drop=0.25, dropout_mode="locked", average="ema", avg_decay=0.8)
 

@@ -268,7 +268,8 @@ def test_new_checkpoints_record_the_config_as_given_and_the_fitted_values_apart(
     assert meta["cell"] == "lstm" and meta["hidden"] == 64
     ck = checkpoint.load(str(out / "last.npz"), with_arrays=True)  # every member train.py writes is known
     names = set(param_shapes(ck.model.cfg))
-    assert set(ck.arrays) == {"train.h", "train.c"} | {f"optim.{b}.{n}" for b in ("m", "v") for n in names}
+    assert set(ck.arrays) == ({"train.h", "train.c"} | {f"optim.{b}.{n}" for b in ("m", "v") for n in names}
+                              | {f"avg.{n}" for n in names})  # the averaged weights (--average ema, the default)
     shutil.rmtree(out)
 
 
