@@ -2,7 +2,8 @@
 open, and how a --minutes run fits itself to its time.
 
 - choose_size: the cell, the hidden size and the dropout, from the corpus and the budget.
-- dropout_for: dropout from the epochs the budget allows and the parameters per character.
+- dropout_for: dropout from the epochs the budget allows and the parameters per character;
+  regularise: with it, weight drop once the model sees each character often enough.
 - StepTimes, steps_in, refit: a --minutes run measures its steps and fits its learning-rate
   schedule, its dropout and its validation interval to the time it has.
 
@@ -30,6 +31,15 @@ DROPOUT_LOW = (6.6, 0.1)  # 2x256 GRU, 5 minutes (10 epochs): 0.1 beat 0.05 and 
 # 2x512 LSTM, 30 minutes (12-15 epochs, x = 42-51): 0.5 gave 1.446 and 1.449, 0.45 1.465; 2x384, 26 epochs: 0.4 beat 0.25
 DROPOUT_HIGH = (40.0, 0.5)
 NO_DROPOUT_BELOW = 50_000  # training characters: tiny corpora, a run is over long before it could overfit
+# Weight drop from this exposure (epochs x parameters per character) on, with the output dropout
+# capped: where a model would memorise its text, dropping recurrent weights regularises better than
+# more output dropout; below it, weight drop only slows learning. Measured (equal updates,
+# benchmarks/results/quality_regularisers.txt): tiny Shakespeare at 6 (a 5-minute 2x256 GRU), 0.2
+# cost 0.016-0.024 nats/char; corpora/markov.txt at 36 (a 2x128 GRU, 59 epochs), 0.3 with dropout
+# 0.2 gave 1.323 against 1.383 with the rule's dropout 0.5 alone (the text's entropy is 1.253)
+WEIGHT_DROP_FROM = 15.0
+WEIGHT_DROP = 0.3
+DROPOUT_WITH_WEIGHT_DROP = 0.2
 MIN_SEQ = 8  # first BPTT length of the --seq-warmup curriculum
 AUTO_MEASURE_STEPS = 30  # steps timed before a --minutes run fits its schedule and validation interval
 REFIT_EVERY = 50  # steps between refits of that fit, until the schedule's decay begins
@@ -53,9 +63,9 @@ def choose_size(cfg: TrainConfig, n_train_chars: int) -> Fitted:
     against 1.501. In 30 minutes the 2x512 LSTM (dropout 0.5) wins: 1.479 against the GRU's 1.511
     after 17-18 minutes.
 
-    Dropout comes from dropout_for: from the epochs of --epochs or --steps (10 without a budget),
-    or, for --minutes, provisionally from 10 epochs until the run has measured its speed and
-    refits it (Fitted.dropout_pending, refit).
+    Dropout and weight drop come from regularise: from the epochs of --epochs or --steps (10
+    without a budget), or, for --minutes, provisionally from 10 epochs until the run has measured
+    its speed and refits them (Fitted.dropout_pending, refit).
     """
     short = cfg.minutes is not None and cfg.minutes <= SHORT_BUDGET_MINUTES
     cell = chosen_cell(cfg)
@@ -74,20 +84,19 @@ def choose_size(cfg: TrainConfig, n_train_chars: int) -> Fitted:
         # never far more parameters than characters on small corpora
         while hidden > 64 and approx_params(cell, cfg.layers, hidden) > cap * n:
             hidden //= 2
-    pending = False
-    dropout = cfg.dropout
-    if dropout is None and n_train_chars < NO_DROPOUT_BELOW:
-        dropout = 0.0
-    elif dropout is None:
-        epochs = planned_epochs(cfg, n)
-        pending = epochs is None  # a --minutes run: refit once its speed is measured (refit)
-        if pending:  # until then: as for the default budget, or for --epochs / --steps if they end it sooner
-            cap = epoch_cap(cfg, n)
-            epochs = DEFAULT_EPOCHS if cap is None else min(cap, DEFAULT_EPOCHS)
-        dropout = dropout_for(approx_params(cell, cfg.layers, hidden), n, epochs)
     has_budget = cfg.steps is not None or cfg.epochs is not None or cfg.minutes is not None
-    return Fitted(cell=cell, hidden=hidden, dropout=dropout, dropout_pending=pending, schedule=cfg.schedule,
-                  decay_steps=cfg.decay_steps, epochs=None if has_budget else DEFAULT_EPOCHS)
+    fitted = Fitted(cell=cell, hidden=hidden, dropout=cfg.dropout or 0.0, schedule=cfg.schedule,
+                    decay_steps=cfg.decay_steps, epochs=None if has_budget else DEFAULT_EPOCHS,
+                    weight_drop=cfg.weight_drop or 0.0, dropout_open=cfg.dropout is None,
+                    weight_drop_open=cfg.weight_drop is None)
+    if n_train_chars < NO_DROPOUT_BELOW or not (fitted.dropout_open or fitted.weight_drop_open):
+        return fitted  # what was left open stays 0: tiny corpora never reach overfitting
+    epochs = planned_epochs(cfg, n)
+    pending = epochs is None  # a --minutes run: refit once its speed is measured (refit)
+    if pending:  # until then: as for the default budget, or for --epochs / --steps if they end it sooner
+        cap = epoch_cap(cfg, n)
+        epochs = DEFAULT_EPOCHS if cap is None else min(cap, DEFAULT_EPOCHS)
+    return replace(regularise(fitted, approx_params(cell, cfg.layers, hidden), n, epochs), dropout_pending=pending)
 
 
 def val_chars_for(cfg: TrainConfig, n_val_positions: int) -> int | None:
@@ -207,11 +216,30 @@ def wsd_schedule(cfg: TrainConfig, fitted: Fitted, step: int, steps_left: float)
     return replace(fitted, schedule="wsd", decay_steps=max(1, total - cfg.warmup))
 
 
+def regularise(fitted: Fitted, params: int, n_train_chars: int, epochs: float) -> Fitted:
+    """The dropout and weight drop, where the user left them open, of a model of `params`
+    parameters that sees `epochs` passes over a text of `n_train_chars`: weight drop WEIGHT_DROP
+    from an exposure (epochs x parameters per character) of WEIGHT_DROP_FROM on, and then the
+    output dropout of dropout_for capped at DROPOUT_WITH_WEIGHT_DROP; below it, dropout_for alone.
+    A weight drop the user gave caps a fitted dropout the same way."""
+    x = max(epochs, 1e-9) * params / max(n_train_chars, 1)
+    wd = fitted.weight_drop
+    if fitted.weight_drop_open:
+        wd = WEIGHT_DROP if x >= WEIGHT_DROP_FROM else 0.0
+    d = fitted.dropout
+    if fitted.dropout_open:
+        d = dropout_for(params, n_train_chars, epochs)
+        if wd > 0:
+            d = min(d, DROPOUT_WITH_WEIGHT_DROP)
+    return replace(fitted, dropout=d, weight_drop=wd)
+
+
 def fitted_dropout(fitted: Fitted, params: int, n_train_chars: int, epochs: float) -> tuple[Fitted, str]:
-    """A --minutes run's dropout, chosen once from the epochs its budget allows; and what to say."""
-    d = dropout_for(params, n_train_chars, epochs)
-    return (replace(fitted, dropout=d, dropout_pending=False),
-            f"dropout {d:g}: about {epochs:.{0 if epochs >= 10 else 1}f} epochs fit in the budget")
+    """A --minutes run's dropout and weight drop (what was left open of them), chosen once from the
+    epochs its budget allows; and what to say."""
+    f = replace(regularise(fitted, params, n_train_chars, epochs), dropout_pending=False)
+    wd = f", weight drop {f.weight_drop:g}" if f.weight_drop_open or f.weight_drop else ""
+    return f, f"dropout {f.dropout:g}{wd}: about {epochs:.{0 if epochs >= 10 else 1}f} epochs fit in the budget"
 
 
 @dataclass(frozen=True)

@@ -231,7 +231,9 @@ def cli():
               help="step: a new dropout mask at every time step; locked: one mask per stream for the whole batch "
                    "(variational dropout).")
 @click.option("--weight-drop", type=_finite(TRAIN_BOUNDS["weight_drop"]), default=DEFAULTS.weight_drop, metavar="P",
-              help="DropConnect on every layer's hidden-to-hidden weights, one mask per batch (e.g. --weight-drop 0.2).")
+              help="DropConnect on every layer's hidden-to-hidden weights, one mask per batch (e.g. --weight-drop 0.2). "
+                   "Default: 0.3 when the budget lets the model see each character often enough to memorise it "
+                   "(then with --dropout at most 0.2), else 0.")
 @click.option("--average", type=click.Choice(["off", "ema", "polyak"]), default=DEFAULTS.average,
               help="Validate, and keep as best.npz, an average of the weights: ema (exponential moving average) or "
                    "polyak (the mean from the start of the learning rate's decay).")

@@ -71,7 +71,7 @@ TRAIN_BOUNDS = {
     "dropout": Bounds(min=0, max=1, max_open=True, optional=True),
     # |b| <= 100: sigmoid(100) is 1 in float32 already; anything larger only risks overflow
     "forget_bias": Bounds(min=-100, max=100),
-    "weight_drop": Bounds(min=0, max=1, max_open=True),
+    "weight_drop": Bounds(min=0, max=1, max_open=True, optional=True),
     "avg_decay": Bounds(min=0, max=1, max_open=True),
     "batch": _COUNT,
     "seq": _COUNT,
@@ -121,9 +121,9 @@ class TrainConfig:
     forget_bias: float = 1.0  # LSTM forget-gate bias at init (1.0 is the usual choice; PyTorch's 0 trains slower)
     # step: a new dropout mask at every time step | locked: one per stream and batch (within noise of step)
     dropout_mode: str = "step"
-    # DropConnect on every layer's hidden-to-hidden weights, one mask per batch. Off: 0.2 cost 0.016 nats/char
-    # in 5-minute-equivalent runs on tiny Shakespeare (0.024 with --average ema)
-    weight_drop: float = 0.0
+    # DropConnect on every layer's hidden-to-hidden weights, one mask per batch; None: from the epochs the
+    # budget allows, with the dropout (budget.regularise)
+    weight_drop: float | None = None
     # off | ema | polyak: validate (and keep as best.npz) an average of the weights. ema: -0.006 and -0.007
     # nats/char in 5-minute-equivalent runs on tiny Shakespeare (benchmarks/results/quality_regularisers.txt)
     average: str = "ema"
@@ -213,11 +213,14 @@ class Fitted:
     cell: str  # the cell: the user's, or chosen for the budget
     hidden: int  # units per layer: the user's, or sized from the corpus and the budget
     dropout: float  # the user's, or from the epochs the budget allows
-    dropout_pending: bool = False  # a --minutes run refits the dropout once it knows its speed
+    dropout_pending: bool = False  # a --minutes run refits what was left open of these once it knows its speed
     schedule: str = "auto"  # the user's, or "wsd" once fitted to a --minutes budget ("auto" until then)
     decay_steps: int | None = None  # the user's, or fitted with the schedule
     epochs: float | None = None  # the default budget (10 epochs) of a run given none
     val_chars: int | None = None  # held-out positions training scores, from the split's start; None: all of it
+    weight_drop: float = 0.0  # the user's, or fitted with the dropout
+    dropout_open: bool = True  # the dropout is the run's to fit (the user left --dropout open)
+    weight_drop_open: bool = False  # the weight drop is the run's to fit (left open; runs before it: no)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -238,6 +241,7 @@ class Fitted:
 def effective(cfg: TrainConfig, fitted: Fitted) -> TrainConfig:
     """The config a run follows: the user's, with what was left open filled in from `fitted`."""
     return replace(cfg, cell=fitted.cell, hidden=fitted.hidden, dropout=fitted.dropout, schedule=fitted.schedule,
+                   weight_drop=cfg.weight_drop if cfg.weight_drop is not None else fitted.weight_drop,
                    decay_steps=fitted.decay_steps, epochs=cfg.epochs if cfg.epochs is not None else fitted.epochs)
 
 

@@ -149,7 +149,8 @@ class Precompile:
         cfg, cell, threads_n = self._args
         try:
             model = Model(ModelConfig(cell=cell, layers=2, hidden=8, vocab_size=4, nonlinearity=cfg.nonlinearity))
-            model.warm_up(dropout=cfg.dropout != 0, weight_drop=cfg.weight_drop > 0)  # None: chosen later, likely > 0
+            # None: chosen later, and likely above 0
+            model.warm_up(dropout=cfg.dropout != 0, weight_drop=cfg.weight_drop is None or cfg.weight_drop > 0)
             opt = make_optimizer(cfg.optimizer, model.n_params, model.dtype, 1e-3)
             x = np.zeros((2, 2), np.int32)
             train_step(model, opt, x, x, *model.zero_state(2), None, 1e-3, cfg.clip, cfg.clip_mode,
@@ -566,6 +567,7 @@ class Trainer:
         rep = Reporter(self.quiet, total, st.step)
         rep.message(
             f"charrnn: {cfg.cell} {cfg.layers}x{cfg.hidden} dropout {cfg.dropout:g}"
+            f"{f' weight drop {cfg.weight_drop:g}' if cfg.weight_drop else ''}"
             f"{' (until fitted to the budget)' if self.fitted.dropout_pending else ''}, {model.n_params:,} parameters, "
             f"vocabulary {self.vocab.size}, {self.stream.n_tokens:,} training tokens, batch {cfg.batch}x{cfg.seq}, "
             f"{n_threads} thread(s){f' x {self.workers.size} workers' if self.workers.size > 1 else ''} -> {self.out}"
@@ -589,7 +591,8 @@ class Trainer:
                     if self.precompile is not None:
                         self.precompile.wait()
                     self.model.warm_up(dropout=cfg.dropout > 0 or self.fitted.dropout_pending,
-                                       weight_drop=cfg.weight_drop > 0)
+                                       weight_drop=cfg.weight_drop > 0 or (self.fitted.dropout_pending
+                                                                           and self.fitted.weight_drop_open))
                 except (KeyboardInterrupt, signals.SignalExit) as e:
                     rep.close()
                     signum = getattr(e, "signum", 2)

@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charrnn.budget import (DEFAULT_EPOCHS, DROPOUT_HIGH, DROPOUT_LOW, REFIT_EVERY, Fit, StepTimes, chars_in,
-                            choose_size, dropout_at_end, dropout_for, planned_epochs, refit, seq_len_at, steps_in)
+                            choose_size, dropout_at_end, dropout_for, planned_epochs, refit, regularise, seq_len_at,
+                            steps_in)
+from charrnn.budget import DROPOUT_WITH_WEIGHT_DROP, WEIGHT_DROP, WEIGHT_DROP_FROM
 from charrnn.config import Fitted, TrainConfig, effective
 from charrnn.model import approx_params
 
@@ -96,29 +98,48 @@ def test_validation_interval_is_fitted_to_the_budget():
     assert not fit.open  # the interval is fixed once the steps have their full length
 
 
-@pytest.mark.parametrize("budget,chars,cell,hidden,dropout,fit", [
-    ({"minutes": 5}, 1_000_000, "gru", 256, 0.1, True),  # short budgets: a small, fast GRU that sees more data
-    ({"minutes": 30}, 1_000_000, "lstm", 512, 0.45, True),  # longer ones: an LSTM of 512 units ...
-    ({"minutes": 30}, 400_000, "lstm", 256, 0.4, True),  # ... halved while over 4 parameters per character
-    ({"minutes": 30, "epochs": 2}, 1_000_000, "lstm", 512, 0.1, True),  # until fitted: --epochs ends it sooner
-    ({}, 1_000_000, "lstm", 256, 0.15, False),  # no budget: 10 epochs
-    ({"epochs": 40}, 1_000_000, "lstm", 256, 0.5, False),  # more epochs, more dropout
-    ({"steps": 2000}, 1_000_000, "lstm", 256, 0.0, False),  # 4 epochs of batch 32 x seq 64: none
-    ({}, 5_000_000, "lstm", 512, 0.1, False),
-    ({}, 20_000, "lstm", 64, 0.0, False),  # tiny corpora: halved down to 64 units, no dropout
+@pytest.mark.parametrize("budget,chars,cell,hidden,dropout,wd,fit", [
+    ({"minutes": 5}, 1_000_000, "gru", 256, 0.1, 0.0, True),  # short budgets: a small, fast GRU that sees more data
+    ({"minutes": 30}, 1_000_000, "lstm", 512, 0.2, 0.3, True),  # longer ones: an LSTM of 512 units ...
+    ({"minutes": 30}, 400_000, "lstm", 256, 0.2, 0.3, True),  # ... halved while over 4 parameters per character
+    ({"minutes": 30, "epochs": 2}, 1_000_000, "lstm", 512, 0.1, 0.0, True),  # until fitted: --epochs ends it sooner
+    ({}, 1_000_000, "lstm", 256, 0.15, 0.0, False),  # no budget: 10 epochs
+    ({"epochs": 40}, 1_000_000, "lstm", 256, 0.2, 0.3, False),  # more epochs: weight drop, less output dropout
+    ({"steps": 2000}, 1_000_000, "lstm", 256, 0.0, 0.0, False),  # 4 epochs of batch 32 x seq 64: none
+    ({}, 5_000_000, "lstm", 512, 0.1, 0.0, False),
+    ({}, 20_000, "lstm", 64, 0.0, 0.0, False),  # tiny corpora: halved down to 64 units, no dropout
 ])
-def test_choose_size_follows_the_budget_and_the_corpus(budget, chars, cell, hidden, dropout, fit):
-    """The choices for typical corpora and budgets; the dropout is provisional (`fit`) where a
-    --minutes run refits it once it knows its speed. The config as given is left as it was."""
+def test_choose_size_follows_the_budget_and_the_corpus(budget, chars, cell, hidden, dropout, wd, fit):
+    """The choices for typical corpora and budgets; the dropout and weight drop are provisional
+    (`fit`) where a --minutes run refits them once it knows its speed. The config as given is left
+    as it was."""
     given = replace(TrainConfig(), **budget)
     f = choose_size(given, chars)
-    assert (f.cell, f.hidden, f.dropout, f.dropout_pending) == (cell, hidden, dropout, fit)
+    assert (f.cell, f.hidden, f.dropout, f.weight_drop, f.dropout_pending) == (cell, hidden, dropout, wd, fit)
     assert approx_params(f.cell, given.layers, f.hidden) <= 4 * chars or f.hidden <= 64
-    assert (given.cell, given.hidden, given.dropout) == (None, None, None)
+    assert (given.cell, given.hidden, given.dropout, given.weight_drop) == (None, None, None, None)
     assert f.epochs == (None if budget else DEFAULT_EPOCHS)  # the default budget is a fitted value
     for fixed_cell in ("lstm", "gru", "rnn"):  # what the user set is kept, and never refitted
-        fixed = choose_size(replace(TrainConfig(), **budget, cell=fixed_cell, hidden=100, dropout=0.3), chars)
-        assert (fixed.cell, fixed.hidden, fixed.dropout, fixed.dropout_pending) == (fixed_cell, 100, 0.3, False)
+        fixed = choose_size(replace(TrainConfig(), **budget, cell=fixed_cell, hidden=100, dropout=0.3,
+                                    weight_drop=0.1), chars)
+        assert (fixed.cell, fixed.hidden, fixed.dropout, fixed.weight_drop, fixed.dropout_pending) == (
+            fixed_cell, 100, 0.3, 0.1, False)
+
+
+@pytest.mark.parametrize("x", [1.0, 6.6, WEIGHT_DROP_FROM * 0.99, WEIGHT_DROP_FROM, 40.0, 400.0])
+@pytest.mark.parametrize("dropout_open,wd_open", [(True, True), (True, False), (False, True), (False, False)])
+def test_regularise_adds_weight_drop_where_the_model_could_memorise_and_then_caps_the_dropout(x, dropout_open,
+                                                                                              wd_open):
+    params, chars = 500_000, 1_000_000
+    epochs = x * chars / params
+    f = Fitted("gru", 256, 0.33, weight_drop=0.07, dropout_open=dropout_open, weight_drop_open=wd_open)
+    r = regularise(f, params, chars, epochs)
+    want_wd = (WEIGHT_DROP if x >= WEIGHT_DROP_FROM else 0.0) if wd_open else 0.07
+    assert r.weight_drop == want_wd
+    rule = dropout_for(params, chars, epochs)
+    want_d = (min(rule, DROPOUT_WITH_WEIGHT_DROP) if want_wd > 0 else rule) if dropout_open else 0.33
+    assert r.dropout == want_d
+    assert (r.dropout_open, r.weight_drop_open) == (dropout_open, wd_open)
 
 
 def test_approx_params_is_the_exact_count():

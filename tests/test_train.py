@@ -238,7 +238,7 @@ def test_minutes_run_fits_its_dropout_and_schedule(tmp_path, monkeypatch):
     first = res.stderr.splitlines()[0]
     assert "dropout 0 (until fitted to the budget)" in first
     fitted = [line for line in res.stderr.splitlines() if line.startswith("dropout ")]
-    assert len(fitted) == 1 and fitted[0].startswith("dropout 0.3: about ") and "epochs fit in the budget" in fitted[0]
+    assert len(fitted) == 1 and fitted[0].startswith("dropout 0.3, weight drop 0: about ") and "epochs fit in the budget" in fitted[0]
     meta = meta_of(os.path.join(out, "last.npz"))
     assert meta["train"]["dropout"] == meta["dropout"] == 0.3
     assert not meta["train"]["dropout_fit"] and meta["train"]["schedule"] == "wsd"
@@ -261,7 +261,7 @@ def test_resume_with_steps_fits_a_dropout_left_open(corpus, tmp_path, monkeypatc
     assert meta_of(os.path.join(out, "last.npz"))["train"]["dropout_fit"]
     res = run(["train", "--resume", out, "--steps", "6"])
     assert res.exit_code == 0, res.output
-    assert "dropout 0.3: about " in res.stderr
+    assert "dropout 0.3, weight drop 0: about " in res.stderr
     meta = meta_of(os.path.join(out, "last.npz"))
     assert meta["train"]["dropout"] == meta["dropout"] == 0.3 and not meta["train"]["dropout_fit"]
 
