@@ -19,7 +19,10 @@ With --weight-drop P every step draws a new DropConnect mask for every layer's w
 Model.weight_masks, as train.py does; torch: AWD-LSTM's way, the module run through
 torch.func.functional_call on weight_hh * mask); with --average the optimizer's pass also moves an
 exponential average of the weights (charrnn only: torch's step is left as is, so the ratio shows
-the whole cost).
+the whole cost). The side "charrnn-reg" is charrnn with those options while "charrnn" runs without
+them, so one invocation interleaves the two (the cost measured side by side):
+
+    python benchmarks/train_throughput.py --cell gru --configs B --sides charrnn,charrnn-reg --weight-drop 0.3 --average
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/train_throughput.py
 """
 
@@ -196,11 +199,14 @@ def main():
                 env = dict(os.environ)
                 if side == "baseline":
                     env["PYTHONPATH"] = os.path.abspath(args.baseline)
-                worker_side = "charrnn" if side == "baseline" else side
+                worker_side = "charrnn" if side in ("baseline", "charrnn-reg") else side
+                # with a charrnn-reg side, the plain charrnn side runs without the regularisers
+                reg = side != "charrnn" or "charrnn-reg" not in sides
+                wd, av = (args.weight_drop, args.average) if reg else (0.0, False)
                 out = subprocess.run([sys.executable, __file__, "--worker", worker_side, name, "--seconds",
                                       str(args.seconds), "--threads", str(args.threads), "--cell", args.cell,
-                                      "--vocab", str(V), "--weight-drop", str(args.weight_drop)]
-                                     + (["--average"] if args.average else []),
+                                      "--vocab", str(V), "--weight-drop", str(wd)]
+                                     + (["--average"] if av else []),
                                      capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
                 if out.returncode != 0:
                     print(out.stderr, file=sys.stderr)
@@ -225,6 +231,10 @@ def main():
         cm, tm, fm = med("charrnn"), med("torch"), med("torch-fused")
         print(f"{name:4s} {cm:16,.0f} {tm:14,.0f} {cm / tm:6.2f} {fm:14,.0f} {cm / fm:6.2f} {med('charrnn', 'gflops'):8.1f} "
               f"{peak('charrnn'):8.0f} {peak('torch'):9.0f}")
+        if "charrnn-reg" in sides:
+            rm = med("charrnn-reg")
+            print(f"{'':4s} with --weight-drop {args.weight_drop:g}{' and --average' if args.average else ''}: "
+                  f"{rm:,.0f} chars/s, {rm / cm:.3f}x the plain step; {rm / fm:.2f}x torch-fused")
         if args.baseline:
             bm = med("baseline")
             print(f"{'':4s} baseline {bm:,.0f} chars/s, {peak('baseline'):.0f} MiB: this checkout {cm / bm:.2f}x")

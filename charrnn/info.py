@@ -135,6 +135,7 @@ def card(path: str, notes: list | None = None) -> dict:
             "dropout": cfg.dropout,
             "parameters": int(ck.model.n_params),
             "averaged_weights": _has_averaged_weights(loc.checkpoint),
+            "weights": _weights_kind(loc.checkpoint, meta),
         },
         "vocab": vocab_summary(ck.vocab.tokens),
         "corpus": _dict(meta, "corpus") or None,
@@ -165,6 +166,18 @@ def card(path: str, notes: list | None = None) -> dict:
 def to_json(c: dict) -> str:
     """The card as one JSON object (NaN written as null, so jq and strict parsers read it)."""
     return json.dumps(_no_nan({k: v for k, v in c.items() if not k.startswith("_")}), ensure_ascii=False)
+
+
+def _weights_kind(path: str, meta: dict) -> str:
+    """What the checkpoint's rnn.* / decoder.* weights are: a run with --average keeps the average
+    as its best.npz (under those names) and the raw weights in last.npz, with the average beside
+    them as avg.*."""
+    kind = (_dict(meta, "config") or {}).get("average")
+    if _has_averaged_weights(path):
+        return f"raw (the {kind or ''} average beside them, avg.*)".replace("the  average", "the average")
+    if kind in ("ema", "polyak"):
+        return f"the {kind} average of the weights (--average {kind})"
+    return "raw"
 
 
 def _has_averaged_weights(path: str) -> bool:
@@ -257,6 +270,7 @@ def render(c: dict) -> str:
     add("cell", f"{cell}, {mo['layers']} layer{'s' * (mo['layers'] != 1)} x {mo['hidden']} units, "
         f"dropout {mo['dropout']:g}")
     add("parameters", f"{mo['parameters']:,}" + ("; averaged weights: yes" if mo["averaged_weights"] else ""))
+    add("weights", mo["weights"])
     v = c["vocab"]
     add("vocabulary", f"{v['size']:,} tokens: {v['letters']:,} letters, {v['digits']:,} digits, "
         f"{v['whitespace']:,} whitespace, {v['punctuation']:,} punctuation, {v['other']:,} other")

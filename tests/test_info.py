@@ -90,7 +90,10 @@ def test_json_card_keys_and_values(trained_run):
     assert {"path", "run", "model", "vocab", "corpus", "options", "training", "best", "metrics"} <= set(c)
     assert c["path"] == os.path.join(trained_run, "best.npz") and c["run"] == trained_run
     assert c["model"]["cell"] == "lstm" and c["model"]["layers"] == 1 and c["model"]["hidden"] == 16
-    assert c["model"]["averaged_weights"] is False
+    assert c["model"]["averaged_weights"] is False  # best.npz holds the average under the usual names
+    assert c["model"]["weights"] == "the ema average of the weights (--average ema)"
+    last = json.loads(run(["info", os.path.join(trained_run, "last.npz"), "--json"]).output)
+    assert last["model"]["averaged_weights"] is True and last["model"]["weights"].startswith("raw (the ema average")
     recs = metrics_of(trained_run)
     best = min(recs, key=lambda r: r["val_loss"])
     assert c["best"]["val_loss"] == pytest.approx(best["val_loss"]) and c["best"]["step"] == best["step"]
