@@ -122,6 +122,7 @@ def card(path: str, notes: list | None = None) -> dict:
         except CharrnnError as e:
             notes.append(f"training progress from {loc.checkpoint}, not last.npz: {e}")
     cfg = ck.model.cfg
+    averaged = _has_averaged_weights(loc.checkpoint)
     out = {
         "path": loc.checkpoint,
         "run": loc.run_dir,
@@ -134,8 +135,8 @@ def card(path: str, notes: list | None = None) -> dict:
             "hidden": cfg.hidden,
             "dropout": cfg.dropout,
             "parameters": int(ck.model.n_params),
-            "averaged_weights": _has_averaged_weights(loc.checkpoint),
-            "weights": _weights_kind(loc.checkpoint, meta),
+            "averaged_weights": averaged,
+            "weights": _weights_kind(averaged, meta),
         },
         "vocab": vocab_summary(ck.vocab.tokens),
         "corpus": _dict(meta, "corpus") or None,
@@ -168,12 +169,12 @@ def to_json(c: dict) -> str:
     return json.dumps(_no_nan({k: v for k, v in c.items() if not k.startswith("_")}), ensure_ascii=False)
 
 
-def _weights_kind(path: str, meta: dict) -> str:
+def _weights_kind(has_avg_members: bool, meta: dict) -> str:
     """What the checkpoint's rnn.* / decoder.* weights are: a run with --average keeps the average
     as its best.npz (under those names) and the raw weights in last.npz, with the average beside
     them as avg.*."""
     kind = (_dict(meta, "config") or {}).get("average")
-    if _has_averaged_weights(path):
+    if has_avg_members:
         return f"raw (the {kind or ''} average beside them, avg.*)".replace("the  average", "the average")
     if kind in ("ema", "polyak"):
         return f"the {kind} average of the weights (--average {kind})"

@@ -85,6 +85,7 @@ class Optimizer:
             raise ValueError("dtype must be float32 or float64")
         self.lr = _check_scalar("lr", lr)
         self.t = 0
+        self._no_avg = np.zeros(0, dtype=self.dtype)  # made once: nothing is allocated per step
         self._buffers: dict[str, np.ndarray] = {}
 
     def _new_buffer(self, name):
@@ -101,7 +102,7 @@ class Optimizer:
         if np.shares_memory(theta, grad):
             raise ValueError("theta and grad must not overlap")
         if avg is None:
-            avg = self._no_avg
+            avg = self._no_avg  # the kernels take an empty average as "none"
         else:
             _check_flat("avg", avg, self.size, self.dtype)
             if np.shares_memory(avg, theta) or np.shares_memory(avg, grad):
@@ -110,10 +111,6 @@ class Optimizer:
         lr = self.lr if lr is None else _check_scalar("lr", lr)
         self.t += 1
         self._update(theta, grad, lr, avg, rate)
-
-    @property
-    def _no_avg(self):
-        return np.zeros(0, dtype=self.dtype)
 
     def _update(self, theta, grad, lr, avg, rate):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -234,6 +234,17 @@ def _check_out_dir(out: str, need_bytes: int):
         )
 
 
+def _load_flat(ck, path: str, prefix: str, flat: np.ndarray, what: str):
+    """Fill a flat buffer in the parameters' layout (optimizer moments, averaged weights) from the
+    checkpoint members `prefix` + each parameter's name; a missing or misshapen one refuses resume."""
+    view = Model(ck.model.cfg, dtype=flat.dtype, theta=flat).params
+    for pname in view.views:
+        arr = ck.arrays.get(f"{prefix}{pname}")
+        if arr is None or arr.shape != view[pname].shape:
+            raise CharrnnError(f"{path}: cannot resume: {what} {prefix}{pname} missing or wrong")
+        view[pname][...] = arr
+
+
 def vocab_itemsize(vocab: Vocab) -> int:
     """Bytes per token in the token file."""
     return np.dtype(compact_dtype(vocab.size)).itemsize
@@ -450,14 +461,8 @@ class Trainer:
         opt = make_optimizer(given.optimizer, ck.model.n_params, ck.model.dtype, given.lr)
         bufs = {}
         for key in opt.state_buffers():
-            flat = np.zeros(ck.model.n_params, dtype=ck.model.dtype)
-            view = Model(ck.model.cfg, theta=flat).params
-            for pname in view.views:
-                arr = ck.arrays.get(f"optim.{key}.{pname}")
-                if arr is None or arr.shape != view[pname].shape:
-                    raise CharrnnError(f"{path}: cannot resume: optimizer state optim.{key}.{pname} missing or wrong")
-                view[pname][...] = arr
-            bufs[key] = flat
+            bufs[key] = np.zeros(ck.model.n_params, dtype=ck.model.dtype)
+            _load_flat(ck, path, f"optim.{key}.", bufs[key], "optimizer state")
         opt.load_state(bufs, int(meta["optimizer"]["t"]))
         tr = cls(given, fitted, corpus, ck.vocab, ck.model, run_dir, quiet, rs, opt, minutes, tokens)
         tr.precompile = early
@@ -469,12 +474,7 @@ class Trainer:
         tr.h[...] = h
         tr.c[...] = c
         if tr.averager is not None:
-            view = Model(ck.model.cfg, dtype=ck.model.dtype, theta=tr.averager.avg).params
-            for pname in view.views:
-                arr = ck.arrays.get(f"avg.{pname}")
-                if arr is None or arr.shape != view[pname].shape:
-                    raise CharrnnError(f"{path}: cannot resume: averaged weights avg.{pname} missing or wrong")
-                view[pname][...] = arr
+            _load_flat(ck, path, "avg.", tr.averager.avg, "averaged weights")
         if rs.pos >= tr.stream.S:
             raise CharrnnError(f"{path}: cannot resume: data position beyond the corpus")
         return tr

@@ -10,26 +10,15 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from charrnn import checkpoint
-from charrnn.cli import cli
 from charrnn.generate import SampleOptions, _cut, held_back, sample_pieces
-from tests.test_beam import ref_total, tiny
+from tests.test_beam import ref_total, run, sh, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--hidden", "32", "--batch", "16", "--seq", "32", "--threads", "1", "-q"]
-
-
-def run(args, input=None):
-    return CliRunner().invoke(cli, args, input=input, catch_exceptions=False)
-
-
-def sh(args, input=None, timeout=180):
-    return subprocess.run([sys.executable, "-m", "charrnn", *args], input=input, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
