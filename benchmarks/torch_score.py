@@ -53,14 +53,13 @@ def main():
     held = text if args.whole else text[int(round(len(text) * (1.0 - args.val_frac))):]
     unk = ids["<UNK>"]
     tokens = torch.tensor([ids["<START>"]] + [ids.get(ch, unk) for ch in held])
-    unknown = sum(1 for ch in held if ch not in ids)
+    unknown = int((tokens == unk).sum())  # no character of a text is the token <UNK> itself
 
     total, state = 0.0, None
     with torch.no_grad():
         for a in range(0, len(tokens) - 1, SPAN):
-            x = tokens[a:a + SPAN]
             y = tokens[a + 1:a + SPAN + 1]
-            x = x[: len(y)]
+            x = tokens[a:a + len(y)]
             onehot = nn.functional.one_hot(x, len(vocab)).to(torch.float32).unsqueeze(1)
             out, state = rnn(onehot, state)
             logp = torch.log_softmax(dec(out.squeeze(1)).to(torch.float64), dim=-1)
