@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from charrnn import threads
-from charrnn.kernels import bptt, cells, layout, rng, sample, score, wdrop
+from charrnn.kernels import bptt, cells, gemm16, layout, rng, sample, score, wdrop
 
 CELLS = tuple(cells.CELLS)
 NONLINEARITIES = ("tanh", "relu")
@@ -221,8 +221,11 @@ class Model:
             if masks.shape != (cfg.layers, T, B, cfg.hidden) or masks.dtype != self.dtype or not masks.flags.c_contiguous:
                 raise ValueError("masks must be a contiguous (L, T, B, H) array of the model's dtype")
 
-    def forward_backward(self, x, y, h, c, masks=None, backward=True, weight_masks=None):
+    def forward_backward(self, x, y, h, c, masks=None, backward=True, weight_masks=None, precision="fp32"):
         """Loss of a (T, B) batch from state (h, c), and, if `backward`, its gradients.
+
+        `precision`: "fp32", or "bf16" for bfloat16 products with float32 sums (float32 models on
+        CPUs that have them: precision.py), or a bfloat16 backend by name ("amx", "dot").
 
         `masks`: dropout on each layer's output (dropout_masks); `weight_masks`: weight drop on
         each layer's weight_hh (weight_masks): the batch runs with weight_hh * mask, and the
@@ -246,13 +249,25 @@ class Model:
             wdrop._drop(self._dropped[0], self.theta, self.params.table, weight_masks)
             net = self._dropped[1]
         bt, self._ws = bptt.forward_backward(self.cell, self.cfg.cell, net, x, y, h, c, masks, backward,
-                                             threads.team(), self._ws)
+                                             threads.team(), self._ws, self._backend(precision))
         if backward and weight_masks is not None:
             wdrop._mask_grad(bt.grad, self.params.table, weight_masks)
         out = {"loss": float(bt.nll.mean()), "nll": bt.nll, "h": bt.hT, "c": bt.cT}
         if backward:
             out.update(grad=bt.grad, dh0=bt.dh0, dc0=bt.dc0)
         return out
+
+    def _backend(self, precision: str) -> str:
+        """The kernels' name for a precision: "fp32", "amx" or "dot"."""
+        if precision == "fp32":
+            return "fp32"
+        if self.dtype != np.float32:
+            raise ValueError("bfloat16 products need a float32 model")
+        have = gemm16.backends()
+        backend = (have[0] if have else None) if precision == "bf16" else precision
+        if backend not in have:
+            raise ValueError(f"this CPU has no bfloat16 products ({precision!r})")
+        return backend
 
     def score(self, x, y, h, c):
         """-log p(y) (N,) float64 for one stream of token ids x, targets y (N,) from state (h, c)
@@ -281,7 +296,7 @@ class Model:
             c[...] = out["c"]
         return nll
 
-    def warm_up(self, dropout: bool | None = None, weight_drop: bool = False):
+    def warm_up(self, dropout: bool | None = None, weight_drop: bool = False, precision: str = "fp32"):
         """Compile (or load from the cache) the training kernels on a tiny batch, so that the first
         real step, and a --minutes budget, do not include compilation."""
         x = np.zeros((2, 2), dtype=np.int32)
@@ -289,7 +304,7 @@ class Model:
         use = self.cfg.dropout > 0 if dropout is None else dropout
         masks = self.dropout_masks(2, 2, 0, 0, p=0.5) if use else None
         wmasks = self.weight_masks(0, 0, 0.5) if weight_drop else None
-        self.forward_backward(x, x, h, c, masks=masks, weight_masks=wmasks)
+        self.forward_backward(x, x, h, c, masks=masks, weight_masks=wmasks, precision=precision)
         self._ws = None  # the real batches get their own buffers
 
     def dropout_masks(self, T: int, B: int, seed: int, step: int, out=None, p: float | None = None,

@@ -86,8 +86,16 @@ def log_softmax(z):
 # forward
 # ----------------------------------------------------------------------------
 
-def forward(cell, params, x, y, h0, c0=None, masks=None, nonlinearity="tanh"):
-    """Returns (loss: float, logits: (T,B,V), hT: (L,B,H), cT: (L,B,H) or None, cache)."""
+def _exact(a):
+    return a
+
+
+def forward(cell, params, x, y, h0, c0=None, masks=None, nonlinearity="tanh", operand=_exact):
+    """Returns (loss: float, logits: (T,B,V), hT: (L,B,H), cT: (L,B,H) or None, cache).
+
+    `operand` is applied to both operands of every dense matrix product (the one-hot input
+    of layer 0 is a selection, not a product): bfloat16_operand gives the bf16 precision's
+    arithmetic, rounded operands and exact sums."""
     if cell not in GATES:
         raise ValueError("unknown cell %r" % cell)
     if cell == "rnn" and nonlinearity not in ("tanh", "relu"):
@@ -118,11 +126,13 @@ def forward(cell, params, x, y, h0, c0=None, masks=None, nonlinearity="tanh"):
     cT = np.zeros((L, B, H)) if cell == "lstm" else None
     layer_caches = []
 
+    R = operand
     for k in range(L):
         W_ih = params["rnn.weight_ih_l%d" % k]
         W_hh = params["rnn.weight_hh_l%d" % k]
         b_ih = params["rnn.bias_ih_l%d" % k]
         b_hh = params["rnn.bias_hh_l%d" % k]
+        Rx = _exact if k == 0 else R   # layer 0's one-hot input selects columns of W_ih
 
         h = h0[k].copy()
         c = c0[k].copy() if cell == "lstm" else None
@@ -134,7 +144,7 @@ def forward(cell, params, x, y, h0, c0=None, masks=None, nonlinearity="tanh"):
             h_prev = h
             if cell == "lstm":
                 c_prev = c
-                a = xt @ W_ih.T + b_ih + h_prev @ W_hh.T + b_hh   # (B, 4H)
+                a = Rx(xt) @ Rx(W_ih).T + b_ih + R(h_prev) @ R(W_hh).T + b_hh   # (B, 4H)
                 i = sigmoid(a[:, 0 * H:1 * H])
                 f = sigmoid(a[:, 1 * H:2 * H])
                 g = np.tanh(a[:, 2 * H:3 * H])
@@ -145,8 +155,8 @@ def forward(cell, params, x, y, h0, c0=None, masks=None, nonlinearity="tanh"):
                 steps.append(dict(x=xt, h_prev=h_prev, c_prev=c_prev,
                                   i=i, f=f, g=g, o=o, c=c, tanh_c=tanh_c))
             elif cell == "gru":
-                gi = xt @ W_ih.T + b_ih          # (B, 3H) input part
-                gh = h_prev @ W_hh.T + b_hh      # (B, 3H) hidden part
+                gi = Rx(xt) @ Rx(W_ih).T + b_ih          # (B, 3H) input part
+                gh = R(h_prev) @ R(W_hh).T + b_hh        # (B, 3H) hidden part
                 r = sigmoid(gi[:, 0 * H:1 * H] + gh[:, 0 * H:1 * H])
                 z = sigmoid(gi[:, 1 * H:2 * H] + gh[:, 1 * H:2 * H])
                 gh_n = gh[:, 2 * H:3 * H]        # W_hn h + b_hn
@@ -154,7 +164,7 @@ def forward(cell, params, x, y, h0, c0=None, masks=None, nonlinearity="tanh"):
                 h = (1.0 - z) * n + z * h_prev
                 steps.append(dict(x=xt, h_prev=h_prev, r=r, z=z, n=n, gh_n=gh_n))
             else:  # rnn
-                a = xt @ W_ih.T + b_ih + h_prev @ W_hh.T + b_hh   # (B, H)
+                a = Rx(xt) @ Rx(W_ih).T + b_ih + R(h_prev) @ R(W_hh).T + b_hh   # (B, H)
                 if nonlinearity == "tanh":
                     h = np.tanh(a)
                 else:
@@ -172,14 +182,14 @@ def forward(cell, params, x, y, h0, c0=None, masks=None, nonlinearity="tanh"):
         layer_input = layer_output
 
     top = layer_input                         # (T, B, H)
-    logits = top @ W_d.T + b_d                # (T, B, V)
+    logits = R(top) @ R(W_d).T + b_d          # (T, B, V)
     logp = log_softmax(logits)
     tt, bb = np.meshgrid(np.arange(T), np.arange(B), indexing="ij")
     loss = -np.mean(logp[tt, bb, y])
 
     cache = dict(cell=cell, nonlinearity=nonlinearity, params=params,
                  T=T, B=B, L=L, V=V, H=H, y=y, masks=masks, top=top,
-                 logp=logp, layers=layer_caches)
+                 logp=logp, layers=layer_caches, operand=operand)
     return float(loss), logits, hT, cT, cache
 
 
@@ -203,13 +213,14 @@ def backward(cell, params, cache, nonlinearity="tanh"):
     dlogits = probs - np.eye(V)[cache["y"]]
     dlogits /= (T * B)
 
+    R = cache["operand"]
     W_d = params["decoder.weight"]
     top = cache["top"]
     for t in range(T):
         # logits[t] = top[t] @ W_d^T + b_d
-        grads["decoder.weight"] += dlogits[t].T @ top[t]
+        grads["decoder.weight"] += R(dlogits[t]).T @ R(top[t])
         grads["decoder.bias"] += dlogits[t].sum(axis=0)
-    dtop = dlogits @ W_d                      # (T, B, H) gradient w.r.t. top
+    dtop = R(dlogits) @ R(W_d)                # (T, B, H) gradient w.r.t. top
 
     dh0 = np.zeros((L, B, H))
     dc0 = np.zeros((L, B, H)) if cell == "lstm" else None
@@ -224,6 +235,7 @@ def backward(cell, params, cache, nonlinearity="tanh"):
         db_ih = grads["rnn.bias_ih_l%d" % k]
         db_hh = grads["rnn.bias_hh_l%d" % k]
         steps = cache["layers"][k]["steps"]
+        Rx = _exact if k == 0 else R          # layer 0: a one-hot input, a scatter of rows
 
         # through dropout: layer_output = outs * mask  =>  d outs = d out * mask
         d_outs = d_layer_output * masks[k] if masks is not None else d_layer_output
@@ -255,12 +267,12 @@ def backward(cell, params, cache, nonlinearity="tanh"):
                 da_o = do * o * (1.0 - o)
                 da = np.concatenate([da_i, da_f, da_g, da_o], axis=1)   # (B, 4H)
                 # a = x W_ih^T + b_ih + h_prev W_hh^T + b_hh
-                dW_ih += da.T @ s["x"]
-                dW_hh += da.T @ s["h_prev"]
+                dW_ih += Rx(da).T @ Rx(s["x"])
+                dW_hh += R(da).T @ R(s["h_prev"])
                 db_ih += da.sum(axis=0)
                 db_hh += da.sum(axis=0)
-                d_input[t] = da @ W_ih
-                dh_next = da @ W_hh
+                d_input[t] = R(da) @ R(W_ih)
+                dh_next = R(da) @ R(W_hh)
                 dc_next = dc_prev
 
             elif cell == "gru":
@@ -279,12 +291,12 @@ def backward(cell, params, cache, nonlinearity="tanh"):
                 # gradients on gi = x W_ih^T + b_ih and gh = h_prev W_hh^T + b_hh
                 dgi = np.concatenate([dr_pre, dz_pre, dn_pre], axis=1)   # (B, 3H)
                 dgh = np.concatenate([dr_pre, dz_pre, dgh_n], axis=1)    # (B, 3H)
-                dW_ih += dgi.T @ s["x"]
+                dW_ih += Rx(dgi).T @ Rx(s["x"])
                 db_ih += dgi.sum(axis=0)
-                dW_hh += dgh.T @ h_prev
+                dW_hh += R(dgh).T @ R(h_prev)
                 db_hh += dgh.sum(axis=0)
-                d_input[t] = dgi @ W_ih
-                dh_next = dh_prev + dgh @ W_hh
+                d_input[t] = R(dgi) @ R(W_ih)
+                dh_next = dh_prev + R(dgh) @ R(W_hh)
 
             else:  # rnn
                 if nonlinearity == "tanh":
@@ -293,12 +305,12 @@ def backward(cell, params, cache, nonlinearity="tanh"):
                 else:
                     # h = relu(a): dh/da = 1 if a > 0 else 0
                     da = dh * (s["a"] > 0.0)
-                dW_ih += da.T @ s["x"]
-                dW_hh += da.T @ s["h_prev"]
+                dW_ih += Rx(da).T @ Rx(s["x"])
+                dW_hh += R(da).T @ R(s["h_prev"])
                 db_ih += da.sum(axis=0)
                 db_hh += da.sum(axis=0)
-                d_input[t] = da @ W_ih
-                dh_next = da @ W_hh
+                d_input[t] = R(da) @ R(W_ih)
+                dh_next = R(da) @ R(W_hh)
 
         dh0[k] = dh_next
         if cell == "lstm":
@@ -310,9 +322,18 @@ def backward(cell, params, cache, nonlinearity="tanh"):
     return grads, dh0, dc0
 
 
-def loss_and_grads(cell, params, x, y, h0, c0=None, masks=None, nonlinearity="tanh"):
+def bfloat16_operand(a):
+    """a rounded to bfloat16 (the nearest value with an 8-bit significand, ties to even) through
+    float32, as the bf16 precision rounds the operands of its products; returned as float64."""
+    u = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, r)  # a NaN stays a NaN
+    return (r.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def loss_and_grads(cell, params, x, y, h0, c0=None, masks=None, nonlinearity="tanh", operand=_exact):
     """forward then backward; returns (loss, logits, hT, cT, grads, dh0, dc0)."""
-    loss, logits, hT, cT, cache = forward(cell, params, x, y, h0, c0, masks, nonlinearity)
+    loss, logits, hT, cT, cache = forward(cell, params, x, y, h0, c0, masks, nonlinearity, operand)
     grads, dh0, dc0 = backward(cell, params, cache, nonlinearity)
     return loss, logits, hT, cT, grads, dh0, dc0
 

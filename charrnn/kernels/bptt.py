@@ -15,12 +15,14 @@ all of them); the threads meet at the barriers below. Nothing here allocates.
 """
 
 import math
+from collections import namedtuple
 
 import numpy as np
+from numba.extending import overload
 
-from charrnn.kernels import cells
+from charrnn.kernels import cells, gemm16
 from charrnn.kernels.gemm import pack_bwd, pack_cols, pack_fwd, pack_rows, times_w, times_wt
-from charrnn.kernels.jit import helper, kernel
+from charrnn.kernels.jit import HELPER, helper, kernel
 from charrnn.kernels import layout
 from charrnn.kernels.layout import LayerGrad, decoder_weights, layer, layer_weights, part_of, thread_rows
 from charrnn.kernels.mathf import cast, colsum, copy, exp, rows
@@ -69,9 +71,105 @@ def block_weights(scr, p, W_hh, G, H, nb, u0, u1, backward):
     return thread_rows(scr.wf, p, G * Hp, H), scr.wfp[p][:0]
 
 
+# ----------------------------------------------------------------------------- the products, by precision
+# Every matrix product of a batch goes through one of the five functions below. Their first
+# argument, `prec`, chooses the arithmetic by its type when the kernel compiles: F32 (float32
+# products: BLAS and the packed float32 tile of gemm.py) or a bfloat16 workspace of gemm16.py
+# (gemm16.AMX or gemm16.DOT: operands rounded to bfloat16, float32 sums). So a float32 run
+# compiles exactly the float32 code, and a bf16 run only its backend's.
+F32 = namedtuple("F32", ["unused"])
+
+
+def _precision_of(prec):
+    return getattr(prec, "instance_class", type(prec)).__name__
+
+
+def times_t(prec, p, A, W, C):  # pragma: no cover - overloaded below
+    """C (M, N) <- A (M, K) @ W^T for W (N, K): input products, logits."""
+
+
+def times(prec, p, A, W, C):  # pragma: no cover
+    """C (M, N) <- A (M, K) @ W for W (K, N): gradients flowing down through a weight."""
+
+
+def t_times(prec, p, A, B, C):  # pragma: no cover
+    """C (M, N) <- A^T @ B for A (K, M), B (K, N): weight gradients, K the positions."""
+
+
+def rec_pack(prec, scr, p, W_hh, G, H, nb, u0, u1, backward):  # pragma: no cover
+    """Pack the thread's block of W_hh for the time loop's products (pack_block's job)."""
+
+
+def rec_times(prec, scr, p, A, W_hh, G, H, nb, u0, u1, backward, C):  # pragma: no cover
+    """The time loop's product of the block: forward C (nb, G*Hp) <- A (nb, H) @ (its rows of W_hh)^T,
+    backward C (nb, Hp) <- A (nb, G*H) @ W_hh[:, u0:u1], from what rec_pack packed."""
+
+
+def _f32_times_t(prec, p, A, W, C):
+    np.dot(A, W.T, C)
+
+
+def _f32_times(prec, p, A, W, C):
+    np.dot(A, W, C)
+
+
+def _f32_t_times(prec, p, A, B, C):
+    np.dot(A.T, B, C)
+
+
+def _f32_rec_pack(prec, scr, p, W_hh, G, H, nb, u0, u1, backward):
+    pack_block(scr, p, W_hh, G, H, nb, u0, u1, backward)
+
+
+def _f32_rec_times(prec, scr, p, A, W_hh, G, H, nb, u0, u1, backward, C):
+    W, Wp = block_weights(scr, p, W_hh, G, H, nb, u0, u1, backward)
+    if backward:
+        times_w(A, 0, nb, W, Wp, C)
+    else:
+        times_wt(A, 0, nb, W, Wp, C)
+
+
+def _b16_times_t(prec, p, A, W, C):
+    gemm16.mm_bt(prec, p, A, W, C)
+
+
+def _b16_times(prec, p, A, W, C):
+    gemm16.mm_nn(prec, p, A, W, C)
+
+
+def _b16_t_times(prec, p, A, B, C):
+    gemm16.mm_tn(prec, p, A, B, C)
+
+
+def _b16_rec_pack(prec, scr, p, W_hh, G, H, nb, u0, u1, backward):
+    if backward:
+        gemm16.pack_b(W_hh, False, u0, u1, prec.wp[p])
+    else:
+        gemm16.pack_b_gates(W_hh, G, H, u0, u1, prec.wp[p])
+
+
+def _b16_rec_times(prec, scr, p, A, W_hh, G, H, nb, u0, u1, backward, C):
+    if backward:
+        gemm16.product(prec, p, A, False, prec.wp[p], G * H, u1 - u0, C)
+    else:
+        gemm16.product(prec, p, A, False, prec.wp[p], H, G * (u1 - u0), C)
+
+
+def _by_precision(fn, f32, b16):
+    @overload(fn, jit_options=HELPER, strict=False)
+    def _ov(prec, *args):
+        return f32 if _precision_of(prec) == "F32" else b16
+
+
+for _fn, _f32, _b16 in ((times_t, _f32_times_t, _b16_times_t), (times, _f32_times, _b16_times),
+                        (t_times, _f32_t_times, _b16_t_times), (rec_pack, _f32_rec_pack, _b16_rec_pack),
+                        (rec_times, _f32_rec_times, _b16_rec_times)):
+    _by_precision(_fn, _f32, _b16)
+
+
 # ----------------------------------------------------------------------------- row pieces
 @helper
-def input_rows(cell, r0, r1, g2, x, w0t, inp2, W_ih, b_ih, b_hh, B):
+def input_rows(prec, p, cell, r0, r1, g2, x, w0t, inp2, W_ih, b_ih, b_hh, B):
     """Rows r0..r1-1 (position t*B + b) of a layer's input products g2 (T*B, G*H), with the
     cell's folded biases. Layer 0 (inp2 with no rows) gathers rows of w0t by token id instead."""
     GH = g2.shape[1]
@@ -81,7 +179,7 @@ def input_rows(cell, r0, r1, g2, x, w0t, inp2, W_ih, b_ih, b_hh, B):
             for j in range(GH):
                 dst[j] = src[j]
     else:
-        np.dot(rows(inp2, r0, r1), W_ih.T, rows(g2, r0, r1))
+        times_t(prec, p, rows(inp2, r0, r1), W_ih, rows(g2, r0, r1))
     for r in range(r0, r1):
         cells.fold_bias(cell, g2[r], b_ih, b_hh)
 
@@ -134,10 +232,10 @@ def scale_rows(r0, r1, d2, masks_k, s0, nb):
 
 
 @helper
-def decoder_rows(r0, r1, top2, Wd, bd, P2, y, nll, B):
+def decoder_rows(prec, p, r0, r1, top2, Wd, bd, P2, y, nll, B):
     """Logits, softmax and -log p(y) for rows r0..r1-1; P2 (T*B, V) keeps the probabilities."""
     V = P2.shape[1]
-    np.dot(rows(top2, r0, r1), Wd.T, rows(P2, r0, r1))
+    times_t(prec, p, rows(top2, r0, r1), Wd, rows(P2, r0, r1))
     for r in range(r0, r1):
         row = P2[r]
         m = cast(bd[0], -np.inf)  # the max in the row's own type, so exp() gets float32 in float32
@@ -157,7 +255,7 @@ def decoder_rows(r0, r1, top2, Wd, bd, P2, y, nll, B):
 
 
 @helper
-def decoder_bwd_rows(r0, r1, top2, Wd, P2, y, scale, gWd, gbd, dH2, B):
+def decoder_bwd_rows(prec, p, r0, r1, top2, Wd, P2, y, scale, gWd, gbd, dH2, B):
     """d logits = (softmax - onehot(y)) * scale in place for rows r0..r1-1, their share of the
     decoder's gradients (written), and the gradient at the top layer's output (dH2 rows)."""
     V = P2.shape[1]
@@ -167,25 +265,25 @@ def decoder_bwd_rows(r0, r1, top2, Wd, P2, y, scale, gWd, gbd, dH2, B):
         for v in range(V):
             row[v] *= scale
     dl = rows(P2, r0, r1)
-    np.dot(dl.T, rows(top2, r0, r1), gWd)
+    t_times(prec, p, dl, rows(top2, r0, r1), gWd)
     colsum(dl, gbd)
-    np.dot(dl, Wd, rows(dH2, r0, r1))
+    times(prec, p, dl, Wd, rows(dH2, r0, r1))
 
 
 @helper
-def layer_grad_rows(r0, r1, dG2, dGr2, hprev2, inp2, x, B, W_ih, gW_ih, gW_hh, gb_ih, gb_hh, dH2, w0g):
+def layer_grad_rows(prec, p, r0, r1, dG2, dGr2, hprev2, inp2, x, B, W_ih, gW_ih, gW_hh, gb_ih, gb_hh, dH2, w0g):
     """Rows r0..r1-1's share of a layer's weight gradients (written, not accumulated), and for
     layers above 0 the gradient at the layer below's output (dH2 rows). dGr2: the recurrent
     side's gradient (dG2 itself except for a GRU)."""
     zero = cast(W_ih[0, 0], 0.0)
     dG = rows(dG2, r0, r1)
     dGr = rows(dGr2, r0, r1)
-    np.dot(dGr.T, rows(hprev2, r0, r1), gW_hh)
+    t_times(prec, p, dGr, rows(hprev2, r0, r1), gW_hh)
     colsum(dGr, gb_hh)
     colsum(dG, gb_ih)
     if inp2.shape[0] > 0:
-        np.dot(dG.T, rows(inp2, r0, r1), gW_ih)
-        np.dot(dG, W_ih, rows(dH2, r0, r1))
+        t_times(prec, p, dG, rows(inp2, r0, r1), gW_ih)
+        times(prec, p, dG, W_ih, rows(dH2, r0, r1))
     else:
         # one-hot input: scatter-add rows of dG into rows of (W_ih)^T, then transpose
         GH, V = gW_ih.shape
@@ -217,7 +315,7 @@ def layer_grad_rows(r0, r1, dG2, dGr2, hprev2, inp2, x, B, W_ih, gW_ih, gW_hh, g
 
 # ----------------------------------------------------------------------------- one thread's part
 @kernel
-def _forward_backward(p, cell, net, bt, acts, scr, plan, backward):
+def _forward_backward(p, cell, net, bt, acts, scr, plan, backward, prec):
     """Thread p's part of the forward pass (and, if `backward`, backprop-through-time) of the batch
     bt (layout.Batch): writes bt.hT, cT, nll and, with backward, grad, dh0, dc0.
 
@@ -246,6 +344,7 @@ def _forward_backward(p, cell, net, bt, acts, scr, plan, backward):
     grad = LayerGrad(part_of(acts.dG, T, s0, s1, GH), part_of(acts.dGh, T, s0, s1, GH), part_of(acts.dH, T, s0, s1, H))
     dH2 = grad.dH.reshape((T * nb, H))
     hp = thread_rows(scr.hp, p, nb, G * Hp)
+    gemm16.tiles_on(prec, p)
     ep = 1
     vb = (net.V + n - 1) // n  # each thread transposes a block of the vocabulary
     fill_w0t(acts.w0t, layer_weights(net.theta, net, 0, G)[0], min(net.V, p * vb), min(net.V, (p + 1) * vb))
@@ -255,15 +354,14 @@ def _forward_backward(p, cell, net, bt, acts, scr, plan, backward):
         W_ih, W_hh, b_ih, b_hh = layer_weights(net.theta, net, k, G)
         inp2 = layer_output(acts, k - 1, dropout, T, s0, s1, H) if k > 0 else dH2[:0]
         # 1. input products of all T steps (this thread's rows); this thread's part of W_hh packed
-        input_rows(cell, r0, r1, lay.gates.reshape((T * nb, GH)), x, acts.w0t, inp2, W_ih, b_ih, b_hh, nb)
-        pack_block(scr, p, W_hh, G, H, nb, u0, u1, False)
+        input_rows(prec, p, cell, r0, r1, lay.gates.reshape((T * nb, GH)), x, acts.w0t, inp2, W_ih, b_ih, b_hh, nb)
+        rec_pack(prec, scr, p, W_hh, G, H, nb, u0, u1, False)
         if q == 0:
             cells.load_state(cell, lay, bt.h0[k][s0:s1], bt.c0[k][s0:s1], 0, nb)
         ep = barrier(sync, q, m, ep)
         # 2. the recurrence: the only product inside the time loop, then the cell's gates
-        Wf, Wfp = block_weights(scr, p, W_hh, G, H, nb, u0, u1, False)
         for t in range(T):
-            times_wt(lay.hs[t], 0, nb, Wf, Wfp, hp)
+            rec_times(prec, scr, p, lay.hs[t], W_hh, G, H, nb, u0, u1, False, hp)
             cells.forward(cell, lay, t, 0, nb, u0, u1, hp, b_hh)
             ep = barrier(sync, q, m, ep)
         if q == 0:
@@ -276,11 +374,11 @@ def _forward_backward(p, cell, net, bt, acts, scr, plan, backward):
     # 4. decoder and softmax cross-entropy
     Wd, bd = decoder_weights(net.theta, net)
     top2 = layer_output(acts, L - 1, dropout, T, s0, s1, H)
-    decoder_rows(r0, r1, top2, Wd, bd, probs, y, nll, nb)
+    decoder_rows(prec, p, r0, r1, top2, Wd, bd, probs, y, nll, nb)
     if backward:
         gws = scr.gws[p]
         gWd, gbd = decoder_weights(gws, net)
-        decoder_bwd_rows(r0, r1, top2, Wd, probs, y, 1.0 / (T * B), gWd, gbd, dH2, nb)
+        decoder_bwd_rows(prec, p, r0, r1, top2, Wd, probs, y, 1.0 / (T * B), gWd, gbd, dH2, nb)
         ep = barrier(sync, q, m, ep)
         dGr = cells.recurrent_grad(cell, grad)
         dh = thread_rows(scr.dh, p, nb, Hp)
@@ -293,21 +391,20 @@ def _forward_backward(p, cell, net, bt, acts, scr, plan, backward):
             #    (the forward's packing of later layers has overwritten it)
             if dropout:
                 scale_rows(r0, r1, dH2, bt.masks[k], s0, nb)
-            pack_block(scr, p, W_hh, G, H, nb, u0, u1, True)
+            rec_pack(prec, scr, p, W_hh, G, H, nb, u0, u1, True)
             ep = barrier(sync, q, m, ep)
             # 2. backprop through time: step t-1's gate gradients for a block of units need only
             #    dGr[t] @ W_hh for those units, which the same thread computes
-            Wb, Wbp = block_weights(scr, p, W_hh, G, H, nb, u0, u1, True)
             dh[:] = 0
             dc[:] = 0
             cells.backward(cell, lay, grad, T - 1, 0, nb, u0, u1, dh, dc, direct)
             ep = barrier(sync, q, m, ep)
             for t in range(T - 1, 0, -1):
-                times_w(dGr[t], 0, nb, Wb, Wbp, dh)
+                rec_times(prec, scr, p, dGr[t], W_hh, G, H, nb, u0, u1, True, dh)
                 cells.carry(cell, dh, direct)
                 cells.backward(cell, lay, grad, t - 1, 0, nb, u0, u1, dh, dc, direct)
                 ep = barrier(sync, q, m, ep)
-            times_w(dGr[0], 0, nb, Wb, Wbp, dh)
+            rec_times(prec, scr, p, dGr[0], W_hh, G, H, nb, u0, u1, True, dh)
             cells.carry(cell, dh, direct)
             cells.save_state_grad(cell, dh, dc, bt.dh0[k][s0:s1], bt.dc0[k][s0:s1], 0, nb, u0, u1)
             ep = barrier(sync, q, m, ep)
@@ -315,10 +412,11 @@ def _forward_backward(p, cell, net, bt, acts, scr, plan, backward):
             gW_ih, gW_hh, gb_ih, gb_hh = layer_weights(gws, net, k, G)
             hprev2 = lay.hs[:T].reshape((T * nb, H))
             inp2 = layer_output(acts, k - 1, dropout, T, s0, s1, H) if k > 0 else dH2[:0]
-            layer_grad_rows(r0, r1, grad.dG.reshape((T * nb, GH)), dGr.reshape((T * nb, GH)), hprev2, inp2, x, nb,
+            layer_grad_rows(prec, p, r0, r1, grad.dG.reshape((T * nb, GH)), dGr.reshape((T * nb, GH)), hprev2, inp2, x, nb,
                             W_ih, gW_ih, gW_hh, gb_ih, gb_hh, dH2, thread_rows(scr.w0g, p, net.V, GH))
             ep = barrier(sync, q, m, ep)
     ep = barrier(sync, p, n, ep)  # every part done
+    gemm16.tiles_off(prec)
     if not backward:
         return
     # 5. the gradient: the threads' shares summed in a fixed order, each thread a slice
@@ -380,16 +478,35 @@ def plan(T: int, B: int, H: int, threads: int) -> layout.Plan:
     return layout.Plan(n, by_units, ub, sb, bounds(T * B, n), layout.new_sync(n))
 
 
+PRECISIONS = ("fp32", "amx", "dot")  # float32; bfloat16 products by AMX tiles or by VDPBF16PS
+
+
 class Workspace:
     """The buffers of forward_backward for batches of one shape, reused from call to call (a fresh
     20 MB gradient per step costs page faults)."""
 
-    def __init__(self, cell_name, G, net, T, B, threads, backward, dropout, dtype):
-        self.key = (T, B, threads, backward, dropout, np.dtype(dtype))
+    def __init__(self, cell_name, G, net, T, B, threads, backward, dropout, dtype, precision="fp32"):
+        self.key = (T, B, threads, backward, dropout, np.dtype(dtype), precision)
         self.plan = plan(T, B, net.H, threads)
         self.acts = layout.acts(cell_name, G, net.L, T, B, net.H, net.V, dropout, dtype)
         self.scratch = layout.scratch(self.plan, G, B, net.H, net.V, net.theta.shape[0], backward, dtype)
         self.grad = layout.empty(net.theta.shape[0] if backward else 1, dtype)
+        self.prec = F32(0) if precision == "fp32" else bf16_workspace(precision, self.plan, G, T, B, net.H, net.V)
+
+
+def bf16_workspace(backend, pl, G, T, B, H, V):
+    """Each thread's bfloat16 buffers (gemm16.workspace) for the largest product of a (T, B) batch
+    under plan pl: K up to the thread's positions (weight gradients), N up to G*H columns."""
+    GH = G * H
+    rows = int(np.max(np.diff(pl.rb))) if pl.by_units else T * int(np.max(np.diff(pl.sb)))
+    if pl.by_units:
+        nb, Hp = B, int(np.max(np.diff(pl.ub)))
+    else:
+        nb, Hp = int(np.max(np.diff(pl.sb))), H
+    size = gemm16.packed_b_size
+    kn = max(size(H, GH), size(H, V), size(rows, max(H, GH)), size(V, H), size(GH, H))
+    wp = max(size(H, G * Hp), size(GH, Hp))
+    return gemm16.workspace(backend, pl.n, max(H, GH, V, rows), max(GH, V, H), kn, wp)
 
 
 def by_part(a, sb):
@@ -410,16 +527,17 @@ def from_parts(flat, T, sb):
     return out
 
 
-def forward_backward(cell, cell_name, net, x, y, h0, c0, masks, backward, team, ws=None):
+def forward_backward(cell, cell_name, net, x, y, h0, c0, masks, backward, team, ws=None, precision="fp32"):
     """Forward (and backward) of a (T, B) batch; the caller has checked shapes and dtypes.
-    Returns (batch, workspace): batch.nll, hT, cT and, with backward, grad (the workspace's own
-    buffer, valid until the next call with it), dh0, dc0."""
+    `precision`: "fp32", or bfloat16 products by "amx" or "dot" (float32 arrays only; the caller
+    has checked that the CPU has them). Returns (batch, workspace): batch.nll, hT, cT and, with
+    backward, grad (the workspace's own buffer, valid until the next call with it), dh0, dc0."""
     T, B = x.shape
     dtype = net.theta.dtype
     dropout = masks is not None
-    key = (T, B, team.size, backward, dropout, np.dtype(dtype))
+    key = (T, B, team.size, backward, dropout, np.dtype(dtype), precision)
     if ws is None or ws.key != key:
-        ws = Workspace(cell_name, cell.G, net, T, B, team.size, backward, dropout, dtype)
+        ws = Workspace(cell_name, cell.G, net, T, B, team.size, backward, dropout, dtype, precision)
     shape = h0.shape
     sb = ws.plan.sb
     nll = np.zeros(T * B, dtype=np.float64)
@@ -429,6 +547,7 @@ def forward_backward(cell, cell_name, net, x, y, h0, c0, masks, backward, team, 
         hT=np.zeros(shape, dtype), cT=np.zeros(shape, dtype), nll=nll,
         grad=ws.grad, dh0=np.zeros(shape, dtype), dc0=np.zeros(shape, dtype),
     )
-    team.run(ws.plan.n, _forward_backward, cell, net, bt, ws.acts, ws.scratch, ws.plan, backward, sync=ws.plan.sync)
+    team.run(ws.plan.n, _forward_backward, cell, net, bt, ws.acts, ws.scratch, ws.plan, backward, ws.prec,
+             sync=ws.plan.sync)
     bt = bt._replace(nll=from_parts(nll, T, sb))
     return bt, ws

@@ -1,0 +1,630 @@
+"""bfloat16 matrix products with float32 accumulation, for the bf16 precision of training.
+
+    C (M, N) = op(A) (M, K) @ op(B) (K, N)
+
+with every operand rounded to bfloat16 (round to nearest, ties to even: `bf16` below) and the
+products summed in float32. Two backends, one data layout:
+
+- AMX (Intel since Sapphire Rapids): TDPBF16PS multiplies a 16 x 32 tile of A by a 32 x 16 tile
+  of B into a 16 x 16 float32 tile of C, about 1,000 flops a cycle against 64 for float32 FMAs.
+  A process must ask the kernel for the tile state first (amx_permission, arch_prctl).
+- AVX512_BF16 (AMD Zen 4, Intel since Cooper Lake): VDPBF16PS adds the products of 16 pairs of
+  bfloat16 values to 16 float32 accumulators, twice the lanes of a float32 FMA.
+
+Both read A as rows of bfloat16 (pairs of k are adjacent) and B packed in panels of NR = 32
+columns, where panel row kp holds the pairs (B[2kp, j], B[2kp+1, j]) of its 32 columns (AMX's
+"VNNI" layout). Every packed operand is padded with zeros to whole tiles: rows of A to 16, K to
+32, columns of B to 32, so the micro-kernels have no edge cases; C is produced in a padded
+scratch (Cs) and copied out.
+
+llvmlite's IR builder has no bfloat type, so the micro-kernels are LLVM IR written as text below,
+parsed once per process, and linked into every kernel that calls them (_library); Numba caches
+the linked machine code with the kernel. Which backend a kernel uses is chosen by the type of the
+workspace it is given (AMX or DOT below, see charrnn/kernels/prec.py), so a run compiles only the
+one it uses.
+"""
+
+import ctypes
+import platform
+from collections import namedtuple
+
+import numpy as np
+from llvmlite import binding as llb
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from charrnn.kernels.jit import HELPER, helper, kernel
+from charrnn.kernels.mathf import _f32_bits
+
+NR = 32  # columns of a packed panel of B (two AVX-512 registers, two AMX tiles)
+KALIGN = 32  # K is padded to whole AMX tiles (32 bfloat16 values a tile row)
+MALIGN = 16  # rows of A are padded to whole AMX tiles
+MC = 64  # rows of A packed and multiplied at a time (the packed chunk stays in L1/L2)
+DOT_MR = 8  # rows of the VDPBF16PS micro-kernel: 8 x 2 accumulators + 2 panel vectors
+
+# The two workspace types: the same fields, a different product. Per thread (one row each):
+#   ab  (n, MC * Kmax) uint16: a chunk of rows of A in bfloat16, padded
+#   bp  (n, .) uint16: B packed in panels (the products' right-hand sides)
+#   wp  (n, .) uint16: the recurrent weights packed for the time loop (kept across its steps)
+#   cs  (n, MC * Nmax) float32: a chunk of C, padded
+#   cfg (n, 64) uint8: the AMX tile configuration (unused by DOT)
+AMX = namedtuple("AMX", ["ab", "bp", "wp", "cs", "cfg"])
+DOT = namedtuple("DOT", ["ab", "bp", "wp", "cs", "cfg"])
+
+
+@helper
+def rup(n, m):
+    return (n + m - 1) // m * m
+
+
+# ----------------------------------------------------------------------------- the CPU
+def _host_features():
+    try:
+        return llb.get_host_cpu_features()
+    except Exception:  # pragma: no cover - any failure only means float32
+        return {}
+
+
+def _amx_permission() -> bool:
+    """Ask Linux for the AMX tile state (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)):
+    without it the first tile instruction kills the process. Granted to the whole process."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA
+    except Exception:  # pragma: no cover
+        return False
+
+
+_FEATURES = _host_features()
+HAS_DOT = bool(_FEATURES.get("avx512bf16", False)) and bool(_FEATURES.get("avx512f", False))
+_HAS_AMX_CPU = bool(_FEATURES.get("amx-tile", False)) and bool(_FEATURES.get("amx-bf16", False))
+_amx_ok = None
+
+
+def backends() -> tuple:
+    """The bfloat16 backends this CPU (and kernel) can run, fastest first: ("amx", "dot"), ("dot",)
+    or ()."""
+    global _amx_ok
+    if _amx_ok is None:
+        _amx_ok = _HAS_AMX_CPU and _amx_permission()
+    return (("amx",) if _amx_ok else ()) + (("dot",) if HAS_DOT else ())
+
+
+# ----------------------------------------------------------------------------- the micro-kernels (LLVM IR text)
+def _dot_ir():
+    """@c16_dot8: Cs[r, 0:32] = sum_kp A[r, kp pair] . B[kp, 0:32 pairs] for r < 8, KP pairs of k.
+    a: rows of bfloat16 pairs (lda in pairs), w: one panel, c: float32 rows (ldc in floats)."""
+    m, L = DOT_MR, []
+    L.append('define void @c16_dot8(ptr %a, i64 %lda, ptr %w, ptr %c, i64 %ldc, i64 %KP) #0 {')
+    L.append("entry:")
+    L.append("  br label %loop")
+    L.append("loop:")
+    L.append("  %k = phi i64 [0, %entry], [%k1, %loop]")
+    for r in range(m):
+        for h in range(2):
+            L.append(f"  %acc{r}_{h} = phi <16 x float> [zeroinitializer, %entry], [%n{r}_{h}, %loop]")
+    L.append("  %wo = mul i64 %k, 64")
+    for h in range(2):
+        L.append(f"  %wo{h} = add i64 %wo, {h * 32}")
+        L.append(f"  %wp{h} = getelementptr i16, ptr %w, i64 %wo{h}")
+        L.append(f"  %wv{h} = load <32 x bfloat>, ptr %wp{h}, align 4")
+    for r in range(m):
+        L.append(f"  %ao{r} = mul i64 %lda, {r}")
+        L.append(f"  %ak{r} = add i64 %ao{r}, %k")
+        L.append(f"  %ap{r} = getelementptr i32, ptr %a, i64 %ak{r}")
+        L.append(f"  %as{r} = load i32, ptr %ap{r}, align 4")
+        L.append(f"  %av{r}i = insertelement <16 x i32> poison, i32 %as{r}, i64 0")
+        L.append(f"  %av{r}s = shufflevector <16 x i32> %av{r}i, <16 x i32> poison, <16 x i32> zeroinitializer")
+        L.append(f"  %av{r} = bitcast <16 x i32> %av{r}s to <32 x bfloat>")
+        for h in range(2):
+            L.append(f"  %n{r}_{h} = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512("
+                     f"<16 x float> %acc{r}_{h}, <32 x bfloat> %av{r}, <32 x bfloat> %wv{h})")
+    L.append("  %k1 = add i64 %k, 1")
+    L.append("  %more = icmp slt i64 %k1, %KP")
+    L.append("  br i1 %more, label %loop, label %end")
+    L.append("end:")
+    for r in range(m):
+        L.append(f"  %co{r} = mul i64 %ldc, {r}")
+        for h in range(2):
+            L.append(f"  %cq{r}_{h} = add i64 %co{r}, {h * 16}")
+            L.append(f"  %cp{r}_{h} = getelementptr float, ptr %c, i64 %cq{r}_{h}")
+            L.append(f"  store <16 x float> %n{r}_{h}, ptr %cp{r}_{h}, align 4")
+    L.append("  ret void")
+    L.append("}")
+    return "\n".join([
+        "declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)",
+        *L,
+        'attributes #0 = { nounwind "target-features"="+avx512f,+avx512bw,+avx512vl,+avx512bf16" }',
+    ])
+
+
+def _amx_ir():
+    """@c16_amx_cfg(cfg): load the tile configuration (every tile 16 rows of 64 bytes).
+    @c16_amx_rel(): release the tile state.
+    @c16_amx{16,32}: Cs[0:rows, 0:32] = A[0:rows, 0:32*K32] @ one panel, rows 16 or 32.
+    a: bfloat16 rows, lda bytes; w: the panel (128 bytes a pair row); c: float32, ldc bytes.
+    Tiles: 0-3 C (rows 0-15 / 16-31 x columns 0-15 / 16-31), 4-5 A, 6-7 B."""
+    out = [
+        "declare void @llvm.x86.ldtilecfg(ptr)",
+        "declare void @llvm.x86.tilerelease()",
+        "declare void @llvm.x86.tilezero(i8)",
+        "declare void @llvm.x86.tileloadd64(i8, ptr, i64)",
+        "declare void @llvm.x86.tilestored64(i8, ptr, i64)",
+        "declare void @llvm.x86.tdpbf16ps(i8, i8, i8)",
+        "define void @c16_amx_cfg(ptr %cfg) #0 {",
+        "  call void @llvm.x86.ldtilecfg(ptr %cfg)",
+        "  ret void",
+        "}",
+        "define void @c16_amx_rel() #0 {",
+        "  call void @llvm.x86.tilerelease()",
+        "  ret void",
+        "}",
+    ]
+    for rows in (16, 32):
+        mt = rows // 16
+        L = [f"define void @c16_amx{rows}(ptr %a, i64 %lda, ptr %w, ptr %c, i64 %ldc, i64 %K32) #0 {{",
+             "entry:"]
+        for t in range(2 * mt):
+            L.append(f"  call void @llvm.x86.tilezero(i8 {t})")
+        L += ["  %a16 = mul i64 %lda, 16", "  %c16 = mul i64 %ldc, 16", "  br label %loop", "loop:",
+              "  %k = phi i64 [0, %entry], [%k1, %loop]",
+              "  %ao = mul i64 %k, 64",
+              "  %ap0 = getelementptr i8, ptr %a, i64 %ao",
+              "  %bo = mul i64 %k, 2048",
+              "  %bp0 = getelementptr i8, ptr %w, i64 %bo",
+              "  %bp1 = getelementptr i8, ptr %bp0, i64 64",
+              "  call void @llvm.x86.tileloadd64(i8 4, ptr %ap0, i64 %lda)"]
+        if mt == 2:
+            L += ["  %ap1 = getelementptr i8, ptr %ap0, i64 %a16",
+                  "  call void @llvm.x86.tileloadd64(i8 5, ptr %ap1, i64 %lda)"]
+        L += ["  call void @llvm.x86.tileloadd64(i8 6, ptr %bp0, i64 128)",
+              "  call void @llvm.x86.tileloadd64(i8 7, ptr %bp1, i64 128)",
+              "  call void @llvm.x86.tdpbf16ps(i8 0, i8 4, i8 6)",
+              "  call void @llvm.x86.tdpbf16ps(i8 1, i8 4, i8 7)"]
+        if mt == 2:
+            L += ["  call void @llvm.x86.tdpbf16ps(i8 2, i8 5, i8 6)",
+                  "  call void @llvm.x86.tdpbf16ps(i8 3, i8 5, i8 7)"]
+        L += ["  %k1 = add i64 %k, 1",
+              "  %more = icmp slt i64 %k1, %K32",
+              "  br i1 %more, label %loop, label %end",
+              "end:",
+              "  call void @llvm.x86.tilestored64(i8 0, ptr %c, i64 %ldc)",
+              "  %d1 = getelementptr i8, ptr %c, i64 64",
+              "  call void @llvm.x86.tilestored64(i8 1, ptr %d1, i64 %ldc)"]
+        if mt == 2:
+            L += ["  %d2 = getelementptr i8, ptr %c, i64 %c16",
+                  "  call void @llvm.x86.tilestored64(i8 2, ptr %d2, i64 %ldc)",
+                  "  %d3 = getelementptr i8, ptr %d2, i64 64",
+                  "  call void @llvm.x86.tilestored64(i8 3, ptr %d3, i64 %ldc)"]
+        L += ["  ret void", "}"]
+        out += L
+    out.append('attributes #0 = { nounwind "target-features"="+amx-tile,+amx-bf16" }')
+    return "\n".join(out)
+
+
+_TEXT = {"dot": _dot_ir, "amx": _amx_ir}
+_libraries = {}
+
+
+def _library(context, name):
+    """The code library holding backend `name`'s micro-kernels, made once per code generator."""
+    key = (id(context.codegen()), name)
+    lib = _libraries.get(key)
+    if lib is None:
+        lib = context.codegen().create_library("charrnn_bf16_" + name)
+        mod = llb.parse_assembly(_TEXT[name]())
+        mod.verify()
+        lib.add_llvm_module(mod)
+        lib.finalize()
+        _libraries[key] = lib
+    return lib
+
+
+_I8P = ir.IntType(8).as_pointer()
+_I64 = ir.IntType(64)
+
+
+def _addr(context, builder, ty, val, off):
+    """The address of element `off` of array `val`, as an i8*."""
+    arr = context.make_array(ty)(context, builder, val)
+    return builder.bitcast(builder.gep(arr.data, [off]), _I8P)
+
+
+def _call(context, builder, lib, fname, argtys, argvals):
+    context.active_code_library.add_linking_library(_library(context, lib))
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), argtys), fname)
+    builder.call(fn, argvals)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _dot8(typingctx, a, a0, lda, w, w0, c, c0, ldc, KP):
+    """8 rows x one panel by VDPBF16PS; a (uint16) from element a0 with lda uint16 a row, w (uint16)
+    from w0, c (float32) from c0 with ldc floats a row, KP pairs of k."""
+    sig = types.void(a, a0, lda, w, w0, c, c0, ldc, KP)
+
+    def codegen(context, builder, sig, args):
+        two = ir.Constant(_I64, 2)
+        argv = [_addr(context, builder, sig.args[0], args[0], args[1]), builder.sdiv(args[2], two),
+                _addr(context, builder, sig.args[3], args[3], args[4]),
+                _addr(context, builder, sig.args[5], args[5], args[6]), args[7], args[8]]
+        return _call(context, builder, "dot", "c16_dot8", [_I8P, _I64, _I8P, _I8P, _I64, _I64], argv)
+
+    return sig, codegen
+
+
+@intrinsic
+def _amx_block(typingctx, a, a0, lda, w, w0, c, c0, ldc, K32, rows):
+    """`rows` (16 or 32) rows x one panel by AMX; strides in elements as for _dot8, K32 tiles of k."""
+    sig = types.void(a, a0, lda, w, w0, c, c0, ldc, K32, rows)
+
+    def codegen(context, builder, sig, args):
+        argv = [_addr(context, builder, sig.args[0], args[0], args[1]), builder.mul(args[2], ir.Constant(_I64, 2)),
+                _addr(context, builder, sig.args[3], args[3], args[4]),
+                _addr(context, builder, sig.args[5], args[5], args[6]), builder.mul(args[7], ir.Constant(_I64, 4)),
+                args[8]]
+        context.active_code_library.add_linking_library(_library(context, "amx"))
+        fnty = ir.FunctionType(ir.VoidType(), [_I8P, _I64, _I8P, _I8P, _I64, _I64])
+        f16 = cgutils.get_or_insert_function(builder.module, fnty, "c16_amx16")
+        f32 = cgutils.get_or_insert_function(builder.module, fnty, "c16_amx32")
+        is32 = builder.icmp_signed("==", args[9], ir.Constant(_I64, 32))
+        with builder.if_else(is32) as (then, other):
+            with then:
+                builder.call(f32, argv)
+            with other:
+                builder.call(f16, argv)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _amx_config(typingctx, cfg):
+    """Load the tile configuration in cfg (64 bytes, made by amx_tile_config)."""
+    sig = types.void(cfg)
+
+    def codegen(context, builder, sig, args):
+        return _call(context, builder, "amx", "c16_amx_cfg", [_I8P],
+                     [_addr(context, builder, sig.args[0], args[0], ir.Constant(_I64, 0))])
+
+    return sig, codegen
+
+
+@intrinsic
+def _amx_release(typingctx):
+    sig = types.void()
+
+    def codegen(context, builder, sig, args):
+        return _call(context, builder, "amx", "c16_amx_rel", [], [])
+
+    return sig, codegen
+
+
+def amx_tile_config() -> np.ndarray:
+    """The 64-byte tile configuration: palette 1, every tile 16 rows of 64 bytes."""
+    cfg = np.zeros(64, dtype=np.uint8)
+    cfg[0] = 1
+    cfg[16:32].view(np.uint16)[:8] = 64
+    cfg[48:56] = 16
+    return cfg
+
+
+# ----------------------------------------------------------------------------- rounding and packing
+@helper
+def bf16(x):
+    """The bits of the bfloat16 nearest to float32 x, ties to even (as VCVTNEPS2BF16 rounds, but
+    keeping denormals); a NaN stays a NaN, infinities stay infinite."""
+    u = np.int64(_f32_bits(x)) & 0xFFFFFFFF
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        r = (u >> 16) | 0x40
+    return np.uint16(r)
+
+
+@helper
+def pack_a(A, trans, m0, m1, K, Ab):
+    """Ab (Mp, Kp) row-major bfloat16 <- rows m0..m1-1 of op(A) (., K), Mp = m1 - m0 rounded up to
+    MALIGN and Kp = K rounded up to KALIGN, zeros in the padding. op(A) = A, or A^T (A (K, .))."""
+    Kp = rup(K, KALIGN)
+    M = m1 - m0
+    Mp = rup(M, MALIGN)
+    z = np.uint16(0)
+    if not trans:
+        for i in range(M):
+            src, dst = A[m0 + i], Ab[i * Kp : (i + 1) * Kp]
+            for k in range(K):
+                dst[k] = bf16(src[k])
+            for k in range(K, Kp):
+                dst[k] = z
+    else:
+        for i in range(M):
+            dst = Ab[i * Kp : (i + 1) * Kp]
+            for k in range(K, Kp):
+                dst[k] = z
+        # A^T in blocks of 16 rows of A: the block (16 x the chunk's columns) stays in L1 while
+        # each row of Ab takes its 16 values from it
+        for k0 in range(0, K, 16):
+            k1 = min(K, k0 + 16)
+            for i in range(M):
+                dst = Ab[i * Kp + k0 : i * Kp + k1]
+                for k in range(k1 - k0):
+                    dst[k] = bf16(A[k0 + k, m0 + i])
+    for i in range(M * Kp, Mp * Kp):
+        Ab[i] = z
+
+
+@helper
+def pack_b(B, trans, n0, n1, Bp):
+    """Bp <- columns n0..n1-1 of op(B) (K, .) in panels of NR columns of bfloat16 pairs, K rounded
+    up to KALIGN and the columns to NR with zeros: element (k, n) at
+    Bp[(n // NR) * Kp * NR + (k // 2) * 2 * NR + (n % NR) * 2 + k % 2]. op(B) = B, or B^T (B (., K))."""
+    K = B.shape[1] if trans else B.shape[0]
+    Kp = rup(K, KALIGN)
+    N = n1 - n0
+    Np = rup(N, NR)
+    z = np.uint16(0)
+    for i in range(Np * Kp):
+        Bp[i] = z
+    if trans:
+        for n in range(N):
+            src = B[n0 + n]
+            base = (n // NR) * Kp * NR + (n % NR) * 2
+            for k in range(K):
+                Bp[base + (k >> 1) * 2 * NR + (k & 1)] = bf16(src[k])
+    else:
+        # two rows of B make one row of pairs of each panel: contiguous reads, contiguous writes
+        for jp in range(Np // NR):
+            c0 = n0 + jp * NR
+            w = min(NR, n1 - c0)
+            for kp in range(K // 2):
+                r0, r1 = B[2 * kp, c0 : c0 + w], B[2 * kp + 1, c0 : c0 + w]
+                o = jp * Kp * NR + kp * 2 * NR
+                dst = Bp[o : o + 2 * w].view(np.uint32)  # a pair as one 32-bit word, k even in the low half
+                for j in range(w):
+                    dst[j] = np.uint32(bf16(r0[j])) | (np.uint32(bf16(r1[j])) << np.uint32(16))
+            if K % 2:
+                r0 = B[K - 1, c0 : c0 + w]
+                dst = Bp[jp * Kp * NR + (K // 2) * 2 * NR : jp * Kp * NR + (K // 2) * 2 * NR + 2 * w]
+                for j in range(w):
+                    dst[2 * j] = bf16(r0[j])
+
+
+@helper
+def pack_b_gates(W, G, H, u0, u1, Bp):
+    """Bp <- B = Wf^T (H, G*Hp) packed as pack_b does, where column g*Hp + u of B is row
+    g*H + u0 + u of W (G*H, H): a block of units' rows of W_hh, gate-major (bptt.pack_fwd's B)."""
+    Hp = u1 - u0
+    N, K = G * Hp, H
+    Kp = rup(K, KALIGN)
+    Np = rup(N, NR)
+    z = np.uint16(0)
+    for i in range(Np * Kp):
+        Bp[i] = z
+    for n in range(N):
+        src = W[(n // Hp) * H + u0 + n % Hp]
+        base = (n // NR) * Kp * NR + (n % NR) * 2
+        for k in range(K):
+            Bp[base + (k >> 1) * 2 * NR + (k & 1)] = bf16(src[k])
+
+
+# ----------------------------------------------------------------------------- the product
+@helper
+def _mm_dot(ws, p, Mp, Kp, N, Cs, bp):
+    """Cs (Mp, Np) <- the thread's ab (Mp, Kp) @ bp (Kp, Np) by VDPBF16PS, DOT_MR rows at a time."""
+    ab = ws.ab[p]
+    Np = rup(N, NR)
+    for jp in range(Np // NR):
+        for i in range(0, Mp, DOT_MR):
+            _dot8(ab, i * Kp, Kp, bp, jp * Kp * NR, Cs, i * Np + jp * NR, Np, Kp // 2)
+
+
+@helper
+def _mm_amx(ws, p, Mp, Kp, N, Cs, bp):
+    """Cs (Mp, Np) <- the thread's ab (Mp, Kp) @ bp (Kp, Np) by AMX tiles, 32 rows at a time (16 for
+    the last 16); between tiles_on and tiles_off."""
+    ab = ws.ab[p]
+    Np = rup(N, NR)
+    for jp in range(Np // NR):
+        for i in range(0, Mp, 32):
+            _amx_block(ab, i * Kp, Kp, bp, jp * Kp * NR, Cs, i * Np + jp * NR, Np, Kp // KALIGN, min(32, Mp - i))
+
+
+@helper
+def product(ws, p, A, trans_a, bp, K, N, C, trans_c=False):
+    """C (M, N) <- op(A) (M, K) @ B, B packed in bp (pack_b / pack_b_gates), in chunks of MC rows
+    of A: each chunk rounded and packed into the thread's ab, multiplied into its cs, copied out.
+    op(A) = A, or A^T (A (K, M)). With trans_c the result goes to C^T instead (C (N, M))."""
+    M = C.shape[1] if trans_c else C.shape[0]
+    Kp = rup(K, KALIGN)
+    Np = rup(N, NR)
+    cs = ws.cs[p]
+    if K == 0:  # an empty sum (a thread with no rows of a weight gradient)
+        for i in range(C.shape[0]):
+            C[i, :] = 0
+        return
+    for m0 in range(0, M, MC):
+        m1 = min(M, m0 + MC)
+        pack_a(A, trans_a, m0, m1, K, ws.ab[p])
+        Mp = rup(m1 - m0, MALIGN)
+        _mm(ws, p, Mp, Kp, N, cs, bp)
+        if trans_c:
+            for j in range(N):
+                dst = C[j, m0:m1]
+                for i in range(m1 - m0):
+                    dst[i] = cs[i * Np + j]
+        else:
+            for i in range(m1 - m0):
+                dst, src = C[m0 + i], cs[i * Np : i * Np + N]
+                for j in range(N):
+                    dst[j] = src[j]
+
+
+def _mm(ws, p, Mp, Kp, N, Cs, bp):  # pragma: no cover - chosen by the workspace's type
+    pass
+
+
+def tiles_on(ws, p):  # pragma: no cover - chosen by the workspace's type
+    """Load the thread's tile configuration (AMX; nothing otherwise): once per kernel call, before
+    its first product. The tile state is the thread's own."""
+
+
+def tiles_off(ws):  # pragma: no cover
+    """Release the tile state (AMX; nothing otherwise), at the end of the kernel call."""
+
+
+def _amx_on(ws, p):
+    _amx_config(ws.cfg[p])
+
+
+def _amx_off(ws):
+    _amx_release()
+
+
+def _nothing_on(ws, p):
+    pass
+
+
+def _nothing_off(ws):
+    pass
+
+
+@overload(tiles_on, jit_options=HELPER, strict=False)
+def _tiles_on_ov(ws, p):
+    return _amx_on if getattr(ws, "instance_class", type(ws)).__name__ == "AMX" else _nothing_on
+
+
+@overload(tiles_off, jit_options=HELPER, strict=False)
+def _tiles_off_ov(ws):
+    return _amx_off if getattr(ws, "instance_class", type(ws)).__name__ == "AMX" else _nothing_off
+
+
+@overload(_mm, jit_options=HELPER)
+def _mm_ov(ws, p, Mp, Kp, N, Cs, bp):
+    name = getattr(ws, "instance_class", type(ws)).__name__
+    return _mm_amx if name == "AMX" else _mm_dot
+
+
+@helper
+def mm_bt(ws, p, A, W, C):
+    """C (M, N) <- A (M, K) @ W^T for W (N, K), in bfloat16 products."""
+    bp = ws.bp[p]
+    pack_b(W, True, 0, W.shape[0], bp)
+    product(ws, p, A, False, bp, W.shape[1], W.shape[0], C)
+
+
+@helper
+def mm_nn(ws, p, A, W, C):
+    """C (M, N) <- A (M, K) @ W for W (K, N), in bfloat16 products."""
+    bp = ws.bp[p]
+    pack_b(W, False, 0, W.shape[1], bp)
+    product(ws, p, A, False, bp, W.shape[0], W.shape[1], C)
+
+
+@helper
+def mm_tn(ws, p, A, B, C):
+    """C (M, N) <- A^T @ B for A (K, M), B (K, N), in bfloat16 products (a weight gradient: K the
+    positions of a batch)."""
+    bp = ws.bp[p]
+    K, M, N = A.shape[0], A.shape[1], B.shape[1]
+    if N < M:  # C^T = B^T @ A: the smaller operand is the one transposed
+        pack_b(A, False, 0, M, bp)
+        product(ws, p, B, True, bp, K, M, C, True)
+    else:
+        pack_b(B, False, 0, N, bp)
+        product(ws, p, A, True, bp, K, N, C)
+
+
+# ----------------------------------------------------------------------------- sizes and entry points
+def sizes(M_max: int, K_max: int, N_max: int, KN_max: int) -> tuple:
+    """(ab, bp, cs) elements of a thread's workspace for products with at most these sizes (M the
+    rows multiplied at a time, up to MC; KN_max the largest K x N of a packed B)."""
+    return (MC * rup(K_max, KALIGN), int(KN_max), MC * rup(N_max, NR))
+
+
+def packed_b_size(K: int, N: int) -> int:
+    return rup(K, KALIGN) * rup(N, NR)
+
+
+def workspace(backend: str, n: int, K_max: int, N_max: int, KN_max: int, wp_size: int = 0):
+    """A workspace of `backend` ("amx" or "dot") for n threads (see AMX / DOT)."""
+    from charrnn.kernels.layout import per_thread
+
+    ab, bp, cs = sizes(MC, K_max, N_max, KN_max)
+    cls = AMX if backend == "amx" else DOT
+    cfg = per_thread(n, 64, np.uint8)
+    cfg[:] = amx_tile_config()
+    return cls(ab=per_thread(n, ab, np.uint16), bp=per_thread(n, bp, np.uint16),
+               wp=per_thread(n, max(1, wp_size), np.uint16), cs=per_thread(n, cs, np.float32), cfg=cfg)
+
+
+@kernel
+def _matmul_entry(ws, A, ta, B, tb, C):
+    tiles_on(ws, 0)
+    _matmul_body(ws, A, ta, B, tb, C)
+    tiles_off(ws)
+
+
+@helper
+def _matmul_body(ws, A, ta, B, tb, C):
+    bp = ws.bp[0]
+    K = A.shape[0] if ta else A.shape[1]
+    N = C.shape[1]
+    if tb:
+        pack_b(B, True, 0, B.shape[0], bp)
+    else:
+        pack_b(B, False, 0, B.shape[1], bp)
+    product(ws, 0, A, ta, bp, K, N, C)
+
+
+def matmul(A, B, trans_a=False, trans_b=False, backend=None):
+    """op(A) @ op(B) in bfloat16 products with float32 accumulation (tests, benchmarks): A and B
+    C-contiguous float32, op(X) = X or X^T."""
+    A = np.ascontiguousarray(A, dtype=np.float32)
+    B = np.ascontiguousarray(B, dtype=np.float32)
+    M, K = (A.shape[1], A.shape[0]) if trans_a else A.shape
+    K2, N = (B.shape[1], B.shape[0]) if trans_b else B.shape
+    if K != K2:
+        raise ValueError("shapes do not agree")
+    have = backends()
+    backend = backend or (have[0] if have else None)
+    if backend not in have:
+        raise RuntimeError(f"this CPU cannot run bfloat16 products by {backend!r}")
+    ws = workspace(backend, 1, K, N, packed_b_size(K, N))
+    C = np.zeros((M, N), dtype=np.float32)
+    _matmul_entry(ws, A, trans_a, B, trans_b, C)
+    return C
+
+
+@kernel
+def _op_entry(ws, op, A, B, C):
+    tiles_on(ws, 0)
+    if op == 0:
+        mm_bt(ws, 0, A, B, C)
+    elif op == 1:
+        mm_nn(ws, 0, A, B, C)
+    else:
+        mm_tn(ws, 0, A, B, C)
+    tiles_off(ws)
+
+
+OPS = {"bt": 0, "nn": 1, "tn": 2}
+
+
+def op(name: str, A, B, backend: str):
+    """The training loop's three products as the kernels call them (tests): "bt" A @ B^T, "nn"
+    A @ B, "tn" A^T @ B, for C-contiguous float32 A and B."""
+    A = np.ascontiguousarray(A, dtype=np.float32)
+    B = np.ascontiguousarray(B, dtype=np.float32)
+    M = A.shape[1] if name == "tn" else A.shape[0]
+    K = A.shape[0] if name == "tn" else A.shape[1]
+    N = B.shape[0] if name == "bt" else B.shape[1]
+    if backend not in backends():
+        raise RuntimeError(f"this CPU cannot run bfloat16 products by {backend!r}")
+    ws = workspace(backend, 1, max(K, M, N), max(M, N), packed_b_size(K, max(M, N)))
+    C = np.full((M, N), np.nan, dtype=np.float32)
+    _op_entry(ws, OPS[name], A, B, C)
+    return C
