@@ -21,7 +21,7 @@ import sys
 import click
 
 from charrnn import __version__
-from charrnn.config import BEAM_MAX, DEFAULTS, SAMPLE_BOUNDS, SEED_LIMIT, TRAIN_BOUNDS
+from charrnn.config import BEAM_MAX, DEFAULTS, PRECISIONS, SAMPLE_BOUNDS, SEED_LIMIT, TRAIN_BOUNDS
 from charrnn.errors import CharrnnError
 
 EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
@@ -285,6 +285,11 @@ def cli():
 @_seed_option(DEFAULTS.seed, "Seed for initialisation and dropout.")
 @_max_input_option
 @_threads_option
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default=DEFAULTS.precision,
+              help="The training step's matrix products: fp32, or bf16 (bfloat16 operands, float32 sums; weights, "
+                   "optimizer, cell state and loss stay float32) where the CPU has AMX or AVX512_BF16. auto: bf16 "
+                   "where it is faster (AMX; with AVX512_BF16 alone, timed on the first batch), else fp32. "
+                   "Validation, eval and sampling are float32 whatever trains the model.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
               help="Train with N worker processes over MPI (needs charrnn[mpi]); --batch is split among them and "
                    "--threads counts per worker (default: the cores divided among the workers).")

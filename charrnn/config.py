@@ -18,6 +18,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
+PRECISIONS = ("fp32", "bf16", "auto")  # --precision (precision.py)
 SEED_LIMIT = 2**64  # seeds are whole numbers in [0, 2**64): the generators keep 64 bits of state
 
 
@@ -164,6 +165,9 @@ class TrainConfig:
     patience: int | None = None  # stop after this many validations without improvement
     seed: int = 1234  # one seed for initialisation and dropout
     threads: int | None = None  # Numba threads (BLAS stays single-threaded); None: every core
+    # the arithmetic of the training step's products (precision.py): fp32 | bf16 (bfloat16 operands,
+    # float32 sums) | auto (bf16 where the CPU multiplies bfloat16 faster)
+    precision: str = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -175,7 +179,8 @@ class TrainConfig:
         from charrnn.errors import UsageError
 
         check_bounds(self, TRAIN_BOUNDS)
-        for name, allowed in (("dropout_mode", ("step", "locked")), ("average", ("off", "ema", "polyak"))):
+        for name, allowed in (("dropout_mode", ("step", "locked")), ("average", ("off", "ema", "polyak")),
+                              ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         self._check_start()
@@ -221,6 +226,7 @@ class Fitted:
     weight_drop: float = 0.0  # the user's, or fitted with the dropout
     dropout_open: bool = True  # the dropout is the run's to fit (the user left --dropout open)
     weight_drop_open: bool = False  # the weight drop is the run's to fit (left open; runs before it: no)
+    precision: str = "fp32"  # the training step's products: fp32 or bf16 (runs before --precision: fp32)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -155,11 +155,12 @@ class Model:
         self.params = FlatParams(cfg, self.dtype, theta)
         self.cell = cells.make(cfg.cell, cfg.nonlinearity)
         self._net = layout.net(self.params.data, self.params.table, cfg.layers, cfg.hidden, cfg.vocab_size)
-        self._ws = None  # bptt.Workspace of the last batch shape
+        self._ws = {}  # precision -> bptt.Workspace of the last batch shape run in it
         self._pipe = None
         self._steps = {}  # streams -> sample.Step buffers
         self._gen = None
         self._dropped = None  # (buffer, Net over it): the weights of a batch run with weight drop
+        self.precision = "fp32"  # the products of train.train_step's batches: fp32 | bf16 (charrnn/precision.py)
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -248,8 +249,9 @@ class Model:
                 self._dropped = (buf, self._net._replace(theta=buf))
             wdrop._drop(self._dropped[0], self.theta, self.params.table, weight_masks)
             net = self._dropped[1]
-        bt, self._ws = bptt.forward_backward(self.cell, self.cfg.cell, net, x, y, h, c, masks, backward,
-                                             threads.team(), self._ws, self._backend(precision))
+        backend = self._backend(precision)
+        bt, self._ws[backend] = bptt.forward_backward(self.cell, self.cfg.cell, net, x, y, h, c, masks, backward,
+                                                      threads.team(), self._ws.get(backend), backend)
         if backward and weight_masks is not None:
             wdrop._mask_grad(bt.grad, self.params.table, weight_masks)
         out = {"loss": float(bt.nll.mean()), "nll": bt.nll, "h": bt.hT, "c": bt.cT}
@@ -305,7 +307,7 @@ class Model:
         masks = self.dropout_masks(2, 2, 0, 0, p=0.5) if use else None
         wmasks = self.weight_masks(0, 0, 0.5) if weight_drop else None
         self.forward_backward(x, x, h, c, masks=masks, weight_masks=wmasks, precision=precision)
-        self._ws = None  # the real batches get their own buffers
+        self._ws = {}  # the real batches get their own buffers
 
     def dropout_masks(self, T: int, B: int, seed: int, step: int, out=None, p: float | None = None,
                       B_all: int | None = None, b0: int = 0, locked: bool = False):

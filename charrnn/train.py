@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from charrnn import budget, checkpoint, finetune, signals, threads
+from charrnn import budget, checkpoint, finetune, precision, signals, threads
 from charrnn.budget import AUTO_MEASURE_STEPS, REFIT_EVERY, StepTimes, seq_len_at
 from charrnn.config import Fitted, TrainConfig, effective
 from charrnn.data import (TOKENS_FILE, BatchStream, TokenFile, build_token_file, capped_vocab, check_sizes,
@@ -68,7 +68,7 @@ def train_step(model: Model, opt: Optimizer, x, y, h, c, masks, lr: float, clip:
     here), clipping, and the optimizer step, which a non-finite loss or gradient skips (the
     caller decides what to do about it). The step moves the average of the weights `avg`, if
     given, `rate` of the way to the new weights, in the optimizer's own pass."""
-    out = model.forward_backward(x, y, h, c, masks=masks, weight_masks=weight_masks)
+    out = model.forward_backward(x, y, h, c, masks=masks, weight_masks=weight_masks, precision=model.precision)
     grad = out["grad"]
     loss = reduce(grad, out["loss"])
     if clip > 0 and clip_mode == "value":
@@ -128,8 +128,8 @@ class Precompile:
     A daemon thread: a run that stops early (a bad corpus) does not wait for it, and the cache
     writes are atomic. wait() before training, so that nothing compiles during timed steps."""
 
-    def __init__(self, cfg: TrainConfig, cell: str, threads_n: int):
-        self._args = (cfg, cell, threads_n)
+    def __init__(self, cfg: TrainConfig, cell: str, threads_n: int, precisions=("fp32",)):
+        self._args = (cfg, cell, threads_n, tuple(precisions))
         self.compiled = False  # whether anything had to compile (not only load from the cache)
         self._thread = threading.Thread(target=self._run, name="charrnn-precompile", daemon=True)
         self._thread.start()
@@ -146,15 +146,21 @@ class Precompile:
             self._compile()
 
     def _compile(self):
-        cfg, cell, threads_n = self._args
+        cfg, cell, threads_n, precisions = self._args
         try:
             model = Model(ModelConfig(cell=cell, layers=2, hidden=8, vocab_size=4, nonlinearity=cfg.nonlinearity))
-            # None: chosen later, and likely above 0
-            model.warm_up(dropout=cfg.dropout != 0, weight_drop=cfg.weight_drop is None or cfg.weight_drop > 0)
+            for p in precisions:  # only what the run will use: each is a kernel of its own
+                # None: chosen later, and likely above 0
+                model.warm_up(dropout=cfg.dropout != 0, weight_drop=cfg.weight_drop is None or cfg.weight_drop > 0,
+                              precision=p)
+            model.precision = precisions[-1]
             opt = make_optimizer(cfg.optimizer, model.n_params, model.dtype, 1e-3)
             x = np.zeros((2, 2), np.int32)
             train_step(model, opt, x, x, *model.zero_state(2), None, 1e-3, cfg.clip, cfg.clip_mode,
                        avg=np.zeros(model.n_params, model.dtype), rate=1.0)
+            if "fp32" not in precisions and (threads_n < 2 or cfg.layers < 2):
+                h, c = model.zero_state(2)  # validation scores in float32 by the batch kernel
+                model.forward_backward(x, x, h, c, backward=False)
             if threads_n >= 2 and cfg.layers >= 2:
                 h, c = model.zero_state(1)
                 model.score(np.zeros(2, np.int32), np.zeros(2, np.int32), h, c)
@@ -265,6 +271,8 @@ class Trainer:
         self.corpus = corpus
         self.vocab = vocab
         self.model = model
+        model.precision = fitted.precision  # the training step's products (precision.py)
+        self.precision_pending = False  # --precision auto still to be measured on the first batch (new())
         self.out = out
         self.quiet = quiet
         self.state = state
@@ -326,7 +334,11 @@ class Trainer:
         then agree with the model (finetune.adopt)."""
         base = finetune.load_base(cfg)  # None for an ordinary run
         cfg = finetune.adopt(cfg, base, explicit)
-        early = Precompile(cfg, budget.chosen_cell(cfg), threads.set_threads(cfg.threads))
+        chosen, prec_note = precision.choose(cfg.precision, cfg.hidden)
+        early = Precompile(cfg, budget.chosen_cell(cfg), threads.set_threads(cfg.threads),
+                           ("fp32", "bf16") if chosen == "measure" else (chosen,))
+        if prec_note:
+            note(quiet, prec_note)
         corpus = read_corpus(paths, cfg.encoding, cfg.docs, cfg.max_input)  # one reading: hash, counts, vocabulary
         try:
             return cls._new(paths, cfg, out, quiet, runs_dir, early, corpus, base)
@@ -347,6 +359,8 @@ class Trainer:
             vocab = plan.vocab
         n_train = int(corpus.chars * (1 - cfg.val_frac))
         fitted = budget.choose_size(cfg, n_train)
+        chosen, _ = precision.choose(cfg.precision, fitted.hidden)
+        fitted = replace(fitted, precision="fp32" if chosen == "measure" else chosen)
         mcfg = ModelConfig(cell=fitted.cell, layers=cfg.layers, hidden=fitted.hidden, vocab_size=vocab.size,
                            nonlinearity=cfg.nonlinearity, dropout=fitted.dropout)
         _check_loadable(mcfg, cfg.batch)
@@ -373,6 +387,7 @@ class Trainer:
             raise
         n_val = 0 if trainer.val_tokens is None else len(trainer.val_tokens) - 1
         trainer.fitted = replace(trainer.fitted, val_chars=budget.val_chars_for(cfg, n_val))
+        trainer.precision_pending = chosen == "measure"
         trainer.precompile = early
         if base is not None:
             trainer.lineage = finetune.record(base, plan, cfg.unknown)
@@ -432,8 +447,13 @@ class Trainer:
             given = replace(given, weight_drop=0.0, dropout_mode="step", average="off")
         if "-" in paths:
             raise CharrnnError("cannot resume a run trained on stdin: the corpus cannot be read again")
+        if fitted.precision == "bf16" and precision.backend() is None:
+            note(quiet, "note: the run trained with bf16 products, which this CPU does not have; it goes on in "
+                        "float32")
+            fitted = replace(fitted, precision="fp32")
         early = Precompile(effective(given, fitted), ck.model.cfg.cell,
-                           threads.set_threads(threads_n if threads_n is not None else given.threads))
+                           threads.set_threads(threads_n if threads_n is not None else given.threads),
+                           (fitted.precision,))
         corpus = read_corpus(paths, given.encoding, given.docs, given.max_input)  # in chunks, as a new run
         try:
             if corpus.sha256 != sha:
@@ -570,7 +590,9 @@ class Trainer:
             f"{f' weight drop {cfg.weight_drop:g}' if cfg.weight_drop else ''}"
             f"{' (until fitted to the budget)' if self.fitted.dropout_pending else ''}, {model.n_params:,} parameters, "
             f"vocabulary {self.vocab.size}, {self.stream.n_tokens:,} training tokens, batch {cfg.batch}x{cfg.seq}, "
-            f"{n_threads} thread(s){f' x {self.workers.size} workers' if self.workers.size > 1 else ''} -> {self.out}"
+            f"{n_threads} thread(s){f' x {self.workers.size} workers' if self.workers.size > 1 else ''}, "
+            f"{'precision measured next' if self.precision_pending else precision.describe(self.fitted.precision)}"
+            f" -> {self.out}"
         )
         said = []
 
@@ -592,7 +614,10 @@ class Trainer:
                         self.precompile.wait()
                     self.model.warm_up(dropout=cfg.dropout > 0 or self.fitted.dropout_pending,
                                        weight_drop=cfg.weight_drop > 0 or (self.fitted.dropout_pending
-                                                                           and self.fitted.weight_drop_open))
+                                                                           and self.fitted.weight_drop_open),
+                                       precision=self.fitted.precision)
+                    if self.precision_pending:
+                        self._measure_precision(rep)
                 except (KeyboardInterrupt, signals.SignalExit) as e:
                     rep.close()
                     signum = getattr(e, "signum", 2)
@@ -603,6 +628,16 @@ class Trainer:
         finally:
             rep.close()
             self.close()
+
+    def _measure_precision(self, rep: Reporter):
+        """--precision auto where the CPU has bfloat16 dot products but no AMX: time both on this
+        run's own first batch (before the clock starts) and keep the faster (precision.measure)."""
+        x, y = self.stream.get(0, self.cfg.seq, self.workers.b0, self.workers.b1)
+        chosen = self.workers.on_root(lambda: precision.measure(self.model, x, y))  # one choice for every worker
+        self.fitted = replace(self.fitted, precision=chosen)
+        self.model.precision = chosen
+        self.precision_pending = False
+        rep.message(f"charrnn: {precision.describe(chosen)} (measured faster on the first batch)")
 
     def _run(self, rep: Reporter, budget_s: float | None, auto_eval: bool, total: int | None) -> dict:
         st, model, cfg = self.state, self.model, self.cfg

@@ -13,7 +13,7 @@ from collections import namedtuple
 
 
 from charrnn.kernels import cells, layout
-from charrnn.kernels.bptt import decoder_rows, fill_w0t, input_rows
+from charrnn.kernels.bptt import F32, decoder_rows, fill_w0t, input_rows
 from charrnn.kernels.gemm import dense_wt
 from charrnn.kernels.jit import kernel
 from charrnn.kernels.layout import Layer, decoder_weights, layer_weights
@@ -60,7 +60,7 @@ def _score(p, n, cell, net, x2, y2, h, c, nll2, pipe, sync):
                 inp2 = hs[0][:0]
             else:
                 inp2 = pipe.hs[k - 1, j % 2][1 : Cj + 1].reshape((Cj, H))  # chunk j of the layer below
-            input_rows(cell, 0, Cj, lay.gates.reshape((Cj, GH)), x2[p0 : p0 + Cj], pipe.w0t, inp2, W_ih, b_ih, b_hh, 1)
+            input_rows(F32(0), 0, cell, 0, Cj, lay.gates.reshape((Cj, GH)), x2[p0 : p0 + Cj], pipe.w0t, inp2, W_ih, b_ih, b_hh, 1)
             cells.load_state(cell, lay, h[k], c[k], 0, 1)  # the state after the previous chunk
             for t in range(Cj):
                 dense_wt(hs[t], 0, 1, W_hh, pipe.hp[k])
@@ -68,7 +68,7 @@ def _score(p, n, cell, net, x2, y2, h, c, nll2, pipe, sync):
             cells.save_state(cell, lay, Cj, h[k], c[k], 0, 1)
             if k == L - 1:
                 Wd, bd = decoder_weights(net.theta, net)
-                decoder_rows(0, Cj, hs[1 : Cj + 1].reshape((Cj, H)), Wd, bd, pipe.probs[:Cj], y2[p0 : p0 + Cj],
+                decoder_rows(F32(0), 0, 0, Cj, hs[1 : Cj + 1].reshape((Cj, H)), Wd, bd, pipe.probs[:Cj], y2[p0 : p0 + Cj],
                              nll2[p0 : p0 + Cj], 1)
         ep = barrier(sync, p, n, ep)
 
