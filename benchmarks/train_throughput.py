@@ -3,8 +3,12 @@
 A full step of an LSTM (or a GRU with --cell gru): forward, backward, global-norm clipping, Adam
 update, hidden state carried. For each configuration (layers x hidden / batch x steps, V = 68 as
 tiny Shakespeare plus 3 special tokens) each side runs in its own subprocess (so peak RSS is its
-own), interleaved charrnn, torch, torch-fused, charrnn, ... and the medians are reported with the ratio,
-effective GFLOP/s and peak RSS. The CPU time other processes used during each timed part is
+own), interleaved charrnn, charrnn-bf16, torch, torch-fused, torch-bf16, charrnn, ... and the medians
+are reported with the ratios, effective GFLOP/s and peak RSS. charrnn-bf16 is --precision bf16's step
+(bfloat16 products, float32 sums: charrnn/precision.py); torch-bf16 is PyTorch's fused Adam with the
+forward under torch.autocast("cpu", dtype=torch.bfloat16), its fastest CPU setting where the CPU
+has bfloat16 products; the bf16 line compares charrnn's bf16 with the faster of torch-fused and
+torch-bf16 measured in the same run. The CPU time other processes used during each timed part is
 measured (from /proc/stat) and a measurement is flagged when the machine was busy, since two
 threads on two cores collapse under any other load.
 
@@ -78,7 +82,7 @@ def worker(side, name, seconds, threads, cell, weight_drop=0.0, average=False):
     rng = np.random.default_rng(0)
     x = rng.integers(3, V, size=(T, B)).astype(np.int32)
     y = rng.integers(3, V, size=(T, B)).astype(np.int32)
-    if side == "charrnn":  # this checkout, or with --baseline another one on PYTHONPATH
+    if side in ("charrnn", "charrnn-bf16"):  # this checkout, or with --baseline another one on PYTHONPATH
         from charrnn import threads as th
         from charrnn.model import Model, ModelConfig
         from charrnn.optim import clip_grad_norm, make_optimizer
@@ -96,14 +100,17 @@ def worker(side, name, seconds, threads, cell, weight_drop=0.0, average=False):
             count[0] += 1
             if weight_drop > 0:
                 wm = m.weight_masks(0, count[0], weight_drop, out=wm)
-            out = m.forward_backward(x, y, h, c, weight_masks=wm)
+            if side == "charrnn-bf16":
+                out = m.forward_backward(x, y, h, c, weight_masks=wm, precision="bf16")
+            else:
+                out = m.forward_backward(x, y, h, c, weight_masks=wm)
             clip_grad_norm(out["grad"], 5.0)
             if average:
                 opt.step(m.theta, out["grad"], 2e-3, avg=avg, rate=0.001)
             else:
                 opt.step(m.theta, out["grad"], 2e-3)
             h, c = out["h"], out["c"]
-    else:  # "torch" (its default, foreach Adam) or "torch-fused" (fused Adam, its fastest)
+    else:  # "torch" (its default, foreach Adam), "torch-fused" (fused Adam), "torch-bf16" (fused + bf16 autocast)
         import torch
 
         torch.set_num_threads(threads)
@@ -111,7 +118,8 @@ def worker(side, name, seconds, threads, cell, weight_drop=0.0, average=False):
         rnn = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(V, H, L)
         dec = torch.nn.Linear(H, V)
         params = list(rnn.parameters()) + list(dec.parameters())
-        opt = torch.optim.Adam(params, lr=2e-3, fused=side == "torch-fused")
+        opt = torch.optim.Adam(params, lr=2e-3, fused=side in ("torch-fused", "torch-bf16"))
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=side == "torch-bf16")
         xt = torch.nn.functional.one_hot(torch.from_numpy(x).long(), V).float()
         yt = torch.from_numpy(y).long().reshape(-1)
         state = (torch.zeros(L, B, H), torch.zeros(L, B, H)) if cell == "lstm" else torch.zeros(L, B, H)
@@ -121,18 +129,20 @@ def worker(side, name, seconds, threads, cell, weight_drop=0.0, average=False):
         def step():
             nonlocal state
             opt.zero_grad(set_to_none=True)
-            if weight_drop > 0:
-                run_with = dict(rnn.named_parameters())
-                for n, p in hh.items():
-                    run_with[n] = torch.nn.functional.dropout(p, weight_drop, training=True)
-                out, st = torch.func.functional_call(rnn, run_with, (xt, state))
-            else:
-                out, st = rnn(xt, state)
-            loss = torch.nn.functional.cross_entropy(dec(out).reshape(-1, V), yt)
+            with autocast:
+                if weight_drop > 0:
+                    run_with = dict(rnn.named_parameters())
+                    for n, p in hh.items():
+                        run_with[n] = torch.nn.functional.dropout(p, weight_drop, training=True)
+                    out, st = torch.func.functional_call(rnn, run_with, (xt, state))
+                else:
+                    out, st = rnn(xt, state)
+                logits = dec(out)
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), yt)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
-            state = tuple(s.detach() for s in st) if cell == "lstm" else st.detach()
+            state = tuple(s.detach().float() for s in st) if cell == "lstm" else st.detach().float()
 
     t_first = time.perf_counter()
     step()  # compile / first call
@@ -164,8 +174,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sides", default="charrnn,torch,torch-fused",
-                    help="torch: PyTorch's default (foreach) Adam; torch-fused: fused=True, its fastest setting")
+    ap.add_argument("--sides", default="charrnn,charrnn-bf16,torch,torch-fused,torch-bf16",
+                    help="charrnn-bf16: --precision bf16's step; torch: PyTorch's default (foreach) Adam; "
+                         "torch-fused: fused=True; torch-bf16: fused Adam under torch.autocast('cpu', bfloat16)")
     ap.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
     ap.add_argument("--baseline", default=None, metavar="PATH",
                     help="another checkout of charrnn, measured as a side of its own (before/after)")
@@ -231,6 +242,12 @@ def main():
         cm, tm, fm = med("charrnn"), med("torch"), med("torch-fused")
         print(f"{name:4s} {cm:16,.0f} {tm:14,.0f} {cm / tm:6.2f} {fm:14,.0f} {cm / fm:6.2f} {med('charrnn', 'gflops'):8.1f} "
               f"{peak('charrnn'):8.0f} {peak('torch'):9.0f}")
+        if "charrnn-bf16" in sides or "torch-bf16" in sides:
+            bm, tb = med("charrnn-bf16"), med("torch-bf16")
+            best = max(v for v in (fm, tb) if v == v)  # PyTorch's fastest setting measured in this run
+            print(f"{'':4s} charrnn bf16 {bm:,.0f} chars/s ({med('charrnn-bf16', 'gflops'):.1f} GFLOP/s, "
+                  f"{peak('charrnn-bf16'):.0f} MiB): {bm / cm:.2f}x charrnn fp32; torch bf16 autocast {tb:,.0f} "
+                  f"({tb / fm:.2f}x torch-fused); charrnn bf16 / PyTorch's fastest {bm / best:.2f}x")
         if "charrnn-reg" in sides:
             rm = med("charrnn-reg")
             print(f"{'':4s} with --weight-drop {args.weight_drop:g}{' and --average' if args.average else ''}: "

@@ -324,10 +324,12 @@ def backward(cell, params, cache, nonlinearity="tanh"):
 
 def bfloat16_operand(a):
     """a rounded to bfloat16 (the nearest value with an 8-bit significand, ties to even) through
-    float32, as the bf16 precision rounds the operands of its products; returned as float64."""
+    float32, as the bf16 precision rounds the operands of its products (the CPU's conversion,
+    which also flushes float32 denormals to zero); returned as float64."""
     u = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
     r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
     r = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, r)  # a NaN stays a NaN
+    r = np.where((u & 0x7F800000) == 0, (u >> 16) & 0x8000, r)  # a denormal (or zero) becomes 0
     return (r.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 

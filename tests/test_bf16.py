@@ -54,6 +54,31 @@ def test_reference_rounding_agrees_with_torch():
     np.testing.assert_array_equal(R16(x), want)
 
 
+def test_reference_rounding_flushes_denormals_to_signed_zero():
+    tiny = np.array([1e-39, -1e-39, 2.0 ** -126, -(2.0 ** -126)], dtype=np.float32)  # two denormals, two normals
+    got = R16(tiny)
+    assert got[0] == 0 and got[1] == 0 and np.signbit(got[1]) and not np.signbit(got[0])
+    assert got[2] == 2.0 ** -126 and got[3] == -(2.0 ** -126)
+
+
+@needs_bf16
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_kernel_conversions_equal_the_reference_rounding(one_at_a_time):
+    """The vector conversion (VCVTNEPS2BF16) and the scalar one of the transposing packs round every
+    float32 as the reference does: random values over the whole range, ties, denormals, NaN, inf."""
+    rng = np.random.default_rng(7)
+    bits = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    ties = (rng.integers(0, 2**16, size=20_000, dtype=np.uint64).astype(np.uint32) << 16) | 0x8000
+    special = np.array([0, 0x80000000, 0x00000001, 0x807FFFFF, 0x7F800000, 0xFF800000, 0x7F800001, 0x7FC00000,
+                        0x7F7FFFFF, 0x3F808000, 0x3F818000], dtype=np.uint32)
+    x = np.concatenate([bits, ties, special]).view(np.float32)
+    got = gemm16.convert(x, one_at_a_time)
+    want = R16(x).astype(np.float32).view(np.uint32) >> 16
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got[~nan], want[~nan].astype(np.uint16))
+    assert np.all((got[nan] & 0x7F80) == 0x7F80) and np.all(got[nan] & 0x7F)  # NaN stays NaN
+
+
 # ----------------------------------------------------------------------------- the products
 @needs_bf16
 @backend_params

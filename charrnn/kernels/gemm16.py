@@ -90,7 +90,7 @@ def backends() -> tuple:
     or ()."""
     global _amx_ok
     if _amx_ok is None:
-        _amx_ok = _HAS_AMX_CPU and _amx_permission()
+        _amx_ok = _HAS_AMX_CPU and HAS_DOT and _amx_permission()  # its conversions are AVX512_BF16's
     return (("amx",) if _amx_ok else ()) + (("dot",) if HAS_DOT else ())
 
 
@@ -206,7 +206,74 @@ def _amx_ir():
     return "\n".join(out)
 
 
-_TEXT = {"dot": _dot_ir, "amx": _amx_ir}
+def _cvt_ir():
+    """@c16_cvt(src, dst, n): dst[i] = bfloat16(src[i]) for i < n (VCVTNEPS2BF16: to nearest, ties
+    to even; denormals flush to zero). @c16_cvt_pairs(r0, r1, dst, n): dst[2j], dst[2j+1] =
+    bfloat16(r0[j]), bfloat16(r1[j]) for j < n (two rows of B into one row of pairs)."""
+    lanes = ", ".join(f"i64 {i}" for i in range(16))
+    il = ", ".join(f"i32 {j}" for i in range(16) for j in (i, i + 16))
+    return f"""
+declare <16 x bfloat> @llvm.x86.avx512bf16.cvtneps2bf16.512(<16 x float>)
+declare <16 x float> @llvm.masked.load.v16f32.p0(ptr, i32, <16 x i1>, <16 x float>)
+declare void @llvm.masked.store.v16bf16.p0(<16 x bfloat>, ptr, i32, <16 x i1>)
+declare void @llvm.masked.store.v32bf16.p0(<32 x bfloat>, ptr, i32, <32 x i1>)
+
+define void @c16_cvt(ptr %src, ptr %dst, i64 %n) #0 {{
+entry:
+  br label %loop
+loop:
+  %i = phi i64 [0, %entry], [%i1, %body]
+  %more = icmp slt i64 %i, %n
+  br i1 %more, label %body, label %done
+body:
+  %rem = sub i64 %n, %i
+  %rv = insertelement <16 x i64> poison, i64 %rem, i64 0
+  %rs = shufflevector <16 x i64> %rv, <16 x i64> poison, <16 x i32> zeroinitializer
+  %mask = icmp slt <16 x i64> <{lanes}>, %rs
+  %sp = getelementptr float, ptr %src, i64 %i
+  %v = call <16 x float> @llvm.masked.load.v16f32.p0(ptr %sp, i32 4, <16 x i1> %mask, <16 x float> zeroinitializer)
+  %b = call <16 x bfloat> @llvm.x86.avx512bf16.cvtneps2bf16.512(<16 x float> %v)
+  %dp = getelementptr i16, ptr %dst, i64 %i
+  call void @llvm.masked.store.v16bf16.p0(<16 x bfloat> %b, ptr %dp, i32 2, <16 x i1> %mask)
+  %i1 = add i64 %i, 16
+  br label %loop
+done:
+  ret void
+}}
+
+define void @c16_cvt_pairs(ptr %r0, ptr %r1, ptr %dst, i64 %n) #0 {{
+entry:
+  br label %loop
+loop:
+  %i = phi i64 [0, %entry], [%i1, %body]
+  %more = icmp slt i64 %i, %n
+  br i1 %more, label %body, label %done
+body:
+  %rem = sub i64 %n, %i
+  %rv = insertelement <16 x i64> poison, i64 %rem, i64 0
+  %rs = shufflevector <16 x i64> %rv, <16 x i64> poison, <16 x i32> zeroinitializer
+  %mask = icmp slt <16 x i64> <{lanes}>, %rs
+  %p0 = getelementptr float, ptr %r0, i64 %i
+  %p1 = getelementptr float, ptr %r1, i64 %i
+  %v0 = call <16 x float> @llvm.masked.load.v16f32.p0(ptr %p0, i32 4, <16 x i1> %mask, <16 x float> zeroinitializer)
+  %v1 = call <16 x float> @llvm.masked.load.v16f32.p0(ptr %p1, i32 4, <16 x i1> %mask, <16 x float> zeroinitializer)
+  %b0 = call <16 x bfloat> @llvm.x86.avx512bf16.cvtneps2bf16.512(<16 x float> %v0)
+  %b1 = call <16 x bfloat> @llvm.x86.avx512bf16.cvtneps2bf16.512(<16 x float> %v1)
+  %w = shufflevector <16 x bfloat> %b0, <16 x bfloat> %b1, <32 x i32> <{il}>
+  %m2 = shufflevector <16 x i1> %mask, <16 x i1> %mask, <32 x i32> <{il}>
+  %o = mul i64 %i, 2
+  %dp = getelementptr i16, ptr %dst, i64 %o
+  call void @llvm.masked.store.v32bf16.p0(<32 x bfloat> %w, ptr %dp, i32 2, <32 x i1> %m2)
+  %i1 = add i64 %i, 16
+  br label %loop
+done:
+  ret void
+}}
+attributes #0 = {{ nounwind "target-features"="+avx512f,+avx512bw,+avx512vl,+avx512bf16" }}
+"""
+
+
+_TEXT = {"dot": _dot_ir, "amx": _amx_ir, "cvt": _cvt_ir}
 _libraries = {}
 
 
@@ -283,6 +350,33 @@ def _amx_block(typingctx, a, a0, lda, w, w0, c, c0, ldc, K32, rows):
 
 
 @intrinsic
+def _cvt(typingctx, src, s0, dst, d0, n):
+    """dst[d0 + i] = bfloat16 bits of src[s0 + i] for i < n (c16_cvt)."""
+    sig = types.void(src, s0, dst, d0, n)
+
+    def codegen(context, builder, sig, args):
+        return _call(context, builder, "cvt", "c16_cvt", [_I8P, _I8P, _I64],
+                     [_addr(context, builder, sig.args[0], args[0], args[1]),
+                      _addr(context, builder, sig.args[2], args[2], args[3]), args[4]])
+
+    return sig, codegen
+
+
+@intrinsic
+def _cvt_pairs(typingctx, r0, o0, r1, o1, dst, d0, n):
+    """dst[d0 + 2j], dst[d0 + 2j + 1] = bfloat16 bits of r0[o0 + j], r1[o1 + j] for j < n."""
+    sig = types.void(r0, o0, r1, o1, dst, d0, n)
+
+    def codegen(context, builder, sig, args):
+        return _call(context, builder, "cvt", "c16_cvt_pairs", [_I8P, _I8P, _I8P, _I64],
+                     [_addr(context, builder, sig.args[0], args[0], args[1]),
+                      _addr(context, builder, sig.args[2], args[2], args[3]),
+                      _addr(context, builder, sig.args[4], args[4], args[5]), args[6]])
+
+    return sig, codegen
+
+
+@intrinsic
 def _amx_config(typingctx, cfg):
     """Load the tile configuration in cfg (64 bytes, made by amx_tile_config)."""
     sig = types.void(cfg)
@@ -316,12 +410,14 @@ def amx_tile_config() -> np.ndarray:
 # ----------------------------------------------------------------------------- rounding and packing
 @helper
 def bf16(x):
-    """The bits of the bfloat16 nearest to float32 x, ties to even (as VCVTNEPS2BF16 rounds, but
-    keeping denormals); a NaN stays a NaN, infinities stay infinite."""
+    """The bits of the bfloat16 nearest to float32 x, ties to even, a denormal x flushed to a zero
+    of its sign, a NaN kept a NaN: what VCVTNEPS2BF16 (_cvt) gives, one value at a time."""
     u = np.int64(_f32_bits(x)) & 0xFFFFFFFF
     r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
     if (u & 0x7FFFFFFF) > 0x7F800000:
         r = (u >> 16) | 0x40
+    elif (u & 0x7F800000) == 0:
+        r = (u >> 16) & 0x8000
     return np.uint16(r)
 
 
@@ -335,9 +431,8 @@ def pack_a(A, trans, m0, m1, K, Ab):
     z = np.uint16(0)
     if not trans:
         for i in range(M):
-            src, dst = A[m0 + i], Ab[i * Kp : (i + 1) * Kp]
-            for k in range(K):
-                dst[k] = bf16(src[k])
+            _cvt(A[m0 + i], 0, Ab, i * Kp, K)
+            dst = Ab[i * Kp : (i + 1) * Kp]
             for k in range(K, Kp):
                 dst[k] = z
     else:
@@ -358,6 +453,25 @@ def pack_a(A, trans, m0, m1, K, Ab):
 
 
 @helper
+def _zero_padding(Bp, K, Kp, N, Np):
+    """Zero what pack_b leaves unwritten of (K, N) packed as (Kp, Np): the pairs past row K of every
+    panel, the columns past N of the last panel (and the odd row K's partner, if K is odd)."""
+    z = np.uint16(0)
+    for jp in range(Np // NR):
+        panel = Bp[jp * Kp * NR : (jp + 1) * Kp * NR]
+        for i in range((K // 2) * 2 * NR, Kp * NR):
+            panel[i] = z
+    if N < Np:
+        jp = Np // NR - 1
+        w = N - jp * NR
+        panel = Bp[jp * Kp * NR : (jp + 1) * Kp * NR]
+        for kp in range(Kp // 2):
+            row = panel[kp * 2 * NR : (kp + 1) * 2 * NR]
+            for j in range(2 * w, 2 * NR):
+                row[j] = z
+
+
+@helper
 def pack_b(B, trans, n0, n1, Bp):
     """Bp <- columns n0..n1-1 of op(B) (K, .) in panels of NR columns of bfloat16 pairs, K rounded
     up to KALIGN and the columns to NR with zeros: element (k, n) at
@@ -367,8 +481,7 @@ def pack_b(B, trans, n0, n1, Bp):
     N = n1 - n0
     Np = rup(N, NR)
     z = np.uint16(0)
-    for i in range(Np * Kp):
-        Bp[i] = z
+    _zero_padding(Bp, K, Kp, N, Np)
     if trans:
         for n in range(N):
             src = B[n0 + n]
@@ -381,11 +494,7 @@ def pack_b(B, trans, n0, n1, Bp):
             c0 = n0 + jp * NR
             w = min(NR, n1 - c0)
             for kp in range(K // 2):
-                r0, r1 = B[2 * kp, c0 : c0 + w], B[2 * kp + 1, c0 : c0 + w]
-                o = jp * Kp * NR + kp * 2 * NR
-                dst = Bp[o : o + 2 * w].view(np.uint32)  # a pair as one 32-bit word, k even in the low half
-                for j in range(w):
-                    dst[j] = np.uint32(bf16(r0[j])) | (np.uint32(bf16(r1[j])) << np.uint32(16))
+                _cvt_pairs(B[2 * kp], c0, B[2 * kp + 1], c0, Bp, jp * Kp * NR + kp * 2 * NR, w)
             if K % 2:
                 r0 = B[K - 1, c0 : c0 + w]
                 dst = Bp[jp * Kp * NR + (K // 2) * 2 * NR : jp * Kp * NR + (K // 2) * 2 * NR + 2 * w]
@@ -401,9 +510,7 @@ def pack_b_gates(W, G, H, u0, u1, Bp):
     N, K = G * Hp, H
     Kp = rup(K, KALIGN)
     Np = rup(N, NR)
-    z = np.uint16(0)
-    for i in range(Np * Kp):
-        Bp[i] = z
+    _zero_padding(Bp, K, Kp, N, Np)
     for n in range(N):
         src = W[(n // Hp) * H + u0 + n % Hp]
         base = (n // NR) * Kp * NR + (n % NR) * 2
@@ -553,6 +660,8 @@ def workspace(backend: str, n: int, K_max: int, N_max: int, KN_max: int, wp_size
     """A workspace of `backend` ("amx" or "dot") for n threads (see AMX / DOT)."""
     from charrnn.kernels.layout import per_thread
 
+    if backend not in backends():  # also what asks Linux for the tile state: without it AMX faults
+        raise RuntimeError(f"this CPU cannot run bfloat16 products by {backend!r}")
     ab, bp, cs = sizes(MC, K_max, N_max, KN_max)
     cls = AMX if backend == "amx" else DOT
     cfg = per_thread(n, 64, np.uint8)
@@ -628,3 +737,23 @@ def op(name: str, A, B, backend: str):
     C = np.full((M, N), np.nan, dtype=np.float32)
     _op_entry(ws, OPS[name], A, B, C)
     return C
+
+
+@kernel
+def _convert_entry(src, dst, one_at_a_time):
+    if one_at_a_time:
+        for i in range(src.shape[0]):
+            dst[i] = bf16(src[i])
+    else:
+        _cvt(src, 0, dst, 0, src.shape[0])
+
+
+def convert(x, one_at_a_time: bool = False) -> np.ndarray:
+    """The bfloat16 bits (uint16) of float32 x (1-D) as the packing routines round it: the vector
+    conversion, or the scalar `bf16` of the transposing packs (tests: the two must agree)."""
+    if not HAS_DOT:
+        raise RuntimeError("this CPU has no AVX512_BF16 conversion")
+    x = np.ascontiguousarray(x, dtype=np.float32).ravel()
+    out = np.zeros(x.shape[0], dtype=np.uint16)
+    _convert_entry(x, out, one_at_a_time)
+    return out
