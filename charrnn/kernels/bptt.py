@@ -143,9 +143,9 @@ def _b16_t_times(prec, p, A, B, C):
 
 def _b16_rec_pack(prec, scr, p, W_hh, G, H, nb, u0, u1, backward):
     if backward:
-        gemm16.pack_b(W_hh, False, u0, u1, prec.wp[p])
+        gemm16.pack_b(W_hh, False, u0, u1, prec.wp[p], prec.ab[p])
     else:
-        gemm16.pack_b_gates(W_hh, G, H, u0, u1, prec.wp[p])
+        gemm16.pack_b_gates(W_hh, G, H, u0, u1, prec.wp[p], prec.ab[p])
 
 
 def _b16_rec_times(prec, scr, p, A, W_hh, G, H, nb, u0, u1, backward, C):

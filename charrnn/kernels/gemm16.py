@@ -49,9 +49,11 @@ DOT_MR = 8  # rows of the VDPBF16PS micro-kernel: 8 x 2 accumulators + 2 panel v
 #   bp  (n, .) uint16: B packed in panels (the products' right-hand sides)
 #   wp  (n, .) uint16: the recurrent weights packed for the time loop (kept across its steps)
 #   cs  (n, MC * Nmax) float32: a chunk of C, padded
+#   ft  (n, MC * KB) float32: a block of A^T in float32, on its way to ab (pack_a of A^T)
 #   cfg (n, 64) uint8: the AMX tile configuration (unused by DOT)
-AMX = namedtuple("AMX", ["ab", "bp", "wp", "cs", "cfg"])
-DOT = namedtuple("DOT", ["ab", "bp", "wp", "cs", "cfg"])
+AMX = namedtuple("AMX", ["ab", "bp", "wp", "cs", "ft", "cfg"])
+DOT = namedtuple("DOT", ["ab", "bp", "wp", "cs", "ft", "cfg"])
+KB = 256  # rows of A transposed at a time by pack_a (a 64 x 256 float32 block: 64 KiB)
 
 
 @helper
@@ -422,9 +424,11 @@ def bf16(x):
 
 
 @helper
-def pack_a(A, trans, m0, m1, K, Ab):
+def pack_a(A, trans, m0, m1, K, Ab, ft):
     """Ab (Mp, Kp) row-major bfloat16 <- rows m0..m1-1 of op(A) (., K), Mp = m1 - m0 rounded up to
-    MALIGN and Kp = K rounded up to KALIGN, zeros in the padding. op(A) = A, or A^T (A (K, .))."""
+    MALIGN and Kp = K rounded up to KALIGN, zeros in the padding. op(A) = A, or A^T (A (K, .)):
+    then A is transposed KB rows at a time into the float32 buffer ft (16 x 16 tiles, so both
+    sides stay in L1) and converted from there row by row."""
     Kp = rup(K, KALIGN)
     M = m1 - m0
     Mp = rup(M, MALIGN)
@@ -432,22 +436,21 @@ def pack_a(A, trans, m0, m1, K, Ab):
     if not trans:
         for i in range(M):
             _cvt(A[m0 + i], 0, Ab, i * Kp, K)
-            dst = Ab[i * Kp : (i + 1) * Kp]
-            for k in range(K, Kp):
-                dst[k] = z
     else:
-        for i in range(M):
-            dst = Ab[i * Kp : (i + 1) * Kp]
-            for k in range(K, Kp):
-                dst[k] = z
-        # A^T in blocks of 16 rows of A: the block (16 x the chunk's columns) stays in L1 while
-        # each row of Ab takes its 16 values from it
-        for k0 in range(0, K, 16):
-            k1 = min(K, k0 + 16)
+        for k0 in range(0, K, KB):
+            kb = min(KB, K - k0)
+            for kk0 in range(0, kb, 16):
+                for ii0 in range(0, M, 16):
+                    for kk in range(kk0, min(kk0 + 16, kb)):
+                        src = A[k0 + kk]
+                        for ii in range(ii0, min(ii0 + 16, M)):
+                            ft[ii * KB + kk] = src[m0 + ii]
             for i in range(M):
-                dst = Ab[i * Kp + k0 : i * Kp + k1]
-                for k in range(k1 - k0):
-                    dst[k] = bf16(A[k0 + k, m0 + i])
+                _cvt(ft, i * KB, Ab, i * Kp + k0, kb)
+    for i in range(M):
+        dst = Ab[i * Kp : (i + 1) * Kp]
+        for k in range(K, Kp):
+            dst[k] = z
     for i in range(M * Kp, Mp * Kp):
         Ab[i] = z
 
@@ -472,7 +475,21 @@ def _zero_padding(Bp, K, Kp, N, Np):
 
 
 @helper
-def pack_b(B, trans, n0, n1, Bp):
+def _scatter_pairs(src, K, tmp, Bp, n, Kp):
+    """Column n of a packed B from src (K,), one row of B^T: converted into tmp (pairs of k are
+    adjacent there already), then one 32-bit pair at a time into its panel rows."""
+    _cvt(src, 0, tmp, 0, K)
+    if K % 2:
+        tmp[K] = np.uint16(0)
+    t32 = tmp[: K + K % 2].view(np.uint32)
+    b32 = Bp.view(np.uint32)
+    base = ((n // NR) * Kp * NR) // 2 + n % NR
+    for kp in range(t32.shape[0]):
+        b32[base + kp * NR] = t32[kp]
+
+
+@helper
+def pack_b(B, trans, n0, n1, Bp, tmp):
     """Bp <- columns n0..n1-1 of op(B) (K, .) in panels of NR columns of bfloat16 pairs, K rounded
     up to KALIGN and the columns to NR with zeros: element (k, n) at
     Bp[(n // NR) * Kp * NR + (k // 2) * 2 * NR + (n % NR) * 2 + k % 2]. op(B) = B, or B^T (B (., K))."""
@@ -484,10 +501,7 @@ def pack_b(B, trans, n0, n1, Bp):
     _zero_padding(Bp, K, Kp, N, Np)
     if trans:
         for n in range(N):
-            src = B[n0 + n]
-            base = (n // NR) * Kp * NR + (n % NR) * 2
-            for k in range(K):
-                Bp[base + (k >> 1) * 2 * NR + (k & 1)] = bf16(src[k])
+            _scatter_pairs(B[n0 + n], K, tmp, Bp, n, Kp)
     else:
         # two rows of B make one row of pairs of each panel: contiguous reads, contiguous writes
         for jp in range(Np // NR):
@@ -503,7 +517,7 @@ def pack_b(B, trans, n0, n1, Bp):
 
 
 @helper
-def pack_b_gates(W, G, H, u0, u1, Bp):
+def pack_b_gates(W, G, H, u0, u1, Bp, tmp):
     """Bp <- B = Wf^T (H, G*Hp) packed as pack_b does, where column g*Hp + u of B is row
     g*H + u0 + u of W (G*H, H): a block of units' rows of W_hh, gate-major (bptt.pack_fwd's B)."""
     Hp = u1 - u0
@@ -512,10 +526,7 @@ def pack_b_gates(W, G, H, u0, u1, Bp):
     Np = rup(N, NR)
     _zero_padding(Bp, K, Kp, N, Np)
     for n in range(N):
-        src = W[(n // Hp) * H + u0 + n % Hp]
-        base = (n // NR) * Kp * NR + (n % NR) * 2
-        for k in range(K):
-            Bp[base + (k >> 1) * 2 * NR + (k & 1)] = bf16(src[k])
+        _scatter_pairs(W[(n // Hp) * H + u0 + n % Hp], K, tmp, Bp, n, Kp)
 
 
 # ----------------------------------------------------------------------------- the product
@@ -555,14 +566,17 @@ def product(ws, p, A, trans_a, bp, K, N, C, trans_c=False):
         return
     for m0 in range(0, M, MC):
         m1 = min(M, m0 + MC)
-        pack_a(A, trans_a, m0, m1, K, ws.ab[p])
+        pack_a(A, trans_a, m0, m1, K, ws.ab[p], ws.ft[p])
         Mp = rup(m1 - m0, MALIGN)
         _mm(ws, p, Mp, Kp, N, cs, bp)
-        if trans_c:
-            for j in range(N):
-                dst = C[j, m0:m1]
-                for i in range(m1 - m0):
-                    dst[i] = cs[i * Np + j]
+        if trans_c:  # in 16 x 16 tiles: the chunk's rows are read, C's rows written, a cache line at a time
+            for i0 in range(0, m1 - m0, 16):
+                i1 = min(m1 - m0, i0 + 16)
+                for j0 in range(0, N, 16):
+                    for j in range(j0, min(N, j0 + 16)):
+                        dst = C[j]
+                        for i in range(i0, i1):
+                            dst[m0 + i] = cs[i * Np + j]
         else:
             for i in range(m1 - m0):
                 dst, src = C[m0 + i], cs[i * Np : i * Np + N]
@@ -619,7 +633,7 @@ def _mm_ov(ws, p, Mp, Kp, N, Cs, bp):
 def mm_bt(ws, p, A, W, C):
     """C (M, N) <- A (M, K) @ W^T for W (N, K), in bfloat16 products."""
     bp = ws.bp[p]
-    pack_b(W, True, 0, W.shape[0], bp)
+    pack_b(W, True, 0, W.shape[0], bp, ws.ab[p])
     product(ws, p, A, False, bp, W.shape[1], W.shape[0], C)
 
 
@@ -627,7 +641,7 @@ def mm_bt(ws, p, A, W, C):
 def mm_nn(ws, p, A, W, C):
     """C (M, N) <- A (M, K) @ W for W (K, N), in bfloat16 products."""
     bp = ws.bp[p]
-    pack_b(W, False, 0, W.shape[1], bp)
+    pack_b(W, False, 0, W.shape[1], bp, ws.ab[p])
     product(ws, p, A, False, bp, W.shape[0], W.shape[1], C)
 
 
@@ -638,10 +652,10 @@ def mm_tn(ws, p, A, B, C):
     bp = ws.bp[p]
     K, M, N = A.shape[0], A.shape[1], B.shape[1]
     if N < M:  # C^T = B^T @ A: the smaller operand is the one transposed
-        pack_b(A, False, 0, M, bp)
+        pack_b(A, False, 0, M, bp, ws.ab[p])
         product(ws, p, B, True, bp, K, M, C, True)
     else:
-        pack_b(B, False, 0, N, bp)
+        pack_b(B, False, 0, N, bp, ws.ab[p])
         product(ws, p, A, True, bp, K, N, C)
 
 
@@ -667,7 +681,8 @@ def workspace(backend: str, n: int, K_max: int, N_max: int, KN_max: int, wp_size
     cfg = per_thread(n, 64, np.uint8)
     cfg[:] = amx_tile_config()
     return cls(ab=per_thread(n, ab, np.uint16), bp=per_thread(n, bp, np.uint16),
-               wp=per_thread(n, max(1, wp_size), np.uint16), cs=per_thread(n, cs, np.float32), cfg=cfg)
+               wp=per_thread(n, max(1, wp_size), np.uint16), cs=per_thread(n, cs, np.float32),
+               ft=per_thread(n, MC * KB, np.float32), cfg=cfg)
 
 
 @kernel
@@ -683,9 +698,9 @@ def _matmul_body(ws, A, ta, B, tb, C):
     K = A.shape[0] if ta else A.shape[1]
     N = C.shape[1]
     if tb:
-        pack_b(B, True, 0, B.shape[0], bp)
+        pack_b(B, True, 0, B.shape[0], bp, ws.ab[0])
     else:
-        pack_b(B, False, 0, B.shape[1], bp)
+        pack_b(B, False, 0, B.shape[1], bp, ws.ab[0])
     product(ws, 0, A, ta, bp, K, N, C)
 
 
