@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext

@@ -25,8 +25,8 @@ from charrnn.model import Model, ModelConfig, param_shapes
 from charrnn.vocab import Vocab
 
 from tests import hostile
+from tests.common import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 
 

@@ -2,16 +2,16 @@
 command really trains on a shipped corpus and samples from the result."""
 
 import os
-import pathlib
 import shlex
 import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.common import ROOT_PATH as ROOT
+
 sys.path.insert(0, str(ROOT / ".ci"))
-from readme_command import command  # noqa: E402
+from readme_command import command
 
 
 def test_ci_runs_the_readme_test_command():
@@ -20,6 +20,11 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "readme_command.py test-command" in ci
     assert "set -euo pipefail" in ci
+
+
+def test_the_readme_test_command_runs_the_linter_before_the_tests():
+    cmd = command("test-command")
+    assert "ruff check ." in cmd and cmd.index("ruff check .") < cmd.index("pytest")
 
 
 def test_marker_parser_rejects_missing_and_multiline_blocks():
