@@ -1,4 +1,4 @@
-"""Checkpoints: the .npz format of DESIGN.md (version 1), atomic writes, strict validation on load,
+"""Checkpoints: the .npz format of docs/formats.md (version 1), atomic writes, strict validation on load,
 and finding a run's checkpoint from a path or from ./runs.
 
 A checkpoint is read with allow_pickle=False, so it can never run code, and it is checked before any

@@ -1,4 +1,4 @@
-"""Checkpoints (charrnn/checkpoint.py): the .npz format of DESIGN.md round trip, strict validation
+"""Checkpoints (charrnn/checkpoint.py): the .npz format of docs/formats.md round trip, strict validation
 of everything a user can get wrong, atomic writes, finding a run, and checkpoints written before
 the kernels were restructured (tests/data/pre_restructure_*: same logits, samples and scores, and
 a resumed run that ends where the old code's uninterrupted run ended)."""
