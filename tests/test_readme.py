@@ -45,6 +45,15 @@ def _charrnn_steps(cmd):
     return steps
 
 
+def test_the_readme_transcript_shows_the_quickstart_commands():
+    """The transcript is docs/make_transcript.py's record of the quick start: regenerate it with
+    `python docs/make_transcript.py` when the quick-start command changes."""
+    readme = (ROOT / "README.md").read_text()
+    begin, end = readme.index("<!-- transcript -->"), readme.index("<!-- /transcript -->")
+    shown = [shlex.split(line[2:])[1:] for line in readme[begin:end].splitlines() if line.startswith("$ charrnn ")]
+    assert shown == _charrnn_steps(command("main-command")), "run `python docs/make_transcript.py`"
+
+
 @pytest.mark.slow
 def test_quickstart_command_trains_and_samples(tmp_path):
     """Run the quick start's charrnn commands as written (the install part is what CI itself does)."""
