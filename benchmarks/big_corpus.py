@@ -25,10 +25,10 @@ import sys
 import tempfile
 import time
 
+from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# tiny Shakespeare beside the checkout (../shared), or where the project keeps it
-SOURCE = next((p for p in (os.path.join(ROOT, "..", "shared", "corpora", "tinyshakespeare.txt"),
-                           "/work/shared/corpora/tinyshakespeare.txt") if os.path.exists(p)), None)
+SOURCE = tinyshakespeare()
 
 # The child: charrnn train through its CLI, with train_step wrapped to note when the first step starts.
 CHILD = r"""

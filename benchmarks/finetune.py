@@ -38,7 +38,8 @@ import sysconfig
 import tempfile
 import time
 
-CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpora", "tinyshakespeare.txt")
+from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
+CORPUS = tinyshakespeare()
 BASE_CHARS = 800_000
 DOC_CHARS = 400_000
 

@@ -21,7 +21,8 @@ import time
 
 import numpy as np
 
-CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpora", "tinyshakespeare.txt")
+from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
+CORPUS = tinyshakespeare()
 
 
 def bare(text, hidden, batch, seq, steps, dropout):

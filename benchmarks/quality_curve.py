@@ -23,7 +23,8 @@ import subprocess
 import sys
 import tempfile
 
-CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpora", "tinyshakespeare.txt")
+from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
+CORPUS = tinyshakespeare()
 
 
 def run(opts: str, minutes: float, corpus: str, out_root: str, steps: int | None = None):

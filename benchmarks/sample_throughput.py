@@ -4,7 +4,7 @@
   own step-by-step loop (nn.LSTM + nn.Linear + softmax + multinomial, one character at a time),
   at PyTorch's best setting (1 thread, oneDNN off) and its default (2 threads, oneDNN on);
 - 64-stream sampling: the same with 64 streams in lock step;
-- eval: scoring a 100k-character text as DESIGN.md defines it (one stream from a zero state)
+- eval: scoring a 100k-character text as docs/design.md defines it (one stream from a zero state)
   against PyTorch's forward over the same text (nn.LSTM over the whole sequence in one call).
 
 Sizes: 2x128, 2x256, 2x512 LSTMs, V = 68. Interleaved rounds, medians.

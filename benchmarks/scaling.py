@@ -33,8 +33,10 @@ import sys
 import tempfile
 import time
 
+from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = "/work/shared/corpora/tinyshakespeare.txt"
+SHAKESPEARE = tinyshakespeare() or ""
 
 
 def _busy_jiffies():

@@ -21,7 +21,8 @@ import sys
 import tempfile
 import time
 
-CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "corpora", "tinyshakespeare.txt")
+from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
+CORPUS = tinyshakespeare()
 
 
 def timed(cmd, env, marker_stream, marker, cwd):

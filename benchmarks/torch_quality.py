@@ -19,7 +19,8 @@ import argparse
 import os
 import time
 
-CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpora", "tinyshakespeare.txt")
+from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
+CORPUS = tinyshakespeare()
 
 
 def main():

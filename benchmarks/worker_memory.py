@@ -23,7 +23,8 @@ import sys
 import tempfile
 import time
 
-SHAKESPEARE = "/work/shared/corpora/tinyshakespeare.txt"
+from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
+SHAKESPEARE = tinyshakespeare()
 
 
 def smaps(pid: int) -> dict:

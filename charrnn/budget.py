@@ -9,7 +9,7 @@ open, and how a --minutes run fits itself to its time.
 
 Everything here takes the configuration as given (charrnn/config.py's TrainConfig) and returns
 Fitted values; nothing here changes a config, touches a model or prints. The measurements behind
-each constant are cited beside it (benchmarks/results, README).
+each constant are cited beside it (benchmarks/results, docs/defaults.md).
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ MIN_SEQ = 8  # first BPTT length of the --seq-warmup curriculum
 AUTO_MEASURE_STEPS = 30  # steps timed before a --minutes run fits its schedule and validation interval
 REFIT_EVERY = 50  # steps between refits of that fit, until the schedule's decay begins
 # Held-out characters a run scores by default. Validation scores one stream (matrix-vector work),
-# training 32 (matrix-matrix): scoring ran at 0.4-0.6x training's chars/s (2x512 LSTM, 2x128) on
-# 2 cores. On a large corpus a run validates every 2000 steps of 32x64 = 4.1M characters, so
-# 200k held-out characters cost about 10% of its time. Tiny Shakespeare's 111k stay whole.
+# training 32 (matrix-matrix), so validation is slower per character than training (docs/defaults.md).
+# On a large corpus a run validates every 2000 steps of 32x64 = 4.1M characters, so 200k held-out
+# characters cost about 10% of its time. Tiny Shakespeare's 111k stay whole.
 DEFAULT_VAL_CHARS = 200_000
 
 
@@ -54,7 +54,7 @@ DEFAULT_VAL_CHARS = 200_000
 def choose_size(cfg: TrainConfig, n_train_chars: int) -> Fitted:
     """The cell, hidden size and dropout of a new run, where the user left them open.
 
-    The rule comes from measurements on tiny Shakespeare (benchmarks/quality_curve.py, README):
+    The rule comes from measurements on tiny Shakespeare (benchmarks/quality_curve.py, docs/defaults.md):
     a model should have about as many parameters as the text has characters or fewer, and with a
     short time budget a smaller model that sees more data wins. In a short budget a GRU wins: in
     5 minutes 2x256 reached 1.459 / 1.467 nats/char (two seeds) against 1.482-1.487 for the LSTM
@@ -153,7 +153,7 @@ def dropout_for(params: int, n_train_chars: int, epochs: float) -> float:
     """Dropout for a model of `params` parameters that sees `epochs` passes over a text of
     `n_train_chars`: it grows with the logarithm of epochs x parameters per character, the exposure
     that decides how far the model can memorise its text. Through two measured points on tiny
-    Shakespeare (benchmarks/results, README): DROPOUT_LOW, a 2x256 GRU seeing 10 epochs in 5
+    Shakespeare (benchmarks/results, docs/defaults.md): DROPOUT_LOW, a 2x256 GRU seeing 10 epochs in 5
     minutes; DROPOUT_HIGH, a 2x512 LSTM seeing 12-15 epochs in 30 minutes. Rounded to 0.05; 0 to 0.5.
     """
     x = max(epochs, 1e-9) * params / max(n_train_chars, 1)

@@ -114,7 +114,7 @@ BEAM_MAX = 1024
 @dataclass(frozen=True)
 class TrainConfig:
     # ---- model
-    cell: str | None = None  # lstm | gru | rnn; None: lstm, or gru for --minutes 10 or less (measured, README)
+    cell: str | None = None  # lstm | gru | rnn; None: lstm, or gru for --minutes 10 or less (measured: docs/defaults.md)
     nonlinearity: str = "tanh"  # rnn only: tanh | relu
     layers: int = 2  # stacked recurrent layers
     hidden: int | None = None  # units per layer; None: sized from the corpus and the time budget
@@ -132,11 +132,11 @@ class TrainConfig:
     # ---- data
     batch: int = 32  # B parallel streams per step
     seq: int = 64  # T steps of backprop-through-time per update
-    seq_warmup: int = 300  # steps over which T grows from 8 to --seq (0: off); measured, see README
+    seq_warmup: int = 300  # steps over which T grows from 8 to --seq (0: off); measured: docs/defaults.md
     val_frac: float = 0.1  # last fraction of the text held out for validation
     val_chars: int | str | None = None  # held-out characters that training scores: N, "all", or None (the default)
     # the most frequent characters kept in the vocabulary, the rest <UNK> (None: all). The decoder's
-    # work grows with V: a 50,004-character text trained at 1.4k chars/s against 325k with 109
+    # work grows with V (benchmarks/results/vocab_speed.txt, docs/defaults.md)
     max_vocab: int | None = 10_000
     docs: str | None = None  # None: one stream; line | blank: documents wrapped in <START> ... <END>
     encoding: str | None = None  # text encoding of the corpus (default strict UTF-8)

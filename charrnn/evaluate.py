@@ -1,5 +1,5 @@
 """Scoring text with a model: mean negative log-likelihood per character, bits per character and
-perplexity, exactly as DESIGN.md defines them. `charrnn eval` and training's validation both use
+perplexity, exactly as docs/design.md defines them. `charrnn eval` and training's validation both use
 this module, so the two numbers agree by construction.
 
 Definition. Stream mode: the text is fed as <START> c1 ... cN from a zero state and every c1..cN is

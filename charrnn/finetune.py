@@ -3,7 +3,7 @@ characters of the text outside it (--unknown error|unk|extend), and the record a
 where it came from (the meta keys "origin" and "vocab_from").
 
 Vocabulary rows that --unknown extend adds are sorted in, never appended: a vocabulary is always
-<START> <END> <UNK> and then its characters in code-point order (vocab.py, DESIGN.md), so sample,
+<START> <END> <UNK> and then its characters in code-point order (vocab.py, docs/design.md), so sample,
 eval and PyTorch read an extended model exactly as any other. The old tokens' columns of
 rnn.weight_ih_l0 and rows of decoder.weight / decoder.bias move to their new ids unchanged, so
 before any training step the extended model gives every old token the same logit as its parent

@@ -5,9 +5,10 @@ A parallel kernel is one compiled function that a thread runs from start to end 
 the work (a batch, a scoring span, a chunk of samples), meeting the other threads at spin
 barriers inside (kernels/sync.py). The Team starts it on n threads at once: the calling thread
 is thread 0 and n-1 long-lived worker threads are the rest. The kernels release the GIL, so the
-threads run side by side. One start per batch costs tens of microseconds; the barriers inside cost
-about 0.4 us each, where a parallel region per time step (Numba's prange on its OpenMP pool) cost
-several microseconds and made the speed of a process a matter of luck (see kernels/sync.py).
+threads run side by side. One start per batch and the barriers inside cost far less than a
+parallel region per time step (Numba's prange on its OpenMP pool), which also made the speed of a
+process a matter of luck (see kernels/sync.py; measured in benchmarks/results/core_latency.txt and
+train_throughput.txt).
 
 Each thread makes its own BLAS calls (np.dot inside the kernels goes to SciPy's OpenBLAS), so
 BLAS must run one thread per call: two levels of threading on two cores only fight.

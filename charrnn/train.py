@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -544,7 +543,7 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     def validate(self, stop=None) -> float | None:
         """Mean loss over the held-out positions the run scores (the first Fitted.val_chars of the
-        split, or all of it), by DESIGN.md's definition, of the averaged weights with --average;
+        split, or all of it), by docs/design.md's definition, of the averaged weights with --average;
         None without a split. Cancelled as soon as `stop()` says so (it is asked between spans of
         the scorer)."""
         if self.val_tokens is None or len(self.val_tokens) < 2:

@@ -1,15 +1,49 @@
-"""Helpers shared by the tests of the kernels, the model and sampling: small models on random
-data, the float64 reference run on a model's parameters, thread switching, and reading a
-checkpoint's arrays and meta record."""
+"""Helpers shared by the tests: the repository's root, the small training options of the CLI
+tests and `run` (charrnn in-process through Click's test runner); for the kernels, the model and
+sampling, small models on random data, the float64 reference run on a model's parameters and
+thread switching; and reading a checkpoint's arrays and meta record."""
 
 import json
+import os
+import pathlib
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from charrnn import threads
+from charrnn.cli import cli
 from charrnn.model import Model, ModelConfig
 from tests import reference as ref
+
+# the repository's root: a str for os.path and subprocess, and as a resolved pathlib.Path
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT_PATH = pathlib.Path(__file__).resolve().parent.parent
+
+# Small training runs for the CLI tests, one list per kind of test (each file imports its own as SMALL):
+# sample and eval on a trained model (tests/test_cli.py, tests/test_sample_extras.py)
+SMALL_CLI = ["--hidden", "32", "--batch", "16", "--seq", "32", "--threads", "1", "-q"]
+# training, resume and run directories (tests/test_train.py, tests/test_rundir.py)
+SMALL_TRAIN = ["--hidden", "24", "--layers", "2", "--batch", "8", "--seq", "16", "--threads", "1", "-q"]
+# fine-tuning: the model's shape comes from --init-from (tests/test_finetune.py)
+SMALL_FINETUNE = ["--batch", "4", "--seq", "16", "--threads", "1", "-q"]
+# MPI workers (tests/test_parallel.py): dropout and the --seq-warmup curriculum on, as in every
+# equivalence check there
+SMALL_PARALLEL = ["--hidden", "24", "--layers", "2", "--batch", "8", "--seq", "16", "--seq-warmup", "6", "--dropout",
+                  "0.2", "--cell", "lstm"]
+
+
+def run(args, input=None, cwd=None):
+    """`charrnn ARGS` in this process through Click's test runner (exceptions propagate), with
+    `input` on stdin, from the directory `cwd` when given."""
+    if not cwd:
+        return CliRunner().invoke(cli, args, input=input, catch_exceptions=False)
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(cli, args, input=input, catch_exceptions=False)
+    finally:
+        os.chdir(old)
 
 CASES = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
 

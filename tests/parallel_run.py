@@ -11,10 +11,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from charrnn.config import TrainConfig  # noqa: E402
-from charrnn.model import Model  # noqa: E402
-from charrnn.optim import Averager, make_optimizer  # noqa: E402
-from charrnn.train import Trainer  # noqa: E402
+from charrnn.config import TrainConfig
+from charrnn.model import Model
+from charrnn.optim import Averager, make_optimizer
+from charrnn.train import Trainer
 
 # dropout and the --seq-warmup curriculum on (T grows from 8 to 12 over the first 10 steps)
 CONFIG = dict(cell="lstm", layers=2, hidden=16, dropout=0.3, batch=8, seq=12, seq_warmup=10, steps=14,

@@ -11,19 +11,15 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from charrnn.beam import StopMatcher, beam_search, top_flat
-from charrnn.cli import cli
 from charrnn.generate import SampleOptions, continuation_logprob, sample_pieces
 from charrnn.model import Model, ModelConfig
 from charrnn.vocab import END_ID, START_ID, Vocab
 from tests import reference as ref
-from tests.common import CASE_IDS, CASES, ref_params
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.common import CASE_IDS, CASES, ROOT, ref_params, run
 
 
 def tiny(chars="abc", cell="lstm", nonlin="tanh", H=8, L=2, seed=0, dtype=np.float32, sharp=3.0):
@@ -188,10 +184,6 @@ def test_sample_logprob_matches_the_reference():
 
 
 # ----------------------------------------------------------------------------- command line
-def run(args, input=None):
-    return CliRunner().invoke(cli, args, input=input, catch_exceptions=False)
-
-
 def sh(args, input=None, timeout=180):
     return subprocess.run([sys.executable, "-m", "charrnn", *args], input=input, capture_output=True, text=True,
                           timeout=timeout)

@@ -1,4 +1,4 @@
-"""Checkpoints (charrnn/checkpoint.py): the .npz format of DESIGN.md round trip, strict validation
+"""Checkpoints (charrnn/checkpoint.py): the .npz format of docs/formats.md round trip, strict validation
 of everything a user can get wrong, atomic writes, finding a run, and checkpoints written before
 the kernels were restructured (tests/data/pre_restructure_*: same logits, samples and scores, and
 a resumed run that ends where the old code's uninterrupted run ended)."""
@@ -25,8 +25,8 @@ from charrnn.model import Model, ModelConfig, param_shapes
 from charrnn.vocab import Vocab
 
 from tests import hostile
+from tests.common import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 
 

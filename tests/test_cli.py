@@ -9,17 +9,11 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from charrnn import __version__
 from charrnn.cli import cli
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--hidden", "32", "--batch", "16", "--seq", "32", "--threads", "1", "-q"]
-
-
-def run(args, input=None):
-    return CliRunner().invoke(cli, args, input=input, catch_exceptions=False)
+from tests.common import ROOT, run
+from tests.common import SMALL_CLI as SMALL
 
 
 def sh(args, input=None, cwd=None, timeout=120):

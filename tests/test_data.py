@@ -17,7 +17,6 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import charrnn.vocab as vocab_mod
 from charrnn import data as data_mod
 from charrnn.config import DEFAULT_MAX_INPUT, format_size, parse_size
 from charrnn.data import (

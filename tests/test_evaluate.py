@@ -1,4 +1,4 @@
-"""Scoring text (charrnn/evaluate.py) exactly as DESIGN.md defines it: <START> c1 ... cN from a zero
+"""Scoring text (charrnn/evaluate.py) exactly as docs/design.md defines it: <START> c1 ... cN from a zero
 state, every character scored (no <END>) in stream mode; in document mode every character and
 every <END>, never the <START> after an <END>; unknown characters as <UNK>, counted; the result
 independent of how the text is cut into spans."""

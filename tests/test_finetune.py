@@ -19,16 +19,12 @@ from charrnn.cli import cli
 from charrnn.finetune import transplant
 from charrnn.model import Model, ModelConfig
 from charrnn.vocab import Vocab
-from tests.common import CASE_IDS, CASES, meta_of, params_of
+from tests.common import CASE_IDS, CASES, meta_of, params_of, run
+from tests.common import SMALL_FINETUNE as SMALL
 
-SMALL = ["--batch", "4", "--seq", "16", "--threads", "1", "-q"]
 LETTERS = "the cat sat on the mat and the dog ran to the hat while a bird sang\n" * 60
 DIGITS = "3 + 4 = 7\n12 - 5 = 7\nthe sum of 8 and 9 is 17\n" * 80
 NEW_CHARS = sorted(set(DIGITS) - set(LETTERS))  # digits, "+", "-", "=", and the "u" and "f" of "sum of"
-
-
-def run(args):
-    return CliRunner().invoke(cli, args, catch_exceptions=False)
 
 
 def one_line_error(res, code):

@@ -15,14 +15,10 @@ from click.testing import CliRunner
 from charrnn import DISTRIBUTION, checkpoint
 from charrnn import info as card_info
 from charrnn.cli import cli
+from tests.common import ROOT, run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--layers", "1", "--hidden", "16", "--batch", "4", "--seq", "16", "--seq-warmup", "0", "--threads", "1", "-q"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def run(args):
-    return CliRunner().invoke(cli, args, catch_exceptions=False)
 
 
 def sh(args, cwd=None):

@@ -8,8 +8,7 @@ import shutil
 import subprocess
 import sys
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.common import ROOT
 
 # Draw 2000 tokens from fixed logits with the sampler (kernels/sample.py), whose random numbers come
 # from a helper in another file (kernels/rng.py: uniform); say whether anything compiled.

@@ -4,8 +4,6 @@ virtualenv and runs it (.ci/wheel_check); this checks the archives themselves.""
 
 import importlib.metadata
 import importlib.util
-import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -16,8 +14,7 @@ import zipfile
 import pytest
 
 from charrnn import DISTRIBUTION, __version__
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.common import ROOT_PATH as ROOT
 
 
 def pyproject():

@@ -21,15 +21,12 @@ from click.testing import CliRunner
 
 from charrnn import checkpoint, parallel
 from charrnn.cli import cli
-from tests.common import meta_of, params_of
+from tests.common import ROOT, meta_of, params_of
+from tests.common import SMALL_PARALLEL as SMALL
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIEXEC = parallel.mpiexec_path()
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or not os.access(MPIEXEC, os.X_OK),
                                 reason="needs charrnn[mpi] (mpi4py and the mpich wheel's mpiexec)")
-# dropout and the --seq-warmup curriculum on, as in every equivalence check here
-SMALL = ["--hidden", "24", "--layers", "2", "--batch", "8", "--seq", "16", "--seq-warmup", "6", "--dropout", "0.2",
-         "--cell", "lstm"]
 # float32 through the CLI: 1 process against 2 workers, after 20 steps of a 2x24 LSTM. Measured:
 # parameters within 2e-7 of each other (the all-reduce adds two halves where the kernel sums all
 # rows at once); allowed 50x that

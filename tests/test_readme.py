@@ -2,16 +2,16 @@
 command really trains on a shipped corpus and samples from the result."""
 
 import os
-import pathlib
 import shlex
 import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.common import ROOT_PATH as ROOT
+
 sys.path.insert(0, str(ROOT / ".ci"))
-from readme_command import command  # noqa: E402
+from readme_command import command
 
 
 def test_ci_runs_the_readme_test_command():
@@ -20,6 +20,11 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "readme_command.py test-command" in ci
     assert "set -euo pipefail" in ci
+
+
+def test_the_readme_test_command_runs_the_linter_before_the_tests():
+    cmd = command("test-command")
+    assert "ruff check ." in cmd and cmd.index("ruff check .") < cmd.index("pytest")
 
 
 def test_marker_parser_rejects_missing_and_multiline_blocks():
@@ -38,6 +43,15 @@ def _charrnn_steps(cmd):
         if args and args[0] == "charrnn":
             steps.append(args[1:])
     return steps
+
+
+def test_the_readme_transcript_shows_the_quickstart_commands():
+    """The transcript is docs/make_transcript.py's record of the quick start: regenerate it with
+    `python docs/make_transcript.py` when the quick-start command changes."""
+    readme = (ROOT / "README.md").read_text()
+    begin, end = readme.index("<!-- transcript -->"), readme.index("<!-- /transcript -->")
+    shown = [shlex.split(line[2:])[1:] for line in readme[begin:end].splitlines() if line.startswith("$ charrnn ")]
+    assert shown == _charrnn_steps(command("main-command")), "run `python docs/make_transcript.py`"
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as ref  # noqa: E402
+import reference as ref
 
 V, H, T, B = 5, 3, 4, 2
 # eps=1e-5, not 1e-6: the layer-0 gradients of a 3-layer LSTM are ~1e-4, and

@@ -12,8 +12,8 @@ import pytest
 from charrnn.errors import UsageError
 from charrnn.rundir import Busy, RunDir
 
-from tests.common import meta_of
-from tests.test_train import SMALL, corpus, run  # noqa: F401 - corpus is a fixture
+from tests.common import meta_of, run
+from tests.common import SMALL_TRAIN as SMALL
 
 HOLD = ("import sys, time; from charrnn.rundir import RunDir; rd = RunDir.lock(sys.argv[1]); "
         "print('locked', flush=True); time.sleep(60)")

@@ -8,17 +8,15 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from charrnn import checkpoint
 from charrnn.generate import SampleOptions, _cut, held_back, sample_pieces
-from tests.test_beam import ref_total, run, sh, tiny
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--hidden", "32", "--batch", "16", "--seq", "32", "--threads", "1", "-q"]
+from tests.common import ROOT, run
+from tests.common import SMALL_CLI as SMALL
+from tests.test_beam import ref_total, sh, tiny
 
 
 @pytest.fixture(scope="module")

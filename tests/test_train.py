@@ -16,33 +16,10 @@ from click.testing import CliRunner
 
 from charrnn import checkpoint
 from charrnn.cli import cli
-from tests.common import meta_of, params_of
+from tests.common import ROOT, meta_of, params_of, run
+from tests.common import SMALL_TRAIN as SMALL
 from tests.wholetext import split_text
 from charrnn.evaluate import score_text
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--hidden", "24", "--layers", "2", "--batch", "8", "--seq", "16", "--threads", "1", "-q"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    p = d / "markov.txt"
-    with open(os.path.join(ROOT, "corpora", "markov.txt"), encoding="utf-8") as f:
-        p.write_text(f.read()[:12000], encoding="utf-8")
-    return str(p)
-
-
-def run(args, cwd=None):
-    runner = CliRunner()
-    old = os.getcwd()
-    if cwd:
-        os.chdir(cwd)
-    try:
-        res = runner.invoke(cli, args, catch_exceptions=False)
-    finally:
-        os.chdir(old)
-    return res
 
 
 REGULARISED = [["--average", "off"], ["--weight-drop", "0.3", "--dropout-mode", "locked", "--average", "ema", "--avg-decay", "0.9"],
