@@ -583,22 +583,35 @@ def _write_samples(chunks, num: int, echo: str, out: ResultsOut):
 @click.option("--docs", type=click.Choice(["line", "blank", "none"]), default=None,
               help="Score as documents (default: as the model was trained).")
 @click.option("--encoding", type=str, default=None, help="Text encoding of the files (default: strict UTF-8).")
+@click.option("--per-char", is_flag=True,
+              help="One JSON object per scored character instead (char, logprob, rank, top), streamed; one FILE. "
+                   "Example: charrnn eval notes.txt --per-char | jq -c 'select(.rank > 10)'")
+@click.option("--top", type=click.IntRange(0, 100), default=5, metavar="N",
+              help="--per-char: the model's N best guesses at each character, as [char, probability] pairs.")
 @_max_input_option
 @_threads_option
 @_quiet_option
 @handle_errors
-def eval_cmd(files, model_path, as_json, docs, encoding, max_input, threads, quiet):
-    """Score text: negative log-likelihood per character (nats), bits per character, perplexity."""
+def eval_cmd(files, model_path, as_json, docs, per_char, top, encoding, max_input, threads, quiet):
+    """Score text: negative log-likelihood per character (nats), bits per character, perplexity.
+
+    With --per-char: one line of JSON per scored position (a document's <END> too, in document
+    mode): its char, logprob (natural log), rank (1: the model's first guess) and top guesses;
+    the logprobs sum to -nll of the file's score."""
     from charrnn import checkpoint
     from charrnn import threads as th
     from charrnn.data import Source
     from charrnn.evaluate import score_chunks
 
     out = ResultsOut()
-    if files.count("-") > 1:
-        from charrnn.errors import UsageError
+    from charrnn.errors import UsageError
 
+    if files.count("-") > 1:
         raise UsageError("stdin ('-') can be given only once")
+    if per_char and (len(files) > 1 or as_json):
+        raise UsageError("--per-char scores one FILE and writes its own JSON lines (no --json)")
+    if not per_char and _given(click.get_current_context(), "top"):
+        raise UsageError("--top goes with --per-char")
     path, guessed = checkpoint.resolve(model_path)
     ck = checkpoint.load(path)
     if not quiet:
@@ -614,10 +627,18 @@ def eval_cmd(files, model_path, as_json, docs, encoding, max_input, threads, qui
             progress, done = _eval_progress(fname, quiet)
             try:
                 with _compile_notice(quiet, "the scorer"):
-                    score = score_chunks(ck.model, ck.vocab, source.chunks(), docs=docs, progress=progress)
+                    if per_char:
+                        score = _per_char(ck, source.chunks(), docs, top, progress, out)
+                    else:
+                        score = score_chunks(ck.model, ck.vocab, source.chunks(), docs=docs, progress=progress)
             finally:
                 done()
         name = "<stdin>" if fname == "-" else fname
+        if per_char:
+            if not quiet:
+                click.echo(f"charrnn: {name}: {score.nats:.4f} nats/char over {score.tokens:,} positions "
+                           f"(the logprobs sum to {-score.nll:.6f})", err=True)
+            continue
         if as_json:
             record = {"file": name, "model": path, "docs": docs}
             record.update(score.to_dict())
@@ -626,6 +647,17 @@ def eval_cmd(files, model_path, as_json, docs, encoding, max_input, threads, qui
             out.write(f"{name}: {score.nats:.4f} nats/char, {score.bits:.4f} bits/char, perplexity {score.perplexity:.3f}, "
                       f"{score.tokens:,} {'tokens' if docs else 'chars'} scored ({score.unk:,} unknown)\n")
         out.flush()
+
+
+def _per_char(ck, chunks, docs, top, progress, out: "ResultsOut"):
+    """eval --per-char: the JSON lines, written as the spans are scored; returns the file's Score."""
+    from charrnn.perchar import PerCharScorer, iter_positions
+
+    scorer = PerCharScorer(ck.model, ck.vocab, top, progress)
+    for p in iter_positions(scorer, chunks, docs):
+        out.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
+    out.flush()
+    return scorer.score
 
 
 # ------------------------------------------------------------------------------------------ info
