@@ -51,8 +51,10 @@ class PerCharScorer(StreamScorer):
     tokens with the text's characters beside them (None where a position holds a special token);
     `positions()` drains what the spans scored so far."""
 
-    def __init__(self, model, vocab: Vocab, top: int = 5, progress=None):
+    def __init__(self, model, vocab: Vocab, top: int = 5, progress=None, keep_hidden: bool = False):
         super().__init__(model, progress)
+        # keep_hidden (charrnn viz): each layer's h after every input token, (L, H) per token, in order
+        self.hidden: list | None = [] if keep_hidden else None
         self.vocab = vocab
         self.top = max(0, min(int(top), vocab.size))
         self.state = model.new_state(1)  # Model.step's own state, fed the same tokens as the scorer's
@@ -78,6 +80,8 @@ class PerCharScorer(StreamScorer):
         logits = np.empty((n, self.model.cfg.vocab_size), dtype=np.float64)  # (n, V)
         for t in range(n):
             logits[t] = self.model.step(tokens[t : t + 1], self.state)[0]
+            if self.hidden is not None:
+                self.hidden.append(self.state.h[:, 0, :].copy())
         # the positions and numbers evaluate.StreamScorer._span counts, from the same kernel
         y = tokens[1:]
         nll = self.model.score(tokens[:-1], y, self.h, self.c)  # carries (h, c) in place
