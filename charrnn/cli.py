@@ -398,12 +398,19 @@ def _report(result: dict, quiet: bool):
               help="text: the samples, one per line. jsonl: one JSON object per sample, with text, prime, seed, "
                    "temp, logprob (natural log, at temperature 1, of the text given the prime) and end (length, "
                    "end or stop). Example: --format jsonl | jq -r .text")
+@click.option("--corpus", type=str, default=None, metavar="FILE",
+              help="The training text, for the copy check (default: the run's tokens.npy when there is one).")
+@click.option("--copy-min", type=click.IntRange(min=0), default=20, metavar="N",
+              help="Copy check: jsonl records gain longest_copy (the longest span of the sample found verbatim in "
+                   "the training text) and copied_frac (the share of its characters in such spans of at least N "
+                   "characters). 0: no copy check.")
+@click.option("--copy-report", is_flag=True, help="Text mode: each sample's copy check on stderr.")
 @_seed_option(None, "Seed for identical output on every run (default: random).")
 @_threads_option
 @_quiet_option
 @handle_errors
 def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_prime_echo, unknown, stop, beam, fmt,
-           seed, threads, quiet):
+           corpus, copy_min, copy_report, seed, threads, quiet):
     """Generate text from a trained model, streamed to stdout (beam search prints each text when
     the search ends)."""
     from charrnn import checkpoint
@@ -434,8 +441,9 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
         raise UsageError(f"{'--prime-file' if prime_file is not None else '--prime'}: {e} "
                          "(use --unknown skip or --unknown unk to go on anyway)") from None
     echo = prime if (prime and not no_prime_echo) else ""
+    copies = _copy_checker(ck, path, corpus, copy_min, fmt == "jsonl" or copy_report, quiet)
     if beam is not None:
-        _beam(ck, prime, prime_ids, beam, length, num, documents, stop, fmt, echo, quiet, out)
+        _beam(ck, prime, prime_ids, beam, length, num, documents, stop, fmt, echo, quiet, out, copies)
         return
     seed = seed if seed is not None else random_seed()  # known, so jsonl can say which
     opts = SampleOptions(temp=temp, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0,
@@ -443,10 +451,71 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     pieces = sample_pieces(ck.model, ck.vocab, opts, documents=documents)
     with _compile_notice(quiet, "the sampler"):
         if fmt == "jsonl":
-            record = functools.partial(_sample_record, ck.model, ck.vocab, prime, prime_ids, seed, temp)
+            record = functools.partial(_sample_record, ck.model, ck.vocab, prime, prime_ids, seed, temp, copies)
             _write_jsonl_samples(pieces, record, out)
         else:
+            if copy_report and copies is not None:
+                pieces = _report_copies(pieces, copies)
             _write_samples(((p.stream, p.text, p.end is not None) for p in pieces), num, echo, out)
+
+
+def _copy_checker(ck, path, corpus, copy_min, wanted, quiet):
+    """sample's copy check: a function text -> {longest_copy, copied_frac}, or None when it is off
+    (--copy-min 0, nothing asks for it) or no training text is at hand (the run's tokens.npy, or
+    --corpus FILE). Builds the suffix array once, before sampling (copycheck.py)."""
+    import os
+
+    from charrnn import copycheck
+    from charrnn.errors import UsageError
+
+    if copy_min == 0 or not wanted:
+        if corpus is not None:
+            raise UsageError("--corpus is for the copy check: give --format jsonl or --copy-report, and --copy-min > 0")
+        return None
+    if corpus is not None:
+        text = _read_corpus(corpus)
+        ids = ck.vocab.encode(text, unknown="unk")
+        source = corpus
+    else:
+        run_dir = os.path.dirname(os.path.abspath(path))
+        ids = copycheck.training_ids(run_dir, ck.vocab)
+        if ids is None:
+            if not quiet:
+                click.echo("charrnn: note: no copy check: no training text at hand (the run's tokens.npy, or "
+                           "--corpus FILE)", err=True)
+            return None
+        source = os.path.join(run_dir, "tokens.npy")
+    index = copycheck.CopyIndex(ids)
+    if not quiet:
+        click.echo(f"charrnn: copy check against {source}: {len(index):,} tokens indexed in {index.build_s:.1f} s",
+                   err=True)
+
+    def check(text: str) -> dict:
+        return copycheck.check(index, ck.vocab.encode(text, unknown="unk"), copy_min).to_dict()
+
+    return check
+
+
+def _read_corpus(path: str) -> str:
+    from charrnn.data import read_text
+    from charrnn.errors import DataError
+
+    try:
+        return read_text(path)
+    except DataError as e:
+        raise DataError(f"--corpus: {e}") from None
+
+
+def _report_copies(pieces, copies):
+    """Pass the pieces on; as each sample ends, its copy check on stderr."""
+    texts = {}
+    for p in pieces:
+        texts.setdefault(p.stream, []).append(p.text)
+        yield p
+        if p.end is not None:
+            c = copies("".join(texts.pop(p.stream)))
+            click.echo(f"charrnn: sample {p.stream + 1}: longest copy {c['longest_copy']} characters, "
+                       f"{100 * c['copied_frac']:.1f}% in copies", err=True)
 
 
 def _given(ctx, name: str) -> bool:
@@ -499,12 +568,16 @@ def _read_prime(path: str) -> str:
         raise DataError(f"--prime-file: {str(e).split('; if the file is in another encoding')[0]}") from None
 
 
-def _sample_record(model, vocab, prime, prime_ids, seed, temp, text, end) -> dict:
-    """The JSON object of one sample: its log-probability is scored once it has ended."""
+def _sample_record(model, vocab, prime, prime_ids, seed, temp, copies, text, end) -> dict:
+    """The JSON object of one sample: its log-probability is scored once it has ended; with a
+    copy check, longest_copy and copied_frac too."""
     from charrnn.generate import continuation_logprob
 
     logprob = continuation_logprob(model, prime_ids, vocab.encode(text))
-    return {"text": text, "prime": prime, "seed": seed, "temp": temp, "logprob": logprob, "end": end}
+    record = {"text": text, "prime": prime, "seed": seed, "temp": temp, "logprob": logprob, "end": end}
+    if copies is not None:
+        record.update(copies(text))
+    return record
 
 
 def _json_line(record: dict) -> str:
@@ -532,7 +605,8 @@ def _write_jsonl_samples(pieces, record, out: "ResultsOut"):
             current += 1
 
 
-def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, quiet, out: "ResultsOut"):
+def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, quiet, out: "ResultsOut",
+          copies=None):
     """sample --beam: search, then print the texts, best first; each one's log-probability on stderr."""
     from charrnn.beam import beam_search
 
@@ -545,8 +619,8 @@ def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, 
                        f"character{'' if n == 1 else 's'}, ended by {h.end}; ranked by {h.score:.4f} nats per token",
                        err=True)
         if fmt == "jsonl":
-            out.write(_json_line({"text": h.text, "prime": prime, "seed": None, "temp": None,
-                                  "logprob": h.logprob, "end": h.end}))
+            record = {"text": h.text, "prime": prime, "seed": None, "temp": None, "logprob": h.logprob, "end": h.end}
+            out.write(_json_line(dict(record, **(copies(h.text) if copies else {}))))
         else:
             out.write(echo + h.text + "\n")
         out.flush()
