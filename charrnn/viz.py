@@ -279,9 +279,10 @@ if (!D.ranked.length) { const o = document.createElement("option"); o.textConten
 list.addEventListener("change", () => { const [l, u] = list.value.split(":").map(Number); if (!isNaN(u)) showUnit(l, u); });
 $("pick").addEventListener("submit", e => { e.preventDefault(); showUnit(Number($("layer").value), Number($("index").value)); });
 $("surprisal").addEventListener("click", showSurprisal);
-// ?unit=LAYER:INDEX opens the page coloured by that unit (for links and scripts)
-const q = new URLSearchParams(location.search).get("unit");
+// ?unit=LAYER:INDEX opens the page coloured by that unit, ?pos=I with character I selected (links, scripts)
+const params = new URLSearchParams(location.search), q = params.get("unit"), pos = params.get("pos");
 if (q && /^\d+:\d+$/.test(q)) { const [l, u] = q.split(":").map(Number); showUnit(l, u); }
+if (pos && /^\d+$/.test(pos)) moveTo(Number(pos));
 document.body.dataset.readyMs = performance.now().toFixed(0);
 """
 

@@ -182,3 +182,22 @@ def test_onnx_without_the_onnx_package_is_a_one_line_error(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
     res = CliRunner().invoke(cli, ["export", str(model), "--format", "onnx", "-o", str(tmp_path / "m.onnx")])
     assert res.exit_code == 1 and "charrnn-cli[export]" in res.output
+
+
+def test_the_docs_onnxruntime_sampler_runs(tmp_path):
+    """docs/inspect-and-export.md's twenty lines of onnxruntime, run as printed (TEMP set to 0):
+    the greedy text is charrnn's."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "inspect-and-export.md").read_text()
+    code = re.search(r"<!-- onnx-sample -->\s*```python\n(.*?)\n```", doc, re.S).group(1)
+    model = tmp_path / "m.npz"
+    make_checkpoint(model, "gru", seed=6)
+    onnx_session(tmp_path, model)  # writes tmp_path / "m.onnx"
+    line = 'MODEL, PRIME, TEMP, LENGTH = "model.onnx", "def ", 0.8, 300'
+    assert line in code
+    code = code.replace(line, f'MODEL, PRIME, TEMP, LENGTH = {str(tmp_path / "m.onnx")!r}, {PRIME!r}, 0, 80')
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == PRIME + cli_greedy(model, PRIME, 80) + "\n"
