@@ -59,13 +59,16 @@ class PerCharScorer(StreamScorer):
         self.top = max(0, min(int(top), vocab.size))
         self.state = model.new_state(1)  # Model.step's own state, fed the same tokens as the scorer's
         self.rest_chars: list = []
+        self._off = 0
         self.out: list[Position] = []
         self.score = None  # the evaluate.Score, once iter_positions has scored the whole text
 
     def feed_chars(self, tokens: np.ndarray, chars: list):
         if len(tokens) != len(chars):
             raise ValueError("one character (or None) per token")
-        self.rest_chars = self.rest_chars + list(chars)  # aligned with self.rest + tokens; _span trims it
+        # aligned with self.rest + tokens from _off on; each span moves _off past its inputs
+        self.rest_chars = self.rest_chars[self._off :] + list(chars)
+        self._off = 0
         self.feed(tokens)
 
     def positions(self) -> list[Position]:
@@ -75,8 +78,9 @@ class PerCharScorer(StreamScorer):
     def _span(self, tokens: np.ndarray):
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)  # (n + 1,): inputs tokens[:-1], targets tokens[1:]
         n = len(tokens) - 1
-        chars = self.rest_chars[1 : n + 1]  # the targets' characters (rest_chars[0] is the first input's)
-        self.rest_chars = self.rest_chars[n:]
+        o = self._off
+        chars = self.rest_chars[o + 1 : o + n + 1]  # the targets' characters (rest_chars[o]: the first input's)
+        self._off = o + n
         logits = np.empty((n, self.model.cfg.vocab_size), dtype=np.float64)  # (n, V)
         for t in range(n):
             logits[t] = self.model.step(tokens[t : t + 1], self.state)[0]
