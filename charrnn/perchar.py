@@ -24,7 +24,6 @@ from charrnn.data import document_pieces, split_documents
 from charrnn.evaluate import StreamScorer
 from charrnn.vocab import END_ID, START_ID, UNK_ID, Vocab
 
-TOP_MAX = 100  # --top: more guesses than this per character is a table, not a hint
 
 
 @dataclass

@@ -131,3 +131,36 @@ def test_viz_errors_are_one_line(made, tmp_path):
         assert res.exit_code == 1 and want in res.output and res.output.count("\n") == 1, (args, res.output)
     res = CliRunner().invoke(cli, ["viz", str(f), "--model", str(tmp_path / "nope.npz")])
     assert res.exit_code == 1 and "no such checkpoint" in res.output
+
+
+def test_keyboard_moves_through_the_characters(made, tmp_path):
+    """Keys sent to the text (focus, arrows, End, Home) move the selected character and show its
+    guesses: a script appended to a copy of the page presses them in the browser."""
+    _, f, page = made
+    presses = """<script>
+const t = document.getElementById("text"), keys = ["ArrowRight", "ArrowRight", "ArrowRight", "ArrowLeft"];
+t.focus();
+const seen = [];
+for (const k of keys.concat(["End", "ArrowLeft", "Home", "ArrowDown"])) {
+  t.dispatchEvent(new KeyboardEvent("keydown", {key: k, bubbles: true}));
+  seen.push(Array.from(t.children).findIndex(s => s.classList.contains("cur")));
+}
+document.body.dataset.seen = seen.join(",");
+</script></body>"""
+    driven = tmp_path / "driven.html"
+    driven.write_text(page.read_text().replace("</body>", presses))
+    dom, errors = browser.dump_dom(browser.file_url(driven))
+    assert errors == []
+    n = len(f.read_text())
+    assert re.search(r'data-seen="([^"]+)"', dom).group(1) == f"1,2,3,2,{n - 1},{n - 2},0,60"
+    assert "guesses:" in browser.element_text(dom, "info")
+
+
+def test_pages_reach_for_nothing_outside(made, tmp_path):
+    model, _, page = made
+    sampler = tmp_path / "s.html"
+    run(["export", str(model), "--format", "html", "-o", str(sampler), "-q"])
+    for p in (page, sampler):
+        text = p.read_text()
+        assert not re.search(r"\s(src|href|action)=", text) and "http" not in text.lower().replace("http-equiv", "")
+        assert "default-src 'none'" in text
