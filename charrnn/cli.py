@@ -824,11 +824,14 @@ Example: charrnn viz sonnets.txt --model runs/shakespeare -o sonnets.html
 @click.option("--docs", type=click.Choice(["line", "blank", "none"]), default=None,
               help="Score as documents (default: as the model was trained).")
 @click.option("--top", type=click.IntRange(1, 20), default=5, metavar="N", help="Guesses shown per character.")
+@click.option("--activation", type=click.Choice(["cell", "h"]), default=None,
+              help="What a unit shows: cell, an LSTM's cell state tanh(c) (the default for LSTMs), or h, the "
+                   "hidden state (the only one of a GRU or RNN).")
 @click.option("--encoding", type=str, default=None, help="Text encoding of FILE (default: strict UTF-8).")
 @_threads_option
 @_quiet_option
 @handle_errors
-def viz(file, model_path, output, ansi, docs, top, encoding, threads, quiet):
+def viz(file, model_path, output, ansi, docs, top, activation, encoding, threads, quiet):
     """Show what a model learned on a text (up to 20,000 characters; - for stdin): one
     self-contained HTML page with the text coloured by the model's surprisal, its top guesses at
     each character, and any hidden unit's activation, with a ranked list of units that follow
@@ -864,7 +867,7 @@ def viz(file, model_path, output, ansi, docs, top, encoding, threads, quiet):
     if not quiet:
         click.echo(f"charrnn: scoring {len(text):,} characters with {path}", err=True)
     with _compile_notice(quiet, "the scorer"):
-        analysis = vz.analyse(ck.model, ck.vocab, text, docs, top)
+        analysis = vz.analyse(ck.model, ck.vocab, text, docs, top, activation=activation)
     if ansi:
         outfile.write(output, vz.ansi(analysis))
     else:

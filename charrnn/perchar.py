@@ -50,9 +50,13 @@ class PerCharScorer(StreamScorer):
     tokens with the text's characters beside them (None where a position holds a special token);
     `positions()` drains what the spans scored so far."""
 
-    def __init__(self, model, vocab: Vocab, top: int = 5, progress=None, keep_hidden: bool = False):
+    def __init__(self, model, vocab: Vocab, top: int = 5, progress=None, keep_hidden: str | None = None):
         super().__init__(model, progress)
-        # keep_hidden (charrnn viz): each layer's h after every input token, (L, H) per token, in order
+        # keep_hidden (charrnn viz): "h" keeps each layer's h after every input token, "cell" an
+        # LSTM's tanh(c) (the cell state squashed to -1..1, as in Karpathy's figures); (L, H) per token
+        if keep_hidden not in (None, "h", "cell"):
+            raise ValueError("keep_hidden must be None, 'h' or 'cell'")
+        self.keep = keep_hidden
         self.hidden: list | None = [] if keep_hidden else None
         self.vocab = vocab
         self.top = max(0, min(int(top), vocab.size))
@@ -70,6 +74,12 @@ class PerCharScorer(StreamScorer):
         self._off = 0
         self.feed(tokens)
 
+    def hidden_now(self) -> np.ndarray:
+        """(L, H) the kept activation of Model.step's state as it stands."""
+        if self.keep == "cell":
+            return np.tanh(self.state.c[:, 0, :])
+        return self.state.h[:, 0, :].copy()
+
     def positions(self) -> list[Position]:
         out, self.out = self.out, []
         return out
@@ -84,7 +94,7 @@ class PerCharScorer(StreamScorer):
         for t in range(n):
             logits[t] = self.model.step(tokens[t : t + 1], self.state)[0]
             if self.hidden is not None:
-                self.hidden.append(self.state.h[:, 0, :].copy())
+                self.hidden.append(self.hidden_now())
         # the positions and numbers evaluate.StreamScorer._span counts, from the same kernel
         y = tokens[1:]
         nll = self.model.score(tokens[:-1], y, self.h, self.c)  # carries (h, c) in place

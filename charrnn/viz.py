@@ -3,7 +3,8 @@ text for a terminal).
 
 The page shows the text coloured by the model's surprisal at each character (-log2 p, bits), the
 model's top guesses at a character on hover, tap or keyboard focus, and, for any hidden unit
-(layer, index), the text coloured by that unit's activation after it read each character, with a
+(layer, index), the text coloured by that unit's activation after it read each character (an
+LSTM's cell state tanh(c) by default, or h; a GRU's or RNN's h), with a
 ranked list of units worth a look. Units are ranked by how well their activation follows a simple
 feature of the text: the largest absolute Pearson correlation, over this text, with any of
     in quotes     inside a pair of double quotes (a " toggles it; a newline does not end it)
@@ -31,7 +32,7 @@ import numpy as np
 
 from charrnn import __version__
 from charrnn.data import encode_stream
-from charrnn.errors import DataError
+from charrnn.errors import DataError, UsageError
 from charrnn.export_html import script_json
 from charrnn.perchar import PerCharScorer, iter_positions
 from charrnn.vocab import START_ID
@@ -50,7 +51,8 @@ class Analysis:
     """Everything the page shows about a text: positions (perchar.Position), hidden (N, L, H)
     float32 activations after each position's character, the ranked units."""
 
-    def __init__(self, positions, hidden, score, ranked, chars):
+    def __init__(self, positions, hidden, score, ranked, chars, activation="h"):
+        self.activation = activation  # "h" or "cell" (tanh(c))
         self.positions = positions
         self.hidden = hidden
         self.score = score
@@ -58,23 +60,30 @@ class Analysis:
         self.chars = chars  # the characters of the text ("<END>" markers in document mode)
 
 
-def analyse(model, vocab, text: str, docs: str | None = None, top: int = 5, max_chars: int = MAX_CHARS) -> Analysis:
+def analyse(model, vocab, text: str, docs: str | None = None, top: int = 5, max_chars: int = MAX_CHARS,
+            activation: str | None = None) -> Analysis:
+    """Score `text` and keep the activations: `activation` "cell" (an LSTM's tanh(c), the
+    default for LSTMs: its units track counts such as brackets and line length more clearly than
+    h, 0.65 against 0.56 for the best unit of the model in docs/inspect-and-export.md) or "h"."""
+    activation = activation or ("cell" if model.cfg.cell == "lstm" else "h")
+    if activation == "cell" and model.cfg.cell != "lstm":
+        raise UsageError(f"--activation cell is the LSTM's cell state; a {model.cfg.cell.upper()} has only h")
     if len(text) > max_chars:
         raise DataError(f"text too long for a page: {len(text):,} characters, the limit is {max_chars:,} "
                         f"(give the first part, e.g. head -c {max_chars} FILE > part.txt)")
-    scorer = PerCharScorer(model, vocab, top, keep_hidden=True)
+    scorer = PerCharScorer(model, vocab, top, keep_hidden=activation)
     positions = list(iter_positions(scorer, [text], docs))
     tokens = encode_stream(vocab, text, docs, unknown="unk", end=docs is not None)
     state = scorer.state  # Model.step's state after every input but the last token: read it too
     if len(tokens):
         model.step(tokens[-1:], state)
-        scorer.hidden.append(state.h[:, 0, :].copy())
+        scorer.hidden.append(scorer.hidden_now())
     after = np.array(scorer.hidden, dtype=np.float32)  # (tokens, L, H): state after reading token i
     targets = np.flatnonzero(tokens[1:] != START_ID) + 1  # the token index of each scored position
     hidden = after[targets] if len(targets) else np.zeros((0,) + after.shape[1:], np.float32)  # (N, L, H)
     chars = [p.char for p in positions]
     ranked = rank_units(hidden, features(chars))
-    return Analysis(positions, hidden, scorer.score, ranked, chars)
+    return Analysis(positions, hidden, scorer.score, ranked, chars, activation)
 
 
 def features(chars) -> np.ndarray:
@@ -169,8 +178,9 @@ def page(model, a: Analysis, title: str) -> str:
     data = {"L": L, "H": H, "N": N, "guesses": [[p.rank, [[c, float(f"{q:.4g}")] for c, q in p.top]] for p in a.positions],
             "ranked": [list(r) for r in a.ranked], "units": _activations(a, units), "allUnits": len(units) == L * H}
     s = a.score
+    shown = "the cell state tanh(c)" if a.activation == "cell" else "the hidden state h"
     card = (f"{cfg.cell.upper()} {L}x{H}; {s.tokens:,} characters, {s.bits:.3f} bits/char "
-            f"({s.nats:.4f} nats), charrnn {__version__}")
+            f"({s.nats:.4f} nats); units show {shown}; charrnn {__version__}")
     note = "" if data["allUnits"] else (f" This page carries {len(units):,} of the {L * H:,} units (the ranked ones "
                                         f"first): a longer text leaves room for fewer.")
     return PAGE.substitute(title=html.escape(title), card=html.escape(card), text="".join(spans),

@@ -164,3 +164,28 @@ def test_pages_reach_for_nothing_outside(made, tmp_path):
         text = p.read_text()
         assert not re.search(r"\s(src|href|action)=", text) and "http" not in text.lower().replace("http-equiv", "")
         assert "default-src 'none'" in text
+
+
+@pytest.mark.parametrize("activation", ["cell", "h"])
+def test_activations_are_the_state_after_each_character(tmp_path, activation):
+    """An LSTM's units show tanh(c) by default, or h: the state after the character was read,
+    taken here by stepping the model by hand."""
+    m, v = make_checkpoint(tmp_path / "m.npz", "lstm", hidden=8)
+    text = TEXT[:50]
+    a = viz.analyse(m, v, text, activation=None if activation == "cell" else "h")
+    assert a.activation == activation and a.hidden.shape == (len(text), 2, 8)
+    state = m.new_state(1)
+    m.step(np.array([0]), state)  # <START>
+    for i, ch in enumerate(text):
+        m.step(v.encode(ch), state)
+        want = np.tanh(state.c[:, 0]) if activation == "cell" else state.h[:, 0]
+        np.testing.assert_allclose(a.hidden[i], want, atol=1e-6)
+
+
+def test_a_gru_has_no_cell_state(tmp_path):
+    model = tmp_path / "m.npz"
+    make_checkpoint(model, "gru")
+    f = tmp_path / "t.txt"
+    f.write_text("the cat")
+    res = CliRunner().invoke(cli, ["viz", str(f), "--model", str(model), "--activation", "cell", "-q"])
+    assert res.exit_code == 2 and "only h" in res.output
