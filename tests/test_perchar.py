@@ -103,3 +103,28 @@ def test_per_char_usage_errors(tmp_path):
     bad.write_bytes(b"\x00\xff\xfe binary")
     res = CliRunner().invoke(cli, ["eval", str(bad), "--model", str(model), "--per-char", "-q"])
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "error" in res.output
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_per_char_agrees_with_pytorch(tmp_path, cell):
+    """The checkpoint loaded into torch.nn.LSTM/GRU/RNN + Linear fed one-hot vectors (DESIGN.md's
+    portability contract): the same log-probability at every character, the same first guess."""
+    torch = pytest.importorskip("torch")
+    m, v = make_checkpoint(tmp_path / "m.npz", cell, layers=2, hidden=16, scale=2.0)
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT)
+    got = lines(run(["eval", str(f), "--model", str(tmp_path / "m.npz"), "--per-char", "--top", "1", "-q"]))
+    V, H = v.size, 16
+    rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](V, H, 2).double()
+    dec = torch.nn.Linear(H, V).double()
+    named = {f"rnn.{n}": p for n, p in rnn.named_parameters()}
+    named.update({f"decoder.{n}": p for n, p in dec.named_parameters()})
+    with torch.no_grad():
+        for name, value in m.params.items():
+            named[name].copy_(torch.from_numpy(value.astype(np.float64)))
+        x = torch.nn.functional.one_hot(torch.tensor([START_ID] + v.encode(TEXT).tolist()[:-1]), V).double()
+        out, _ = rnn(x[:, None, :])
+        logp = torch.log_softmax(dec(out[:, 0]), dim=-1).numpy()  # (N, V)
+    y = v.encode(TEXT)
+    assert [d["logprob"] for d in got] == pytest.approx(logp[np.arange(len(y)), y].tolist(), abs=2e-5)
+    assert [d["top"][0][0] for d in got] == [v.tokens[i] for i in logp.argmax(axis=1)]
