@@ -105,12 +105,21 @@ class PerCharScorer(StreamScorer):
         logp = logits - logits.max(axis=1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))  # (n, V) log-softmax
         k = self.top
-        order = np.argsort(-logp, axis=1, kind="stable")[:, :k] if k else None
+        rows = np.flatnonzero(keep)
+        ranks = 1 + (logp[rows] > logp[rows, y[rows]][:, None]).sum(axis=1)  # (n_kept,)
+        if k:
+            # the k best of each row (argpartition), then in order: best first, ties by id
+            part = np.argpartition(-logp[rows], k - 1, axis=1)[:, :k] if k < logp.shape[1] else \
+                np.broadcast_to(np.arange(logp.shape[1]), (len(rows), logp.shape[1]))
+            vals = np.take_along_axis(logp[rows], part, axis=1)
+            order = np.take_along_axis(part, np.lexsort((part, -vals), axis=1), axis=1)  # (n_kept, k)
+            probs = np.exp(np.take_along_axis(logp[rows], order, axis=1)).tolist()
+            order = order.tolist()
         table = self.vocab.tokens
-        for t in np.flatnonzero(keep):
+        for j, t in enumerate(rows.tolist()):
             target = int(y[t])
-            rank = 1 + int((logp[t] > logp[t, target]).sum())
-            top = [[table[int(i)], float(np.exp(logp[t, i]))] for i in order[t]] if k else []
+            rank = int(ranks[j])
+            top = [[table[i], p] for i, p in zip(order[j], probs[j])] if k else []
             ch = chars[t] if t < len(chars) and chars[t] is not None else table[target]
             self.out.append(Position(ch, -float(nll[t]), rank, top, unk=target == UNK_ID))
         if self.progress is not None:

@@ -128,3 +128,17 @@ def test_per_char_agrees_with_pytorch(tmp_path, cell):
     y = v.encode(TEXT)
     assert [d["logprob"] for d in got] == pytest.approx(logp[np.arange(len(y)), y].tolist(), abs=2e-5)
     assert [d["top"][0][0] for d in got] == [v.tokens[i] for i in logp.argmax(axis=1)]
+
+
+def test_top_covers_the_whole_vocabulary_or_nothing(tmp_path):
+    m, v = make_checkpoint(tmp_path / "m.npz", "lstm")
+    f = tmp_path / "t.txt"
+    f.write_text("the cat")
+    whole = lines(run(["eval", str(f), "--model", str(tmp_path / "m.npz"), "--per-char", "--top", "100", "-q"]))
+    for d in whole:
+        assert len(d["top"]) == v.size and sum(p for _, p in d["top"]) == pytest.approx(1.0)
+        probs = [p for _, p in d["top"]]
+        assert probs == sorted(probs, reverse=True)
+        assert [c for c, _ in d["top"]].index(d["char"]) + 1 == d["rank"]
+    none = lines(run(["eval", str(f), "--model", str(tmp_path / "m.npz"), "--per-char", "--top", "0", "-q"]))
+    assert all(d["top"] == [] for d in none) and [d["rank"] for d in none] == [d["rank"] for d in whole]
