@@ -403,12 +403,19 @@ def _report(result: dict, quiet: bool):
               help="text: the samples, one per line. jsonl: one JSON object per sample, with text, prime, seed, "
                    "temp, logprob (natural log, at temperature 1, of the text given the prime) and end (length, "
                    "end or stop). Example: --format jsonl | jq -r .text")
+@click.option("--corpus", type=str, default=None, metavar="FILE",
+              help="The training text, for the copy check (default: the run's tokens.npy when there is one).")
+@click.option("--copy-min", type=click.IntRange(min=0), default=20, metavar="N",
+              help="Copy check: jsonl records gain longest_copy (the longest span of the sample found verbatim in "
+                   "the training text) and copied_frac (the share of its characters in such spans of at least N "
+                   "characters). 0: no copy check.")
+@click.option("--copy-report", is_flag=True, help="Text mode: each sample's copy check on stderr.")
 @_seed_option(None, "Seed for identical output on every run (default: random).")
 @_threads_option
 @_quiet_option
 @handle_errors
 def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_prime_echo, unknown, stop, beam, fmt,
-           seed, threads, quiet):
+           corpus, copy_min, copy_report, seed, threads, quiet):
     """Generate text from a trained model, streamed to stdout (beam search prints each text when
     the search ends)."""
     from charrnn import checkpoint
@@ -439,8 +446,9 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
         raise UsageError(f"{'--prime-file' if prime_file is not None else '--prime'}: {e} "
                          "(use --unknown skip or --unknown unk to go on anyway)") from None
     echo = prime if (prime and not no_prime_echo) else ""
+    copies = _copy_checker(ck, path, corpus, copy_min, fmt == "jsonl" or copy_report, quiet)
     if beam is not None:
-        _beam(ck, prime, prime_ids, beam, length, num, documents, stop, fmt, echo, quiet, out)
+        _beam(ck, prime, prime_ids, beam, length, num, documents, stop, fmt, echo, quiet, out, copies)
         return
     seed = seed if seed is not None else random_seed()  # known, so jsonl can say which
     opts = SampleOptions(temp=temp, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0,
@@ -448,10 +456,71 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     pieces = sample_pieces(ck.model, ck.vocab, opts, documents=documents)
     with _compile_notice(quiet, "the sampler"):
         if fmt == "jsonl":
-            record = functools.partial(_sample_record, ck.model, ck.vocab, prime, prime_ids, seed, temp)
+            record = functools.partial(_sample_record, ck.model, ck.vocab, prime, prime_ids, seed, temp, copies)
             _write_jsonl_samples(pieces, record, out)
         else:
+            if copy_report and copies is not None:
+                pieces = _report_copies(pieces, copies)
             _write_samples(((p.stream, p.text, p.end is not None) for p in pieces), num, echo, out)
+
+
+def _copy_checker(ck, path, corpus, copy_min, wanted, quiet):
+    """sample's copy check: a function text -> {longest_copy, copied_frac}, or None when it is off
+    (--copy-min 0, nothing asks for it) or no training text is at hand (the run's tokens.npy, or
+    --corpus FILE). Builds the suffix array once, before sampling (copycheck.py)."""
+    import os
+
+    from charrnn import copycheck
+    from charrnn.errors import UsageError
+
+    if copy_min == 0 or not wanted:
+        if corpus is not None:
+            raise UsageError("--corpus is for the copy check: give --format jsonl or --copy-report, and --copy-min > 0")
+        return None
+    if corpus is not None:
+        text = _read_corpus(corpus)
+        ids = ck.vocab.encode(text, unknown="unk")
+        source = corpus
+    else:
+        run_dir = os.path.dirname(os.path.abspath(path))
+        ids = copycheck.training_ids(run_dir, ck.vocab)
+        if ids is None:
+            if not quiet:
+                click.echo("charrnn: note: no copy check: no training text at hand (the run's tokens.npy, or "
+                           "--corpus FILE)", err=True)
+            return None
+        source = os.path.join(run_dir, "tokens.npy")
+    index = copycheck.CopyIndex(ids)
+    if not quiet:
+        click.echo(f"charrnn: copy check against {source}: {len(index):,} tokens indexed in {index.build_s:.1f} s",
+                   err=True)
+
+    def check(text: str) -> dict:
+        return copycheck.check(index, ck.vocab.encode(text, unknown="unk"), copy_min).to_dict()
+
+    return check
+
+
+def _read_corpus(path: str) -> str:
+    from charrnn.data import read_text
+    from charrnn.errors import DataError
+
+    try:
+        return read_text(path)
+    except DataError as e:
+        raise DataError(f"--corpus: {e}") from None
+
+
+def _report_copies(pieces, copies):
+    """Pass the pieces on; as each sample ends, its copy check on stderr."""
+    texts = {}
+    for p in pieces:
+        texts.setdefault(p.stream, []).append(p.text)
+        yield p
+        if p.end is not None:
+            c = copies("".join(texts.pop(p.stream)))
+            click.echo(f"charrnn: sample {p.stream + 1}: longest copy {c['longest_copy']} characters, "
+                       f"{100 * c['copied_frac']:.1f}% in copies", err=True)
 
 
 def _given(ctx, name: str) -> bool:
@@ -504,12 +573,16 @@ def _read_prime(path: str) -> str:
         raise DataError(f"--prime-file: {str(e).split('; if the file is in another encoding')[0]}") from None
 
 
-def _sample_record(model, vocab, prime, prime_ids, seed, temp, text, end) -> dict:
-    """The JSON object of one sample: its log-probability is scored once it has ended."""
+def _sample_record(model, vocab, prime, prime_ids, seed, temp, copies, text, end) -> dict:
+    """The JSON object of one sample: its log-probability is scored once it has ended; with a
+    copy check, longest_copy and copied_frac too."""
     from charrnn.generate import continuation_logprob
 
     logprob = continuation_logprob(model, prime_ids, vocab.encode(text))
-    return {"text": text, "prime": prime, "seed": seed, "temp": temp, "logprob": logprob, "end": end}
+    record = {"text": text, "prime": prime, "seed": seed, "temp": temp, "logprob": logprob, "end": end}
+    if copies is not None:
+        record.update(copies(text))
+    return record
 
 
 def _json_line(record: dict) -> str:
@@ -537,7 +610,8 @@ def _write_jsonl_samples(pieces, record, out: "ResultsOut"):
             current += 1
 
 
-def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, quiet, out: "ResultsOut"):
+def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, quiet, out: "ResultsOut",
+          copies=None):
     """sample --beam: search, then print the texts, best first; each one's log-probability on stderr."""
     from charrnn.beam import beam_search
 
@@ -550,8 +624,8 @@ def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, 
                        f"character{'' if n == 1 else 's'}, ended by {h.end}; ranked by {h.score:.4f} nats per token",
                        err=True)
         if fmt == "jsonl":
-            out.write(_json_line({"text": h.text, "prime": prime, "seed": None, "temp": None,
-                                  "logprob": h.logprob, "end": h.end}))
+            record = {"text": h.text, "prime": prime, "seed": None, "temp": None, "logprob": h.logprob, "end": h.end}
+            out.write(_json_line(dict(record, **(copies(h.text) if copies else {}))))
         else:
             out.write(echo + h.text + "\n")
         out.flush()
@@ -588,22 +662,35 @@ def _write_samples(chunks, num: int, echo: str, out: ResultsOut):
 @click.option("--docs", type=click.Choice(["line", "blank", "none"]), default=None,
               help="Score as documents (default: as the model was trained).")
 @click.option("--encoding", type=str, default=None, help="Text encoding of the files (default: strict UTF-8).")
+@click.option("--per-char", is_flag=True,
+              help="One JSON object per scored character instead (char, logprob, rank, top), streamed; one FILE. "
+                   "Example: charrnn eval notes.txt --per-char | jq -c 'select(.rank > 10)'")
+@click.option("--top", type=click.IntRange(0, 100), default=5, metavar="N",
+              help="--per-char: the model's N best guesses at each character, as [char, probability] pairs.")
 @_max_input_option
 @_threads_option
 @_quiet_option
 @handle_errors
-def eval_cmd(files, model_path, as_json, docs, encoding, max_input, threads, quiet):
-    """Score text: negative log-likelihood per character (nats), bits per character, perplexity."""
+def eval_cmd(files, model_path, as_json, docs, per_char, top, encoding, max_input, threads, quiet):
+    """Score text: negative log-likelihood per character (nats), bits per character, perplexity.
+
+    With --per-char: one line of JSON per scored position (a document's <END> too, in document
+    mode): its char, logprob (natural log), rank (1: the model's first guess) and top guesses;
+    the logprobs sum to -nll of the file's score."""
     from charrnn import checkpoint
     from charrnn import threads as th
     from charrnn.data import Source
     from charrnn.evaluate import score_chunks
 
     out = ResultsOut()
-    if files.count("-") > 1:
-        from charrnn.errors import UsageError
+    from charrnn.errors import UsageError
 
+    if files.count("-") > 1:
         raise UsageError("stdin ('-') can be given only once")
+    if per_char and (len(files) > 1 or as_json):
+        raise UsageError("--per-char scores one FILE and writes its own JSON lines (no --json)")
+    if not per_char and _given(click.get_current_context(), "top"):
+        raise UsageError("--top goes with --per-char")
     path, guessed = checkpoint.resolve(model_path)
     ck = checkpoint.load(path)
     if not quiet:
@@ -619,10 +706,18 @@ def eval_cmd(files, model_path, as_json, docs, encoding, max_input, threads, qui
             progress, done = _eval_progress(fname, quiet)
             try:
                 with _compile_notice(quiet, "the scorer"):
-                    score = score_chunks(ck.model, ck.vocab, source.chunks(), docs=docs, progress=progress)
+                    if per_char:
+                        score = _per_char(ck, source.chunks(), docs, top, progress, out)
+                    else:
+                        score = score_chunks(ck.model, ck.vocab, source.chunks(), docs=docs, progress=progress)
             finally:
                 done()
         name = "<stdin>" if fname == "-" else fname
+        if per_char:
+            if not quiet:
+                click.echo(f"charrnn: {name}: {score.nats:.4f} nats/char over {score.tokens:,} positions "
+                           f"(the logprobs sum to {-score.nll:.6f})", err=True)
+            continue
         if as_json:
             record = {"file": name, "model": path, "docs": docs}
             record.update(score.to_dict())
@@ -631,6 +726,17 @@ def eval_cmd(files, model_path, as_json, docs, encoding, max_input, threads, qui
             out.write(f"{name}: {score.nats:.4f} nats/char, {score.bits:.4f} bits/char, perplexity {score.perplexity:.3f}, "
                       f"{score.tokens:,} {'tokens' if docs else 'chars'} scored ({score.unk:,} unknown)\n")
         out.flush()
+
+
+def _per_char(ck, chunks, docs, top, progress, out: "ResultsOut"):
+    """eval --per-char: the JSON lines, written as the spans are scored; returns the file's Score."""
+    from charrnn.perchar import PerCharScorer, iter_positions
+
+    scorer = PerCharScorer(ck.model, ck.vocab, top, progress)
+    for p in iter_positions(scorer, chunks, docs):
+        out.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
+    out.flush()
+    return scorer.score
 
 
 # ------------------------------------------------------------------------------------------ info
@@ -665,6 +771,116 @@ def info(path, as_json, plot_path, quiet):
             click.echo(f"charrnn: wrote {plot_path}", err=True)
     out.write(card_info.to_json(c) + "\n" if as_json else card_info.render(c))
     out.flush()
+
+
+# ------------------------------------------------------------------------------------------ export
+EPILOG_EXPORT = """\b
+Example: charrnn export runs/shakespeare --format html -o sampler.html
+         charrnn export runs/shakespeare --format onnx -o model.onnx   (needs charrnn-cli[export])"""
+
+
+@cli.command(epilog=EPILOG_EXPORT)
+@click.argument("model_path", metavar="MODEL|RUN", type=str)
+@click.option("--format", "fmt", type=click.Choice(["html", "onnx"]), required=True,
+              help="html: a self-contained page that samples in a browser (weights inline, no network). "
+                   "onnx: a step graph (token, h0[, c0] -> logits, h1[, c1]) with ONNX's LSTM/GRU/RNN operators.")
+@click.option("-o", "--output", type=str, default=None, metavar="FILE", help="Write here (default: stdout).")
+@_quiet_option
+@handle_errors
+def export(model_path, fmt, output, quiet):
+    """Take a model out of charrnn: one HTML page that samples from it in a browser, or an ONNX
+    model for any ONNX runtime (docs/inspect-and-export.md shows both). Exit status 0 on success,
+    1 for a failed operation (a bad checkpoint, an unwritable output, no onnx package), 2 for bad
+    usage."""
+    import os
+
+    from charrnn import checkpoint, outfile
+
+    outfile.check_writable(output, binary=fmt == "onnx")
+    path, guessed = checkpoint.resolve(model_path)
+    ck = checkpoint.load(path)
+    if fmt == "onnx":
+        from charrnn import export_onnx
+
+        data = export_onnx.to_bytes(ck.model, ck.vocab, ck.meta)
+    else:
+        from charrnn import export_html
+
+        name = os.path.basename(os.path.dirname(os.path.abspath(path))) if os.path.basename(path) in (
+            "best.npz", "last.npz") else os.path.basename(path)
+        data = export_html.page(ck.model, ck.vocab, ck.meta, name)
+    outfile.write(output, data)
+    if not quiet:
+        size = len(data.encode("utf-8") if isinstance(data, str) else data)
+        click.echo(f"charrnn: wrote {output or 'stdout'} ({fmt}, {size:,} bytes) from {path}", err=True)
+
+
+# ------------------------------------------------------------------------------------------ viz
+EPILOG_VIZ = """\b
+Example: charrnn viz sonnets.txt --model runs/shakespeare -o sonnets.html
+         head -c 3000 notes.txt | charrnn viz - --ansi | less -R"""
+
+
+@cli.command(epilog=EPILOG_VIZ)
+@click.argument("file", type=str)
+@_model_option
+@click.option("-o", "--output", type=str, default=None, metavar="FILE", help="Write the page here (default: stdout).")
+@click.option("--ansi", is_flag=True, help="Print the text coloured by surprisal for a terminal instead of a page.")
+@click.option("--docs", type=click.Choice(["line", "blank", "none"]), default=None,
+              help="Score as documents (default: as the model was trained).")
+@click.option("--top", type=click.IntRange(1, 20), default=5, metavar="N", help="Guesses shown per character.")
+@click.option("--activation", type=click.Choice(["cell", "h"]), default=None,
+              help="What a unit shows: cell, an LSTM's cell state tanh(c) (the default for LSTMs), or h, the "
+                   "hidden state (the only one of a GRU or RNN).")
+@click.option("--encoding", type=str, default=None, help="Text encoding of FILE (default: strict UTF-8).")
+@_threads_option
+@_quiet_option
+@handle_errors
+def viz(file, model_path, output, ansi, docs, top, activation, encoding, threads, quiet):
+    """Show what a model learned on a text (up to 20,000 characters; - for stdin): one
+    self-contained HTML page with the text coloured by the model's surprisal, its top guesses at
+    each character, and any hidden unit's activation, with a ranked list of units that follow
+    quotes, brackets, line position or word starts (docs/inspect-and-export.md). Exit status 0 on
+    success, 1 for a failed operation (a bad checkpoint or text, a text too long, an unwritable
+    output), 2 for bad usage."""
+    import os
+
+    from charrnn import checkpoint, outfile
+    from charrnn import threads as th
+    from charrnn import viz as vz
+    from charrnn.data import read_text
+    from charrnn.errors import DataError
+
+    outfile.check_writable(output)
+    path, guessed = checkpoint.resolve(model_path)
+    ck = checkpoint.load(path)
+    th.set_threads(threads)
+    try:
+        text = read_text(file, encoding, max_input=4 * vz.MAX_CHARS + 4)  # UTF-8: at most 4 bytes a character
+    except DataError as e:
+        if "--max-input" not in str(e):
+            raise
+        text = None
+    if text is None or len(text) > vz.MAX_CHARS:
+        raise DataError(f"{file}: text too long for a page: {'more than ' if text is None else ''}"
+                        f"{len(text) if text else 4 * vz.MAX_CHARS:,} characters, the limit is {vz.MAX_CHARS:,} "
+                        f"(show a part, e.g. head -c {vz.MAX_CHARS} {file} > part.txt)")
+    if docs is None:
+        docs = (ck.meta.get("train") or {}).get("docs")
+    elif docs == "none":
+        docs = None
+    if not quiet:
+        click.echo(f"charrnn: scoring {len(text):,} characters with {path}", err=True)
+    with _compile_notice(quiet, "the scorer"):
+        analysis = vz.analyse(ck.model, ck.vocab, text, docs, top, activation=activation)
+    if ansi:
+        outfile.write(output, vz.ansi(analysis))
+    else:
+        name = "<stdin>" if file == "-" else os.path.basename(file)
+        outfile.write(output, vz.page(ck.model, analysis, f"charrnn viz: {name}"))
+    if not quiet:
+        s = analysis.score
+        click.echo(f"charrnn: {s.bits:.3f} bits/char over {s.tokens:,} positions; wrote {output or 'stdout'}", err=True)
 
 
 def _raised_in_click_echo(e: BaseException) -> bool:

@@ -217,7 +217,8 @@ def test_cli_beam_jsonl(model_dir):
     rows = [json.loads(line) for line in res.output.splitlines()]
     assert len(rows) == 3 and len({r["text"] for r in rows}) == 3
     for r in rows:
-        assert set(r) == {"text", "prime", "seed", "temp", "logprob", "end"}
+        # the run's tokens.npy is at hand: the copy check (tests/test_copycheck.py) adds two keys
+        assert set(r) == {"text", "prime", "seed", "temp", "logprob", "end", "longest_copy", "copied_frac"}
         assert r["prime"] == "the " and r["seed"] is None and r["temp"] is None and r["end"] == "length"
         assert len(r["text"]) == 30 and r["logprob"] < 0
     assert [r["logprob"] for r in rows] == sorted((r["logprob"] for r in rows), reverse=True)

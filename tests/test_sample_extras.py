@@ -192,7 +192,8 @@ def test_jsonl_sampling_records_and_logprob(stream_model):
     ck = checkpoint.load(os.path.join(stream_model, "best.npz"))
     prime = ck.vocab.encode("the ")
     for r in rows:
-        assert set(r) == {"text", "prime", "seed", "temp", "logprob", "end"}
+        # a run directory holds its tokens.npy: the copy check (tests/test_copycheck.py) adds two keys
+        assert set(r) == {"text", "prime", "seed", "temp", "logprob", "end", "longest_copy", "copied_frac"}
         assert r["prime"] == "the " and r["seed"] == 9 and r["temp"] == 1.0 and r["end"] == "length"
         assert abs(r["logprob"] - ref_total(ck.model, prime, ck.vocab.encode(r["text"]))) < 1e-3
 
