@@ -27,14 +27,14 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
+import numba
+import numpy as np
 
-from benchmarks.train_throughput import CONFIGS, step_flops  # noqa: E402
-from charrnn import threads  # noqa: E402
-from charrnn.kernels import bptt, gemm16  # noqa: E402
-from charrnn.kernels.layout import decoder_weights, layer_weights  # noqa: E402
-from charrnn.model import Model, ModelConfig  # noqa: E402
+from benchmarks.train_throughput import CONFIGS, step_flops
+from charrnn import threads
+from charrnn.kernels import bptt, gemm16
+from charrnn.kernels.layout import decoder_weights, layer_weights
+from charrnn.model import Model, ModelConfig
 
 V = 68
 
@@ -43,7 +43,6 @@ V = 68
 def _products(prec, scr, net, L, H, G, T, B, tb_h, tb_gh, tb_v, dh, hp, gW, gWd):
     """The matrix products of one step of a (T, B) batch, in the order bptt._forward_backward
     makes them (one thread: all streams, all units)."""
-    V = net.V
     gemm16.tiles_on(prec, 0)
     for k in range(L):
         W_ih, W_hh, _, _ = layer_weights(net.theta, net, k, G)

@@ -41,7 +41,7 @@ OPS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 
 def _onnx():
     try:
-        import onnx  # noqa: F401
+        import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         raise CharrnnError("--format onnx needs the onnx package: pip install 'charrnn-cli[export]'") from None

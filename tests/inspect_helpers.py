@@ -2,7 +2,6 @@
 weights scaled up so that the model has clear preferences (greedy continuations do not hinge on
 near-ties), saved as a real checkpoint that the CLI loads."""
 
-import numpy as np
 
 from charrnn import checkpoint
 from charrnn.model import Model, ModelConfig

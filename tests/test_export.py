@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from charrnn import checkpoint
 from charrnn.cli import cli
 from charrnn.vocab import END_ID, START_ID, UNK_ID
 from tests import browser
@@ -53,7 +52,7 @@ def test_onnx_logits_match_charrnn_and_the_numpy_reference(tmp_path, cell, nonli
     names = [i.name for i in sess.get_inputs()]
     assert names == (["token", "h0", "c0"] if cell == "lstm" else ["token", "h0"])
     assert [o.name for o in sess.get_outputs()] == (["logits", "h1", "c1"] if cell == "lstm" else ["logits", "h1"])
-    B, L, H = 3, 2, 24
+    B = 3
     rng = np.random.default_rng(1)
     state = m.new_state(B)
     state.h[:] = rng.normal(0, 0.5, state.h.shape)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from charrnn import evaluate
 from charrnn.cli import cli
 from charrnn.perchar import PerCharScorer, iter_positions
-from charrnn.vocab import START_ID, UNK_ID
+from charrnn.vocab import START_ID
 from tests import reference as ref
 from tests.inspect_helpers import TEXT, make_checkpoint
 

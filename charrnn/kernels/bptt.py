@@ -499,10 +499,7 @@ def bf16_workspace(backend, pl, G, T, B, H, V):
     under plan pl: K up to the thread's positions (weight gradients), N up to G*H columns."""
     GH = G * H
     rows = int(np.max(np.diff(pl.rb))) if pl.by_units else T * int(np.max(np.diff(pl.sb)))
-    if pl.by_units:
-        nb, Hp = B, int(np.max(np.diff(pl.ub)))
-    else:
-        nb, Hp = int(np.max(np.diff(pl.sb))), H
+    Hp = int(np.max(np.diff(pl.ub))) if pl.by_units else H
     size = gemm16.packed_b_size
     kn = max(size(H, GH), size(H, V), size(rows, max(H, GH)), size(V, H), size(GH, H))
     wp = max(size(H, G * Hp), size(GH, Hp))
