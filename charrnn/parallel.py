@@ -729,6 +729,9 @@ def _follow(spec: dict, path: str):
     """A trainer like rank 0's, for a worker that writes nothing, on the token file at `path`."""
     from types import SimpleNamespace
 
+    import platform
+
+    from charrnn import precision
     from charrnn.config import Fitted, TrainConfig
     from charrnn.data import map_token_file
     from charrnn.model import Model, ModelConfig
@@ -740,6 +743,9 @@ def _follow(spec: dict, path: str):
     if tokens is None:
         raise CharrnnError(f"cannot map the token file {path} (missing, or not rank 0's)")
     given, fitted = TrainConfig.from_dict(spec["given"]), Fitted.from_dict(spec["fitted"])
+    if fitted.precision == "bf16" and precision.backend() is None:  # every worker computes as rank 0 does
+        raise CharrnnError(f"this worker's CPU ({platform.node()}) has no bfloat16 products, and rank 0 chose "
+                           "bf16: give --precision fp32")
     model = Model(ModelConfig(**spec["model"]), dtype=np.dtype(spec["dtype"]))
     opt = make_optimizer(given.optimizer, model.n_params, model.dtype, given.lr)
     corpus = SimpleNamespace(**spec["corpus"])  # what rank 0 read; only rank 0 writes it into checkpoints

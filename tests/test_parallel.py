@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from charrnn import checkpoint, parallel
+from charrnn.kernels import gemm16
 from charrnn.cli import cli
 from tests.common import ROOT, meta_of, params_of
 from tests.common import SMALL_PARALLEL as SMALL
@@ -126,13 +127,18 @@ def test_workers_compute_what_one_process_computes_in_float64(corpus, tmp_path, 
     assert np.max(np.abs(ws[0] - want)) <= 1e-10
 
 
-def test_two_hosts_compute_what_one_process_computes_in_float32(corpus, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not gemm16.backends(), reason="this CPU has no bfloat16 products (AVX512_BF16 or AMX)"))])
+def test_two_hosts_compute_what_one_process_computes_in_float32(corpus, tmp_path, precision):
     """Through the CLI in float32, the workers started by hand as on two machines (mpiexec's two
     host names for this one, no ssh): the same parameters as one process within F32_ATOL, and the
     same validation losses (rank 0 scores the one held-out stream, as a single process does). The
-    second host builds its own token file in its token directory, the same as rank 0's."""
+    second host builds its own token file in its token directory, the same as rank 0's. With
+    --precision bf16 too: the workers round the same operands as one process, and only the float32
+    sums of the gradient are split between them."""
     one, two, cache = str(tmp_path / "one"), str(tmp_path / "two"), tmp_path / "host-tokens"
-    args = ["train", corpus, *SMALL, "--steps", "20", "--eval-every", "10", "--threads", "1", "-q"]
+    args = ["train", corpus, *SMALL, "--steps", "20", "--eval-every", "10", "--threads", "1", "-q",
+            "--precision", precision]
     res = run_cli([*args, "--out", one])
     assert res.returncode == 0, res.stderr
     res = subprocess.run([MPIEXEC, "-launcher", "fork", "-hosts", "localhost,127.0.0.1", "-n", "2",

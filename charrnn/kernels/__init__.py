@@ -3,6 +3,7 @@
     jit.py      decorator options and the package-wide cache key (read it first)
     mathf.py    tanh, sigmoid, casts, row views
     gemm.py     the packed-weight matrix product of the recurrent loops (an LLVM-IR micro-kernel)
+    gemm16.py   bfloat16 products with float32 sums (AMX tiles or VDPBF16PS; LLVM IR as text)
     sync.py     atomics and the spin barrier the threads of one kernel meet at
     rng.py      the counter-based generator and the dropout masks
     cells/      one module per cell (lstm.py, gru.py, rnn.py): gates, forward and backward blocks,
@@ -13,6 +14,7 @@
     score.py    scoring one stream: the layers as a pipeline over chunks
     sample.py   single steps (Model.step), drawing a token, the generation loop
     optim.py    clipping and the Adam, RMSprop and SGD updates over flat buffers
+    wdrop.py    weight drop: the masked copy of the weights a batch runs with, the gradient's mask
 
 Conventions (fixed across the project): T time steps, B streams, H hidden, V vocabulary, L layers,
 G gates (4 LSTM, 3 GRU, 1 RNN). Equations and gate order are PyTorch's (see cells/). Parameters
