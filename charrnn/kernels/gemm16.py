@@ -41,7 +41,8 @@ from charrnn.kernels.mathf import _f32_bits
 NR = 32  # columns of a packed panel of B (two AVX-512 registers, two AMX tiles)
 KALIGN = 32  # K is padded to whole AMX tiles (32 bfloat16 values a tile row)
 MALIGN = 16  # rows of A are padded to whole AMX tiles
-MC = 64  # rows of A packed and multiplied at a time (the packed chunk stays in L1/L2)
+MC = 256  # rows of A packed and multiplied at a time: each panel of B is read once per MC rows (a
+# weight gradient of 2,048 positions at 2x256: 64 rows 7.9 ms, 256 rows 6.9 ms, benchmarks/results/bf16_throughput.txt)
 DOT_MR = 8  # rows of the VDPBF16PS micro-kernel: 8 x 2 accumulators + 2 panel vectors
 
 # The two workspace types: the same fields, a different product. Per thread (one row each):
