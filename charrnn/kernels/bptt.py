@@ -174,14 +174,15 @@ def input_rows(prec, p, cell, r0, r1, g2, x, w0t, inp2, W_ih, b_ih, b_hh, B):
     cell's folded biases. Layer 0 (inp2 with no rows) gathers rows of w0t by token id instead."""
     GH = g2.shape[1]
     if inp2.shape[0] == 0:
-        for r in range(r0, r1):
+        for r in range(r0, r1):  # the biases folded into each row while it is in L1
             dst, src = g2[r], w0t[x[r // B, r % B]]
             for j in range(GH):
                 dst[j] = src[j]
+            cells.fold_bias(cell, dst, b_ih, b_hh)
     else:
         times_t(prec, p, rows(inp2, r0, r1), W_ih, rows(g2, r0, r1))
-    for r in range(r0, r1):
-        cells.fold_bias(cell, g2[r], b_ih, b_hh)
+        for r in range(r0, r1):
+            cells.fold_bias(cell, g2[r], b_ih, b_hh)
 
 
 @helper
