@@ -300,6 +300,8 @@ def render(c: dict) -> str:
     chosen = _show_fitted(o)
     if chosen:
         add("fitted", chosen)
+    if o["fitted"].get("precision") == "bf16":  # how the training step multiplied (charrnn/precision.py)
+        add("products", "bf16: bfloat16 operands, float32 sums (the weights are float32)")
     t = c["training"]
     if t["step"] is not None:
         parts = [f"{t['step']:,} steps"]

@@ -66,6 +66,8 @@ def test_bf16_run_says_so_records_it_and_differs_from_float32(corpus, tmp_path):
     assert meta_of(os.path.join(a, "last.npz"))["fitted"]["precision"] == "bf16"
     assert meta_of(os.path.join(a, "last.npz"))["config"]["precision"] == "bf16"
     assert meta_of(os.path.join(b, "last.npz"))["fitted"]["precision"] == "fp32"
+    assert "products     bf16: bfloat16 operands" in run(["info", a]).stdout  # the model card says so
+    assert "products" not in run(["info", b]).stdout
     pa, pb = params_of(os.path.join(a, "last.npz")), params_of(os.path.join(b, "last.npz"))
     assert all(pa[k].dtype == np.float32 for k in pa)  # checkpoints stay float32
     assert any(not np.array_equal(pa[k], pb[k]) for k in pa)  # the products really were rounded
