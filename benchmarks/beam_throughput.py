@@ -34,14 +34,14 @@ def cpu_busy():
     return sum(a) - a[3] - a[4], t.user + t.system  # idle and iowait are not busy
 
 
-def worker(mode: str, H: int, length: int) -> dict:
+def worker(mode: str, H: int, length: int, nthreads: int | None) -> dict:
     from charrnn import threads
     from charrnn.beam import beam_search
     from charrnn.generate import SampleOptions, sample_pieces
     from charrnn.model import Model, ModelConfig
     from charrnn.vocab import Vocab
 
-    threads.set_threads(None)
+    threads.set_threads(nthreads)
     vocab = Vocab([chr(32 + i) for i in range(V - 3)])
     m = Model(ModelConfig(layers=2, hidden=H, vocab_size=V)).init(0)
     prime = vocab.encode("THE ")
@@ -63,7 +63,9 @@ def worker(mode: str, H: int, length: int) -> dict:
     b1, own1 = cpu_busy()
     ncpu = os.cpu_count() or 1
     other = max(0.0, (b1 - b0) / os.sysconf("SC_CLK_TCK") - (own1 - own0)) / (ncpu * wall)
-    return {"chars_per_s": n / wall, "other_cpu": other}
+    # per CPU-second of this process: with one thread, a rate that time slices lost to other
+    # processes do not lower (cache sharing still does); with two, spinning counts as work
+    return {"chars_per_s": n / wall, "other_cpu": other, "chars_per_cpu_s": n / max(own1 - own0, 1e-9)}
 
 
 def main():
@@ -74,43 +76,48 @@ def main():
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--baseline", default=None, metavar="PATH",
                     help="another checkout of charrnn, measured interleaved with this one (before/after)")
+    ap.add_argument("--threads", type=int, default=None, help="threads (default: every core)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.hidden, args.length)))
+        print(json.dumps(worker(args.worker, args.hidden, args.length, args.threads)))
         return
     sides = ["this"] + (["baseline"] if args.baseline else [])
     modes = args.modes.split(",")
     res = {}
-    print(f"2x{args.hidden} LSTM, V = {V}, {args.length} positions per search, {args.rounds} interleaved rounds",
-          flush=True)
+    print(f"2x{args.hidden} LSTM, V = {V}, {args.length} positions per search, {args.rounds} interleaved rounds, "
+          f"{args.threads or 'all'} threads", flush=True)
     for r in range(args.rounds):
         for mode in modes:
             for side in sides:
                 env = dict(os.environ)
                 if side == "baseline":
                     env["PYTHONPATH"] = os.path.abspath(args.baseline)
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", mode, "--hidden",
-                                      str(args.hidden), "--length", str(args.length)], capture_output=True, text=True,
-                                     env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--hidden", str(args.hidden),
+                       "--length", str(args.length)] + (["--threads", str(args.threads)] if args.threads else [])
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                     cwd=os.path.dirname(os.path.abspath(__file__)))
                 if out.returncode != 0:
                     print(out.stderr, file=sys.stderr)
                     raise SystemExit("worker failed")
                 v = json.loads(out.stdout.strip().splitlines()[-1])
                 res.setdefault((mode, side), []).append(v)
-                print(f"round {r} {mode:8s} {side:8s} {v['chars_per_s']:10,.0f} chars/s   other processes "
-                      f"{v['other_cpu']:.0%} of the CPUs", flush=True)
+                print(f"round {r} {mode:8s} {side:8s} {v['chars_per_s']:10,.0f} chars/s "
+                      f"({v['chars_per_cpu_s']:10,.0f} per CPU-second)   other processes {v['other_cpu']:.0%} of the CPUs",
+                      flush=True)
     print()
     head = f"{'mode':8s} {'this':>10s}"
     if args.baseline:
-        head += f" {'baseline':>10s} {'ratio':>7s}"
+        head += f" {'baseline':>10s} {'ratio':>7s}   per CPU-second: {'this':>10s} {'baseline':>10s} {'ratio':>7s}"
     print(head + "   other CPU (median)")
     for mode in modes:
         med = {s: statistics.median(x["chars_per_s"] for x in res[(mode, s)]) for s in sides}
+        cpu = {s: statistics.median(x["chars_per_cpu_s"] for x in res[(mode, s)]) for s in sides}
         other = statistics.median(x["other_cpu"] for s in sides for x in res[(mode, s)])
         line = f"{mode:8s} {med['this']:10,.0f}"
         if args.baseline:
-            line += f" {med['baseline']:10,.0f} {med['this'] / med['baseline']:6.2f}x"
+            line += (f" {med['baseline']:10,.0f} {med['this'] / med['baseline']:6.2f}x   {'':16s}{cpu['this']:10,.0f} "
+                     f"{cpu['baseline']:10,.0f} {cpu['this'] / cpu['baseline']:6.2f}x")
         print(line + f"   {other:.0%}")
 
 
