@@ -132,8 +132,10 @@ class State:
 
 class Model:
     """A character-level recurrent network: its parameters, and the work buffers of its kernels
-    (made on first use for each shape, reused after; they never hold a copy of the weights, so
-    changing theta in place between calls is always seen)."""
+    (made on first use for each shape, reused after; they never hold a copy of the weights from
+    one call to the next, so changing theta in place between calls is always seen: a beam search
+    packs the weights anew at its start. The one copy that lives longer is asked for by name:
+    packed_steps(), which sees a change only when repacked)."""
 
     # Scoring one stream (eval, validation) runs the layers as a pipeline over chunks of this many
     # steps when there are threads and layers to share, up to this hidden size; above it each step
