@@ -148,6 +148,9 @@ class Model:
     # 64 units per thread; below it one step is too small to pay for the barriers
     # (benchmarks/sample_throughput.py).
     GEN_THREADS_MIN_H = 128
+    # A beam search runs this many positions per compiled call, so that Ctrl-C is seen between
+    # calls (a 2x256 LSTM: 30-100 ms at K = 4 to 16); the buffers carry the search across calls.
+    SEARCH_CHUNK = 256
 
     def __init__(self, cfg: ModelConfig, dtype=np.float32, theta=None):
         self.cfg = cfg
@@ -377,12 +380,18 @@ class Model:
         """Run a whole beam search (kernels/search.py, for beam.py) over the record `sr`
         (search.search_buffers) from the state h, c (L, 1, H) of one stream, the prime's; sr holds
         the results. A beam of one runs the sampler's own single-stream step; a wider one packs
-        the weights once, at the start of this call, and runs on the generation threads."""
+        the weights once, at the start of this call, and runs on the generation threads. The
+        positions go SEARCH_CHUNK at a time, so an interrupt is seen between chunks."""
         cfg = self.cfg
         self._check_state(h, c, 1)
-        K = sr.top_v.shape[0]
+        K, N = sr.top_v.shape[0], sr.parent.shape[0]
+        chunks = [(t0, min(t0 + self.SEARCH_CHUNK, N)) for t0 in range(0, N, self.SEARCH_CHUNK)]
         if K == 1:
-            search._search_one(self.cell, self._net, sr, self._step_buffers(1), h, c, int(end_id))
+            st = self._step_buffers(1)
+            for t0, t1 in chunks:
+                search._search_one(self.cell, self._net, sr, st, h, c, int(end_id), t0, t1)
+                if sr.info[search.I_DONE]:
+                    return
             return
         n = self.generation_threads()
         if self._search is None or self._search[0] != (K, n):
@@ -391,7 +400,10 @@ class Model:
                             search.work_buffers(cfg.cell, cfg.G, cfg.layers, K + 1, cfg.hidden, cfg.vocab_size, ub, self.dtype),
                             layout.new_sync(len(ub) - 1))
         _, pk, wk, sync = self._search
-        search.search_threads(self.cell, self._net, pk, wk, sr, h, c, end_id, threads.team(), sync)
+        for t0, t1 in chunks:  # the weights are packed at t0 = 0 only: one search, one copy
+            search.search_threads(self.cell, self._net, pk, wk, sr, h, c, end_id, t0, t1, threads.team(), sync)
+            if sr.info[search.I_DONE]:
+                return
 
     def generation_threads(self) -> int:
         """Threads the generation loop uses: 1 (the serial kernel) or n >= 2."""

@@ -15,7 +15,7 @@ from charrnn.beam import beam_search, log_softmax, top_flat
 from charrnn.kernels import search
 from charrnn.kernels.jit import kernel
 from charrnn.model import Model, ModelConfig, State
-from charrnn.vocab import Vocab
+from charrnn.vocab import END_ID, Vocab
 from tests import reference as ref
 from tests.beam_reference import beam_search_numpy
 from tests.common import CASE_IDS, CASES, make, ref_params, two_threads
@@ -149,7 +149,7 @@ def test_compiled_search_finds_what_the_numpy_search_found(cell, nonlin):
        stop=hs.sampled_from([None, "a", "ba", "zz"]), docs=hs.booleans(), cell=hs.sampled_from(["lstm", "gru", "rnn"]))
 def test_compiled_search_agrees_on_random_models(seed, width, length, stop, docs, cell):
     m, vocab = lively("abcz", cell, "tanh", 8, seed, dtype=np.float64)
-    m.params["decoder.bias"][2] += 1.0  # <END> often likely (documents)
+    m.params["decoder.bias"][END_ID] += 1.0  # <END> often likely (documents)
     args = (m, vocab, vocab.encode("a"), width, length)
     kw = dict(num=width, stop=stop, documents=docs)
     same_hypotheses(beam_search(*args, **kw), beam_search_numpy(*args, **kw), 1e-12)
@@ -226,3 +226,22 @@ def test_top_insert_keeps_the_best_with_ties_in_index_order(vals, k):
     assert list(top_i[:cnt]) == list(want)
     got = top_flat(a, k)
     np.testing.assert_array_equal(a[got], a[want])  # the same values, whichever ties it took
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_search_in_chunks_is_the_same_search(width):
+    """Model.run_search goes SEARCH_CHUNK positions per compiled call (so Ctrl-C is seen between
+    them): chunks of 1, 3 and 7 positions give the hypotheses of one call, whether the search runs
+    to its length or stops early (<END> in documents)."""
+    m, vocab = lively("abcdef", "gru", "tanh", 16, seed=4, dtype=np.float64)
+    for docs in (False, True):
+        if docs:
+            m.params["decoder.bias"][END_ID] += 1.5
+        want = beam_search(m, vocab, vocab.encode("ab"), width, 25, num=width, documents=docs)
+        assert all(h.end == ("end" if docs else "length") for h in want)  # documents: over within a chunk
+        for chunk in (1, 3, 7):
+            m.SEARCH_CHUNK = chunk
+            same_hypotheses(beam_search(m, vocab, vocab.encode("ab"), width, 25, num=width, documents=docs), want, 0.0)
+        del m.SEARCH_CHUNK
+        same_hypotheses(want, beam_search_numpy(m, vocab, vocab.encode("ab"), width, 25, num=width, documents=docs),
+                        1e-12)

@@ -78,13 +78,13 @@ Search = namedtuple("Search", [  # the beam's state and record; K the width, N t
     "settled",  # (K, 3) int64 settled hypotheses: position, candidate, why (0 length, 1 <END>, 2 stop)
     "g_toks",   # (N,) int32 the greedy stream's tokens
     "g_lps",    # (N,) float64 their log-probabilities
-    "info",     # (8,) int64 out: see the INFO_ names
+    "info",     # (INFO,) int64: the loop's scalars, see the I_ names
 ])
 
 # Search.info: the loop's scalars, kept in the record so that every thread sees them and Python
 # reads them at the end.
-I_N, I_GREEDY, I_SLOTS, I_T, I_SETTLED, I_GTOKS, I_GEND, I_GMATCH, I_ERROR = range(9)
-INFO = 9
+I_N, I_GREEDY, I_SLOTS, I_T, I_SETTLED, I_GTOKS, I_GEND, I_GMATCH, I_ERROR, I_DONE = range(10)
+INFO = 10
 END_LENGTH, END_END, END_STOP = 0, 1, 2
 
 
@@ -329,9 +329,12 @@ def position(sr, logits, t, end_id):
 
 
 @helper
-def settle_live(sr):
-    """The hypotheses still going after the last position settle by length."""
+def finish(sr):
+    """The search is over: the hypotheses still going after the last position settle by length."""
     info = sr.info
+    info[I_DONE] = 1
+    if info[I_ERROR]:
+        return
     for j in range(info[I_N]):
         ns = info[I_SETTLED]
         sr.settled[ns, 0], sr.settled[ns, 1], sr.settled[ns, 2] = info[I_T], sr.rows[j], END_LENGTH
@@ -340,23 +343,25 @@ def settle_live(sr):
 
 # ----------------------------------------------------------------------------- the search's loops
 @kernel
-def _search_threads(p, n, cell, net, pk, wk, sr, h, c, end_id, sync):
-    """Thread p of n: the whole search of sr.parent.shape[0] positions, from state h, c (L, 1, H)
-    (the prime's), every stream starting from it. Thread 0 packs the shared panels, decodes and
-    runs the bookkeeping; each thread packs and computes its block of units."""
+def _search_threads(p, n, cell, net, pk, wk, sr, h, c, end_id, t0, t1, sync):
+    """Thread p of n: positions t0..t1-1 of the search of sr.parent.shape[0] positions (everything
+    it carries from one call to the next lives in sr and wk). At t0 = 0 every stream starts from
+    the state h, c (L, 1, H), the prime's, and the weights are packed: each thread its block of
+    units, thread 0 the shared panels. Thread 0 decodes and runs the bookkeeping."""
     L = net.L
     N = sr.parent.shape[0]
     lstm = wk.cs.shape[1] > 0
-    pack_block(cell, net, pk, p)
-    if p == 0:
-        pack_shared(cell, net, pk)
-        for k in range(L):  # every stream starts from the prime's state
-            for b in range(sr.info[I_N] + sr.info[I_GREEDY]):
-                copy(wk.hs[k, 0, b], h[k, 0])
-                if lstm:
-                    copy(wk.cs[k, 0, b], c[k, 0])
+    if t0 == 0:
+        pack_block(cell, net, pk, p)
+        if p == 0:
+            pack_shared(cell, net, pk)
+            for k in range(L):  # every stream starts from the prime's state
+                for b in range(sr.info[I_N] + sr.info[I_GREEDY]):
+                    copy(wk.hs[k, 0, b], h[k, 0])
+                    if lstm:
+                        copy(wk.cs[k, 0, b], c[k, 0])
     ep = barrier(sync, p, n, 1)
-    for t in range(N):
+    for t in range(t0, t1):
         nb = sr.info[I_N] + sr.info[I_GREEDY]
         for k in range(L):
             layer_block(cell, net, pk, wk, sr.tok, nb, k, p)
@@ -374,21 +379,22 @@ def _search_threads(p, n, cell, net, pk, wk, sr, h, c, end_id, sync):
         ep = barrier(sync, p, n, ep)  # the tokens, the reordered state and the stop flag are visible
         if flag(sync, STOP) != 0:
             break
-    if p == 0 and sr.info[I_ERROR] == 0:
-        settle_live(sr)
+    if p == 0 and (flag(sync, STOP) != 0 or t1 == N):
+        finish(sr)
 
 
 @kernel
-def _search_one(cell, net, sr, st, h, c, end_id):
-    """A beam of one (greedy decoding) from state h, c (L, 1, H), updated: the sampler's own
-    single-stream step, so its logits are exactly those of `--temp 0` sampling."""
+def _search_one(cell, net, sr, st, h, c, end_id, t0, t1):
+    """Positions t0..t1-1 of a beam of one (greedy decoding) from state h, c (L, 1, H), updated:
+    the sampler's own single-stream step, so its logits are exactly those of `--temp 0` sampling."""
     tok = sr.tok[:1]
-    for t in range(sr.parent.shape[0]):
+    for t in range(t0, t1):
         step(cell, net, tok, h, c, st, st.w0t[:0])
         if position(sr, st.logits, t, end_id) == 0:
-            break
-    if sr.info[I_ERROR] == 0:
-        settle_live(sr)
+            finish(sr)
+            return
+    if t1 == sr.parent.shape[0]:
+        finish(sr)
 
 
 # ----------------------------------------------------------------------------- Python side
@@ -434,6 +440,6 @@ def search_buffers(width: int, length: int, V: int, banned, table, greedy: bool,
     return sr
 
 
-def search_threads(cell, net, pk, wk, sr, h, c, end_id, team, sync) -> None:
+def search_threads(cell, net, pk, wk, sr, h, c, end_id, t0, t1, team, sync) -> None:
     n = len(pk.ub) - 1
-    team.run(n, _search_threads, n, cell, net, pk, wk, sr, h, c, int(end_id), sync, sync=sync)
+    team.run(n, _search_threads, n, cell, net, pk, wk, sr, h, c, int(end_id), int(t0), int(t1), sync, sync=sync)
