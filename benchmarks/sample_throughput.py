@@ -11,6 +11,7 @@ Sizes: 2x128, 2x256, 2x512 LSTMs, V = 68. Interleaved rounds, medians.
 
     python benchmarks/sample_throughput.py [--rounds 3] [--sizes 128,256,512]
     python benchmarks/sample_throughput.py --baseline /path/to/other/checkout   # before/after, interleaved
+    python benchmarks/sample_throughput.py --baseline PATH --no-torch --modes single,batch64 --sizes 256
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def main():
     ap.add_argument("--modes", default="single,batch64,eval")
     ap.add_argument("--baseline", default=None, metavar="PATH",
                     help="another checkout of charrnn, measured as a side of its own (before/after)")
+    ap.add_argument("--no-torch", action="store_true", help="charrnn's sides only (with --baseline: before/after)")
     ap.add_argument("--worker", nargs=4, metavar=("SIDE", "H", "MODE", "SETTING"))
     args = ap.parse_args()
     if args.worker:
@@ -116,7 +118,7 @@ def main():
     try:
         import torch  # noqa: F401
 
-        have_torch = True
+        have_torch = not args.no_torch
     except ImportError:
         have_torch = False
     res = {}

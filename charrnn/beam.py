@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from charrnn.errors import CharrnnError, UsageError
+from charrnn.kernels import search
 from charrnn.vocab import END_ID, START_ID, UNK_ID, Vocab
 
 
@@ -103,24 +104,20 @@ def banned_ids(V: int, documents: bool) -> np.ndarray:
 
 
 class _Trail:
-    """Back-pointers: for each position, every candidate kept (its parent at the position before,
-    its token, and that token's log-probability), so a settled sequence is rebuilt at the end."""
+    """Back-pointers (the search record's): for each position, every candidate kept (its parent at
+    the position before, its token, and that token's log-probability), so a settled sequence is
+    rebuilt at the end."""
 
-    def __init__(self):
-        self.parent, self.token, self.lp = [], [], []
-
-    def add(self, parent, token, lp):
-        self.parent.append(parent)
-        self.token.append(token)
-        self.lp.append(lp)
+    def __init__(self, sr):
+        self.parent, self.token, self.lp = sr.parent, sr.token, sr.tlp
 
     def path(self, t: int, i: int):
         """(tokens, log-probabilities) of candidate i at position t, from the first position."""
         toks, lps = [], []
         while t >= 0:
-            toks.append(int(self.token[t][i]))
-            lps.append(float(self.lp[t][i]))
-            i = int(self.parent[t][i])
+            toks.append(int(self.token[t, i]))
+            lps.append(float(self.lp[t, i]))
+            i = int(self.parent[t, i])
             t -= 1
         return toks[::-1], lps[::-1]
 
@@ -153,75 +150,19 @@ def beam_search(model, vocab: Vocab, prime_ids, width: int, length: int, num: in
     state = model.new_state(1)
     if len(tokens) > 1:
         model.feed(tokens[:-1], state.h, state.c)
-    greedy_on = width > 1  # a beam of one is greedy decoding already
-    n = 1  # live beam hypotheses: the first n streams; the greedy stream, while on, is the last
-    state = state.take([0, 0] if greedy_on else [0])
-    tok = np.full(n + greedy_on, tokens[-1], dtype=np.int32)
-    score = np.zeros(n)  # (n,) total log-probability of each live hypothesis
-    matched = np.zeros(n, dtype=np.int32)  # (n,) its stop-string automaton state
-    slots = width  # hypotheses still to settle
-    trail = _Trail()
-    settled = []  # (position, candidate index, end)
-    rows = np.zeros(1, dtype=np.int64)  # the candidates of the previous position that the live rows are
-    g_toks, g_lps, g_matched, g_end = [], [], 0, None
-    live = np.zeros(0, dtype=np.int64)
-    t = -1
-    for t in range(length):
-        logits = model.step(tok, state)  # (n + greedy, V)
-        lp = log_softmax(logits)
-        # ---- the beam: the best `slots` of the n x V continuations
-        cand = score[:, None] + lp[:n]  # (n, V)
-        cand[:, banned] = -np.inf
-        if n == 1 and slots == 1:
-            # one row: rank by its logits (the same order as score + log-probability, without
-            # the rounding of either), so a beam of one is exactly greedy decoding
-            cand = np.where(banned, -np.inf, logits[:1].astype(np.float64))
-        pick = top_flat(cand, slots) if n else np.zeros(0, dtype=np.int64)
-        if pick.size == 0 and n > 0:
-            raise CharrnnError("the model's outputs are not finite numbers; is the checkpoint damaged?")
-        parent, token = np.divmod(pick, V)
-        tlp = lp[parent, token]
-        trail.add(rows[parent], token, tlp)
-        ended = token == END_ID
-        if matcher is not None:
-            matched = matcher.advance(matched[parent], token)
-            stopped = matched == stop_len
-        else:
-            stopped = np.zeros(pick.size, dtype=np.bool_)
-        for i in np.flatnonzero(ended | stopped):
-            settled.append((t, int(i), "end" if ended[i] else "stop"))
-        live = np.flatnonzero(~(ended | stopped))
-        slots -= pick.size - live.size
-        keep = [parent[live]]
-        # ---- the greedy stream: the argmax, as --temp 0 draws it
-        if greedy_on:
-            gt = _argmax_allowed(logits[n], banned)
-            g_toks.append(gt)
-            g_lps.append(float(lp[n, gt]))
-            if matcher is not None:
-                g_matched = int(matcher.table[g_matched, gt])
-            if gt == END_ID:
-                g_end = "end"
-            elif matcher is not None and g_matched == stop_len:
-                g_end = "stop"
-            if g_end is None:
-                keep.append(np.array([n]))
-            else:
-                greedy_on = False
-        n = live.size
-        if n == 0 and not greedy_on:
-            break
-        state = state.take(np.concatenate(keep))
-        tok = np.concatenate([token[live], [g_toks[-1]] if greedy_on else []]).astype(np.int32)
-        score = (score[parent] + tlp)[live]
-        if matcher is not None:
-            matched = matched[live]
-        rows = live
-    for i in live:  # still going after `length` positions
-        settled.append((t, int(i), "length"))
-    found = [_settle(vocab, *trail.path(pt, i), end, stop_len) for pt, i, end in settled]
-    if g_toks:
-        found.append(_settle(vocab, g_toks, g_lps, g_end or "length", stop_len, greedy=True))
+    table = matcher.table if matcher is not None else np.zeros((1, V), dtype=np.int32)
+    sr = search.search_buffers(width, length, V, banned, table, width > 1, int(tokens[-1]))
+    model.run_search(sr, state.h, state.c, END_ID)  # every position, compiled (kernels/search.py)
+    if sr.info[search.I_ERROR]:
+        raise CharrnnError("the model's outputs are not finite numbers; is the checkpoint damaged?")
+    trail = _Trail(sr)
+    ends = {search.END_LENGTH: "length", search.END_END: "end", search.END_STOP: "stop"}
+    found = [_settle(vocab, *trail.path(int(pt), int(i)), ends[int(e)], stop_len)
+             for pt, i, e in sr.settled[: sr.info[search.I_SETTLED]]]
+    g = int(sr.info[search.I_GTOKS])
+    if g:
+        g_end = ends.get(int(sr.info[search.I_GEND]), "length")
+        found.append(_settle(vocab, sr.g_toks[:g].tolist(), sr.g_lps[:g].tolist(), g_end, stop_len, greedy=True))
     return best_distinct(found, num)
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from charrnn import threads
-from charrnn.kernels import bptt, cells, gemm16, layout, rng, sample, score, wdrop
+from charrnn.kernels import bptt, cells, gemm16, layout, rng, sample, score, search, wdrop
 
 CELLS = tuple(cells.CELLS)
 NONLINEARITIES = ("tanh", "relu")
@@ -132,8 +132,10 @@ class State:
 
 class Model:
     """A character-level recurrent network: its parameters, and the work buffers of its kernels
-    (made on first use for each shape, reused after; they never hold a copy of the weights, so
-    changing theta in place between calls is always seen)."""
+    (made on first use for each shape, reused after; they never hold a copy of the weights from
+    one call to the next, so changing theta in place between calls is always seen: a beam search
+    packs the weights anew at its start. The one copy that lives longer is asked for by name:
+    packed_steps(), which sees a change only when repacked)."""
 
     # Scoring one stream (eval, validation) runs the layers as a pipeline over chunks of this many
     # steps when there are threads and layers to share, up to this hidden size; above it each step
@@ -146,6 +148,9 @@ class Model:
     # 64 units per thread; below it one step is too small to pay for the barriers
     # (benchmarks/sample_throughput.py).
     GEN_THREADS_MIN_H = 128
+    # A beam search runs this many positions per compiled call, so that Ctrl-C is seen between
+    # calls (a 2x256 LSTM: 30-100 ms at K = 4 to 16); the buffers carry the search across calls.
+    SEARCH_CHUNK = 256
 
     def __init__(self, cfg: ModelConfig, dtype=np.float32, theta=None):
         self.cfg = cfg
@@ -159,6 +164,7 @@ class Model:
         self._pipe = None
         self._steps = {}  # streams -> sample.Step buffers
         self._gen = None
+        self._search = None  # ((width, threads), Packed, Work, sync) of the last beam search
         self._dropped = None  # (buffer, Net over it): the weights of a batch run with weight drop
         self.precision = "fp32"  # the products of train.train_step's batches: fp32 | bf16 (charrnn/precision.py)
 
@@ -363,6 +369,42 @@ class Model:
         sample._feed(self.cell, self._net, tokens, h, c, st, np.empty(nb, dtype=np.int32))
         return st.logits.copy()
 
+    def packed_steps(self, blocks: int | None = None) -> "PackedSteps":
+        """Steps of several streams on a copy of the weights packed now for the packed micro-kernel
+        (kernels/gemm.py), instead of Model.step's BLAS product, which repacks them on every call.
+        The copy is the weights at this call: after changing theta, call its repack(). `blocks`:
+        the blocks of units the panels are cut into (default: as a beam search's threads)."""
+        return PackedSteps(self, self.generation_threads() if blocks is None else blocks)
+
+    def run_search(self, sr: search.Search, h, c, end_id: int) -> None:
+        """Run a whole beam search (kernels/search.py, for beam.py) over the record `sr`
+        (search.search_buffers) from the state h, c (L, 1, H) of one stream, the prime's; sr holds
+        the results. A beam of one runs the sampler's own single-stream step; a wider one packs
+        the weights once, at the start of this call, and runs on the generation threads. The
+        positions go SEARCH_CHUNK at a time, so an interrupt is seen between chunks."""
+        cfg = self.cfg
+        self._check_state(h, c, 1)
+        K, N = sr.top_v.shape[0], sr.parent.shape[0]
+        chunks = [(t0, min(t0 + self.SEARCH_CHUNK, N)) for t0 in range(0, N, self.SEARCH_CHUNK)]
+        if K == 1:
+            st = self._step_buffers(1)
+            for t0, t1 in chunks:
+                search._search_one(self.cell, self._net, sr, st, h, c, int(end_id), t0, t1)
+                if sr.info[search.I_DONE]:
+                    return
+            return
+        n = self.generation_threads()
+        if self._search is None or self._search[0] != (K, n):
+            ub = bptt.bounds(cfg.hidden, n, align=16)
+            self._search = ((K, n), search.packed_buffers(cfg.cell, cfg.G, cfg.layers, cfg.hidden, cfg.vocab_size, ub, self.dtype),
+                            search.work_buffers(cfg.cell, cfg.G, cfg.layers, K + 1, cfg.hidden, cfg.vocab_size, ub, self.dtype),
+                            layout.new_sync(len(ub) - 1))
+        _, pk, wk, sync = self._search
+        for t0, t1 in chunks:  # the weights are packed at t0 = 0 only: one search, one copy
+            search.search_threads(self.cell, self._net, pk, wk, sr, h, c, end_id, t0, t1, threads.team(), sync)
+            if sr.info[search.I_DONE]:
+                return
+
     def generation_threads(self) -> int:
         """Threads the generation loop uses: 1 (the serial kernel) or n >= 2."""
         n = min(threads.get_threads(), self.cfg.hidden // 64)
@@ -387,3 +429,46 @@ class Model:
                          layout.new_sync(len(ub) - 1))
         return sample.generate_threads(self.cell, self._net, tok, h, c, out, done, dr, st, self._gen[1],
                                        threads.team(), self._gen[2])
+
+
+class PackedSteps:
+    """Model.step for several streams on packed weights (Model.packed_steps): the weights are
+    copied into panels when this is made and when repack() is called, never behind the caller's
+    back, so a change to theta in between is not seen until repack(). The numbers agree with
+    Model.step's to float32 rounding (the products sum in another order)."""
+
+    def __init__(self, model: Model, blocks: int = 1):
+        cfg = model.cfg
+        self.model = model
+        ub = bptt.bounds(cfg.hidden, max(1, int(blocks)), align=16)
+        self.packed = search.packed_buffers(cfg.cell, cfg.G, cfg.layers, cfg.hidden, cfg.vocab_size, ub, model.dtype)
+        self._work = {}  # streams -> search.Work
+        self.repack()
+
+    def repack(self) -> "PackedSteps":
+        """Pack the model's weights as they are now."""
+        search._pack(self.model.cell, self.model._net, self.packed)
+        return self
+
+    def step(self, tokens, state: State) -> np.ndarray:
+        """As Model.step: tokens (nb,), one per stream of `state` (updated in place); returns the
+        logits (nb, V), a new array."""
+        m, cfg = self.model, self.model.cfg
+        tok = np.ascontiguousarray(tokens, dtype=np.int32)
+        if tok.ndim != 1 or tok.shape[0] != state.streams:
+            raise ValueError(f"tokens must be one id per stream ({state.streams})")
+        m._check_tokens(tok, "tokens")
+        m._check_state(state.h, state.c, state.streams)
+        nb = tok.shape[0]
+        wk = self._work.get(nb)
+        if wk is None:
+            wk = self._work[nb] = search.work_buffers(cfg.cell, cfg.G, cfg.layers, nb, cfg.hidden, cfg.vocab_size,
+                                                      self.packed.ub, m.dtype)
+        search._packed_step(m.cell, m._net, self.packed, wk, tok, state.h, state.c)
+        return wk.logits.copy()
+
+    def __enter__(self) -> "PackedSteps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._work.clear()

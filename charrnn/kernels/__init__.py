@@ -13,6 +13,8 @@
     bptt.py     training: forward and backprop-through-time of a batch, the thread plan
     score.py    scoring one stream: the layers as a pipeline over chunks
     sample.py   single steps (Model.step), drawing a token, the generation loop
+    search.py   beam search in one call (the layers on packed weights, top-K, back-pointers), and
+                steps of several streams on packed weights (Model.packed_steps)
     optim.py    clipping and the Adam, RMSprop and SGD updates over flat buffers
     wdrop.py    weight drop: the masked copy of the weights a batch runs with, the gradient's mask
 

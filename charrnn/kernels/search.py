@@ -1,0 +1,445 @@
+"""Beam search in one compiled call, and steps of several streams on packed weights.
+
+The search (charrnn/beam.py holds its rules and reads its results) runs every position here: one
+step of the live hypotheses (K streams, plus the greedy stream) on weights packed once per search,
+the log-softmax, the top-K with beam.py's tie rules, the stop-string automaton, the back-pointers,
+and reordering the state by the parents of the survivors. One position of a 2x256 LSTM was a BLAS
+step (0.6 ms: sgemm repacks the weights on every call) and ~30 numpy calls (0.05-0.5 ms); here it
+is the packed micro-kernel of gemm.py on panels packed once, and a few loops over K x V scores.
+
+Threads split every layer's units as in training and generation (each packs and keeps its own
+rows of W_hh and of W_ih of layers 1..), and meet at a barrier after each layer; thread 0 decodes,
+runs the search's bookkeeping and reorders the state, then all meet again. The split changes no
+number: every product sums over k in the same order whatever the block, so one thread and two
+give the same hypotheses.
+
+Steps of a beam of one (greedy decoding) use the sampler's own single-stream step (sample.step),
+so a beam of one is exactly `--temp 0` sampling.
+
+The packed copy of the weights lives for one call of _search, or for the life of a Packed made
+by the caller (Model.packed_steps), which packs again on request: nothing here caches weights
+between calls behind the caller's back.
+
+Equations (temperature 1), per position, for live hypothesis r with total log-probability s_r:
+    lp[r, v] = z[r, v] - (m_r + log sum_v exp(z[r, v] - m_r)),  m_r = max_v z[r, v] (0 if not finite)
+    cand[r, v] = s_r + lp[r, v]  (-inf for banned v),  the K best kept, ties in flat-index order
+"""
+
+from collections import namedtuple
+
+import numpy as np
+
+from charrnn.kernels import cells
+from charrnn.kernels.gemm import mm_packed, pack_fwd
+from charrnn.kernels.jit import helper, kernel
+from charrnn.kernels.layout import Layer, decoder_weights, layer_weights, thread_rows
+from charrnn.kernels.mathf import copy, rows
+from charrnn.kernels.sample import fill_w0t, gather_input, step
+from charrnn.kernels.sync import STOP, barrier, flag, raise_flag
+
+Packed = namedtuple("Packed", [
+    "whh",    # (n, L*chunk) each block's rows of every layer's W_hh, transposed, in panels (pack_fwd)
+    "wih",    # (n, max(L-1, 1)*chunk) its rows of W_ih of layers 1.., the same way
+    "wd",     # (packed_size(H, V),) decoder.weight transposed, in panels
+    "w0t",    # (V, G*H) weight_ih_l0 transposed: layer 0's input is a row of it
+    "ub",     # (n+1,) unit bounds of the blocks
+    "chunk",  # elements of one layer's panels in a block's row
+])
+
+Work = namedtuple("Work", [  # one step of up to NB streams
+    "gates",   # (1, NB, G*H)
+    "hs",      # (L, 2, NB, H) every layer's state, [0] before the step, [1] after
+    "cs",      # (L, 2, NB, H) LSTM; (L, 0, NB, H) otherwise
+    "tcs",     # (1, NB, H) LSTM; (0, NB, H) otherwise
+    "hn",      # (1, NB, H) GRU; (0, NB, H) otherwise
+    "hp",      # (n, NB*G*Hp) each block's recurrent products
+    "gp",      # (n, NB*G*Hp) its input products (layers 1..)
+    "logits",  # (NB, V)
+])
+
+Search = namedtuple("Search", [  # the beam's state and record; K the width, N the length
+    "banned",   # (V,) bool: tokens never taken
+    "table",    # (m+1, V) int32 stop-string automaton (beam.StopMatcher); m = 0: no stop string
+    "lp",       # (K+1, V) float64 the position's log-probabilities
+    "top_v",    # (K,) float64 the best candidates' scores, best first
+    "top_i",    # (K,) int64 their flat indices (row * V + token)
+    "tok",      # (K+1,) int32 each stream's last token (the greedy stream last)
+    "score",    # (K,) float64 each live hypothesis's total log-probability
+    "matched",  # (K,) int32 its stop-automaton state
+    "rows",     # (K,) int64 the candidates of the previous position that the live rows are
+    "par",      # (K,) int64 the row each candidate extends
+    "mnew",     # (K,) int32 each candidate's automaton state
+    "live",     # (K,) int64 the candidates that go on
+    "keep",     # (K+1,) int64 the rows the next step's state comes from
+    "parent",   # (N, K) int64 back-pointers: the candidate of the previous position
+    "token",    # (N, K) int32 each candidate's token
+    "tlp",      # (N, K) float64 that token's log-probability
+    "picked",   # (N,) int64 candidates kept at each position
+    "settled",  # (K, 3) int64 settled hypotheses: position, candidate, why (0 length, 1 <END>, 2 stop)
+    "g_toks",   # (N,) int32 the greedy stream's tokens
+    "g_lps",    # (N,) float64 their log-probabilities
+    "info",     # (INFO,) int64: the loop's scalars, see the I_ names
+])
+
+# Search.info: the loop's scalars, kept in the record so that every thread sees them and Python
+# reads them at the end.
+I_N, I_GREEDY, I_SLOTS, I_T, I_SETTLED, I_GTOKS, I_GEND, I_GMATCH, I_ERROR, I_DONE = range(10)
+INFO = 10
+END_LENGTH, END_END, END_STOP = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- packing
+@helper
+def pack_block(cell, net, pk, p):
+    """Block p's panels: its rows of every layer's W_hh and of W_ih of layers 1.."""
+    G, H, L = cell.G, net.H, net.L
+    u0, u1 = pk.ub[p], pk.ub[p + 1]
+    for k in range(L):
+        W_ih, W_hh = layer_weights(net.theta, net, k, G)[:2]
+        pack_fwd(W_hh, G, H, u0, u1, pk.whh[p][k * pk.chunk : (k + 1) * pk.chunk])
+        if k > 0:
+            pack_fwd(W_ih, G, H, u0, u1, pk.wih[p][(k - 1) * pk.chunk : k * pk.chunk])
+
+
+@helper
+def pack_shared(cell, net, pk):
+    """The panels every block reads: decoder.weight^T (pack_fwd with one gate of V rows) and w0t."""
+    Wd = decoder_weights(net.theta, net)[0]
+    pack_fwd(Wd, 1, net.H, 0, net.V, pk.wd)
+    fill_w0t(pk.w0t, net, cell.G)
+
+
+@kernel
+def _pack(cell, net, pk):
+    """Every block's panels and the shared ones, on one thread (Model.packed_steps)."""
+    for p in range(pk.ub.shape[0] - 1):
+        pack_block(cell, net, pk, p)
+    pack_shared(cell, net, pk)
+
+
+# ----------------------------------------------------------------------------- one step, packed
+@helper
+def layer_block(cell, net, pk, wk, tok, nb, k, p):
+    """Layer k of the step for units ub[p]..ub[p+1]-1 of nb streams: reads hs[k-1][1] (the layer
+    below, this step) and hs[k][0] (this layer, the step before); writes hs[k][1] (and cs)."""
+    G, H = cell.G, net.H
+    u0, u1 = pk.ub[p], pk.ub[p + 1]
+    Hp = u1 - u0
+    W_ih, W_hh, b_ih, b_hh = layer_weights(net.theta, net, k, G)
+    lay = Layer(wk.gates, wk.hs[k], wk.cs[k], wk.tcs, wk.hn)
+    g2 = wk.gates[0]
+    hp = thread_rows(wk.hp, p, nb, G * Hp)
+    if k == 0:
+        for b in range(nb):  # the one-hot input product: a row of w0t
+            gather_input(g2[b], W_ih, pk.w0t, tok[b], b_ih, b_hh, cell, u0, u1, H)
+    else:
+        gp = thread_rows(wk.gp, p, nb, G * Hp)
+        mm_packed(rows(wk.hs[k - 1, 1], 0, nb), pk.wih[p][(k - 1) * pk.chunk : k * pk.chunk], gp, H)
+        for b in range(nb):  # the block's products into the gate-major row, biases folded
+            for g in range(G):
+                dst = g2[b, g * H + u0 : g * H + u1]
+                copy(dst, gp[b, g * Hp : (g + 1) * Hp])
+                cells.fold_bias(cell, dst, b_ih[g * H + u0 : g * H + u1], b_hh[g * H + u0 : g * H + u1])
+    mm_packed(rows(wk.hs[k, 0], 0, nb), pk.whh[p][k * pk.chunk : (k + 1) * pk.chunk], hp, H)
+    cells.forward(cell, lay, 0, 0, nb, u0, u1, hp, b_hh)
+
+
+@helper
+def decode(net, pk, wk, nb):
+    """logits[:nb] <- the top layer's new state @ decoder.weight^T + decoder.bias."""
+    L, V = net.L, net.V
+    bd = decoder_weights(net.theta, net)[1]
+    mm_packed(rows(wk.hs[L - 1, 1], 0, nb), pk.wd, rows(wk.logits, 0, nb), net.H)
+    for b in range(nb):
+        row = wk.logits[b]
+        for v in range(V):
+            row[v] += bd[v]
+
+
+@kernel
+def _packed_step(cell, net, pk, wk, tok, h, c):
+    """One step of nb = tok.shape[0] streams from state h, c (L, nb, H), updated in place;
+    wk.logits[:nb] out. Every block in turn, on this thread."""
+    nb = tok.shape[0]
+    L = net.L
+    lstm = wk.cs.shape[1] > 0
+    for k in range(L):
+        for b in range(nb):
+            copy(wk.hs[k, 0, b], h[k, b])
+            if lstm:
+                copy(wk.cs[k, 0, b], c[k, b])
+    for k in range(L):
+        for p in range(pk.ub.shape[0] - 1):
+            layer_block(cell, net, pk, wk, tok, nb, k, p)
+    decode(net, pk, wk, nb)
+    for k in range(L):
+        for b in range(nb):
+            copy(h[k, b], wk.hs[k, 1, b])
+            if lstm:
+                copy(c[k, b], wk.cs[k, 1, b])
+
+
+# ----------------------------------------------------------------------------- one position of the search
+@helper
+def log_softmax_row(z, out):
+    """out (V,) float64 <- log softmax of z (V,), as beam.log_softmax: a NaN anywhere, or a max of
+    +-inf, shifts by 0 (so the row comes out NaN or -inf rather than wrong)."""
+    V = z.shape[0]
+    m = -np.inf
+    nan = False
+    for v in range(V):
+        x = np.float64(z[v])
+        if x != x:
+            nan = True
+        elif x > m:
+            m = x
+    if nan or not (-np.inf < m < np.inf):
+        m = 0.0
+    s = 0.0
+    for v in range(V):
+        s += np.exp(np.float64(z[v]) - m)
+    lse = m + np.log(s)
+    for v in range(V):
+        out[v] = np.float64(z[v]) - lse
+
+
+@helper
+def top_insert(top_v, top_i, cnt, k, x, i):
+    """Offer candidate (x, i) to the k best so far, kept best first with ties in index order; i is
+    larger than every index offered before. Returns the new count."""
+    if cnt == k:
+        if not x > top_v[k - 1]:  # a tie with the worst kept loses: its index is larger
+            return cnt
+        j = k - 1
+    else:
+        j = cnt
+        cnt += 1
+    while j > 0 and top_v[j - 1] < x:  # past the strictly worse; an equal one keeps its place ahead
+        top_v[j] = top_v[j - 1]
+        top_i[j] = top_i[j - 1]
+        j -= 1
+    top_v[j] = x
+    top_i[j] = i
+    return cnt
+
+
+@helper
+def argmax_allowed(z, banned):
+    """The first allowed token of the largest logit (NaN never wins; 0 if none is above -inf), as
+    beam._argmax_allowed."""
+    best, bv = 0, -np.inf
+    for v in range(z.shape[0]):
+        x = np.float64(z[v])
+        if banned[v] or x != x:
+            continue
+        if x > bv:
+            best, bv = v, x
+    return best
+
+
+@helper
+def position(sr, logits, t, end_id):
+    """Position t of the search from the step's logits (n + greedy rows); returns the rows of the
+    next step (0: the search is over). Mirrors beam.py's rules line for line (its docstring)."""
+    info = sr.info
+    V = logits.shape[1]
+    n, gon, slots = info[I_N], info[I_GREEDY], info[I_SLOTS]
+    stop_len = sr.table.shape[0] - 1
+    for r in range(n + gon):
+        log_softmax_row(logits[r], sr.lp[r])
+    # ---- the beam: the best `slots` of the n x V continuations
+    cnt = 0
+    if n == 1 and slots == 1:
+        # one row: rank by its logits, so a beam of one is exactly greedy decoding
+        for v in range(V):
+            x = np.float64(logits[0, v])
+            if not sr.banned[v] and x > -np.inf:
+                cnt = top_insert(sr.top_v, sr.top_i, cnt, slots, x, v)
+    else:
+        for r in range(n):
+            s, lpr = sr.score[r], sr.lp[r]
+            for v in range(V):
+                x = s + lpr[v]
+                if not sr.banned[v] and x > -np.inf:  # NaN and -inf are never chosen
+                    cnt = top_insert(sr.top_v, sr.top_i, cnt, slots, x, r * V + v)
+    if cnt == 0 and n > 0:
+        info[I_ERROR] = 1  # the model's outputs are not finite numbers
+        return 0
+    sr.picked[t] = cnt
+    nl = 0
+    for i in range(cnt):
+        par, tk = sr.top_i[i] // V, sr.top_i[i] % V
+        sr.par[i] = par
+        sr.parent[t, i] = sr.rows[par]
+        sr.token[t, i] = tk
+        sr.tlp[t, i] = sr.lp[par, tk]
+        stopped = False
+        if stop_len > 0:
+            sr.mnew[i] = sr.table[sr.matched[par], tk]
+            stopped = sr.mnew[i] == stop_len
+        if tk == end_id or stopped:
+            ns = info[I_SETTLED]
+            sr.settled[ns, 0], sr.settled[ns, 1] = t, i
+            sr.settled[ns, 2] = END_END if tk == end_id else END_STOP
+            info[I_SETTLED] = ns + 1
+        else:
+            sr.live[nl] = i
+            nl += 1
+    info[I_SLOTS] = slots - (cnt - nl)
+    for j in range(nl):
+        sr.keep[j] = sr.par[sr.live[j]]
+    nk = nl
+    # ---- the greedy stream: the argmax, as --temp 0 draws it
+    gt = -1
+    if gon:
+        gt = argmax_allowed(logits[n], sr.banned)
+        g = info[I_GTOKS]
+        sr.g_toks[g] = gt
+        sr.g_lps[g] = sr.lp[n, gt]
+        info[I_GTOKS] = g + 1
+        if stop_len > 0:
+            info[I_GMATCH] = sr.table[info[I_GMATCH], gt]
+        if gt == end_id:
+            info[I_GEND] = END_END
+        elif stop_len > 0 and info[I_GMATCH] == stop_len:
+            info[I_GEND] = END_STOP
+        if info[I_GEND] < 0:
+            sr.keep[nk] = n
+            nk += 1
+        else:
+            info[I_GREEDY] = 0
+    info[I_T] = t
+    info[I_N] = nl
+    if nl == 0 and info[I_GREEDY] == 0:
+        return 0
+    # the survivors become the rows of the next step; their scores go through top_v (free now),
+    # since a parent's score may be read after an earlier survivor has taken its slot
+    for j in range(nl):
+        i = sr.live[j]
+        sr.top_v[j] = sr.score[sr.par[i]] + sr.tlp[t, i]
+    for j in range(nl):
+        i = sr.live[j]
+        sr.tok[j] = sr.token[t, i]
+        sr.score[j] = sr.top_v[j]
+        sr.matched[j] = sr.mnew[i]
+        sr.rows[j] = i
+    if info[I_GREEDY]:
+        sr.tok[nl] = gt
+    return nk
+
+
+@helper
+def finish(sr):
+    """The search is over: the hypotheses still going after the last position settle by length."""
+    info = sr.info
+    info[I_DONE] = 1
+    if info[I_ERROR]:
+        return
+    for j in range(info[I_N]):
+        ns = info[I_SETTLED]
+        sr.settled[ns, 0], sr.settled[ns, 1], sr.settled[ns, 2] = info[I_T], sr.rows[j], END_LENGTH
+        info[I_SETTLED] = ns + 1
+
+
+# ----------------------------------------------------------------------------- the search's loops
+@kernel
+def _search_threads(p, n, cell, net, pk, wk, sr, h, c, end_id, t0, t1, sync):
+    """Thread p of n: positions t0..t1-1 of the search of sr.parent.shape[0] positions (everything
+    it carries from one call to the next lives in sr and wk). At t0 = 0 every stream starts from
+    the state h, c (L, 1, H), the prime's, and the weights are packed: each thread its block of
+    units, thread 0 the shared panels. Thread 0 decodes and runs the bookkeeping."""
+    L = net.L
+    N = sr.parent.shape[0]
+    lstm = wk.cs.shape[1] > 0
+    if t0 == 0:
+        pack_block(cell, net, pk, p)
+        if p == 0:
+            pack_shared(cell, net, pk)
+            for k in range(L):  # every stream starts from the prime's state
+                for b in range(sr.info[I_N] + sr.info[I_GREEDY]):
+                    copy(wk.hs[k, 0, b], h[k, 0])
+                    if lstm:
+                        copy(wk.cs[k, 0, b], c[k, 0])
+    ep = barrier(sync, p, n, 1)
+    for t in range(t0, t1):
+        nb = sr.info[I_N] + sr.info[I_GREEDY]
+        for k in range(L):
+            layer_block(cell, net, pk, wk, sr.tok, nb, k, p)
+            ep = barrier(sync, p, n, ep)  # layer k's new state is complete
+        if p == 0:
+            decode(net, pk, wk, nb)
+            nk = position(sr, rows(wk.logits, 0, nb), t, end_id)
+            if nk == 0:
+                raise_flag(sync, STOP, 1)
+            for k in range(L):  # the parents' new states become the next step's previous ones
+                for j in range(nk):
+                    copy(wk.hs[k, 0, j], wk.hs[k, 1, sr.keep[j]])
+                    if lstm:
+                        copy(wk.cs[k, 0, j], wk.cs[k, 1, sr.keep[j]])
+        ep = barrier(sync, p, n, ep)  # the tokens, the reordered state and the stop flag are visible
+        if flag(sync, STOP) != 0:
+            break
+    if p == 0 and (flag(sync, STOP) != 0 or t1 == N):
+        finish(sr)
+
+
+@kernel
+def _search_one(cell, net, sr, st, h, c, end_id, t0, t1):
+    """Positions t0..t1-1 of a beam of one (greedy decoding) from state h, c (L, 1, H), updated:
+    the sampler's own single-stream step, so its logits are exactly those of `--temp 0` sampling."""
+    tok = sr.tok[:1]
+    for t in range(t0, t1):
+        step(cell, net, tok, h, c, st, st.w0t[:0])
+        if position(sr, st.logits, t, end_id) == 0:
+            finish(sr)
+            return
+    if t1 == sr.parent.shape[0]:
+        finish(sr)
+
+
+# ----------------------------------------------------------------------------- Python side
+def packed_buffers(cell_name: str, G: int, L: int, H: int, V: int, ub, dtype) -> Packed:
+    from charrnn.kernels import gemm, layout
+
+    n = len(ub) - 1
+    Hp = int(np.max(np.diff(ub)))
+    chunk = gemm.packed_size(H, G * Hp)
+    pt = layout.per_thread
+    return Packed(whh=pt(n, L * chunk, dtype), wih=pt(n, max(L - 1, 1) * chunk, dtype),
+                  wd=layout.empty(gemm.packed_size(H, V), dtype), w0t=layout.empty((V, G * H), dtype),
+                  ub=np.asarray(ub, dtype=np.int64), chunk=int(chunk))
+
+
+def work_buffers(cell_name: str, G: int, L: int, NB: int, H: int, V: int, ub, dtype) -> Work:
+    from charrnn.kernels import layout
+
+    n = len(ub) - 1
+    Hp = int(np.max(np.diff(ub)))
+    uses = lambda slot: cells.uses(cell_name, slot)  # noqa: E731
+    e, pt = layout.empty, layout.per_thread
+    return Work(gates=e((1, NB, G * H), dtype), hs=e((L, 2, NB, H), dtype),
+                cs=e((L, 2 if uses("cs") else 0, NB, H), dtype), tcs=e((1 if uses("tcs") else 0, NB, H), dtype),
+                hn=e((1 if uses("hn") else 0, NB, H), dtype), hp=pt(n, NB * G * Hp, dtype),
+                gp=pt(n, NB * G * Hp, dtype), logits=e((NB, V), dtype))
+
+
+def search_buffers(width: int, length: int, V: int, banned, table, greedy: bool, first_token: int) -> Search:
+    """The record of a search of `width` hypotheses over `length` positions, at its start: one live
+    hypothesis (the prime), and the greedy stream beside it when `greedy`."""
+    K, N = int(width), int(length)
+    info = np.zeros(INFO, dtype=np.int64)
+    info[I_N], info[I_GREEDY], info[I_SLOTS], info[I_T], info[I_GEND] = 1, int(greedy), K, -1, -1
+    sr = Search(banned=np.ascontiguousarray(banned, dtype=np.bool_), table=np.ascontiguousarray(table, dtype=np.int32),
+                lp=np.zeros((K + 1, V)), top_v=np.zeros(K), top_i=np.zeros(K, dtype=np.int64),
+                tok=np.full(K + 1, first_token, dtype=np.int32), score=np.zeros(K), matched=np.zeros(K, dtype=np.int32),
+                rows=np.zeros(K, dtype=np.int64), par=np.zeros(K, dtype=np.int64), mnew=np.zeros(K, dtype=np.int32),
+                live=np.zeros(K, dtype=np.int64), keep=np.zeros(K + 1, dtype=np.int64),
+                parent=np.zeros((N, K), dtype=np.int64), token=np.zeros((N, K), dtype=np.int32), tlp=np.zeros((N, K)),
+                picked=np.zeros(N, dtype=np.int64), settled=np.zeros((K, 3), dtype=np.int64),
+                g_toks=np.zeros(N, dtype=np.int32), g_lps=np.zeros(N), info=info)
+    return sr
+
+
+def search_threads(cell, net, pk, wk, sr, h, c, end_id, t0, t1, team, sync) -> None:
+    n = len(pk.ub) - 1
+    team.run(n, _search_threads, n, cell, net, pk, wk, sr, h, c, int(end_id), int(t0), int(t1), sync, sync=sync)
