@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from charrnn import __version__
+from charrnn.config import MAX_LAYERS, MAX_STREAMS  # noqa: F401 - the limits of a checkpoint's sizes, shared
 from charrnn.errors import CheckpointError
 from charrnn.model import CELLS, Model, ModelConfig, param_shapes
 from charrnn.rundir import remove_files
@@ -39,13 +40,11 @@ VERSION = 1
 # ------------------------------------------------------------------------------ sanity limits
 # A meta record declaring more than these is a corrupt file, refused before anything is allocated.
 # Each sits far above anything trainable on a CPU, so no real model is refused.
-MAX_LAYERS = 256  # stacked RNNs use a handful (GNMT: 8); also bounds the members (4 per layer)
 MAX_HIDDEN = 65536  # 16x the widest character-level RNN published (the 4096-unit mLSTM)
 MAX_VOCAB = 0x110000 + 3  # every Unicode code point plus <START>, <END>, <UNK>: no text holds more
 # 268M parameters, 1 GiB in float32, 80x a 2x512 LSTM (3.3M). At ~6 flops per parameter per
 # character, a 100 GFLOP/s CPU would need two days for one epoch of a 10 MB corpus.
 MAX_PARAMS = 2**28
-MAX_STREAMS = 2**20  # B of the carried state train.h/c (32768x the default --batch), itself <= MAX_PARAMS
 # The meta record as stored, 4 bytes a character: a vocabulary of every code point is 5.6M
 # characters of JSON (22 MB); the rest of a run's meta is a few KB.
 MAX_META_BYTES = 32 * 2**20

@@ -16,12 +16,13 @@ import functools
 import json
 import math
 import os
+import shlex
 import sys
 
 import click
 
 from charrnn import __version__
-from charrnn.config import BEAM_MAX, DEFAULTS, SAMPLE_BOUNDS, SEED_LIMIT, TRAIN_BOUNDS
+from charrnn.config import BEAM_MAX, DEFAULTS, PRIME_MAX_BYTES, SAMPLE_BOUNDS, SEED_LIMIT, TRAIN_BOUNDS, format_size
 from charrnn.errors import CharrnnError
 
 EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
@@ -69,7 +70,7 @@ class ResultsOut:
     is found before any work is done."""
 
     def __init__(self):
-        if sys.stdout is None:
+        if sys.stdout is None or getattr(sys.stdout, "closed_by_shell", False):
             raise CharrnnError("cannot write to stdout: it is closed")
         self.stream = sys.stdout
 
@@ -224,7 +225,7 @@ def cli():
 @click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=DEFAULTS.cell,
               help="Recurrent cell (default: lstm; gru for --minutes 10 or less, where it learns faster).")
 @click.option("--nonlinearity", type=click.Choice(["tanh", "relu"]), default=DEFAULTS.nonlinearity, help="For --cell rnn.")
-@click.option("--layers", type=click.IntRange(min=1), default=DEFAULTS.layers, help="Stacked recurrent layers.")
+@click.option("--layers", type=click.IntRange(min=1, max=TRAIN_BOUNDS["layers"].max), default=DEFAULTS.layers, help="Stacked recurrent layers.")
 @click.option("--hidden", type=click.IntRange(min=1, max=TRAIN_BOUNDS["hidden"].max), default=None, help="Units per layer. Default: chosen from the corpus size and time budget.")
 @click.option("--dropout", type=_finite(TRAIN_BOUNDS["dropout"]), default=None, help="Dropout on each layer's output. Default: from the epochs the budget allows and the parameters per character (fitted once a --minutes run knows its speed).")
 @click.option("--dropout-mode", type=click.Choice(["step", "locked"]), default=DEFAULTS.dropout_mode,
@@ -239,7 +240,7 @@ def cli():
                    "polyak (the mean from the start of the learning rate's decay).")
 @click.option("--avg-decay", type=_finite(TRAIN_BOUNDS["avg_decay"]), default=DEFAULTS.avg_decay, metavar="D",
               help="--average ema: the average spans at most about 1/(1-D) updates.")
-@click.option("--batch", type=click.IntRange(min=1), default=DEFAULTS.batch, help="Parallel streams per step (B).")
+@click.option("--batch", type=click.IntRange(min=1, max=TRAIN_BOUNDS["batch"].max), default=DEFAULTS.batch, help="Parallel streams per step (B).")
 @click.option("--seq", type=click.IntRange(min=1), default=DEFAULTS.seq, help="Backprop-through-time steps per update (T).")
 @click.option("--seq-warmup", type=click.IntRange(min=0), default=DEFAULTS.seq_warmup, metavar="STEPS", help="Grow T from 8 to --seq over this many steps (0: off).")
 @click.option("--lr", type=_finite(TRAIN_BOUNDS["lr"]), default=DEFAULTS.lr, help="Peak learning rate.")
@@ -305,7 +306,7 @@ def _train(corpus, out, resume, quiet, workers, **opts):
 
     size = parallel.world_size()  # > 1: this is one of the workers of an MPI job (nothing imported to know)
     if size == 1 and workers is not None and workers > 1:
-        sys.exit(parallel.launch(workers, sys.argv[1:], None if resume else opts["batch"]))
+        sys.exit(parallel.launch(workers, sys.argv[1:], None if resume else opts["batch"], corpus, opts["max_input"]))
     if size > 1 and workers is not None and workers != size:
         raise UsageError(f"--workers {workers}, but mpiexec started {size} processes")
     make = functools.partial(_make_trainer, corpus, out, resume, opts=opts)
@@ -340,6 +341,9 @@ def _make_trainer(corpus, out, resume, quiet, opts):
     if resume:
         if corpus:
             raise UsageError("--resume takes the corpus from the run; do not give CORPUS too")
+        if out is not None:
+            raise UsageError("--resume continues the run in its own directory: drop --out (to start a new run "
+                             "from it elsewhere, copy the directory first)")
         ctx = click.get_current_context()
         changed = [k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
                    and k not in ("steps", "epochs", "minutes", "threads", "workers")]
@@ -370,7 +374,7 @@ def _report(result: dict, quiet: bool):
         if math.isfinite(best):
             click.echo(f"best validation loss {best:.4f} nats/char ({best / math.log(2):.4f} bits/char)", err=True)
         click.echo(f"model: {os.path.join(result['out'], 'best.npz')}", err=True)
-        click.echo(f"sample from it: charrnn sample --model {result['out']}", err=True)
+        click.echo(f"sample from it: charrnn sample --model {shlex.quote(result['out'])}", err=True)
 
 
 # ------------------------------------------------------------------------------------------ sample
@@ -384,7 +388,7 @@ def _report(result: dict, quiet: bool):
 @click.option("--prime", type=str, default="", help="Text to warm the model up with; printed first.")
 @click.option("--prime-file", type=str, default=None, metavar="PATH",
               help="Read the prime from a file (- for stdin): its text exactly, a final newline included, in "
-                   "UTF-8. Not with --prime. Example: --prime-file intro.txt")
+                   f"UTF-8, at most {format_size(PRIME_MAX_BYTES)} bytes. Not with --prime. Example: --prime-file intro.txt")
 @click.option("--no-prime-echo", is_flag=True, help="Do not print the prime text.")
 @click.option("--unknown", type=click.Choice(["error", "skip", "unk"]), default="error", help="Prime characters the model never saw.")
 @click.option("--stop", type=str, default=None, metavar="STRING",
@@ -411,6 +415,7 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     from charrnn.errors import UsageError, VocabError
     from charrnn.generate import SampleOptions, prime_tokens, random_seed, sample_pieces
 
+    prime, stop = _text_argument("--prime", prime), _text_argument("--stop", stop)
     _check_sample_options(click.get_current_context(), prime, prime_file, stop, beam, length, num)
     out = ResultsOut()
     path, guessed = checkpoint.resolve(model_path)
@@ -458,9 +463,6 @@ def _check_sample_options(ctx, prime, prime_file, stop, beam, length, num):
     """The usage errors of `sample` that need no model: one line each, exit status 2."""
     from charrnn.errors import UsageError
 
-    for name, value in (("--prime", prime), ("--stop", stop)):
-        if value and not _is_utf8(value):
-            raise UsageError(f"{name} is not valid UTF-8 text")
     if prime_file is not None and _given(ctx, "prime"):
         raise UsageError("give --prime or --prime-file, not both")
     if stop is not None and not stop:
@@ -477,24 +479,35 @@ def _check_sample_options(ctx, prime, prime_file, stop, beam, length, num):
         raise UsageError(f"--num {num} needs --beam {num} or wider (the beam returns its N best texts)")
 
 
-def _is_utf8(text: str) -> bool:
-    """False for a command-line argument whose bytes were not UTF-8 (Python keeps them as lone
-    surrogates, which no output can write)."""
+def _text_argument(name: str, value):
+    """A command-line argument that is text (not a path), read as UTF-8 whatever the locale: under
+    a C locale Python decodes arguments as ASCII, keeping each other byte as a lone surrogate, so
+    the argument's own bytes are decoded again. UsageError when they are not UTF-8 (such bytes
+    would be lone surrogates, which no output can write)."""
+    from charrnn.errors import UsageError
+
+    if not value:
+        return value
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+        return os.fsencode(value).decode("utf-8")
+    except UnicodeError:
+        raise UsageError(f"{name} is not valid UTF-8 text") from None
 
 
 def _read_prime(path: str) -> str:
     """--prime-file: the text of a file or stdin, read as corpora are (strict UTF-8, a BOM dropped,
     CRLF as \\n); one-line errors for a missing, binary, empty or undecodable file."""
-    from charrnn.data import read_text
+    from charrnn.config import PRIME_MAX_BYTES, format_size
+    from charrnn.data import InputTooLarge, Source
     from charrnn.errors import DataError
 
-    try:
-        return read_text(path)
+    try:  # small chunks: an endless pipe (`yes |`) stops at the limit, not 16 MiB later
+        with Source([path], None, PRIME_MAX_BYTES, chunk_bytes=1 << 16, reread=False) as src:
+            return "".join(src.chunks())
+    except InputTooLarge:
+        size = format_size(PRIME_MAX_BYTES)
+        raise DataError(f"--prime-file: more than {size} bytes, the most a prime may hold (its end may do: "
+                        f"tail -c {size} FILE | charrnn sample --prime-file - ...)") from None
     except DataError as e:  # the reader's hint names train's and eval's --encoding, which sample lacks
         raise DataError(f"--prime-file: {str(e).split('; if the file is in another encoding')[0]}") from None
 
@@ -704,6 +717,9 @@ def _eval_progress(fname: str, quiet: bool):
 
 
 def main():
+    from charrnn import streams
+
+    streams.setup()  # UTF-8 out whatever the locale; a broken stderr never stops the work
     try:
         try:
             cli(prog_name="charrnn")

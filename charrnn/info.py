@@ -21,10 +21,10 @@ import unicodedata
 import zipfile
 from dataclasses import dataclass, field, fields
 
-from charrnn import DISTRIBUTION
+from charrnn import pip_hint
 from charrnn.errors import CharrnnError, UsageError
 
-PLOT_HINT = f"pip install '{DISTRIBUTION}[plot]'"
+PLOT_HINT = pip_hint("matplotlib>=3.6")  # what the [plot] extra holds
 METRICS_FILE = "metrics.jsonl"
 # The terminal plot: wide enough to show a curve's shape, narrow enough for an 80-column terminal
 # beside its 9-character axis labels.

@@ -22,6 +22,7 @@ Nothing here is imported, and mpi4py is never imported, unless workers are used:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -35,10 +36,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from charrnn import DISTRIBUTION, __version__
+from charrnn import __version__, pip_hint
 from charrnn.errors import CharrnnError, TrainingError, UsageError
 
-INSTALL_HINT = f"pip install '{DISTRIBUTION}[mpi]'"  # the index's "charrnn" is another project
+INSTALL_HINT = pip_hint("mpi4py>=4", "mpich")  # what the [mpi] extra holds
 # the environment variables by which process managers tell a process the size of its MPI job
 # (MPICH's hydra and Intel MPI: PMI_SIZE; Open MPI: OMPI_COMM_WORLD_SIZE; PMIx launchers: PMIX_SIZE)
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
@@ -92,7 +93,62 @@ def _have_mpi4py() -> bool:
 
 
 # ---------------------------------------------------------------------------------- the launcher
-def launch(workers: int, argv: list[str], batch: int | None) -> int:
+SPOOL_VARIABLE = "CHARRNN_SPOOLED_INPUT"  # set by `launch`: {corpus path: its copy} for stdin, pipes and FIFOs
+SPOOL_CHUNK = 1 << 20
+
+
+def _spool_streams(corpus, max_input: int | None, directory: str) -> dict:
+    """Copy each corpus input that can be read only once (stdin, a pipe, a FIFO, `<(command)`, a
+    device) into a file in `directory`, once, within --max-input, and return {path: copy}. The
+    workers read the copies under the names given (mpiexec forwards stdin to one worker, through a
+    pipe that gave out beyond a few hundred KB, and a FIFO can be read once)."""
+    import stat
+
+    from charrnn.data import _Limit, _open, _source_name
+    from charrnn.errors import DataError
+
+    limit = _Limit(max_input)
+    copies = {}
+    for i, path in enumerate(corpus):
+        if path in copies:
+            continue
+        if path == "-":
+            if sys.stdin is None:
+                raise DataError("<stdin>: is closed")
+            src, close = sys.stdin.buffer, False
+        else:
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                continue  # the workers say what is wrong with it, as a single process would
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                continue
+            src, close = _open(path), True
+        dest = os.path.join(directory, f"input{i}")
+        name = _source_name(path)
+        try:
+            with open(dest, "wb") as out:
+                while True:
+                    try:
+                        data = src.read(SPOOL_CHUNK)
+                    except OSError as e:
+                        raise DataError(f"{name}: cannot read: {e.strerror or e}") from None
+                    if not data:
+                        break
+                    limit.take(len(data), name)
+                    try:
+                        out.write(data)
+                    except OSError as e:
+                        raise DataError(f"{name}: cannot keep a copy for the workers in {directory}: "
+                                        f"{e.strerror or e} (set TMPDIR to a place with room, or give a file)") from None
+        finally:
+            if close:
+                src.close()
+        copies[path] = dest
+    return copies
+
+
+def launch(workers: int, argv: list[str], batch: int | None, corpus=(), max_input: int | None = None) -> int:
     """Run `charrnn <argv>` as `workers` MPI processes on this machine; returns the exit status.
 
     The workers run in a session of their own, so a Ctrl-C at the terminal reaches this process
@@ -114,15 +170,19 @@ def launch(workers: int, argv: list[str], batch: int | None) -> int:
 
     rendezvous = tempfile.mkdtemp(prefix="charrnn-workers-")
     try:
-        return _launch([mpiexec, "-n", str(workers), sys.executable, "-m", "charrnn", *argv],
-                       dict(os.environ, **{LAUNCH_DIR_VARIABLE: rendezvous}), rendezvous)
+        env = dict(os.environ, **{LAUNCH_DIR_VARIABLE: rendezvous})
+        copies = _spool_streams(corpus, max_input, rendezvous)
+        if copies:
+            env[SPOOL_VARIABLE] = json.dumps(copies)
+        return _launch([mpiexec, "-n", str(workers), sys.executable, "-m", "charrnn", *argv], env, rendezvous)
     finally:
         shutil.rmtree(rendezvous, ignore_errors=True)
 
 
 def _launch(cmd, env, rendezvous) -> int:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=_term_with_parent)
+    # stdin is never the workers' (a corpus on it was spooled): mpiexec must not forward it
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, preexec_fn=_term_with_parent)
     received = []
 
     def forward(signum, frame):
