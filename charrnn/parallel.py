@@ -195,7 +195,7 @@ def _launch(cmd, env, rendezvous) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     # mpiexec's own lines, kept off the terminal (which process ended badly, and how), and whether
     # a worker has said what went wrong itself
-    seen = {"notes": [], "error": False, "first_dead": None}
+    seen = {"notes": [], "error": False, "first_dead": None, "manager": None}
     relays = [threading.Thread(target=_relay, args=(pipe, dest, seen), daemon=True)
               for pipe, dest in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
     relays.append(threading.Thread(target=_watch_workers, args=(proc, rendezvous, seen), daemon=True))
@@ -208,8 +208,17 @@ def _launch(cmd, env, rendezvous) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if rc < 0:  # mpiexec itself was killed
+    if rc < 0 and not received:  # mpiexec itself was killed: its workers may live on, orphaned
+        stopped = _stop_workers(rendezvous)
+        _say(f"mpiexec (process {proc.pid}) ended unexpectedly ({_signal_name(-rc)}); "
+             + ("the workers were stopped" if stopped else "the workers ended with it") + _saved_note(rendezvous))
+        return 1
+    if rc < 0:
         rc = 128 - rc
+    if seen["manager"] is not None and not received:
+        _say(f"the process manager (hydra_pmi_proxy, process {seen['manager']}) ended unexpectedly; the workers were "
+             f"stopped{_saved_note(rendezvous)}")
+        return 1
     if received:
         return rc if rc in (130, 143) else (143 if signal.SIGTERM in received else 130)
     if rc in (0, 2) or (rc in (1, 130, 143) and (seen["error"] or not seen["notes"])):
@@ -221,13 +230,82 @@ def _launch(cmd, env, rendezvous) -> int:
 
 
 def _watch_workers(proc, rendezvous: str, seen: dict):
-    """Note which worker ended first while others still ran (mpiexec names it too, most times)."""
+    """Note which worker ended first while others still ran (mpiexec names it too, most times);
+    and a process manager (mpiexec's child, hydra_pmi_proxy) that ended while every worker still
+    ran: then the workers would train on to the end of their budget with nobody to report to, so
+    they are told to stop (SIGTERM: they save and end together) and seen["manager"] names it."""
+    managers = set()
     while proc.poll() is None:
+        managers |= _children(proc.pid)
         pids = _rank_pids(rendezvous)
-        dead = [r for pid, (r, _) in pids.items() if not _alive(pid)]
+        dead = [r for pid, (r, _) in pids.items() if not _running(pid)]
         if dead and len(dead) < len(pids) and seen["first_dead"] is None:
             seen["first_dead"] = min(dead)
+        gone = [m for m in managers if not _running(m)]
+        if (gone and seen["manager"] is None and seen["first_dead"] is None and pids and not dead
+                and proc.poll() is None):
+            seen["manager"] = min(gone)
+            _stop_workers(rendezvous, wait_s=0)
         time.sleep(0.02)
+
+
+def _children(pid: int) -> set:
+    """The process ids of `pid`'s children (Linux /proc; empty elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return {int(x) for x in f.read().split()}
+    except (OSError, ValueError):
+        return set()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed child its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return _alive(pid) if not os.path.isdir("/proc") else False
+
+
+def _stop_workers(rendezvous: str, wait_s: float = 60.0) -> bool:
+    """SIGTERM to every worker still running (they agree on a step, rank 0 saves last.npz, and
+    they end), then wait up to `wait_s` for them to end; whether any was running."""
+    pids = [pid for pid in _rank_pids(rendezvous) if _running(pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait_s
+    while wait_s and any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(pids)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return f"{signal.Signals(signum).name}, signal {signum}"
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _say(text: str):
+    """The launcher's one error line (a failing stderr loses it; the exit status still says it)."""
+    try:
+        sys.stderr.write(f"charrnn: error: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _saved_note(rendezvous: str) -> str:
+    """'; the last checkpoint, RUN/last.npz, is intact' when the run has one."""
+    try:
+        with open(os.path.join(rendezvous, "out"), encoding="utf-8") as f:
+            last = os.path.join(f.read().strip(), "last.npz")
+    except OSError:
+        return ""
+    return f"; the last checkpoint, {last}, is intact" if os.path.exists(last) else ""
 
 
 def _rank_pids(rendezvous: str) -> dict:
@@ -261,14 +339,7 @@ def _who_died(notes: list[str], rendezvous: str, first_dead: int | None = None) 
     if pid:
         rank, host = ranks.get(int(pid.group(1)), (None, pid.group(2)))
         who = f"worker {rank} (process {pid.group(1)} on {host})" if rank is not None else f"process {pid.group(1)}"
-    last = None
-    try:
-        with open(os.path.join(rendezvous, "out"), encoding="utf-8") as f:
-            last = os.path.join(f.read().strip(), "last.npz")
-    except OSError:
-        pass
-    saved = f"; the last checkpoint, {last}, is intact" if last and os.path.exists(last) else ""
-    return f"{who} ended unexpectedly{how}; all workers stopped{saved}"
+    return f"{who} ended unexpectedly{how}; all workers stopped{_saved_note(rendezvous)}"
 
 
 def _term_with_parent():

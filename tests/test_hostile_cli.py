@@ -493,3 +493,42 @@ def test_a_reader_that_goes_away_still_ends_quietly(wide_run):
     p.stdout.close()
     err = p.stderr.read()
     assert p.wait(timeout=60) == 0 and err == b""
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize("victim", ["proxy", "mpiexec"])
+def test_the_launcher_says_what_died(wide_corpus, tmp_path, victim):
+    """Issue 26, case 6: killing the hydra_pmi_proxy of a 2-worker run let the workers train to the
+    end of their budget, then blamed "a worker"; killing mpiexec was blamed on a worker too."""
+    _mpi()
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "charrnn", "train", wide_corpus, "--workers", "2", "--steps",
+                          "1000000", "--eval-every", "50", "--out", str(out), *TINY[:-1]],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.npz").exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert (out / "last.npz").exists()
+        mpiexec = _children(p.pid)[0]
+        target = mpiexec if victim == "mpiexec" else _children(mpiexec)[0]
+        os.kill(target, signal.SIGKILL)
+        t0 = time.monotonic()
+        rc = p.wait(timeout=90)
+        assert time.monotonic() - t0 < 30  # not the rest of a million steps
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err = p.stderr.read().decode()
+    assert rc == 1 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    who = "the process manager (hydra_pmi_proxy" if victim == "proxy" else "mpiexec (process"
+    assert last.startswith(f"charrnn: error: {who}") and "worker" not in last.split(";")[0], last
+    checkpoint.load(str(out / "last.npz"))  # intact
