@@ -20,6 +20,7 @@ import re
 import stat
 import struct
 import tempfile
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -376,8 +377,12 @@ def load(path: str, dtype=np.float32, with_arrays: bool = False) -> Checkpoint:
         except CheckpointError:
             raise
         except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, zlib.error, struct.error,
-                OverflowError, NotImplementedError) as e:  # NotImplementedError: zipfile on odd zip features
-            what = {zlib.error: "zlib.error", struct.error: "struct.error"}.get(type(e), type(e).__name__)
+                OverflowError, NotImplementedError,  # NotImplementedError: zipfile on odd zip features
+                SyntaxError, tokenize.TokenError, TypeError, IndexError, RecursionError) as e:
+            # the last line: numpy parses a .npy header with tokenize and ast.literal_eval, and a
+            # mangled header ends there (found by tests/test_hostile_fuzz.py)
+            what = {zlib.error: "zlib.error", struct.error: "struct.error",
+                    tokenize.TokenError: "bad .npy header"}.get(type(e), type(e).__name__)
             raise CheckpointError(f"{name}: corrupt or truncated checkpoint ({what})") from None
 
 

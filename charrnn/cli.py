@@ -22,7 +22,8 @@ import sys
 import click
 
 from charrnn import __version__
-from charrnn.config import BEAM_MAX, DEFAULTS, PRIME_MAX_BYTES, SAMPLE_BOUNDS, SEED_LIMIT, TRAIN_BOUNDS, format_size
+from charrnn.config import (BEAM_MAX, DEFAULTS, PRIME_MAX_BYTES, SAMPLE_BOUNDS, SAMPLE_HELD_MAX, SEED_LIMIT, TRAIN_BOUNDS,
+                            format_size)
 from charrnn.errors import CharrnnError
 
 EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
@@ -33,9 +34,17 @@ Example: charrnn sample --temp 0.8 --length 500 | head -n 20
 EPILOG_EVAL = "Example: charrnn eval sonnets.txt --json"
 
 
+def _one_line(text: str) -> str:
+    """`text` with its control characters and line separators escaped (\\n, \\x1b ...): an error is
+    one line, whatever a file name holds, and cannot move a terminal's cursor."""
+    import unicodedata
+
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in text)
+
+
 def _fail(message: str, code: int):
     try:
-        click.echo(f"charrnn: error: {message}", err=True)  # silent when stderr is closed
+        click.echo(f"charrnn: error: {_one_line(message)}", err=True)  # silent when stderr is closed
     except OSError:
         pass  # stderr fails too: the exit status still says it
     sys.exit(code)
@@ -383,7 +392,10 @@ def _report(result: dict, quiet: bool):
 @click.option("--temp", type=_finite(SAMPLE_BOUNDS["temp"]), default=1.0, help="Softmax temperature (0: greedy).")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample only from the K most likely characters.")
 @click.option("--top-p", type=_finite(SAMPLE_BOUNDS["top_p"]), default=None, help="Sample from the smallest set holding probability P (nucleus).")
-@click.option("--length", type=click.IntRange(min=0), default=1000, help="Characters per sample (0: unbounded, or until the document ends).")
+@click.option("--length", type=click.IntRange(min=0), default=1000,
+              help="Characters per sample (0: unbounded, or until the document ends). With --format jsonl, --beam "
+                   f"or --num above 1, samples are held until they end: --num x --length (x --beam) at most "
+                   f"{SAMPLE_HELD_MAX:,}.")
 @click.option("--num", type=click.IntRange(min=1, max=SAMPLE_BOUNDS["num"].max), default=1, help="Number of samples, separated by a newline.")
 @click.option("--prime", type=str, default="", help="Text to warm the model up with; printed first.")
 @click.option("--prime-file", type=str, default=None, metavar="PATH",
@@ -417,6 +429,7 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
 
     prime, stop = _text_argument("--prime", prime), _text_argument("--stop", stop)
     _check_sample_options(click.get_current_context(), prime, prime_file, stop, beam, length, num)
+    held = _held_chars(fmt, beam, num, length)  # what is held in memory, bounded before any work
     out = ResultsOut()
     path, guessed = checkpoint.resolve(model_path)
     ck = checkpoint.load(path)
@@ -428,6 +441,8 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     if fmt == "jsonl" and length == 0 and not documents and stop is None:
         raise UsageError("--format jsonl writes a sample when it ends, and with --length 0 a sample of a model "
                          "trained without --docs never does: give --length N or --stop STRING")
+    if held and length == 0:  # until the document ends or --stop, within what may be held
+        length = SAMPLE_HELD_MAX // (num * (beam or 1))
     if prime_file is not None:
         prime = _read_prime(prime_file)
     if stop is not None and not quiet and ck.vocab.unknown_chars(stop):
@@ -477,6 +492,22 @@ def _check_sample_options(ctx, prime, prime_file, stop, beam, length, num):
         raise UsageError("--beam needs a --length of at least 1 (a beam search settles nothing until it ends)")
     if num > beam:
         raise UsageError(f"--num {num} needs --beam {num} or wider (the beam returns its N best texts)")
+
+
+def _held_chars(fmt: str, beam, num: int, length: int) -> bool:
+    """Whether the samples are held in memory before they are written (--format jsonl writes a
+    sample when it ends, --beam when the search ends, and with --num above 1 a later sample waits
+    for the ones before it); then --num x --length (x --beam) is at most SAMPLE_HELD_MAX
+    characters, a usage error otherwise (--format text with one sample streams any length)."""
+    from charrnn.errors import UsageError
+
+    held = fmt == "jsonl" or beam is not None or num > 1
+    if held and length * num * (beam or 1) > SAMPLE_HELD_MAX:
+        what = "--format jsonl" if fmt == "jsonl" else "--beam" if beam is not None else "--num above 1"
+        raise UsageError(f"with {what} samples are held in memory until they end: --num x --length"
+                         f"{' x --beam' if beam else ''} may be at most {SAMPLE_HELD_MAX:,} characters "
+                         f"(here {length * num * (beam or 1):,}); one --format text sample streams any --length")
+    return held
 
 
 def _text_argument(name: str, value):
@@ -720,6 +751,7 @@ def main():
     from charrnn import streams
 
     streams.setup()  # UTF-8 out whatever the locale; a broken stderr never stops the work
+    _check_environment()
     try:
         try:
             cli(prog_name="charrnn")
@@ -733,6 +765,18 @@ def main():
     except SystemExit as e:
         _exit_now_if_compiling(e.code)
         raise
+
+
+def _check_environment():
+    """Environment variables that would end the first import of Numba in a traceback (Numba
+    refuses NUMBA_NUM_THREADS of 0 or less as it loads): a one-line usage error instead."""
+    value = os.environ.get("NUMBA_NUM_THREADS", "").strip()
+    try:
+        bad = bool(value) and int(float(value)) <= 0
+    except (ValueError, OverflowError):
+        bad = False  # Numba ignores what it cannot read as a number
+    if bad:
+        _fail(f"NUMBA_NUM_THREADS={_one_line(value)}: Numba needs at least 1 thread; unset it (and use --threads N)", 2)
 
 
 def _exit_now_if_compiling(code):

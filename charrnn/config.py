@@ -114,6 +114,10 @@ SAMPLE_BOUNDS = {
 # at a time, about a minute for 1 MiB at a 2x512 LSTM's step rate; an endless pipe stops here)
 PRIME_MAX_BYTES = 2**20
 
+# `sample`: the characters held in memory when samples are not streamed (--format jsonl, --beam,
+# --num above 1): --num x --length (x --beam) at most this (64 Mi: a few hundred MB of text)
+SAMPLE_HELD_MAX = 2**26
+
 # `sample --beam K`: each position scores K x V continuations in float64 (K = 1024 with a vocabulary
 # of 10,000 is 80 MB a step) and steps K + 1 streams; wider beams only cost time
 BEAM_MAX = 1024

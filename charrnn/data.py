@@ -194,7 +194,7 @@ def _spooled() -> dict:
         return {}
     try:
         copies = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return {k: v for k, v in copies.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(copies, dict) else {}
 
@@ -719,7 +719,10 @@ def _read_small_json(path: str, limit: int):
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path} is larger than {limit} bytes")
-    return json.loads(data.decode("utf-8"))
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path} nests too deep") from None
 
 
 # tokens.json lists the vocabulary: at most every code point, ~12 bytes each in its JSON form
@@ -753,7 +756,7 @@ def map_token_file(path: str, meta: dict) -> TokenFile | None:
         if _read_small_json(os.path.join(os.path.dirname(path), TOKENS_META), TOKENS_META_LIMIT) != meta:
             return None
         return _map(path, Layout(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"])), meta)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, EOFError):  # EOFError: an empty .npy
         return None
 
 
@@ -792,7 +795,7 @@ def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float, no
                     except OSError:
                         pass
                 return tokens
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError) as e:  # EOFError: an empty .npy
         why = f"it cannot be read ({getattr(e, 'strerror', None) or e})"
     if notes is not None:
         notes.append(f"note: rebuilding {path}: {why}")

@@ -224,8 +224,7 @@ def _launch(cmd, env, rendezvous) -> int:
     if rc in (0, 2) or (rc in (1, 130, 143) and (seen["error"] or not seen["notes"])):
         return rc  # the workers ended as they meant to, and said why
     if not seen["error"]:  # a worker ended badly, and mpiexec ended the others before they could say so
-        sys.stderr.write(f"charrnn: error: {_who_died(seen['notes'], rendezvous, seen['first_dead'])}\n")
-        sys.stderr.flush()
+        _say(_who_died(seen["notes"], rendezvous, seen["first_dead"]))
     return 1
 
 
@@ -729,7 +728,10 @@ def train(make, quiet: bool) -> dict | None:
         # would abort with its error stack, or wait for the dead)
         error = workers.lost(e)
         if not isinstance(error, Quiet):
-            os.write(2, f"charrnn: error: {error}\n".encode("utf-8", "replace"))
+            try:  # a stderr that fails loses the line, never the exit
+                os.write(2, f"charrnn: error: {error}\n".encode("utf-8", "replace"))
+            except OSError:
+                pass
             time.sleep(0.5)  # mpiexec forwards what is in the pipe only while the process lives
         os._exit(1)
     finally:

@@ -191,7 +191,7 @@ def read_identity(path: str) -> str | None:
     try:
         record = json.loads(data.decode("utf-8")) if len(data) <= 4096 else None
         run_id = record["run_id"] if record.get("format") == RUN_FORMAT else None
-    except (ValueError, AttributeError, KeyError, TypeError):
+    except (ValueError, AttributeError, KeyError, TypeError, RecursionError):
         run_id = None
     if not isinstance(run_id, str) or not run_id:
         raise CharrnnError(f"{name} is damaged: it should hold the run's identity")
@@ -257,8 +257,11 @@ def _make_dir(path: str) -> bool:
 def _try_lock(path: str, retries: int = 2) -> int | None:
     """An fd holding the directory's exclusive lock, with our pid written in; None if held."""
     lock_path = os.path.join(path, LOCK_NAME)
+    what = not_regular(lock_path, follow=False)
+    if what is not None:
+        raise CharrnnError(f"{lock_path} is {what}, not charrnn's lock file; move it away")
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
         raise CharrnnError(f"output directory {path} is not writable: {e.strerror or e}") from None
     try:

@@ -532,3 +532,81 @@ def test_the_launcher_says_what_died(wide_corpus, tmp_path, victim):
     who = "the process manager (hydra_pmi_proxy" if victim == "proxy" else "mpiexec (process"
     assert last.startswith(f"charrnn: error: {who}") and "worker" not in last.split(";")[0], last
     checkpoint.load(str(out / "last.npz"))  # intact
+
+
+# ================================================================ found by trying (docs/robustness.md)
+def test_an_error_is_one_line_whatever_a_file_name_holds(wide_run):
+    res = sh(["eval", "a\nb\x1b[31m\u2028c", "--model", wide_run, "-q"])
+    assert_manners(res, (1,))
+    assert res.stderr.decode() == "charrnn: error: a\\nb\\x1b[31m\\u2028c: no such file\n"
+
+
+def test_an_empty_token_file_is_rebuilt_not_aborted(wide_corpus, tmp_path):
+    """Found by the fuzz test: np.load of an empty tokens.npy raises EOFError, which Click turned
+    into a bare "Aborted!" with exit status 1 and no message."""
+    out = _fresh_run(wide_corpus, tmp_path / "r")
+    open(os.path.join(out, "tokens.npy"), "wb").close()
+    res = sh(["train", "--resume", out, "--steps", "9"])
+    assert_manners(res)
+    assert b"rebuilding" in res.stderr and b"Aborted" not in res.stderr
+
+
+def test_a_hostile_metrics_log_is_read_within_bounds(wide_corpus, tmp_path):
+    """A line nested 50,000 deep ended `info` in a RecursionError traceback on main; a line that
+    never ends (a file of zeros) was read whole into memory."""
+    from charrnn import info
+
+    out = _fresh_run(wide_corpus, tmp_path / "r")
+    log = os.path.join(out, "metrics.jsonl")
+    good = open(log).read()
+    with open(log, "w") as f:
+        f.write("[" * 50000 + "\n")
+        f.write("0" * (info.MAX_METRICS_LINE * 3) + "\n")
+        f.write(good)
+    res = sh(["info", out, "--json"])
+    assert_manners(res)
+    card = json.loads(res.stdout)
+    assert card["metrics"]["skipped"] == 2 and card["metrics"]["records"] == len(good.splitlines())
+    assert b"not JSON" in res.stderr and b"longer than 65,536 bytes" in res.stderr
+
+
+def test_a_lock_file_that_is_not_a_file_is_named(wide_corpus, tmp_path):
+    out = _fresh_run(wide_corpus, tmp_path / "r")
+    os.remove(os.path.join(out, ".lock"))
+    os.mkdir(os.path.join(out, ".lock"))
+    res = run(["train", "--resume", out, "--steps", "9"])
+    assert res.exit_code == 1 and ".lock is a directory" in res.output
+
+
+def test_samples_held_in_memory_are_bounded(wide_run):
+    """Found by the fuzz test: `--format jsonl --length 18446744073709551616` (or --num 2, or
+    --beam) held a sample that never ended in memory until the machine ran out."""
+    from charrnn.config import SAMPLE_HELD_MAX
+
+    for extra in (["--format", "jsonl"], ["--num", "2"], ["--beam", "2"]):
+        t0 = time.monotonic()
+        res = run(["sample", "--model", wide_run, "--length", str(2**64), *extra])
+        assert res.exit_code == 2 and f"{SAMPLE_HELD_MAX:,}" in res.output and time.monotonic() - t0 < 10
+    res = run(["sample", "--model", wide_run, "--length", str(SAMPLE_HELD_MAX // 4), "--num", "4", "--seed", "1",
+               "--format", "jsonl", "--stop", "e", "-q"])  # at the bound: accepted (the stop ends it early)
+    assert res.exit_code == 0 and len(res.output.splitlines()) == 4
+
+
+def test_a_numba_setting_that_would_crash_its_import_is_a_usage_error(wide_run):
+    for value in ("0", "-1"):
+        res = sh(["sample", "--model", wide_run, "--length", "5"], env={"NUMBA_NUM_THREADS": value})
+        assert_manners(res, (2,))
+        assert b"NUMBA_NUM_THREADS" in res.stderr
+
+
+def test_a_npy_header_left_open_is_a_corrupt_checkpoint(wide_run, tmp_path):
+    """Found by the fuzz test: numpy tokenizes a .npy header, and one whose closing brace is gone
+    ended every command that loads the checkpoint in a tokenize.TokenError traceback."""
+    data = open(os.path.join(wide_run, "best.npz"), "rb").read()
+    i = data.find(b"}", data.find(b"{'descr'"))
+    bad = tmp_path / "open.npz"
+    bad.write_bytes(data[: i - 1] + b"((" + data[i + 1 :])
+    for args in (["sample", "--model", str(bad), "--length", "5"], ["info", str(bad)]):
+        res = sh(args)
+        assert_manners(res, (1,))
+        assert b"corrupt or truncated checkpoint (bad .npy header)" in res.stderr
