@@ -110,7 +110,7 @@ TRAIN = {
 }
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=600)
 @given(args=options(SAMPLE))
 def test_sample_with_random_options(world, args):
     before = listing(world["dir"])
@@ -119,7 +119,7 @@ def test_sample_with_random_options(world, args):
     assert listing(world["dir"]) == before
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=400)
 @given(args=options(EVAL), text=st.binary(max_size=300))
 def test_eval_with_random_options_and_bytes(world, tmp_path, args, text):
     p = tmp_path / "t.txt"
@@ -128,7 +128,7 @@ def test_eval_with_random_options_and_bytes(world, tmp_path, args, text):
     check(res)
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=600)
 @given(args=options(TRAIN))
 def test_train_with_random_options_leaves_nothing_when_it_fails(world, tmp_path_factory, args):
     scratch = tmp_path_factory.mktemp("train")
@@ -162,7 +162,7 @@ EDITS = st.lists(st.tuples(st.floats(0, 1), st.sampled_from(["truncate", "flip",
                  min_size=1, max_size=3)
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=800)
 @given(edits=EDITS, command=st.sampled_from(["sample", "info", "eval", "init-from"]))
 def test_a_mangled_checkpoint_is_refused_in_one_line(world, tmp_path_factory, edits, command):
     d = tmp_path_factory.mktemp("ck")
@@ -180,7 +180,7 @@ def test_a_mangled_checkpoint_is_refused_in_one_line(world, tmp_path_factory, ed
 RUN_FILES = ["last.npz", "best.npz", "metrics.jsonl", "tokens.json", "tokens.npy", "run.json"]
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=300)
 @given(name=st.sampled_from(RUN_FILES), edits=EDITS, command=st.sampled_from(["resume", "info", "sample"]))
 def test_a_mangled_run_directory_is_refused_or_repaired(world, tmp_path_factory, name, edits, command):
     d = tmp_path_factory.mktemp("rd")
@@ -203,7 +203,7 @@ TOKENS = st.lists(st.one_of(st.characters(), st.sampled_from(["<START>", "<END>"
                   max_size=12)
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=400)
 @given(text=st.one_of(st.binary(max_size=400), st.text(max_size=400).map(lambda t: t.encode("utf-8", "replace"))),
        tokens=st.one_of(st.none(), TOKENS, st.just(0)), args=options({k: TRAIN[k] for k in ("--docs", "--val-frac",
                                                                                              "--encoding", "--max-vocab")}))
@@ -224,7 +224,7 @@ def test_train_on_random_text_and_vocabularies(world, tmp_path_factory, text, to
     shutil.rmtree(d)
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=300)
 @given(prime=st.binary(max_size=200), args=options({k: SAMPLE[k] for k in ("--unknown", "--format", "--beam",
                                                                             "--no-prime-echo", "--stop")}))
 def test_sample_with_a_random_prime_file(world, tmp_path, prime, args):
