@@ -280,8 +280,12 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"{text!r} is not a size (examples: 4G, 500M, 64K, 1000000)") from None
-    if not value > 0 or value != value or value == float("inf"):
+    if value != value or value == float("inf"):
+        raise ValueError(f"{text!r} is not a finite size (examples: 4G, 500M, 64K, 1000000)")
+    if not value > 0:
         raise ValueError(f"{text!r}: a size must be above 0")
+    if int(value * _UNITS[unit]) < 1:  # 0.5 bytes: a limit of 0, whose error would suggest 0 again
+        raise ValueError(f"{text!r}: a size must be at least 1 byte")
     return int(value * _UNITS[unit])
 
 

@@ -162,6 +162,8 @@ def _text_chunks(f, name: str, encoding: str | None, chunk_bytes: int, limit: _L
             raise DataError(
                 f"{name}: not valid {e.encoding.upper()} at byte offset {start} (byte 0x{bad}){hint}"
             ) from None
+        except (ValueError, TypeError) as e:  # a codec that fails otherwise (undefined, punycode ...)
+            raise DataError(f"{name}: cannot be decoded as {encoding}: {str(e) or type(e).__name__}") from None
         if not is_utf8:
             nul = text.find("\x00")
             if nul >= 0:

@@ -355,6 +355,7 @@ def _relay(pipe, dest, seen: dict):
     """Copy the workers' output (through mpiexec) to ours as it comes; mpiexec's own lines (its
     notes on forwarding Ctrl-C, its banner about a process that ended badly) go to seen["notes"]."""
     out = dest.buffer if hasattr(dest, "buffer") else None
+    broken = False
     for line in iter(pipe.readline, b""):
         if (line.startswith(_HYDRA_NOISE) or _MPI_STACK.match(line)
                 or (dest is sys.stdout and not line.strip())):  # training writes no stdout
@@ -362,11 +363,16 @@ def _relay(pipe, dest, seen: dict):
             continue
         if line.startswith(b"charrnn: error"):
             seen["error"] = True
-        if out is not None:
-            out.write(line)
-            out.flush()
-        else:
-            dest.write(line.decode("utf-8", "replace"))
+        if broken:
+            continue  # drained all the same, so the workers never block on a full pipe
+        try:
+            if out is not None:
+                out.write(line)
+                out.flush()
+            else:
+                dest.write(line.decode("utf-8", "replace"))
+        except (OSError, ValueError):  # our own stdout or stderr failed: the run goes on (docs/robustness.md)
+            broken = True
     pipe.close()
 
 

@@ -610,3 +610,36 @@ def test_a_npy_header_left_open_is_a_corrupt_checkpoint(wide_run, tmp_path):
         res = sh(args)
         assert_manners(res, (1,))
         assert b"corrupt or truncated checkpoint (bad .npy header)" in res.stderr
+
+
+@pytest.mark.parametrize("encoding", ["undefined", "punycode"])
+def test_a_codec_that_fails_without_a_decode_error_is_one_line(wide_run, tmp_path, encoding):
+    """Found by trying every codec Python has on a few texts (847 cases): `--encoding undefined`
+    and `--encoding punycode` raise a plain UnicodeError, which ended eval and train in a traceback."""
+    p = tmp_path / "t.txt"
+    p.write_bytes(b"hello world\n" * 10)
+    res = sh(["eval", str(p), "--model", wide_run, "--encoding", encoding])
+    assert_manners(res, (1,))
+    assert f"cannot be decoded as {encoding}".encode() in res.stderr
+    res = run(["train", str(p), "--encoding", encoding, "--out", str(tmp_path / "r"), "--steps", "1", *TINY])
+    assert res.exit_code == 1 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("size, why", [("1e400", "is not a finite size"), ("nan", "is not a finite size"),
+                                       ("0.5", "at least 1 byte"), ("-3", "above 0")])
+def test_a_size_that_cannot_be_a_limit_says_why(size, why):
+    """`--max-input 1e400` said "a size must be above 0"; `--max-input 0.5` was a limit of 0 bytes
+    whose error then suggested `--max-input 0`."""
+    res = run(["eval", "x.txt", "--max-input", size])
+    assert res.exit_code == 2 and why in res.output
+
+
+def test_workers_with_a_full_stderr_train_and_succeed(wide_corpus, tmp_path):
+    """The launcher relays the workers' output; a relay whose write failed used to die and leave
+    the pipe undrained (the workers block once it fills). It drains and drops now."""
+    _mpi()
+    out = tmp_path / "r"
+    with open("/dev/full", "wb") as full:
+        res = subprocess.run([sys.executable, "-m", "charrnn", "train", wide_corpus, "--workers", "2", "--steps", "20",
+                              "--eval-every", "5", "--out", str(out), *TINY[:-1]], stderr=full, timeout=300)
+    assert res.returncode == 0 and (out / "best.npz").exists()

@@ -93,7 +93,8 @@ SAMPLE = {
     "--threads": number(0, 3), "--prime-file": st.sampled_from(["/nonexistent", "/dev/null", "/", "-"]),
 }
 EVAL = {"--json": FLAG, "--docs": st.sampled_from(["line", "blank", "none", "paragraph"]),
-        "--encoding": st.sampled_from(["utf-8", "latin-1", "utf-16", "rot13", "nope", "unicode_escape"]),
+        "--encoding": st.sampled_from(["utf-8", "latin-1", "utf-16", "rot13", "nope", "unicode_escape", "undefined",
+                                        "punycode", "idna", "utf-7", "cp037", "hz", "utf-32-be", "raw_unicode_escape"]),
         "--max-input": st.sampled_from(["1", "10", "1K", "0", "-3", "1e3", "big", "4G"]), "-q": FLAG,
         "--threads": number(0, 3)}
 TRAIN = {
