@@ -105,8 +105,11 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from charrnn.signals import Raising
+
         try:
-            return fn(*args, **kwargs)
+            with Raising():  # SIGTERM as SIGINT: one line and its status (143), not a silent death
+                return fn(*args, **kwargs)
         except CharrnnError as e:
             _fail(str(e), e.exit_code)
         except BrokenPipeError:
@@ -753,18 +756,64 @@ def main():
     streams.setup()  # UTF-8 out whatever the locale; a broken stderr never stops the work
     _check_environment()
     try:
+        code = _run()
+    except SystemExit as e:
+        code = e.code
+    _settled()
+    _exit_now_if_compiling(code)
+    sys.exit(code)
+
+
+def _run() -> int:
+    """The command line under Click, its outcomes mapped to the exit statuses of the CLI contract:
+    Click's own interrupt handling (KeyboardInterrupt while parsing options, which it calls
+    "Aborted!" with status 1) is replaced by charrnn's (one line, 130), and a reader that went away
+    from Click's own output (--help | head) ends quietly as it does for a command's."""
+    try:
         try:
-            cli(prog_name="charrnn")
+            code = cli.main(prog_name="charrnn", standalone_mode=False)
+            return code if isinstance(code, int) else 0
+        except click.exceptions.Abort as e:
+            if isinstance(e.__cause__, EOFError):  # Click turns an unexpected EOFError into Abort too
+                _fail("unexpected end of input", 1)
+            raise KeyboardInterrupt from None
+        except click.ClickException as e:
+            e.show()
+            return e.exit_code
+        except BrokenPipeError:
+            _quiet_exit_on_broken_pipe()
         except OSError as e:
             # Click's own output (--help, --version, a usage error) to a full or failing stream; any
             # other OSError that gets here is a bug and keeps its traceback
-            if isinstance(e, BrokenPipeError) or not _raised_in_click_echo(e):
+            if not _raised_in_click_echo(e):
                 raise
             _discard_stdout()
             _fail(f"cannot write output: {e.strerror or e}", 1)
-    except SystemExit as e:
-        _exit_now_if_compiling(e.code)
-        raise
+    except KeyboardInterrupt:
+        _say("charrnn: interrupted")
+        return 130
+    return 0
+
+
+def _say(line: str):
+    try:
+        click.echo(line, err=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _settled():
+    """The work is over and its exit status decided: a SIGINT or SIGTERM that arrives while the
+    interpreter shuts down (Numba's and Python's exit handlers) changes nothing any more. Without
+    this, a Ctrl-C just after a sample was written ended the process by SIGINT (status 130, no
+    message) although the sample was complete."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, OSError):
+            pass
 
 
 def _check_environment():

@@ -93,6 +93,9 @@ def _have_mpi4py() -> bool:
 
 
 # ---------------------------------------------------------------------------------- the launcher
+# after a forwarded SIGINT / SIGTERM, the workers have this long to save and end before the
+# launcher ends them (a checkpoint of 2**28 parameters and its optimizer state writes in seconds)
+STOP_GRACE_S = 120.0
 SPOOL_VARIABLE = "CHARRNN_SPOOLED_INPUT"  # set by `launch`: {corpus path: its copy} for stdin, pipes and FIFOs
 SPOOL_CHUNK = 1 << 20
 
@@ -201,13 +204,32 @@ def _launch(cmd, env, rendezvous) -> int:
     relays.append(threading.Thread(target=_watch_workers, args=(proc, rendezvous, seen), daemon=True))
     for t in relays:
         t.start()
+    hung = False
     try:
-        rc = proc.wait()
+        deadline = None
+        while True:
+            try:
+                rc = proc.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if received and deadline is None:
+                deadline = time.monotonic() + STOP_GRACE_S
+            if deadline is not None and time.monotonic() > deadline and not hung:
+                # the workers were told to stop and have not: one stuck in a collective its peer left
+                # (a signal that reached them in different phases). End them; the last save stands.
+                hung = True
+                _stop_workers(rendezvous, wait_s=0, sig=signal.SIGKILL)
+                proc.kill()
         for t in relays:
             t.join(5)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if hung:
+        _say(f"the workers did not stop within {STOP_GRACE_S:.0f} s of {_signal_name(received[0])}; ended them"
+             f"{_saved_note(rendezvous)}")
+        return 143 if signal.SIGTERM in received else 130
     if rc < 0 and not received:  # mpiexec itself was killed: its workers may live on, orphaned
         stopped = _stop_workers(rendezvous)
         _say(f"mpiexec (process {proc.pid}) ended unexpectedly ({_signal_name(-rc)}); "
@@ -266,13 +288,13 @@ def _running(pid: int) -> bool:
         return _alive(pid) if not os.path.isdir("/proc") else False
 
 
-def _stop_workers(rendezvous: str, wait_s: float = 60.0) -> bool:
-    """SIGTERM to every worker still running (they agree on a step, rank 0 saves last.npz, and
-    they end), then wait up to `wait_s` for them to end; whether any was running."""
+def _stop_workers(rendezvous: str, wait_s: float = 60.0, sig=signal.SIGTERM) -> bool:
+    """SIGTERM (or `sig`) to every worker still running (they agree on a step, rank 0 saves
+    last.npz, and they end), then wait up to `wait_s` for them to end; whether any was running."""
     pids = [pid for pid in _rank_pids(rendezvous) if _running(pid)]
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         except OSError:
             pass
     deadline = time.monotonic() + wait_s
@@ -746,11 +768,24 @@ def train(make, quiet: bool) -> dict | None:
 
 def build(workers: Workers, make, quiet: bool):
     """Every worker's Trainer: rank 0's from `make`, the others' from what rank 0 sends, each on
-    the token file of its host (host_tokens); then rank 0's arrays on all. Collective."""
+    the token file of its host (host_tokens); then rank 0's arrays on all. Collective. Whatever
+    stops it (an interrupt between rank 0's make and training included), rank 0 gives its run
+    directory back: removed when the run made it and saved nothing in it."""
+    made = []
+    try:
+        return _build(workers, make, quiet, made)
+    except BaseException:
+        for trainer in made:
+            trainer.close()
+        raise
+
+
+def _build(workers: Workers, make, quiet: bool, made: list):
     trainer = None
     if workers.root:
         try:
             trainer = make(quiet)
+            made.append(trainer)
             try:
                 workers.set_batch(trainer.cfg.batch)
             except BaseException:

@@ -643,3 +643,16 @@ def test_workers_with_a_full_stderr_train_and_succeed(wide_corpus, tmp_path):
         res = subprocess.run([sys.executable, "-m", "charrnn", "train", wide_corpus, "--workers", "2", "--steps", "20",
                               "--eval-every", "5", "--out", str(out), *TINY[:-1]], stderr=full, timeout=300)
     assert res.returncode == 0 and (out / "best.npz").exists()
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, b"terminated"), (signal.SIGINT, 130, b"interrupted")])
+def test_sample_says_it_was_stopped_and_exits_with_the_signals_status(wide_run, sig, code, word):
+    """Found by sending random signals at random moments (24 tries, then 50): SIGTERM killed
+    sample and eval silently (status -15 to a parent), and a SIGINT that came as the interpreter
+    shut down ended it by SIGINT although its work was done."""
+    p = subprocess.Popen([sys.executable, "-m", "charrnn", "sample", "--model", wide_run, "--length", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(200)  # sampling has begun
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == code and err.strip().endswith(b"charrnn: " + word) and b"Traceback" not in err
