@@ -444,8 +444,8 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     if fmt == "jsonl" and length == 0 and not documents and stop is None:
         raise UsageError("--format jsonl writes a sample when it ends, and with --length 0 a sample of a model "
                          "trained without --docs never does: give --length N or --stop STRING")
-    if held and length == 0:  # until the document ends or --stop, within what may be held
-        length = SAMPLE_HELD_MAX // (num * (beam or 1))
+    if held and fmt == "jsonl" and length == 0:  # until the document ends or --stop, within what may be held
+        length = SAMPLE_HELD_MAX // num
     if prime_file is not None:
         prime = _read_prime(prime_file)
     if stop is not None and not quiet and ck.vocab.unknown_chars(stop):

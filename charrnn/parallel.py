@@ -258,11 +258,13 @@ def _watch_workers(proc, rendezvous: str, seen: dict):
     managers = set()
     while proc.poll() is None:
         managers |= _children(proc.pid)
+        # the managers first: a worker ends before its manager, so workers all running after a
+        # manager was seen gone means the manager went first (not a run that ended as it should)
+        gone = [m for m in managers if not _running(m)]
         pids = _rank_pids(rendezvous)
         dead = [r for pid, (r, _) in pids.items() if not _running(pid)]
         if dead and len(dead) < len(pids) and seen["first_dead"] is None:
             seen["first_dead"] = min(dead)
-        gone = [m for m in managers if not _running(m)]
         if (gone and seen["manager"] is None and seen["first_dead"] is None and pids and not dead
                 and proc.poll() is None):
             seen["manager"] = min(gone)
