@@ -179,7 +179,8 @@ def read_identity(path: str) -> str | None:
     name = os.path.join(path, RUN_FILE)
     what = not_regular(name)
     if what is not None:
-        raise CharrnnError(f"{name} is {what}, not a regular file; it should hold the run's identity")
+        raise CharrnnError(f"{name} is {what}, not a regular file; it should hold the run's identity (move it "
+                           "away, and resume checks last.npz against best.npz instead)")
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -194,7 +195,8 @@ def read_identity(path: str) -> str | None:
     except (ValueError, AttributeError, KeyError, TypeError, RecursionError):
         run_id = None
     if not isinstance(run_id, str) or not run_id:
-        raise CharrnnError(f"{name} is damaged: it should hold the run's identity")
+        raise CharrnnError(f"{name} is damaged: it should hold the run's identity (remove it, and resume checks "
+                           "last.npz against best.npz instead)")
     return run_id
 
 

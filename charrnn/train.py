@@ -798,7 +798,7 @@ class Trainer:
                 rep.close()
                 raise Interrupted(f"stopped by {signals.name_of(received)} at step {st.step}; saved "
                                   f"{os.path.join(self.out, 'last.npz')} (continue with: charrnn train --resume "
-                                  f"{self.out})", signals.EXIT_CODES.get(received, 130))
+                                  f"{shlex.quote(self.out)})", signals.EXIT_CODES.get(received, 130))
         rep.close()
         line = workers.report()
         if line:

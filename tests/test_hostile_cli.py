@@ -656,3 +656,18 @@ def test_sample_says_it_was_stopped_and_exits_with_the_signals_status(wide_run, 
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
     assert p.returncode == code and err.strip().endswith(b"charrnn: " + word) and b"Traceback" not in err
+
+
+def test_the_command_printed_after_an_interrupt_is_shell_safe(wide_corpus, tmp_path):
+    out = tmp_path / "it's a run"
+    p = subprocess.Popen([sys.executable, "-m", "charrnn", "train", wide_corpus, "--out", str(out), "--steps",
+                          "1000000", *TINY], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (out / "run.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1].decode()
+    assert p.returncode == 130, err
+    hint = err.split("(continue with: ")[1].rsplit(")", 1)[0]
+    assert shlex.split(hint) == ["charrnn", "train", "--resume", str(out)]
