@@ -226,6 +226,8 @@ def _launch(cmd, env, rendezvous) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if rc != 0 or received or hung:
+        _discard_unsaved(rendezvous)
     if hung:
         _say(f"the workers did not stop within {STOP_GRACE_S:.0f} s of {_signal_name(received[0])}; ended them"
              f"{_saved_note(rendezvous)}")
@@ -248,6 +250,26 @@ def _launch(cmd, env, rendezvous) -> int:
     if not seen["error"]:  # a worker ended badly, and mpiexec ended the others before they could say so
         _say(_who_died(seen["notes"], rendezvous, seen["first_dead"]))
     return 1
+
+
+def _discard_unsaved(rendezvous: str):
+    """Remove the run directory rank 0 created if the job ended before anything was saved in it
+    (rank 0, ended by mpiexec, could not): taken under its lock, as a run gives it back."""
+    from charrnn.rundir import Busy, RunDir, holds_run
+
+    try:
+        with open(os.path.join(rendezvous, "created"), encoding="utf-8") as f:
+            path = f.read().strip()
+    except OSError:
+        return
+    if not path or not os.path.isdir(path) or holds_run(path):
+        return
+    try:
+        rd = RunDir.lock(path)
+    except (Busy, CharrnnError):
+        return  # a live process holds it: not ours to remove
+    rd.created = True
+    rd.discard_if_unused()
 
 
 def _watch_workers(proc, rendezvous: str, seen: dict):
@@ -788,6 +810,8 @@ def _build(workers: Workers, make, quiet: bool, made: list):
         try:
             trainer = make(quiet)
             made.append(trainer)
+            if trainer.rundir is not None and trainer.rundir.created:  # the launcher's to remove if we die unsaved
+                workers._tell_launcher("created", os.path.abspath(trainer.out))
             try:
                 workers.set_batch(trainer.cfg.batch)
             except BaseException:
