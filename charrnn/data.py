@@ -30,7 +30,7 @@ import numpy as np
 
 from charrnn.config import DEFAULT_MAX_INPUT, format_size
 from charrnn.errors import DataError
-from charrnn.rundir import remove_files
+from charrnn.rundir import open_new, remove_files
 from charrnn.vocab import END_ID, MAX_CODE_POINT, START_ID, CharSet, Vocab, code_points, describe_chars
 
 DOC_MODES = ("line", "blank")
@@ -696,7 +696,7 @@ def _token_meta(corpus: Corpus, vocab: Vocab, val_frac: float, layout: Layout) -
 def _write_token_meta(directory: str, meta: dict):
     """tokens.json, atomically (a temporary file beside it, then os.replace)."""
     meta_path = os.path.join(directory, TOKENS_META)
-    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+    with open_new(meta_path + ".tmp", "w") as f:
         json.dump(meta, f)
     os.replace(meta_path + ".tmp", meta_path)
 
@@ -820,7 +820,7 @@ def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -
     digest = hashlib.sha256()  # of the ids as written: resume checks it (open_token_file)
     saw_val = [False]  # document mode: whether any text was held out
     try:
-        with open(tmp, "wb") as f:
+        with open_new(tmp, "wb") as f:
             np.lib.format.write_array_header_1_0(
                 f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (total,)})
 

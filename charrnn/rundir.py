@@ -162,7 +162,7 @@ def new_identity(path: str, run_id: str | None = None) -> str:
     run_id = run_id or uuid.uuid4().hex
     tmp = os.path.join(path, RUN_FILE + ".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open_new(tmp, "w") as f:
             json.dump({"format": RUN_FORMAT, "version": 1, "run_id": run_id}, f)
             f.write("\n")
         os.replace(tmp, os.path.join(path, RUN_FILE))
@@ -198,6 +198,19 @@ def read_identity(path: str) -> str | None:
         raise CharrnnError(f"{name} is damaged: it should hold the run's identity (remove it, and resume checks "
                            "last.npz against best.npz instead)")
     return run_id
+
+
+def open_new(path: str, mode: str = "wb"):
+    """A new file at `path` for a run's temporary or probe file (its name is fixed), opened with
+    O_EXCL and O_NOFOLLOW after removing whatever non-directory holds the name: a FIFO or a link
+    planted under that name is replaced, never opened (opening a FIFO for writing blocks)."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
 
 
 def append_line(path: str, line: str):

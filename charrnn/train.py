@@ -38,7 +38,8 @@ from charrnn.model import Model, ModelConfig, approx_params
 from charrnn.optim import (WSD_DECAY_FRAC, Averager, Optimizer, Schedule, clip_grad_norm, clip_grad_value, grad_norm,
                            make_optimizer)
 from charrnn.progress import Reporter, note, remaining
-from charrnn.rundir import RunDir, append_line, check_run_files, holds_run, new_identity, read_identity
+from charrnn.rundir import (RunDir, append_line, check_run_files, holds_run, new_identity, open_new,
+                            read_identity)
 from charrnn.signals import Signals
 from charrnn.vocab import Vocab
 
@@ -223,7 +224,7 @@ def _check_out_dir(out: str, need_bytes: int):
     training: a read-only or full filesystem is found now, not after the first hour."""
     probe = os.path.join(out, ".charrnn-write-test")
     try:
-        with open(probe, "wb") as f:
+        with open_new(probe) as f:
             f.write(b"ok")
         os.unlink(probe)
         free = shutil.disk_usage(out).free

@@ -671,3 +671,16 @@ def test_the_command_printed_after_an_interrupt_is_shell_safe(wide_corpus, tmp_p
     assert p.returncode == 130, err
     hint = err.split("(continue with: ")[1].rsplit(")", 1)[0]
     assert shlex.split(hint) == ["charrnn", "train", "--resume", str(out)]
+
+
+@pytest.mark.parametrize("name", ["tokens.json.tmp", ".charrnn-write-test", "run.json.tmp"])
+def test_a_fifo_under_a_temporary_files_name_never_blocks(wide_corpus, tmp_path, name):
+    """Found by trying: the run's fixed-name temporary and probe files were opened for writing
+    as they were, so a FIFO under one of those names blocked --resume for ever."""
+    out = _fresh_run(wide_corpus, tmp_path / "r")
+    os.remove(os.path.join(out, "tokens.json"))  # so that it is written again
+    os.remove(os.path.join(out, "run.json"))
+    os.mkfifo(os.path.join(out, name))
+    res = sh(["train", "--resume", out, "--steps", "9", "-q"], timeout=60)
+    assert_manners(res)
+    assert not os.path.exists(os.path.join(out, name))  # replaced, used, and gone
