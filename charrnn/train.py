@@ -235,6 +235,15 @@ def _check_out_dir(out: str, need_bytes: int):
                            f"{_mib(need_bytes)}")
 
 
+def _check_foreign_log(path: str):
+    """A new run's directory must not hold a metrics.jsonl already: with no checkpoint beside it,
+    it is no run to continue, and a new run would add its records to another's log."""
+    log = os.path.join(path, "metrics.jsonl")
+    if os.path.lexists(log):
+        raise UsageError(f"{log} exists but {path} holds no checkpoint: a new run would add its lines to "
+                         "another's; move it away or choose another --out")
+
+
 def _mib(n: int) -> str:
     """Bytes in MiB, precise enough that two different sizes never read the same."""
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
@@ -408,12 +417,15 @@ class Trainer:
             RunDir.lock(out).release()  # a live run there is named first
             raise UsageError(f"{out} already holds a run; continue it with --resume {shlex.quote(out)} or choose "
                              "another --out")
+        if out is not None:
+            _check_foreign_log(out)
         opt = make_optimizer(cfg.optimizer, model.n_params, model.dtype, cfg.lr)
         # everything that can reject the input happens before the directory exists
         check_sizes(corpus, cfg.val_frac, cfg.batch, cfg.seq)
         token_bytes = total_tokens(corpus, cfg.val_frac) * vocab_itemsize(vocab)
         rundir = RunDir.claim_new(out) if out is not None else RunDir.claim_default(os.path.join(runs_dir, corpus.name))
         try:
+            _check_foreign_log(rundir.path)  # again, under the lock
             _check_out_dir(rundir.path, need_bytes=4 * model.n_params * 4 * 3 + token_bytes)
             remove_stale_token_temps(rundir.path)
             tokens = build_token_file(corpus, vocab, cfg.val_frac, os.path.join(rundir.path, TOKENS_FILE))

@@ -684,3 +684,19 @@ def test_a_fifo_under_a_temporary_files_name_never_blocks(wide_corpus, tmp_path,
     res = sh(["train", "--resume", out, "--steps", "9", "-q"], timeout=60)
     assert_manners(res)
     assert not os.path.exists(os.path.join(out, name))  # replaced, used, and gone
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+def test_a_new_run_never_adds_to_a_log_that_is_not_its_own(wide_corpus, tmp_path, kind):
+    """Found by trying: --out a directory holding a metrics.jsonl and no checkpoint started a new
+    run that appended its records to that log (or, for a FIFO, failed at its first validation)."""
+    out = tmp_path / "r"
+    out.mkdir()
+    log = out / "metrics.jsonl"
+    if kind == "fifo":
+        os.mkfifo(log)
+    else:
+        log.write_text('{"step": 100, "val_loss": 1.0}\n')
+    res = run(["train", wide_corpus, "--out", str(out), "--steps", "4", *TINY])
+    assert res.exit_code == 2 and "metrics.jsonl exists" in res.output
+    assert sorted(os.listdir(out)) == ["metrics.jsonl"]
