@@ -239,7 +239,8 @@ def _check_foreign_log(path: str):
     """A new run's directory must not hold a metrics.jsonl already: with no checkpoint beside it,
     it is no run to continue, and a new run would add its records to another's log."""
     log = os.path.join(path, "metrics.jsonl")
-    if os.path.lexists(log):
+    if os.path.lexists(log) and not os.path.isdir(log):  # a directory there holds no one's records (the
+        # run fails at its first validation, in one line, its checkpoint saved: test_train)
         raise UsageError(f"{log} exists but {path} holds no checkpoint: a new run would add its lines to "
                          "another's; move it away or choose another --out")
 
