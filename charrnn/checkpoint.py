@@ -20,6 +20,7 @@ import re
 import stat
 import struct
 import tempfile
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from charrnn import __version__
+from charrnn.config import MAX_LAYERS, MAX_STREAMS
 from charrnn.errors import CheckpointError
 from charrnn.model import CELLS, Model, ModelConfig, param_shapes
 from charrnn.rundir import remove_files
@@ -39,13 +41,11 @@ VERSION = 1
 # ------------------------------------------------------------------------------ sanity limits
 # A meta record declaring more than these is a corrupt file, refused before anything is allocated.
 # Each sits far above anything trainable on a CPU, so no real model is refused.
-MAX_LAYERS = 256  # stacked RNNs use a handful (GNMT: 8); also bounds the members (4 per layer)
 MAX_HIDDEN = 65536  # 16x the widest character-level RNN published (the 4096-unit mLSTM)
 MAX_VOCAB = 0x110000 + 3  # every Unicode code point plus <START>, <END>, <UNK>: no text holds more
 # 268M parameters, 1 GiB in float32, 80x a 2x512 LSTM (3.3M). At ~6 flops per parameter per
 # character, a 100 GFLOP/s CPU would need two days for one epoch of a 10 MB corpus.
 MAX_PARAMS = 2**28
-MAX_STREAMS = 2**20  # B of the carried state train.h/c (32768x the default --batch), itself <= MAX_PARAMS
 # The meta record as stored, 4 bytes a character: a vocabulary of every code point is 5.6M
 # characters of JSON (22 MB); the rest of a run's meta is a few KB.
 MAX_META_BYTES = 32 * 2**20
@@ -377,8 +377,12 @@ def load(path: str, dtype=np.float32, with_arrays: bool = False) -> Checkpoint:
         except CheckpointError:
             raise
         except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, zlib.error, struct.error,
-                OverflowError, NotImplementedError) as e:  # NotImplementedError: zipfile on odd zip features
-            what = {zlib.error: "zlib.error", struct.error: "struct.error"}.get(type(e), type(e).__name__)
+                OverflowError, NotImplementedError,  # NotImplementedError: zipfile on odd zip features
+                SyntaxError, tokenize.TokenError, TypeError, IndexError, RecursionError) as e:
+            # the last line: numpy parses a .npy header with tokenize and ast.literal_eval, and a
+            # mangled header ends there (found by tests/test_hostile_fuzz.py)
+            what = {zlib.error: "zlib.error", struct.error: "struct.error",
+                    tokenize.TokenError: "bad .npy header"}.get(type(e), type(e).__name__)
             raise CheckpointError(f"{name}: corrupt or truncated checkpoint ({what})") from None
 
 

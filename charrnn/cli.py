@@ -16,12 +16,14 @@ import functools
 import json
 import math
 import os
+import shlex
 import sys
 
 import click
 
 from charrnn import __version__
-from charrnn.config import BEAM_MAX, DEFAULTS, PRECISIONS, SAMPLE_BOUNDS, SEED_LIMIT, TRAIN_BOUNDS
+from charrnn.config import (BEAM_MAX, DEFAULTS, PRECISIONS, PRIME_MAX_BYTES, SAMPLE_BOUNDS, SAMPLE_HELD_MAX, SEED_LIMIT,
+                            TRAIN_BOUNDS, format_size)
 from charrnn.errors import CharrnnError
 
 EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
@@ -32,9 +34,17 @@ Example: charrnn sample --temp 0.8 --length 500 | head -n 20
 EPILOG_EVAL = "Example: charrnn eval sonnets.txt --json"
 
 
+def _one_line(text: str) -> str:
+    """`text` with its control characters and line separators escaped (\\n, \\x1b ...): an error is
+    one line, whatever a file name holds, and cannot move a terminal's cursor."""
+    import unicodedata
+
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in text)
+
+
 def _fail(message: str, code: int):
     try:
-        click.echo(f"charrnn: error: {message}", err=True)  # silent when stderr is closed
+        click.echo(f"charrnn: error: {_one_line(message)}", err=True)  # silent when stderr is closed
     except OSError:
         pass  # stderr fails too: the exit status still says it
     sys.exit(code)
@@ -69,7 +79,7 @@ class ResultsOut:
     is found before any work is done."""
 
     def __init__(self):
-        if sys.stdout is None:
+        if sys.stdout is None or getattr(sys.stdout, "closed_by_shell", False):
             raise CharrnnError("cannot write to stdout: it is closed")
         self.stream = sys.stdout
 
@@ -95,8 +105,11 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from charrnn.signals import Raising
+
         try:
-            return fn(*args, **kwargs)
+            with Raising():  # SIGTERM as SIGINT: one line and its status (143), not a silent death
+                return fn(*args, **kwargs)
         except CharrnnError as e:
             _fail(str(e), e.exit_code)
         except BrokenPipeError:
@@ -224,7 +237,7 @@ def cli():
 @click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=DEFAULTS.cell,
               help="Recurrent cell (default: lstm; gru for --minutes 10 or less, where it learns faster).")
 @click.option("--nonlinearity", type=click.Choice(["tanh", "relu"]), default=DEFAULTS.nonlinearity, help="For --cell rnn.")
-@click.option("--layers", type=click.IntRange(min=1), default=DEFAULTS.layers, help="Stacked recurrent layers.")
+@click.option("--layers", type=click.IntRange(min=1, max=TRAIN_BOUNDS["layers"].max), default=DEFAULTS.layers, help="Stacked recurrent layers.")
 @click.option("--hidden", type=click.IntRange(min=1, max=TRAIN_BOUNDS["hidden"].max), default=None, help="Units per layer. Default: chosen from the corpus size and time budget.")
 @click.option("--dropout", type=_finite(TRAIN_BOUNDS["dropout"]), default=None, help="Dropout on each layer's output. Default: from the epochs the budget allows and the parameters per character (fitted once a --minutes run knows its speed).")
 @click.option("--dropout-mode", type=click.Choice(["step", "locked"]), default=DEFAULTS.dropout_mode,
@@ -239,7 +252,7 @@ def cli():
                    "polyak (the mean from the start of the learning rate's decay).")
 @click.option("--avg-decay", type=_finite(TRAIN_BOUNDS["avg_decay"]), default=DEFAULTS.avg_decay, metavar="D",
               help="--average ema: the average spans at most about 1/(1-D) updates.")
-@click.option("--batch", type=click.IntRange(min=1), default=DEFAULTS.batch, help="Parallel streams per step (B).")
+@click.option("--batch", type=click.IntRange(min=1, max=TRAIN_BOUNDS["batch"].max), default=DEFAULTS.batch, help="Parallel streams per step (B).")
 @click.option("--seq", type=click.IntRange(min=1), default=DEFAULTS.seq, help="Backprop-through-time steps per update (T).")
 @click.option("--seq-warmup", type=click.IntRange(min=0), default=DEFAULTS.seq_warmup, metavar="STEPS", help="Grow T from 8 to --seq over this many steps (0: off).")
 @click.option("--lr", type=_finite(TRAIN_BOUNDS["lr"]), default=DEFAULTS.lr, help="Peak learning rate.")
@@ -310,7 +323,7 @@ def _train(corpus, out, resume, quiet, workers, **opts):
 
     size = parallel.world_size()  # > 1: this is one of the workers of an MPI job (nothing imported to know)
     if size == 1 and workers is not None and workers > 1:
-        sys.exit(parallel.launch(workers, sys.argv[1:], None if resume else opts["batch"]))
+        sys.exit(parallel.launch(workers, sys.argv[1:], None if resume else opts["batch"], corpus, opts["max_input"]))
     if size > 1 and workers is not None and workers != size:
         raise UsageError(f"--workers {workers}, but mpiexec started {size} processes")
     make = functools.partial(_make_trainer, corpus, out, resume, opts=opts)
@@ -345,6 +358,9 @@ def _make_trainer(corpus, out, resume, quiet, opts):
     if resume:
         if corpus:
             raise UsageError("--resume takes the corpus from the run; do not give CORPUS too")
+        if out is not None:
+            raise UsageError("--resume continues the run in its own directory: drop --out (to start a new run "
+                             "from it elsewhere, copy the directory first)")
         ctx = click.get_current_context()
         changed = [k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
                    and k not in ("steps", "epochs", "minutes", "threads", "workers")]
@@ -375,7 +391,7 @@ def _report(result: dict, quiet: bool):
         if math.isfinite(best):
             click.echo(f"best validation loss {best:.4f} nats/char ({best / math.log(2):.4f} bits/char)", err=True)
         click.echo(f"model: {os.path.join(result['out'], 'best.npz')}", err=True)
-        click.echo(f"sample from it: charrnn sample --model {result['out']}", err=True)
+        click.echo(f"sample from it: charrnn sample --model {shlex.quote(result['out'])}", err=True)
 
 
 # ------------------------------------------------------------------------------------------ sample
@@ -384,12 +400,15 @@ def _report(result: dict, quiet: bool):
 @click.option("--temp", type=_finite(SAMPLE_BOUNDS["temp"]), default=1.0, help="Softmax temperature (0: greedy).")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample only from the K most likely characters.")
 @click.option("--top-p", type=_finite(SAMPLE_BOUNDS["top_p"]), default=None, help="Sample from the smallest set holding probability P (nucleus).")
-@click.option("--length", type=click.IntRange(min=0), default=1000, help="Characters per sample (0: unbounded, or until the document ends).")
+@click.option("--length", type=click.IntRange(min=0), default=1000,
+              help="Characters per sample (0: unbounded, or until the document ends). With --format jsonl, --beam "
+                   f"or --num above 1, samples are held until they end: --num x --length (x --beam) at most "
+                   f"{SAMPLE_HELD_MAX:,}.")
 @click.option("--num", type=click.IntRange(min=1, max=SAMPLE_BOUNDS["num"].max), default=1, help="Number of samples, separated by a newline.")
 @click.option("--prime", type=str, default="", help="Text to warm the model up with; printed first.")
 @click.option("--prime-file", type=str, default=None, metavar="PATH",
               help="Read the prime from a file (- for stdin): its text exactly, a final newline included, in "
-                   "UTF-8. Not with --prime. Example: --prime-file intro.txt")
+                   f"UTF-8, at most {format_size(PRIME_MAX_BYTES)} bytes. Not with --prime. Example: --prime-file intro.txt")
 @click.option("--no-prime-echo", is_flag=True, help="Do not print the prime text.")
 @click.option("--unknown", type=click.Choice(["error", "skip", "unk"]), default="error", help="Prime characters the model never saw.")
 @click.option("--stop", type=str, default=None, metavar="STRING",
@@ -423,7 +442,9 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     from charrnn.errors import UsageError, VocabError
     from charrnn.generate import SampleOptions, prime_tokens, random_seed, sample_pieces
 
+    prime, stop = _text_argument("--prime", prime), _text_argument("--stop", stop)
     _check_sample_options(click.get_current_context(), prime, prime_file, stop, beam, length, num)
+    held = _held_chars(fmt, beam, num, length)  # what is held in memory, bounded before any work
     out = ResultsOut()
     path, guessed = checkpoint.resolve(model_path)
     ck = checkpoint.load(path)
@@ -435,6 +456,8 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     if fmt == "jsonl" and length == 0 and not documents and stop is None:
         raise UsageError("--format jsonl writes a sample when it ends, and with --length 0 a sample of a model "
                          "trained without --docs never does: give --length N or --stop STRING")
+    if held and fmt == "jsonl" and length == 0:  # until the document ends or --stop, within what may be held
+        length = SAMPLE_HELD_MAX // num
     if prime_file is not None:
         prime = _read_prime(prime_file)
     if stop is not None and not quiet and ck.vocab.unknown_chars(stop):
@@ -532,9 +555,6 @@ def _check_sample_options(ctx, prime, prime_file, stop, beam, length, num):
     """The usage errors of `sample` that need no model: one line each, exit status 2."""
     from charrnn.errors import UsageError
 
-    for name, value in (("--prime", prime), ("--stop", stop)):
-        if value and not _is_utf8(value):
-            raise UsageError(f"{name} is not valid UTF-8 text")
     if prime_file is not None and _given(ctx, "prime"):
         raise UsageError("give --prime or --prime-file, not both")
     if stop is not None and not stop:
@@ -551,24 +571,51 @@ def _check_sample_options(ctx, prime, prime_file, stop, beam, length, num):
         raise UsageError(f"--num {num} needs --beam {num} or wider (the beam returns its N best texts)")
 
 
-def _is_utf8(text: str) -> bool:
-    """False for a command-line argument whose bytes were not UTF-8 (Python keeps them as lone
-    surrogates, which no output can write)."""
+def _held_chars(fmt: str, beam, num: int, length: int) -> bool:
+    """Whether the samples are held in memory before they are written (--format jsonl writes a
+    sample when it ends, --beam when the search ends, and with --num above 1 a later sample waits
+    for the ones before it); then --num x --length (x --beam) is at most SAMPLE_HELD_MAX
+    characters, a usage error otherwise (--format text with one sample streams any length)."""
+    from charrnn.errors import UsageError
+
+    held = fmt == "jsonl" or beam is not None or num > 1
+    if held and length * num * (beam or 1) > SAMPLE_HELD_MAX:
+        what = "--format jsonl" if fmt == "jsonl" else "--beam" if beam is not None else "--num above 1"
+        raise UsageError(f"with {what} samples are held in memory until they end: --num x --length"
+                         f"{' x --beam' if beam else ''} may be at most {SAMPLE_HELD_MAX:,} characters "
+                         f"(here {length * num * (beam or 1):,}); one --format text sample streams any --length")
+    return held
+
+
+def _text_argument(name: str, value):
+    """A command-line argument that is text (not a path), read as UTF-8 whatever the locale: under
+    a C locale Python decodes arguments as ASCII, keeping each other byte as a lone surrogate, so
+    the argument's own bytes are decoded again. UsageError when they are not UTF-8 (such bytes
+    would be lone surrogates, which no output can write)."""
+    from charrnn.errors import UsageError
+
+    if not value:
+        return value
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+        return os.fsencode(value).decode("utf-8")
+    except UnicodeError:
+        raise UsageError(f"{name} is not valid UTF-8 text") from None
 
 
 def _read_prime(path: str) -> str:
     """--prime-file: the text of a file or stdin, read as corpora are (strict UTF-8, a BOM dropped,
     CRLF as \\n); one-line errors for a missing, binary, empty or undecodable file."""
-    from charrnn.data import read_text
+    from charrnn.config import PRIME_MAX_BYTES, format_size
+    from charrnn.data import InputTooLarge, Source
     from charrnn.errors import DataError
 
-    try:
-        return read_text(path)
+    try:  # small chunks: an endless pipe (`yes |`) stops at the limit, not 16 MiB later
+        with Source([path], None, PRIME_MAX_BYTES, chunk_bytes=1 << 16, reread=False) as src:
+            return "".join(src.chunks())
+    except InputTooLarge:
+        size = format_size(PRIME_MAX_BYTES)
+        raise DataError(f"--prime-file: more than {size} bytes, the most a prime may hold (its end may do: "
+                        f"tail -c {size} FILE | charrnn sample --prime-file - ...)") from None
     except DataError as e:  # the reader's hint names train's and eval's --encoding, which sample lacks
         raise DataError(f"--prime-file: {str(e).split('; if the file is in another encoding')[0]}") from None
 
@@ -925,19 +972,81 @@ def _eval_progress(fname: str, quiet: bool):
 
 
 def main():
+    from charrnn import streams
+
+    streams.setup()  # UTF-8 out whatever the locale; a broken stderr never stops the work
+    _check_environment()
+    try:
+        code = _run()
+    except SystemExit as e:
+        code = e.code
+    _settled()
+    _exit_now_if_compiling(code)
+    sys.exit(code)
+
+
+def _run() -> int:
+    """The command line under Click, its outcomes mapped to the exit statuses of the CLI contract:
+    Click's own interrupt handling (KeyboardInterrupt while parsing options, which it calls
+    "Aborted!" with status 1) is replaced by charrnn's (one line, 130), and a reader that went away
+    from Click's own output (--help | head) ends quietly as it does for a command's."""
     try:
         try:
-            cli(prog_name="charrnn")
+            code = cli.main(prog_name="charrnn", standalone_mode=False)
+            return code if isinstance(code, int) else 0
+        except click.exceptions.Abort as e:
+            if isinstance(e.__cause__, EOFError):  # Click turns an unexpected EOFError into Abort too
+                _fail("unexpected end of input", 1)
+            raise KeyboardInterrupt from None
+        except click.ClickException as e:
+            e.show()
+            return e.exit_code
+        except BrokenPipeError:
+            _quiet_exit_on_broken_pipe()
         except OSError as e:
             # Click's own output (--help, --version, a usage error) to a full or failing stream; any
             # other OSError that gets here is a bug and keeps its traceback
-            if isinstance(e, BrokenPipeError) or not _raised_in_click_echo(e):
+            if not _raised_in_click_echo(e):
                 raise
             _discard_stdout()
             _fail(f"cannot write output: {e.strerror or e}", 1)
-    except SystemExit as e:
-        _exit_now_if_compiling(e.code)
-        raise
+    except KeyboardInterrupt:
+        _say("charrnn: interrupted")
+        return 130
+    return 0
+
+
+def _say(line: str):
+    try:
+        click.echo(line, err=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _settled():
+    """The work is over and its exit status decided: a SIGINT or SIGTERM that arrives while the
+    interpreter shuts down (Numba's and Python's exit handlers) changes nothing any more. Without
+    this, a Ctrl-C just after a sample was written ended the process by SIGINT (status 130, no
+    message) although the sample was complete."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, OSError):
+            pass
+
+
+def _check_environment():
+    """Environment variables that would end the first import of Numba in a traceback (Numba
+    refuses NUMBA_NUM_THREADS of 0 or less as it loads): a one-line usage error instead."""
+    value = os.environ.get("NUMBA_NUM_THREADS", "").strip()
+    try:
+        bad = bool(value) and int(float(value)) <= 0
+    except (ValueError, OverflowError):
+        bad = False  # Numba ignores what it cannot read as a number
+    if bad:
+        _fail(f"NUMBA_NUM_THREADS={_one_line(value)}: Numba needs at least 1 thread; unset it (and use --threads N)", 2)
 
 
 def _exit_now_if_compiling(code):

@@ -61,11 +61,16 @@ def check_bounds(obj, table: dict) -> None:
             raise UsageError(f"{name} {why}")
 
 
+# What a checkpoint may hold (checkpoint.py refuses more when it loads one): declared here, so the
+# command line refuses such a model as it parses its options, before anything is read or allocated
+MAX_LAYERS = 256  # stacked RNNs use a handful (GNMT: 8); also bounds the members (4 per layer)
+MAX_STREAMS = 2**20  # B of the carried state train.h/c (32768x the default --batch)
+
 _POSITIVE = Bounds(min=0, min_open=True)
 _FRACTION = Bounds(min=0, max=1, max_open=True)  # [0, 1)
 _COUNT = Bounds(min=1, integer=True)
 TRAIN_BOUNDS = {
-    "layers": _COUNT,
+    "layers": Bounds(min=1, max=MAX_LAYERS, integer=True),
     # 65536 units: a 2-layer LSTM of 69 billion parameters, already far past any memory; without a
     # cap, a hidden size of 3e9 overflowed NumPy's array sizes (a traceback, not "out of memory")
     "hidden": Bounds(min=1, max=65536, integer=True, optional=True),
@@ -74,7 +79,7 @@ TRAIN_BOUNDS = {
     "forget_bias": Bounds(min=-100, max=100),
     "weight_drop": Bounds(min=0, max=1, max_open=True, optional=True),
     "avg_decay": Bounds(min=0, max=1, max_open=True),
-    "batch": _COUNT,
+    "batch": Bounds(min=1, max=MAX_STREAMS, integer=True),
     "seq": _COUNT,
     "seq_warmup": Bounds(min=0, integer=True),
     "val_frac": _FRACTION,
@@ -105,6 +110,14 @@ SAMPLE_BOUNDS = {
     "seed": Bounds(min=0, max=SEED_LIMIT, max_open=True, integer=True, optional=True),
 }
 """The ranges of generate.SampleOptions, here so the command line can declare them without numpy."""
+
+# `sample --prime-file`: the most bytes of prime read (1 MiB: the model reads a prime one character
+# at a time, about a minute for 1 MiB at a 2x512 LSTM's step rate; an endless pipe stops here)
+PRIME_MAX_BYTES = 2**20
+
+# `sample`: the characters held in memory when samples are not streamed (--format jsonl, --beam,
+# --num above 1): --num x --length (x --beam) at most this (64 Mi: a few hundred MB of text)
+SAMPLE_HELD_MAX = 2**26
 
 # `sample --beam K`: each position scores K x V continuations in float64 (K = 1024 with a vocabulary
 # of 10,000 is 80 MB a step) and steps K + 1 streams; wider beams only cost time
@@ -273,8 +286,12 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"{text!r} is not a size (examples: 4G, 500M, 64K, 1000000)") from None
-    if not value > 0 or value != value or value == float("inf"):
+    if value != value or value == float("inf"):
+        raise ValueError(f"{text!r} is not a finite size (examples: 4G, 500M, 64K, 1000000)")
+    if not value > 0:
         raise ValueError(f"{text!r}: a size must be above 0")
+    if int(value * _UNITS[unit]) < 1:  # 0.5 bytes: a limit of 0, whose error would suggest 0 again
+        raise ValueError(f"{text!r}: a size must be at least 1 byte")
     return int(value * _UNITS[unit])
 
 

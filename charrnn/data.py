@@ -30,8 +30,8 @@ import numpy as np
 
 from charrnn.config import DEFAULT_MAX_INPUT, format_size
 from charrnn.errors import DataError
-from charrnn.rundir import remove_files
-from charrnn.vocab import END_ID, MAX_CODE_POINT, START_ID, CharSet, Vocab, code_points
+from charrnn.rundir import open_new, remove_files
+from charrnn.vocab import END_ID, MAX_CODE_POINT, START_ID, CharSet, Vocab, code_points, describe_chars
 
 DOC_MODES = ("line", "blank")
 _BLANK_SPLIT = re.compile(r"\n[ \t]*\n")
@@ -90,6 +90,10 @@ def _native_decoder(dec):
     return codecs.getincrementaldecoder(f"{name}-{'le' if sys.byteorder == 'little' else 'be'}")("strict")
 
 
+class InputTooLarge(DataError):
+    """More input than the reading's limit allows (--max-input, or a fixed limit of the caller's)."""
+
+
 class _Limit:
     """The bytes a reading may still take (--max-input): an endless pipe stops here, not in swap."""
 
@@ -100,7 +104,7 @@ class _Limit:
     def take(self, n: int, name: str):
         self.used += n
         if self.limit is not None and self.used > self.limit:
-            raise DataError(
+            raise InputTooLarge(
                 f"{name}: input larger than the --max-input limit of {format_size(self.limit)}; "
                 f"if it really is text, raise the limit, e.g. --max-input {format_size(self.limit * 4)}"
             )
@@ -158,6 +162,8 @@ def _text_chunks(f, name: str, encoding: str | None, chunk_bytes: int, limit: _L
             raise DataError(
                 f"{name}: not valid {e.encoding.upper()} at byte offset {start} (byte 0x{bad}){hint}"
             ) from None
+        except (ValueError, TypeError) as e:  # a codec that fails otherwise (undefined, punycode ...)
+            raise DataError(f"{name}: cannot be decoded as {encoding}: {str(e) or type(e).__name__}") from None
         if not is_utf8:
             nul = text.find("\x00")
             if nul >= 0:
@@ -180,6 +186,19 @@ def _text_chunks(f, name: str, encoding: str | None, chunk_bytes: int, limit: _L
             yield text
         if final:
             return
+
+
+def _spooled() -> dict:
+    """{corpus path: the launcher's copy of it} in a worker that `charrnn train --workers N` started
+    (parallel.SPOOL_VARIABLE); empty elsewhere."""
+    value = os.environ.get("CHARRNN_SPOOLED_INPUT")
+    if not value:
+        return {}
+    try:
+        copies = json.loads(value)
+    except (ValueError, RecursionError):
+        return {}
+    return {k: v for k, v in copies.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(copies, dict) else {}
 
 
 class Source:
@@ -224,9 +243,14 @@ class Source:
             spool.seek(0)
             yield from _text_chunks(spool, *args)
             return
-        if path == "-" and sys.stdin is None:
+        copy = _spooled().get(path)
+        if copy is not None:  # a data-parallel worker: the launcher's copy of a stream (parallel.launch)
+            f = _open(copy)
+        elif path == "-" and sys.stdin is None:
             raise DataError("<stdin>: is closed")
-        f = sys.stdin.buffer if path == "-" else _open(path)
+        else:
+            f = sys.stdin.buffer if path == "-" else _open(path)
+        path = path if copy is None else copy
         try:
             if not self.reread or (path != "-" and stat.S_ISREG(os.fstat(f.fileno()).st_mode)):
                 yield from _text_chunks(f, *args)
@@ -296,6 +320,12 @@ def document_pieces(chunks, docs: str, max_doc: int | None = None):
     longer than a chunk is carried until it ends, as a list of chunks (joined once); one longer
     than `max_doc` characters (MAX_DOCUMENT_CHARS) is an error, so memory stays bounded."""
     max_doc = MAX_DOCUMENT_CHARS if max_doc is None else max_doc
+
+    def too_long():
+        sep = "newline" if docs == "line" else "blank line"
+        return DataError(f"a document of more than {max_doc:,} characters (no {sep} in them): with --docs "
+                         f"{docs} each document is held in memory whole; is this text really in documents?")
+
     carry: list[str] = []
     carried = 0
     for chunk in chunks:
@@ -303,11 +333,19 @@ def document_pieces(chunks, docs: str, max_doc: int | None = None):
             carry.append(chunk)
             carried += len(chunk)
             if carried > max_doc:
-                sep = "newline" if docs == "line" else "blank line"
-                raise DataError(f"a document of more than {max_doc:,} characters (no {sep} in them): with --docs "
-                                f"{docs} each document is held in memory whole; is this text really in documents?")
+                raise too_long()
             continue
         buf = "".join(carry) + chunk if carry else chunk
+        # the document the carry began ends in this chunk: its whole length counts, not only the
+        # carried part (a document of 17 Mi characters ending just past a chunk's start got through)
+        first = buf.find("\n") if docs == "line" else _BLANK_SPLIT.search(buf)
+        first = (first if docs == "line" else first.start() if first else len(buf))
+        if carried and first > max_doc:
+            raise too_long()
+        if len(chunk) > max_doc:  # a caller's chunks longer than the limit: every document of it counts
+            pieces = buf.split("\n") if docs == "line" else _BLANK_SPLIT.split(buf)
+            if max(map(len, pieces[:-1]), default=0) > max_doc:
+                raise too_long()
         if docs == "line":
             end = buf.rfind("\n") + 1
         else:
@@ -441,6 +479,11 @@ def read_corpus(paths, encoding: str | None = None, docs: str | None = None,
                 seen.add_text(inside)
                 pos += len(piece)
                 marks.append((pos, doc_chars + 2 * doc_count))
+        bad = seen.surrogates()
+        if bad:  # only a non-UTF-8 --encoding (unicode_escape, raw_unicode_escape) decodes to these
+            raise DataError(f"the text holds {describe_chars(bad[:5])}{' ...' if len(bad) > 5 else ''}: lone "
+                            "surrogates, which are not characters and no UTF-8 output can write; fix the text "
+                            f"(or its --encoding {source.encoding or 'utf-8'})")
     except BaseException:
         source.close()
         raise
@@ -653,12 +696,55 @@ def _token_meta(corpus: Corpus, vocab: Vocab, val_frac: float, layout: Layout) -
 def _write_token_meta(directory: str, meta: dict):
     """tokens.json, atomically (a temporary file beside it, then os.replace)."""
     meta_path = os.path.join(directory, TOKENS_META)
-    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+    with open_new(meta_path + ".tmp", "w") as f:
         json.dump(meta, f)
     os.replace(meta_path + ".tmp", meta_path)
 
 
+def regular_file(path: str) -> bool:
+    """Whether `path` is a regular file (after links): a run directory's files are read only then,
+    so a FIFO or a device put in their place is never opened (opening a FIFO blocks)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _read_small_json(path: str, limit: int):
+    """The JSON object in a regular file of at most `limit` bytes; ValueError / OSError otherwise."""
+    if not regular_file(path):
+        raise ValueError(f"{path} is not a regular file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit} bytes")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path} nests too deep") from None
+
+
+# tokens.json lists the vocabulary: at most every code point, ~12 bytes each in its JSON form
+TOKENS_META_LIMIT = 16 * (MAX_CODE_POINT + 1) + 4096
+TOKENS_HASH_CHUNK = 1 << 24  # bytes of the token file hashed at a time (mapped, so nothing is copied)
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    """The SHA-256 of a token array's bytes (tokens.json's ids_sha256): hashed a chunk at a time
+    from the mapping, at the speed of the machine's SHA-256 (about 1.5 GB/s with SHA extensions)."""
+    h = hashlib.sha256()
+    flat = ids.reshape(-1).view(np.uint8)
+    for start in range(0, len(flat), TOKENS_HASH_CHUNK):
+        h.update(memoryview(np.ascontiguousarray(flat[start : start + TOKENS_HASH_CHUNK])))
+    return h.hexdigest()
+
+
 def _map(path: str, layout: Layout, meta: dict) -> TokenFile:
+    if not regular_file(path):
+        raise ValueError("token file is not a regular file")
     ids = np.load(path, mmap_mode="r", allow_pickle=False)
     if ids.ndim != 1 or ids.dtype.str != meta["dtype"] or len(ids) != layout.n_train + layout.n_val:
         raise ValueError("token file does not match its description")
@@ -669,41 +755,53 @@ def map_token_file(path: str, meta: dict) -> TokenFile | None:
     """The token file at `path` if its description is `meta` (another process's TokenFile.meta:
     data-parallel workers map the file their rank 0 or their host built); None otherwise."""
     try:
-        with open(os.path.join(os.path.dirname(path), TOKENS_META), encoding="utf-8") as f:
-            if json.load(f) != meta:
-                return None
+        if _read_small_json(os.path.join(os.path.dirname(path), TOKENS_META), TOKENS_META_LIMIT) != meta:
+            return None
         return _map(path, Layout(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"])), meta)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, EOFError):  # EOFError: an empty .npy
         return None
 
 
-def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float) -> TokenFile | None:
-    """The token file at `path` if it was built from this corpus, vocabulary and split; None when
-    it is missing, stale or damaged (then build it again)."""
+def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float, notes: list | None = None
+                    ) -> TokenFile | None:
+    """The token file at `path` if it was built from this corpus, vocabulary and split, and its
+    ids are the ones written (their SHA-256, recorded in tokens.json when it was built); None when
+    it is missing, stale or damaged (then build it again). Why a file that exists is not used
+    goes to `notes`, so the caller can say so."""
+    meta_path = os.path.join(os.path.dirname(path), TOKENS_META)
+    if not os.path.lexists(path) and not os.path.lexists(meta_path):
+        return None  # a run from before token files, or a directory they were cleaned out of
+    why = None
     try:
-        with open(os.path.join(os.path.dirname(path), TOKENS_META), encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = _read_small_json(meta_path, TOKENS_META_LIMIT)
         layout = Layout(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"]))
         want = _token_meta(corpus, vocab, val_frac, layout)
-        if meta != want:
-            if "tokens" in meta or meta != {k: v for k, v in want.items() if k != "tokens"}:
-                return None
-            # a description from before it listed the vocabulary (pinned by vocab_sha256 all the
-            # same): brought up to date, the token file kept
-            try:
-                _write_token_meta(os.path.dirname(path), want)
-                meta = want
-            except OSError:
-                pass
-        tokens = _map(path, layout, meta)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    # a file damaged in place (its description intact): every id must be one of the vocabulary's
-    # (a pass over the mapped file, a chunk at a time; far cheaper than an epoch of training)
-    for start in range(0, len(tokens.ids), CHUNK_BYTES):
-        if int(tokens.ids[start : start + CHUNK_BYTES].max()) >= vocab.size:
-            return None
-    return tokens
+        recorded = meta.get("ids_sha256")
+        described = {k: v for k, v in meta.items() if k != "ids_sha256"}
+        # a description from before it listed the vocabulary (pinned by vocab_sha256 all the same)
+        # is brought up to date once the ids check out
+        upgrade = "tokens" not in described and described == {k: v for k, v in want.items() if k != "tokens"}
+        if described != want and not upgrade:
+            why = "it was built from another corpus, vocabulary or split"
+        elif not isinstance(recorded, str):
+            why = "no checksum of its ids was recorded (an older charrnn built it)"
+        else:
+            tokens = _map(path, layout, meta)
+            if ids_digest(tokens.ids) != recorded:  # damaged in place, its description intact
+                why = "its ids do not match the checksum recorded when it was built (the file was damaged)"
+            else:
+                if upgrade:
+                    try:
+                        _write_token_meta(os.path.dirname(path), dict(want, ids_sha256=recorded))
+                        tokens.meta = dict(want, ids_sha256=recorded)
+                    except OSError:
+                        pass
+                return tokens
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError) as e:  # EOFError: an empty .npy
+        why = f"it cannot be read ({getattr(e, 'strerror', None) or e})"
+    if notes is not None:
+        notes.append(f"note: rebuilding {path}: {why}")
+    return None
 
 
 def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -> TokenFile:
@@ -719,14 +817,17 @@ def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     marker = np.array([START_ID, END_ID], dtype=dtype)
     written = {"train": 0, "val": 0}
+    digest = hashlib.sha256()  # of the ids as written: resume checks it (open_token_file)
     saw_val = [False]  # document mode: whether any text was held out
     try:
-        with open(tmp, "wb") as f:
+        with open_new(tmp, "wb") as f:
             np.lib.format.write_array_header_1_0(
                 f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (total,)})
 
             def put(part, ids):
-                f.write(memoryview(np.ascontiguousarray(ids)))  # ids are in the file's dtype already
+                view = memoryview(np.ascontiguousarray(ids))  # ids are in the file's dtype already
+                f.write(view)
+                digest.update(view)
                 written[part] += len(ids)
 
             if corpus.docs is None:
@@ -746,7 +847,7 @@ def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -
         layout = Layout(written["train"], written["val"], has_val=saw_val[0] if planned is None else planned.has_val)
         if written["train"] + written["val"] != total or planned not in (None, layout):
             raise DataError(f"the corpus {', '.join(corpus.paths)} changed while it was being read; try again")
-        meta = _token_meta(corpus, vocab, val_frac, layout)
+        meta = dict(_token_meta(corpus, vocab, val_frac, layout), ids_sha256=digest.hexdigest())
         os.replace(tmp, path)
         _write_token_meta(directory, meta)
     except BaseException as e:

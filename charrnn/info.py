@@ -17,15 +17,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import unicodedata
 import zipfile
 from dataclasses import dataclass, field, fields
 
-from charrnn import DISTRIBUTION
+from charrnn import pip_hint
 from charrnn.errors import CharrnnError, UsageError
 
-PLOT_HINT = f"pip install '{DISTRIBUTION}[plot]'"
+PLOT_HINT = pip_hint("matplotlib>=3.6")  # what the [plot] extra holds
 METRICS_FILE = "metrics.jsonl"
+# metrics.jsonl as read: a run writes one line of ~200 bytes per validation (200,000 validations are
+# 40 million steps at the least --eval-every); a hostile file is read no further than this
+MAX_METRICS_LINE = 64 * 2**10
+MAX_METRICS_RECORDS = 200_000
 # The terminal plot: wide enough to show a curve's shape, narrow enough for an 80-column terminal
 # beside its 9-character axis labels.
 CURVE_WIDTH = 60
@@ -59,13 +64,25 @@ def read_metrics(path: str) -> Metrics:
     hand edit) with a note each rather than refusing the whole file."""
     m = Metrics(path=path)
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise CharrnnError(f"{path}: not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            for n, raw in enumerate(iter(lambda: f.readline(MAX_METRICS_LINE + 1), b""), 1):
+                if len(raw) > MAX_METRICS_LINE:  # a line that never ends (a file of zeros): skipped, not held
+                    m.skipped.append((n, f"longer than {MAX_METRICS_LINE:,} bytes"))
+                    while raw and not raw.endswith(b"\n"):
+                        raw = f.readline(MAX_METRICS_LINE + 1)
+                    continue
+                if len(m.records) >= MAX_METRICS_RECORDS:
+                    m.skipped.append((n, f"beyond the first {MAX_METRICS_RECORDS:,} records, which are all read"))
+                    break
+                line = raw.decode("utf-8", "replace")
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     m.skipped.append((n, "not JSON"))
                     continue
                 if not isinstance(rec, dict):

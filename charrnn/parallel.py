@@ -22,6 +22,7 @@ Nothing here is imported, and mpi4py is never imported, unless workers are used:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -35,10 +36,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from charrnn import DISTRIBUTION, __version__
+from charrnn import __version__, pip_hint
 from charrnn.errors import CharrnnError, TrainingError, UsageError
 
-INSTALL_HINT = f"pip install '{DISTRIBUTION}[mpi]'"  # the index's "charrnn" is another project
+INSTALL_HINT = pip_hint("mpi4py>=4", "mpich")  # what the [mpi] extra holds
 # the environment variables by which process managers tell a process the size of its MPI job
 # (MPICH's hydra and Intel MPI: PMI_SIZE; Open MPI: OMPI_COMM_WORLD_SIZE; PMIx launchers: PMIX_SIZE)
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
@@ -92,7 +93,65 @@ def _have_mpi4py() -> bool:
 
 
 # ---------------------------------------------------------------------------------- the launcher
-def launch(workers: int, argv: list[str], batch: int | None) -> int:
+# after a forwarded SIGINT / SIGTERM, the workers have this long to save and end before the
+# launcher ends them (a checkpoint of 2**28 parameters and its optimizer state writes in seconds)
+STOP_GRACE_S = 120.0
+SPOOL_VARIABLE = "CHARRNN_SPOOLED_INPUT"  # set by `launch`: {corpus path: its copy} for stdin, pipes and FIFOs
+SPOOL_CHUNK = 1 << 20
+
+
+def _spool_streams(corpus, max_input: int | None, directory: str) -> dict:
+    """Copy each corpus input that can be read only once (stdin, a pipe, a FIFO, `<(command)`, a
+    device) into a file in `directory`, once, within --max-input, and return {path: copy}. The
+    workers read the copies under the names given (mpiexec forwards stdin to one worker, through a
+    pipe that gave out beyond a few hundred KB, and a FIFO can be read once)."""
+    import stat
+
+    from charrnn.data import _Limit, _open, _source_name
+    from charrnn.errors import DataError
+
+    limit = _Limit(max_input)
+    copies = {}
+    for i, path in enumerate(corpus):
+        if path in copies:
+            continue
+        if path == "-":
+            if sys.stdin is None:
+                raise DataError("<stdin>: is closed")
+            src, close = sys.stdin.buffer, False
+        else:
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                continue  # the workers say what is wrong with it, as a single process would
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                continue
+            src, close = _open(path), True
+        dest = os.path.join(directory, f"input{i}")
+        name = _source_name(path)
+        try:
+            with open(dest, "wb") as out:
+                while True:
+                    try:
+                        data = src.read(SPOOL_CHUNK)
+                    except OSError as e:
+                        raise DataError(f"{name}: cannot read: {e.strerror or e}") from None
+                    if not data:
+                        break
+                    limit.take(len(data), name)
+                    try:
+                        out.write(data)
+                    except OSError as e:
+                        raise DataError(f"{name}: cannot keep a copy for the workers in {directory}: "
+                                        f"{e.strerror or e} (set TMPDIR to a place with room, or give a file)") from None
+        finally:
+            if close:
+                src.close()
+        copies[path] = dest
+    return copies
+
+
+def launch(workers: int, argv: list[str], batch: int | None, corpus=(), max_input: int | None = None) -> int:
     """Run `charrnn <argv>` as `workers` MPI processes on this machine; returns the exit status.
 
     The workers run in a session of their own, so a Ctrl-C at the terminal reaches this process
@@ -114,15 +173,19 @@ def launch(workers: int, argv: list[str], batch: int | None) -> int:
 
     rendezvous = tempfile.mkdtemp(prefix="charrnn-workers-")
     try:
-        return _launch([mpiexec, "-n", str(workers), sys.executable, "-m", "charrnn", *argv],
-                       dict(os.environ, **{LAUNCH_DIR_VARIABLE: rendezvous}), rendezvous)
+        env = dict(os.environ, **{LAUNCH_DIR_VARIABLE: rendezvous})
+        copies = _spool_streams(corpus, max_input, rendezvous)
+        if copies:
+            env[SPOOL_VARIABLE] = json.dumps(copies)
+        return _launch([mpiexec, "-n", str(workers), sys.executable, "-m", "charrnn", *argv], env, rendezvous)
     finally:
         shutil.rmtree(rendezvous, ignore_errors=True)
 
 
 def _launch(cmd, env, rendezvous) -> int:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=_term_with_parent)
+    # stdin is never the workers' (a corpus on it was spooled): mpiexec must not forward it
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, preexec_fn=_term_with_parent)
     received = []
 
     def forward(signum, frame):
@@ -135,39 +198,159 @@ def _launch(cmd, env, rendezvous) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     # mpiexec's own lines, kept off the terminal (which process ended badly, and how), and whether
     # a worker has said what went wrong itself
-    seen = {"notes": [], "error": False, "first_dead": None}
+    seen = {"notes": [], "error": False, "first_dead": None, "manager": None}
     relays = [threading.Thread(target=_relay, args=(pipe, dest, seen), daemon=True)
               for pipe, dest in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
     relays.append(threading.Thread(target=_watch_workers, args=(proc, rendezvous, seen), daemon=True))
     for t in relays:
         t.start()
+    hung = False
     try:
-        rc = proc.wait()
+        deadline = None
+        while True:
+            try:
+                rc = proc.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if received and deadline is None:
+                deadline = time.monotonic() + STOP_GRACE_S
+            if deadline is not None and time.monotonic() > deadline and not hung:
+                # the workers were told to stop and have not: one stuck in a collective its peer left
+                # (a signal that reached them in different phases). End them; the last save stands.
+                hung = True
+                _stop_workers(rendezvous, wait_s=0, sig=signal.SIGKILL)
+                proc.kill()
         for t in relays:
             t.join(5)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if rc < 0:  # mpiexec itself was killed
+    if rc != 0 or received or hung:
+        _discard_unsaved(rendezvous)
+    if hung:
+        _say(f"the workers did not stop within {STOP_GRACE_S:.0f} s of {_signal_name(received[0])}; ended them"
+             f"{_saved_note(rendezvous)}")
+        return 143 if signal.SIGTERM in received else 130
+    if rc < 0 and not received:  # mpiexec itself was killed: its workers may live on, orphaned
+        stopped = _stop_workers(rendezvous)
+        _say(f"mpiexec (process {proc.pid}) ended unexpectedly ({_signal_name(-rc)}); "
+             + ("the workers were stopped" if stopped else "the workers ended with it") + _saved_note(rendezvous))
+        return 1
+    if rc < 0:
         rc = 128 - rc
+    if seen["manager"] is not None and not received:
+        _say(f"the process manager (hydra_pmi_proxy, process {seen['manager']}) ended unexpectedly; the workers were "
+             f"stopped{_saved_note(rendezvous)}")
+        return 1
     if received:
         return rc if rc in (130, 143) else (143 if signal.SIGTERM in received else 130)
     if rc in (0, 2) or (rc in (1, 130, 143) and (seen["error"] or not seen["notes"])):
         return rc  # the workers ended as they meant to, and said why
     if not seen["error"]:  # a worker ended badly, and mpiexec ended the others before they could say so
-        sys.stderr.write(f"charrnn: error: {_who_died(seen['notes'], rendezvous, seen['first_dead'])}\n")
-        sys.stderr.flush()
+        _say(_who_died(seen["notes"], rendezvous, seen["first_dead"]))
     return 1
 
 
+def _discard_unsaved(rendezvous: str):
+    """Remove the run directory rank 0 created if the job ended before anything was saved in it
+    (rank 0, ended by mpiexec, could not): taken under its lock, as a run gives it back."""
+    from charrnn.rundir import Busy, RunDir, holds_run
+
+    try:
+        with open(os.path.join(rendezvous, "created"), encoding="utf-8") as f:
+            path = f.read().strip()
+    except OSError:
+        return
+    if not path or not os.path.isdir(path) or holds_run(path):
+        return
+    try:
+        rd = RunDir.lock(path)
+    except (Busy, CharrnnError):
+        return  # a live process holds it: not ours to remove
+    rd.created = True
+    rd.discard_if_unused()
+
+
 def _watch_workers(proc, rendezvous: str, seen: dict):
-    """Note which worker ended first while others still ran (mpiexec names it too, most times)."""
+    """Note which worker ended first while others still ran (mpiexec names it too, most times);
+    and a process manager (mpiexec's child, hydra_pmi_proxy) that ended while every worker still
+    ran: then the workers would train on to the end of their budget with nobody to report to, so
+    they are told to stop (SIGTERM: they save and end together) and seen["manager"] names it."""
+    managers = set()
     while proc.poll() is None:
+        managers |= _children(proc.pid)
+        # the managers first: a worker ends before its manager, so workers all running after a
+        # manager was seen gone means the manager went first (not a run that ended as it should)
+        gone = [m for m in managers if not _running(m)]
         pids = _rank_pids(rendezvous)
-        dead = [r for pid, (r, _) in pids.items() if not _alive(pid)]
+        dead = [r for pid, (r, _) in pids.items() if not _running(pid)]
         if dead and len(dead) < len(pids) and seen["first_dead"] is None:
             seen["first_dead"] = min(dead)
+        if (gone and seen["manager"] is None and seen["first_dead"] is None and pids and not dead
+                and proc.poll() is None):
+            seen["manager"] = min(gone)
+            _stop_workers(rendezvous, wait_s=0)
         time.sleep(0.02)
+
+
+def _children(pid: int) -> set:
+    """The process ids of `pid`'s children (Linux /proc; empty elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return {int(x) for x in f.read().split()}
+    except (OSError, ValueError):
+        return set()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed child its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return _alive(pid) if not os.path.isdir("/proc") else False
+
+
+def _stop_workers(rendezvous: str, wait_s: float = 60.0, sig=signal.SIGTERM) -> bool:
+    """SIGTERM (or `sig`) to every worker still running (they agree on a step, rank 0 saves
+    last.npz, and they end), then wait up to `wait_s` for them to end; whether any was running."""
+    pids = [pid for pid in _rank_pids(rendezvous) if _running(pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait_s
+    while wait_s and any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(pids)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return f"{signal.Signals(signum).name}, signal {signum}"
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _say(text: str):
+    """The launcher's one error line (a failing stderr loses it; the exit status still says it)."""
+    try:
+        sys.stderr.write(f"charrnn: error: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _saved_note(rendezvous: str) -> str:
+    """'; the last checkpoint, RUN/last.npz, is intact' when the run has one."""
+    try:
+        with open(os.path.join(rendezvous, "out"), encoding="utf-8") as f:
+            last = os.path.join(f.read().strip(), "last.npz")
+    except OSError:
+        return ""
+    return f"; the last checkpoint, {last}, is intact" if os.path.exists(last) else ""
 
 
 def _rank_pids(rendezvous: str) -> dict:
@@ -201,14 +384,7 @@ def _who_died(notes: list[str], rendezvous: str, first_dead: int | None = None) 
     if pid:
         rank, host = ranks.get(int(pid.group(1)), (None, pid.group(2)))
         who = f"worker {rank} (process {pid.group(1)} on {host})" if rank is not None else f"process {pid.group(1)}"
-    last = None
-    try:
-        with open(os.path.join(rendezvous, "out"), encoding="utf-8") as f:
-            last = os.path.join(f.read().strip(), "last.npz")
-    except OSError:
-        pass
-    saved = f"; the last checkpoint, {last}, is intact" if last and os.path.exists(last) else ""
-    return f"{who} ended unexpectedly{how}; all workers stopped{saved}"
+    return f"{who} ended unexpectedly{how}; all workers stopped{_saved_note(rendezvous)}"
 
 
 def _term_with_parent():
@@ -225,6 +401,7 @@ def _relay(pipe, dest, seen: dict):
     """Copy the workers' output (through mpiexec) to ours as it comes; mpiexec's own lines (its
     notes on forwarding Ctrl-C, its banner about a process that ended badly) go to seen["notes"]."""
     out = dest.buffer if hasattr(dest, "buffer") else None
+    broken = False
     for line in iter(pipe.readline, b""):
         if (line.startswith(_HYDRA_NOISE) or _MPI_STACK.match(line)
                 or (dest is sys.stdout and not line.strip())):  # training writes no stdout
@@ -232,11 +409,16 @@ def _relay(pipe, dest, seen: dict):
             continue
         if line.startswith(b"charrnn: error"):
             seen["error"] = True
-        if out is not None:
-            out.write(line)
-            out.flush()
-        else:
-            dest.write(line.decode("utf-8", "replace"))
+        if broken:
+            continue  # drained all the same, so the workers never block on a full pipe
+        try:
+            if out is not None:
+                out.write(line)
+                out.flush()
+            else:
+                dest.write(line.decode("utf-8", "replace"))
+        except (OSError, ValueError):  # our own stdout or stderr failed: the run goes on (docs/robustness.md)
+            broken = True
     pipe.close()
 
 
@@ -598,7 +780,10 @@ def train(make, quiet: bool) -> dict | None:
         # would abort with its error stack, or wait for the dead)
         error = workers.lost(e)
         if not isinstance(error, Quiet):
-            os.write(2, f"charrnn: error: {error}\n".encode("utf-8", "replace"))
+            try:  # a stderr that fails loses the line, never the exit
+                os.write(2, f"charrnn: error: {error}\n".encode("utf-8", "replace"))
+            except OSError:
+                pass
             time.sleep(0.5)  # mpiexec forwards what is in the pipe only while the process lives
         os._exit(1)
     finally:
@@ -607,11 +792,26 @@ def train(make, quiet: bool) -> dict | None:
 
 def build(workers: Workers, make, quiet: bool):
     """Every worker's Trainer: rank 0's from `make`, the others' from what rank 0 sends, each on
-    the token file of its host (host_tokens); then rank 0's arrays on all. Collective."""
+    the token file of its host (host_tokens); then rank 0's arrays on all. Collective. Whatever
+    stops it (an interrupt between rank 0's make and training included), rank 0 gives its run
+    directory back: removed when the run made it and saved nothing in it."""
+    made = []
+    try:
+        return _build(workers, make, quiet, made)
+    except BaseException:
+        for trainer in made:
+            trainer.close()
+        raise
+
+
+def _build(workers: Workers, make, quiet: bool, made: list):
     trainer = None
     if workers.root:
         try:
             trainer = make(quiet)
+            made.append(trainer)
+            if trainer.rundir is not None and trainer.rundir.created:  # the launcher's to remove if we die unsaved
+                workers._tell_launcher("created", os.path.abspath(trainer.out))
             try:
                 workers.set_batch(trainer.cfg.batch)
             except BaseException:

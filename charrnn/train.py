@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import threading
 import time
@@ -36,7 +37,8 @@ from charrnn.model import Model, ModelConfig, approx_params
 from charrnn.optim import (WSD_DECAY_FRAC, Averager, Optimizer, Schedule, clip_grad_norm, clip_grad_value, grad_norm,
                            make_optimizer)
 from charrnn.progress import Reporter, note, remaining
-from charrnn.rundir import RunDir, holds_run
+from charrnn.rundir import (RunDir, append_line, check_run_files, holds_run, new_identity, open_new,
+                            read_identity)
 from charrnn.signals import Signals
 from charrnn.vocab import Vocab
 
@@ -227,16 +229,70 @@ def _check_out_dir(out: str, need_bytes: int):
     training: a read-only or full filesystem is found now, not after the first hour."""
     probe = os.path.join(out, ".charrnn-write-test")
     try:
-        with open(probe, "wb") as f:
+        with open_new(probe) as f:
             f.write(b"ok")
         os.unlink(probe)
         free = shutil.disk_usage(out).free
     except OSError as e:
         raise CharrnnError(f"output directory {out} is not writable: {e.strerror or e}") from None
     if free < need_bytes:
-        raise CharrnnError(
-            f"not enough disk space in {out}: {free // 2**20} MiB free, checkpoints need about {need_bytes // 2**20} MiB"
-        )
+        raise CharrnnError(f"not enough disk space in {out}: {_mib(free)} free, checkpoints need about "
+                           f"{_mib(need_bytes)}")
+
+
+def _check_foreign_log(path: str):
+    """A new run's directory must not hold a metrics.jsonl already: with no checkpoint beside it,
+    it is no run to continue, and a new run would add its records to another's log."""
+    log = os.path.join(path, "metrics.jsonl")
+    if os.path.lexists(log) and not os.path.isdir(log):  # a directory there holds no one's records (the
+        # run fails at its first validation, in one line, its checkpoint saved: test_train)
+        raise UsageError(f"{log} exists but {path} holds no checkpoint: a new run would add its lines to "
+                         "another's; move it away or choose another --out")
+
+
+def _mib(n: int) -> str:
+    """Bytes in MiB, precise enough that two different sizes never read the same."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _check_identity(run_dir: str, path: str, meta: dict) -> str | None:
+    """The identity of the run in `run_dir`, after checking that its last.npz (at `path`, with
+    `meta`) is its own: the run id recorded in run.json when the run started must be the
+    checkpoint's. Without run.json (a run from before identities, or one that lost it) best.npz
+    is the witness: the same run id, or without ids the same corpus, model and seed; run.json is
+    then written again. Refuses another run's checkpoint copied in. None: the run has no identity
+    yet and gets one with its next save (Trainer._save_last)."""
+    recorded = read_identity(run_dir)
+    carried = meta.get("run_id")
+    if recorded is not None:
+        if carried == recorded:
+            return recorded
+        theirs = f"run {carried}" if carried else "a run that recorded no identity"
+        raise CharrnnError(f"{path} belongs to {theirs}, but {run_dir} holds run {recorded}: it was copied or moved "
+                           "in from elsewhere; put the run's own last.npz back (or resume the other run in its own "
+                           "directory)")
+    best = os.path.join(run_dir, "best.npz")
+    if os.path.lexists(best):
+        try:
+            other = checkpoint.load(best).meta
+        except CharrnnError:
+            other = None  # a damaged best.npz says nothing about last.npz; the run rewrites it
+        if other is not None:
+            ids = (other.get("run_id"), carried)
+            differ = ids[0] != ids[1] if all(ids) else _lineage_key(other) != _lineage_key(meta)
+            if differ:
+                raise CharrnnError(f"{path} and {best} are from different runs (their identity, corpus, model or "
+                                   "seed differ): one was copied in from elsewhere; put the run's own last.npz back")
+    if carried:
+        return new_identity(run_dir, carried)  # run.json lost: restored
+    return None
+
+
+def _lineage_key(meta: dict):
+    """What two checkpoints of one run share whatever their step: corpus, model shape, seed."""
+    train = meta.get("train") or {}
+    return ((meta.get("corpus") or {}).get("sha256"), meta.get("cell"), meta.get("layers"), meta.get("hidden"),
+            meta.get("vocab"), train.get("seed"))
 
 
 def _load_flat(ck, path: str, prefix: str, flat: np.ndarray, what: str):
@@ -262,6 +318,7 @@ class Trainer:
     an option was left open, and `cfg` the two combined: what the loop follows."""
 
     lineage = None  # {"origin": ...} or {"vocab_from": ...}: where a run started from (finetune.record), into its meta
+    run_id = None  # the run's identity (rundir.RUN_FILE), carried by every checkpoint it writes
 
     def __init__(self, given: TrainConfig, fitted: Fitted, corpus, vocab: Vocab, model: Model, out: str, quiet: bool,
                  state: RunState, opt, extra_minutes: float | None, tokens: TokenFile):
@@ -333,6 +390,9 @@ class Trainer:
         then agree with the model (finetune.adopt)."""
         base = finetune.load_base(cfg)  # None for an ordinary run
         cfg = finetune.adopt(cfg, base, explicit)
+        if cfg.hidden is not None:  # a size no checkpoint holds is refused before the corpus is read
+            _check_loadable(ModelConfig(cell=budget.chosen_cell(cfg), layers=cfg.layers, hidden=cfg.hidden,
+                                        vocab_size=4, nonlinearity=cfg.nonlinearity), cfg.batch)
         chosen, prec_note = precision.choose(cfg.precision, cfg.hidden)
         early = Precompile(cfg, budget.chosen_cell(cfg), threads.set_threads(cfg.threads),
                            ("fp32", "bf16") if chosen == "measure" else (chosen,))
@@ -369,18 +429,23 @@ class Trainer:
             model = Model(mcfg).init(cfg.seed, forget_bias=cfg.forget_bias)  # only a cell with a forget gate has one
         if out is not None and holds_run(out):  # said before the corpus is encoded; checked again under the lock
             RunDir.lock(out).release()  # a live run there is named first
-            raise UsageError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+            raise UsageError(f"{out} already holds a run; continue it with --resume {shlex.quote(out)} or choose "
+                             "another --out")
+        if out is not None:
+            _check_foreign_log(out)
         opt = make_optimizer(cfg.optimizer, model.n_params, model.dtype, cfg.lr)
         # everything that can reject the input happens before the directory exists
         check_sizes(corpus, cfg.val_frac, cfg.batch, cfg.seq)
         token_bytes = total_tokens(corpus, cfg.val_frac) * vocab_itemsize(vocab)
         rundir = RunDir.claim_new(out) if out is not None else RunDir.claim_default(os.path.join(runs_dir, corpus.name))
         try:
+            _check_foreign_log(rundir.path)  # again, under the lock
             _check_out_dir(rundir.path, need_bytes=4 * model.n_params * 4 * 3 + token_bytes)
             remove_stale_token_temps(rundir.path)
             tokens = build_token_file(corpus, vocab, cfg.val_frac, os.path.join(rundir.path, TOKENS_FILE))
             trainer = cls(cfg, fitted, corpus, vocab, model, rundir.path, quiet, RunState(), opt, None, tokens)
             trainer._own(rundir)
+            trainer.run_id = new_identity(rundir.path)
         except BaseException:
             rundir.discard_if_unused()
             raise
@@ -409,11 +474,13 @@ class Trainer:
         path = os.path.join(run_dir, "last.npz")
         if not os.path.isdir(run_dir):
             raise CharrnnError(f"{run_dir}: no such run directory")
-        rundir = RunDir.lock(run_dir)  # a live run keeps it: refused now, before any work
+        rundir = RunDir.lock(run_dir, resuming=True)  # a live run keeps it: refused now, before any work
         try:
-            if not os.path.exists(path):
+            if not os.path.lexists(path):
                 raise CharrnnError(f"{run_dir}: no last.npz to resume from")
-            _check_out_dir(run_dir, need_bytes=3 * os.path.getsize(path))
+            check_run_files(run_dir)
+            # a save writes the new last.npz beside the old one, then replaces it: room for one more copy
+            _check_out_dir(run_dir, need_bytes=os.path.getsize(path))
             tr = cls._resume(rundir, path, steps, epochs, minutes, quiet, threads_n)
         except BaseException:
             rundir.release()
@@ -425,6 +492,7 @@ class Trainer:
         run_dir = rundir.path
         ck = checkpoint.load(path, with_arrays=True)
         meta = ck.meta
+        run_id = _check_identity(run_dir, path, meta)
         try:
             if "config" in meta and "fitted" in meta:
                 given = TrainConfig.from_dict(meta["config"])
@@ -467,8 +535,12 @@ class Trainer:
             # the run's token file if it matches; else (a run from before token files, or a damaged one) build it
             token_path = os.path.join(run_dir, TOKENS_FILE)
             remove_stale_token_temps(run_dir)
-            tokens = (open_token_file(token_path, corpus, ck.vocab, given.val_frac)
-                      or build_token_file(corpus, ck.vocab, given.val_frac, token_path))
+            why = []
+            tokens = open_token_file(token_path, corpus, ck.vocab, given.val_frac, notes=why)
+            for line in why:
+                note(quiet, line)
+            if tokens is None:
+                tokens = build_token_file(corpus, ck.vocab, given.val_frac, token_path)
         finally:
             corpus.close()
         if steps is not None or epochs is not None:
@@ -485,6 +557,7 @@ class Trainer:
         opt.load_state(bufs, int(meta["optimizer"]["t"]))
         tr = cls(given, fitted, corpus, ck.vocab, ck.model, run_dir, quiet, rs, opt, minutes, tokens)
         tr.precompile = early
+        tr.run_id = run_id
         tr.lineage = {k: meta[k] for k in ("origin", "vocab_from") if k in meta} or None
         tr._own(rundir)
         h, c = ck.arrays.get("train.h"), ck.arrays.get("train.c")
@@ -516,6 +589,7 @@ class Trainer:
             "corpus": {"paths": [os.path.abspath(p) if p != "-" else "-" for p in self.corpus.paths],
                        "sha256": self.corpus.sha256, "chars": self.corpus.chars, "docs": cfg.docs},
             "dtype": str(self.model.dtype),
+            "run_id": self.run_id,  # the run's identity (run.json): resume refuses another run's last.npz
             **(self.lineage or {}),  # where the run started from: origin (--init-from), vocab_from (--vocab)
         }
 
@@ -530,6 +604,8 @@ class Trainer:
             for pname, arr in fp.items():
                 extra[f"{prefix}{pname}"] = arr
         with self.workers.writing():
+            if self.run_id is None:  # a run from before identities, resumed: its identity, before the checkpoint
+                self.run_id = new_identity(self.out)
             checkpoint.save(os.path.join(self.out, "last.npz"), self.model, self.vocab, self._meta(), extra,
                             dropout=self.fitted.dropout)
         self._saved_step = self.state.step
@@ -770,7 +846,7 @@ class Trainer:
                 rep.close()
                 raise Interrupted(f"stopped by {signals.name_of(received)} at step {st.step}; saved "
                                   f"{os.path.join(self.out, 'last.npz')} (continue with: charrnn train --resume "
-                                  f"{self.out})", signals.EXIT_CODES.get(received, 130))
+                                  f"{shlex.quote(self.out)})", signals.EXIT_CODES.get(received, 130))
         rep.close()
         line = workers.report()
         if line:
@@ -856,8 +932,8 @@ class Trainer:
                 "val_loss": val, "val_bits": None if val is None else val / math.log(2),
                 "chars_per_s": round(cps, 1), "elapsed_s": round(st.elapsed, 2)}
         try:
-            with self.workers.writing(), open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
+            with self.workers.writing():
+                append_line(self.metrics_path, json.dumps(line) + "\n")
         except OSError as e:
             raise CharrnnError(f"could not write {self.metrics_path}: {e.strerror or e} "
                                f"(checkpoints up to step {st.step} are saved)") from None

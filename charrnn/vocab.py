@@ -59,6 +59,17 @@ class CharSet:
     def chars(self) -> list[str]:
         return [chr(int(cp)) for cp in np.flatnonzero(self._seen)]
 
+    def surrogates(self) -> list[str]:
+        """The surrogate code points seen (never characters: see is_surrogate)."""
+        return [chr(0xD800 + int(i)) for i in np.flatnonzero(self._seen[0xD800:0xE000])]
+
+
+def is_surrogate(ch: str) -> bool:
+    """Whether a one-character string is a surrogate code point (U+D800..U+DFFF): half of a UTF-16
+    pair, or an undecodable byte Python kept (surrogateescape). Not a Unicode scalar value, so no
+    UTF-8 output can write it; a vocabulary never holds one."""
+    return 0xD800 <= ord(ch) <= 0xDFFF
+
 
 def describe_chars(chars) -> str:
     """A readable list of characters for error messages: printable ones quoted, others as U+XXXX."""
@@ -79,6 +90,9 @@ class Vocab:
         for ch in chars:
             if not isinstance(ch, str) or len(ch) != 1:
                 raise ValueError(f"vocabulary entries must be single characters, got {ch!r}")
+            if is_surrogate(ch):
+                raise ValueError(f"vocabulary entry U+{ord(ch):04X} is a lone surrogate, not a character "
+                                 "(no UTF-8 text can hold it)")
         chars = sorted(set(chars))
         self.chars = tuple(chars)
         self.tokens = SPECIALS + self.chars

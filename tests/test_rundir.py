@@ -174,6 +174,8 @@ def test_a_run_removes_the_temporary_files_killed_writes_left_and_refuses_unload
     assert run(["train", "--resume", str(out), "--steps", "3", "-q"]).exit_code == 0
     assert not any(p.exists() for p in stale) and keep.exists()
     res = run(["train", corpus, "--out", str(tmp_path / "huge"), *SMALL, "--layers", "300"])
+    assert res.exit_code == 2 and "1<=x<=256" in res.output and not (tmp_path / "huge").exists()
+    res = run(["train", corpus, "--out", str(tmp_path / "huge"), *SMALL, "--layers", "256", "--hidden", "4096"])
     assert res.exit_code == 2 and "at most" in res.output and not (tmp_path / "huge").exists()
 
 
