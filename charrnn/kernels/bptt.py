@@ -149,10 +149,8 @@ def _b16_rec_pack(prec, scr, p, W_hh, G, H, nb, u0, u1, backward):
 
 
 def _b16_rec_times(prec, scr, p, A, W_hh, G, H, nb, u0, u1, backward, C):
-    if backward:
-        gemm16.product(prec, p, A, False, prec.wp[p], G * H, u1 - u0, C)
-    else:
-        gemm16.product(prec, p, A, False, prec.wp[p], H, G * (u1 - u0), C)
+    K, N = (G * H, u1 - u0) if backward else (H, G * (u1 - u0))
+    gemm16.product(prec, p, A, False, prec.wp[p], K, N, C)
 
 
 def _by_precision(fn, f32, b16):

@@ -701,12 +701,10 @@ def mm_tn(ws, p, A, B, C):
     positions of a batch)."""
     bp = ws.bp[p]
     K, M, N = A.shape[0], A.shape[1], B.shape[1]
-    if N < M:  # C^T = B^T @ A: the smaller operand is the one transposed
-        pack_b(A, False, 0, M, bp, ws.ab[p])
-        product(ws, p, B, True, bp, K, M, C, True)
-    else:
-        pack_b(B, False, 0, N, bp, ws.ab[p])
-        product(ws, p, A, True, bp, K, N, C)
+    swap = N < M  # C^T = B^T @ A: the smaller operand is the one transposed
+    left, right = (B, A) if swap else (A, B)
+    pack_b(right, False, 0, right.shape[1], bp, ws.ab[p])
+    product(ws, p, left, True, bp, K, right.shape[1], C, swap)  # one call site: one copy of the code
 
 
 # ----------------------------------------------------------------------------- sizes and entry points
