@@ -4,7 +4,8 @@
     --precision bf16   the products of the forward and backward passes (input, recurrent, decoder,
                        weight gradients) round their operands to bfloat16 and sum in float32;
                        weights, optimizer state, gates, cell state, loss and softmax stay float32
-    --precision auto   bf16 where the CPU multiplies bfloat16 faster, else fp32
+    --precision auto   bf16 where the CPU multiplies bfloat16 faster, else fp32; fp32 for a
+                       --minutes budget, whose model is sized for float32's speed
 
 Only training steps use it: validation, `eval`, sampling and every score the tool reports run in
 float32, and checkpoints hold float32 weights whatever trained them (the meta record says which).
@@ -39,14 +40,20 @@ def backend() -> str | None:
     return have[0] if have else None
 
 
-def choose(requested: str, hidden: int | None = None) -> tuple[str, str | None]:
+def choose(requested: str, hidden: int | None = None, minutes: float | None = None) -> tuple[str, str | None]:
     """(precision, note) for a run that asked for `requested` with `hidden` units per layer (None:
-    not known yet), without timing anything: precision is "fp32", "bf16", or "measure" (auto on a
-    CPU with AVX512_BF16 only: measure() decides once the model is built); note is a line for
-    stderr, or None."""
+    not known yet) and a --minutes budget (None: none), without timing anything: precision is
+    "fp32", "bf16", or "measure" (auto on a CPU with AVX512_BF16 only: measure() decides once the
+    model is built); note is a line for stderr, or None."""
     if requested not in CHOICES:
         raise ValueError(f"precision must be one of {', '.join(CHOICES)}, not {requested!r}")
     if requested == "fp32" or (requested == "auto" and hidden is not None and hidden < AUTO_MIN_HIDDEN):
+        return "fp32", None
+    if requested == "auto" and minutes is not None:
+        # a time budget sizes and regularises its model for float32's speed (budget.py): at bf16's
+        # 2.5x a 5-minute default run saw 42 epochs and ended at 1.4652 nats/char on tiny
+        # Shakespeare, against float32's 1.451-1.458 (benchmarks/results/quality_bf16.txt); until
+        # those rules know the speed, auto keeps time budgets in float32
         return "fp32", None
     b = backend()
     if b is None:

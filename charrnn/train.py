@@ -393,7 +393,7 @@ class Trainer:
         if cfg.hidden is not None:  # a size no checkpoint holds is refused before the corpus is read
             _check_loadable(ModelConfig(cell=budget.chosen_cell(cfg), layers=cfg.layers, hidden=cfg.hidden,
                                         vocab_size=4, nonlinearity=cfg.nonlinearity), cfg.batch)
-        chosen, prec_note = precision.choose(cfg.precision, cfg.hidden)
+        chosen, prec_note = precision.choose(cfg.precision, cfg.hidden, cfg.minutes)
         early = Precompile(cfg, budget.chosen_cell(cfg), threads.set_threads(cfg.threads),
                            ("fp32", "bf16") if chosen == "measure" else (chosen,))
         if prec_note:
@@ -418,7 +418,7 @@ class Trainer:
             vocab = plan.vocab
         n_train = int(corpus.chars * (1 - cfg.val_frac))
         fitted = budget.choose_size(cfg, n_train)
-        chosen, _ = precision.choose(cfg.precision, fitted.hidden)
+        chosen, _ = precision.choose(cfg.precision, fitted.hidden, cfg.minutes)
         fitted = replace(fitted, precision="fp32" if chosen == "measure" else chosen)
         mcfg = ModelConfig(cell=fitted.cell, layers=cfg.layers, hidden=fitted.hidden, vocab_size=vocab.size,
                            nonlinearity=cfg.nonlinearity, dropout=fitted.dropout)

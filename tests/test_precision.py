@@ -29,6 +29,8 @@ def test_choose_follows_the_cpu(monkeypatch):
     assert precision.choose("auto", precision.AUTO_MIN_HIDDEN - 1) == ("fp32", None)  # too small to gain
     assert precision.choose("bf16", 16) == ("bf16", None)  # asked for: given
     assert precision.choose("fp32", 512) == ("fp32", None)
+    assert precision.choose("auto", 256, minutes=5) == ("fp32", None)  # a time budget sized for float32
+    assert precision.choose("bf16", 256, minutes=5) == ("bf16", None)  # unless asked for
     monkeypatch.setattr(gemm16, "backends", lambda: ("dot",))
     assert precision.choose("auto", 256) == ("measure", None)
     assert precision.choose("bf16", 256) == ("bf16", None)
