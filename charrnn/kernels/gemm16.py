@@ -211,9 +211,8 @@ def _amx_ir():
 
 def _cvt_ir():
     """@c16_cvt(src, dst, n): dst[i] = bfloat16(src[i]) for i < n (VCVTNEPS2BF16: to nearest, ties
-    to even; denormals flush to zero). @c16_cvt_pairs(r0, r1, dst, n): dst[2j], dst[2j+1] =
-    bfloat16(r0[j]), bfloat16(r1[j]) for j < n (two rows of B into one row of pairs).
-    @c16_cvt_pairs_panels(r0, r1, dst, n, pstride): the same, the pairs of columns j of panel j // 32
+    to even; denormals flush to zero). @c16_cvt_pairs_panels(r0, r1, dst, n, pstride): dst[2j],
+    dst[2j+1] = bfloat16(r0[j]), bfloat16(r1[j]) for j < n, the pairs of columns j of panel j // 32
     going to dst + (j // 32) * pstride + (j % 32) * 2 (two rows of B into their row of every panel)."""
     lanes = ", ".join(f"i64 {i}" for i in range(16))
     il = ", ".join(f"i32 {j}" for i in range(16) for j in (i, i + 16))
@@ -246,34 +245,6 @@ done:
   ret void
 }}
 
-define void @c16_cvt_pairs(ptr %r0, ptr %r1, ptr %dst, i64 %n) #0 {{
-entry:
-  br label %loop
-loop:
-  %i = phi i64 [0, %entry], [%i1, %body]
-  %more = icmp slt i64 %i, %n
-  br i1 %more, label %body, label %done
-body:
-  %rem = sub i64 %n, %i
-  %rv = insertelement <16 x i64> poison, i64 %rem, i64 0
-  %rs = shufflevector <16 x i64> %rv, <16 x i64> poison, <16 x i32> zeroinitializer
-  %mask = icmp slt <16 x i64> <{lanes}>, %rs
-  %p0 = getelementptr float, ptr %r0, i64 %i
-  %p1 = getelementptr float, ptr %r1, i64 %i
-  %v0 = call <16 x float> @llvm.masked.load.v16f32.p0(ptr %p0, i32 4, <16 x i1> %mask, <16 x float> zeroinitializer)
-  %v1 = call <16 x float> @llvm.masked.load.v16f32.p0(ptr %p1, i32 4, <16 x i1> %mask, <16 x float> zeroinitializer)
-  %b0 = call <16 x bfloat> @llvm.x86.avx512bf16.cvtneps2bf16.512(<16 x float> %v0)
-  %b1 = call <16 x bfloat> @llvm.x86.avx512bf16.cvtneps2bf16.512(<16 x float> %v1)
-  %w = shufflevector <16 x bfloat> %b0, <16 x bfloat> %b1, <32 x i32> <{il}>
-  %m2 = shufflevector <16 x i1> %mask, <16 x i1> %mask, <32 x i32> <{il}>
-  %o = mul i64 %i, 2
-  %dp = getelementptr i16, ptr %dst, i64 %o
-  call void @llvm.masked.store.v32bf16.p0(<32 x bfloat> %w, ptr %dp, i32 2, <32 x i1> %m2)
-  %i1 = add i64 %i, 16
-  br label %loop
-done:
-  ret void
-}}
 define void @c16_cvt_pairs_panels(ptr %r0, ptr %r1, ptr %dst, i64 %n, i64 %pstride) #0 {{
 entry:
   br label %loop
@@ -395,20 +366,6 @@ def _cvt(typingctx, src, s0, dst, d0, n):
         return _call(context, builder, "cvt", "c16_cvt", [_I8P, _I8P, _I64],
                      [_addr(context, builder, sig.args[0], args[0], args[1]),
                       _addr(context, builder, sig.args[2], args[2], args[3]), args[4]])
-
-    return sig, codegen
-
-
-@intrinsic
-def _cvt_pairs(typingctx, r0, o0, r1, o1, dst, d0, n):
-    """dst[d0 + 2j], dst[d0 + 2j + 1] = bfloat16 bits of r0[o0 + j], r1[o1 + j] for j < n."""
-    sig = types.void(r0, o0, r1, o1, dst, d0, n)
-
-    def codegen(context, builder, sig, args):
-        return _call(context, builder, "cvt", "c16_cvt_pairs", [_I8P, _I8P, _I8P, _I64],
-                     [_addr(context, builder, sig.args[0], args[0], args[1]),
-                      _addr(context, builder, sig.args[2], args[2], args[3]),
-                      _addr(context, builder, sig.args[4], args[4], args[5]), args[6]])
 
     return sig, codegen
 
