@@ -8,7 +8,7 @@ directory) the meta record implies. So a hostile file (a zip bomb, a header that
 declaring a million layers) is refused in milliseconds without allocating what it declares.
 Everything a user can get wrong is a CheckpointError with a one-line message that names the file.
 
-Not here: what a run's meta record holds (train.py), the model's layout (model.py).
+Not here: what a run's meta record holds (run.py), the model's layout (model.py).
 """
 
 from __future__ import annotations

@@ -319,42 +319,30 @@ def train(corpus, out, resume, quiet, workers, **opts):
 
 def _train(corpus, out, resume, quiet, workers, **opts):
     from charrnn import parallel
-    from charrnn.errors import CharrnnError, UsageError
-    from charrnn.signals import SignalExit
+    from charrnn.errors import UsageError
 
     size = parallel.world_size()  # > 1: this is one of the workers of an MPI job (nothing imported to know)
     if size == 1 and workers is not None and workers > 1:
         sys.exit(parallel.launch(workers, sys.argv[1:], None if resume else opts["batch"], corpus, opts["max_input"]))
     if size > 1 and workers is not None and workers != size:
         raise UsageError(f"--workers {workers}, but mpiexec started {size} processes")
-    make = functools.partial(_make_trainer, corpus, out, resume, opts=opts)
+    make = functools.partial(_set_up, corpus, out, resume, opts=opts)
     if size == 1:
-        result = make(quiet).run()
+        from charrnn.train import Trainer
+
+        result = Trainer(make(quiet), quiet).run()
     else:
-        try:
-            result = parallel.train(make, quiet)
-        except CharrnnError as e:
-            # rank 0 reports what every worker raised alike, and its status is the run's; the others
-            # end quietly with 0 (mpiexec ends a job whose process fails, and rank 0 may still be
-            # saying why), and report only what is theirs alone
-            if parallel.world_rank() != 0 and not isinstance(e, parallel.LocalError):
-                sys.exit(0)
-            if isinstance(e, parallel.Quiet):
-                sys.exit(e.exit_code)
-            raise
-        except (KeyboardInterrupt, SignalExit):
-            if parallel.world_rank() != 0:  # before training: every worker got the signal; rank 0 says so
-                sys.exit(0)
-            raise
+        result = parallel.run(make, quiet)  # None on the workers other than rank 0
         if result is None:
             return
     _report(result, quiet)
 
 
-def _make_trainer(corpus, out, resume, quiet, opts):
+def _set_up(corpus, out, resume, quiet, opts):
+    """The run to train (setup.Prepared): resumed from --resume DIR, or new on CORPUS."""
     from charrnn.config import TrainConfig
     from charrnn.errors import UsageError
-    from charrnn.train import Trainer
+    from charrnn.setup import new_run, resume_run
 
     if resume:
         if corpus:
@@ -368,8 +356,8 @@ def _make_trainer(corpus, out, resume, quiet, opts):
         if changed:
             raise UsageError("with --resume only --steps, --epochs, --minutes, --threads and --workers may be given "
                              f"(options come from the run): {', '.join('--' + k.replace('_', '-') for k in changed)}")
-        trainer = Trainer.resume(resume, steps=opts["steps"], epochs=opts["epochs"], minutes=opts["minutes"],
-                                 quiet=quiet, threads_n=opts["threads"])
+        return resume_run(resume, steps=opts["steps"], epochs=opts["epochs"], minutes=opts["minutes"], quiet=quiet,
+                          threads_n=opts["threads"])
     else:
         if not corpus:
             raise UsageError("give a corpus file (or - for stdin), or --resume DIR")
@@ -378,8 +366,7 @@ def _make_trainer(corpus, out, resume, quiet, opts):
         cfg = TrainConfig(**opts)
         ctx = click.get_current_context()
         explicit = [k for k in opts if ctx.get_parameter_source(k) not in (None, click.core.ParameterSource.DEFAULT)]
-        trainer = Trainer.new(corpus, cfg, out, quiet=quiet, explicit=explicit)
-    return trainer
+    return new_run(corpus, cfg, out, quiet=quiet, explicit=explicit)
 
 
 def _report(result: dict, quiet: bool):

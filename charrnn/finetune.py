@@ -26,6 +26,7 @@ from charrnn import checkpoint
 from charrnn.config import TrainConfig
 from charrnn.errors import CharrnnError, UsageError
 from charrnn.model import Model, ModelConfig
+from charrnn.run import Recorded
 from charrnn.vocab import UNK_ID, Vocab, describe_chars
 
 UNKNOWN_MODES = ("error", "unk", "extend")
@@ -171,7 +172,7 @@ def adopt(cfg: TrainConfig, base: Base | None, explicit=()) -> TrainConfig:
 
 # ---------------------------------------------------------------------------------- the vocabulary
 @dataclass
-class Plan:
+class VocabPlan:
     """The vocabulary a run over `base` uses, and what it did with the text's other characters."""
 
     vocab: Vocab
@@ -180,7 +181,7 @@ class Plan:
     notes: list  # lines for stderr
 
 
-def plan_vocab(base: Base, text_chars, unknown: str, source: str) -> Plan:
+def plan_vocab(base: Base, text_chars, unknown: str, source: str) -> VocabPlan:
     """The run's vocabulary for a text whose distinct characters are `text_chars`: the base's,
     with the characters outside it refused (error), read as <UNK> (unk, the id every charrnn
     vocabulary has) or sorted in (extend, --init-from only). `source` names the base in messages."""
@@ -189,26 +190,27 @@ def plan_vocab(base: Base, text_chars, unknown: str, source: str) -> Plan:
     missing = sorted(ch for ch in text_chars if ch not in base.vocab)
     start = [f"note: training over the vocabulary of {base.path} ({base.vocab.size:,} tokens)"]
     if base.kind == "init_from":
-        best = base.meta.get("best_val")
-        start = [f"note: starting from {base.path} (step {base.meta.get('step', '?')}"
+        parent = Recorded(base.meta)
+        best = parent.best_val
+        start = [f"note: starting from {base.path} (step {parent.meta.get('step', '?')}"
                  + (f", validation loss {best:.4f} nats/char" if isinstance(best, (int, float)) else "")
                  + "): its weights, with a fresh optimizer and learning-rate schedule"]
     if not missing:
-        return Plan(base.vocab, [], [], start)
+        return VocabPlan(base.vocab, [], [], start)
     listed = _listed(missing)
     if unknown == "error":
         fixes = ("--unknown extend to add them to the model, or --unknown unk to read them as <UNK>"
                  if base.kind == "init_from" else "--unknown unk to read them as <UNK>, or a vocabulary that holds them")
         raise UsageError(f"{len(missing):,} character(s) of the text are not in {source}: {listed}; give {fixes}")
     if unknown == "unk":
-        return Plan(base.vocab, missing, [], start + [
+        return VocabPlan(base.vocab, missing, [], start + [
             f"note: {len(missing):,} character(s) of the text are not in {source} and are read as <UNK> "
             f"(--unknown unk; sample never writes <UNK>): {listed}"])
     if base.kind != "init_from":
         raise UsageError("--unknown extend applies only to --init-from: --vocab keeps its vocabulary as it is")
     vocab = Vocab(list(base.vocab.chars) + missing)
     H = base.model.cfg.hidden
-    return Plan(vocab, missing, missing, start + [
+    return VocabPlan(vocab, missing, missing, start + [
         f"note: added {len(missing):,} character(s) to the model's {base.vocab.size:,} tokens (--unknown extend): "
         f"{listed}; sorted in by code point, so the old tokens' ids may shift (their weights move with them); each "
         f"new token's column of rnn.weight_ih_l0, row of decoder.weight and decoder.bias drawn uniform in "
@@ -257,12 +259,13 @@ def count_unk(ids: np.ndarray, chunk: int = 1 << 24) -> int:
 
 
 # ---------------------------------------------------------------------------------- the record
-def record(base: Base, plan: Plan, unknown: str) -> dict:
+def record(base: Base, plan: VocabPlan, unknown: str) -> dict:
     """The meta entry of a run started from `base`: "origin" (--init-from) or "vocab_from"."""
     entry = {"path" if base.kind == "vocab_from" else "init_from": base.path, "sha256": base.sha256}
     if base.kind == "init_from":
-        entry.update(step=base.meta.get("step"), best_val=base.meta.get("best_val"),
-                     corpus_sha256=(base.meta.get("corpus") or {}).get("sha256"), vocab_size=base.vocab.size)
+        parent = Recorded(base.meta)
+        entry.update(step=parent.meta.get("step"), best_val=parent.best_val, corpus_sha256=parent.corpus.get("sha256"),
+                     vocab_size=base.vocab.size)
     else:
         entry["kind"] = "checkpoint" if base.meta else "json"
     entry.update(unknown=unknown, added=list(plan.added), as_unk=list(plan.missing) if unknown == "unk" else [])
@@ -281,7 +284,7 @@ def check_resume_vocab(corpus_chars, vocab: Vocab, unknown: str, path: str):
 
 def docs_note(base: Base, docs) -> str | None:
     """A line when the text is read in another document mode than MODEL was trained in."""
-    parent = (base.meta.get("train") or {}).get("docs") if base.meta else None
+    parent = Recorded(base.meta).docs
     if base.kind != "init_from" or parent == docs:
         return None
 

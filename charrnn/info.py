@@ -8,7 +8,7 @@ record and metrics.jsonl as written, and is read defensively: a record from an o
 charrnn may lack a key or hold one this version does not know, and the card shows what is there
 rather than failing. Nothing here prints: the command line decides what goes to stdout and stderr.
 
-Not here: the checkpoint format (checkpoint.py), what a run records (train.py), the options'
+Not here: the checkpoint format (checkpoint.py), what a run records (run.py), the options'
 meanings (config.py).
 """
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 
 from charrnn import pip_hint
 from charrnn.errors import CharrnnError, UsageError
+from charrnn.run import Recorded
 
 PLOT_HINT = pip_hint("matplotlib>=3.6")  # what the [plot] extra holds
 METRICS_FILE = "metrics.jsonl"
@@ -156,14 +157,12 @@ def card(path: str, notes: list | None = None) -> dict:
             "weights": _weights_kind(averaged, meta),
         },
         "vocab": vocab_summary(ck.vocab.tokens),
-        "corpus": _dict(meta, "corpus") or None,
+        "corpus": Recorded(meta).corpus or None,
         "options": options(meta),
         "training": training(progress),
         "best": best(progress, meta),
     }
-    for key in ("origin", "vocab_from"):  # fine-tuned runs and runs over a given vocabulary
-        if key in meta:
-            out[key] = meta[key]
+    out.update(Recorded(meta).lineage)  # fine-tuned runs and runs over a given vocabulary
     if loc.metrics is not None:
         m = read_metrics(loc.metrics)
         for n, why in m.skipped[:3]:
@@ -190,7 +189,7 @@ def _weights_kind(has_avg_members: bool, meta: dict) -> str:
     """What the checkpoint's rnn.* / decoder.* weights are: a run with --average keeps the average
     as its best.npz (under those names) and the raw weights in last.npz, with the average beside
     them as avg.*."""
-    kind = (_dict(meta, "config") or {}).get("average")
+    kind = Recorded(meta).part("config").get("average")
     if has_avg_members:
         return f"raw (the {kind or ''} average beside them, avg.*)".replace("the  average", "the average")
     if kind in ("ema", "polyak"):
@@ -237,29 +236,28 @@ def options(meta: dict) -> dict:
     before the two were kept apart has only the combined record, shown as given."""
     from charrnn.config import DEFAULTS
 
-    given = _dict(meta, "config") or _dict(meta, "train")
-    fitted = _dict(meta, "fitted")
+    rec = Recorded(meta)
+    given, fitted = rec.given, rec.fitted
     defaults = {f.name: getattr(DEFAULTS, f.name) for f in fields(DEFAULTS)}
     # an option this version does not know (from a newer charrnn) counts as given when it is set
     changed = {k: v for k, v in given.items()
                if (v != defaults[k] if k in defaults else (k != "dropout_fit" and v is not None))}
-    return {"given": given, "fitted": fitted, "non_default": changed, "separate": "config" in meta}
+    return {"given": given, "fitted": fitted, "non_default": changed, "separate": rec.separate}
 
 
 def training(meta: dict) -> dict:
     """Steps, epochs (fractional: steps over the batches an epoch holds), time and speed."""
-    run = _dict(meta, "run")
-    train = _dict(meta, "train") or _dict(meta, "config")
-    data = _dict(meta, "data")
-    step = meta.get("step", run.get("step"))
+    rec = Recorded(meta)
+    run, train, data = rec.state, rec.combined, rec.part("data")
+    step = rec.step
     epochs = None
     seq, stream_len = train.get("seq"), data.get("stream_len")
     if type(step) is int and type(seq) is int and type(stream_len) is int and seq > 0 and stream_len > 0:
         epochs = step / -(-stream_len // seq)
-    opt = _dict(meta, "optimizer")
-    sched = _dict(meta, "schedule")
+    opt = rec.part("optimizer")
+    sched = rec.part("schedule")
     return {"step": step if type(step) is int else None,
-            "epochs": epochs, "epochs_completed": meta.get("epoch", run.get("epoch")),
+            "epochs": epochs, "epochs_completed": rec.epoch,
             "seconds": _finite(run.get("elapsed")), "chars_per_s": _finite(run.get("chars_per_s")),
             "optimizer": opt.get("name"), "lr": _finite(_dict(opt, "hparams").get("lr")),
             "schedule": sched.get("kind"), "batch": train.get("batch"), "seq": seq}
@@ -267,10 +265,10 @@ def training(meta: dict) -> dict:
 
 def best(progress: dict, meta: dict) -> dict | None:
     """The best validation loss of the run and the step it was reached at (nats and bits/char)."""
-    for m in (progress, meta):
-        v = _finite(m.get("best_val"))
+    for rec in (Recorded(progress), Recorded(meta)):
+        v = _finite(rec.best_val)
         if v is not None:
-            step = _dict(m, "run").get("best_step")
+            step = rec.state.get("best_step")
             return {"val_loss": v, "val_bits": v / math.log(2), "step": step if type(step) is int else None}
     return None
 

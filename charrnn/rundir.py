@@ -6,7 +6,7 @@ messages. The kernel drops a flock when its holder exits for any reason, SIGKILL
 lock left by a killed run is never stale: the next run or `--resume` simply takes it. (flock works
 on local filesystems and on NFS, where Linux maps it onto byte-range locks.)
 
-Not here: what a run writes into its directory (train.py, checkpoint.py).
+Not here: what a run writes into its directory (keeper.py, checkpoint.py).
 """
 
 from __future__ import annotations

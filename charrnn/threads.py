@@ -3,7 +3,7 @@ single-threaded. This module is not a kernel.
 
 A parallel kernel is one compiled function that a thread runs from start to end for its share of
 the work (a batch, a scoring span, a chunk of samples), meeting the other threads at spin
-barriers inside (kernels/sync.py). The Team starts it on n threads at once: the calling thread
+barriers inside (kernels/sync.py). The ThreadTeam starts it on n threads at once: the calling thread
 is thread 0 and n-1 long-lived worker threads are the rest. The kernels release the GIL, so the
 threads run side by side. One start per batch and the barriers inside cost far less than a
 parallel region per time step (Numba's prange on its OpenMP pool), which also made the speed of a
@@ -67,7 +67,7 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class _Worker(threading.Thread):
+class _Thread(threading.Thread):
     def __init__(self, index: int):
         super().__init__(name=f"charrnn-worker-{index}", daemon=True)
         self.go = threading.Event()
@@ -90,13 +90,13 @@ class _Worker(threading.Thread):
             self.done.set()
 
 
-class Team:
+class ThreadTeam:
     """n threads that run one kernel together: run(n, fn, *args) calls fn(p, *args) for p in
     range(n) at the same time, p = 0 on the calling thread, and returns when all have returned."""
 
     def __init__(self, size: int):
         self.size = max(1, int(size))
-        self._workers: list[_Worker] = []
+        self._workers: list[_Thread] = []
         self._lock = threading.Lock()
 
     def resize(self, size: int):
@@ -115,7 +115,7 @@ class Team:
             return fn(0, *args)
         with self._lock:
             while len(self._workers) < n - 1:
-                w = _Worker(len(self._workers) + 1)
+                w = _Thread(len(self._workers) + 1)
                 w.start()
                 self._workers.append(w)
             if sync is not None:
@@ -147,10 +147,10 @@ class Team:
                 raise interrupted
 
 
-_team = Team(available_cores())
+_team = ThreadTeam(available_cores())
 
 
-def team() -> Team:
+def team() -> ThreadTeam:
     """The process's team of threads (its size is set_threads')."""
     return _team
 

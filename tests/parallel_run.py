@@ -12,8 +12,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from charrnn.config import TrainConfig
-from charrnn.model import Model
-from charrnn.optim import Averager, make_optimizer
+from charrnn.setup import new_run
 from charrnn.train import Trainer
 
 # dropout and the --seq-warmup curriculum on (T grows from 8 to 12 over the first 10 steps)
@@ -23,20 +22,10 @@ CONFIG = dict(cell="lstm", layers=2, hidden=16, dropout=0.3, batch=8, seq=12, se
 REGULARISED = dict(CONFIG, weight_drop=0.25, dropout_mode="locked", average="ema", avg_decay=0.8)
 
 
-def in_float64(tr: Trainer) -> Trainer:
-    """The same run with its model, optimizer and carried state in float64."""
-    m = tr.model
-    tr.model = Model(m.cfg, dtype=np.float64, theta=m.theta.astype(np.float64))
-    tr.opt = make_optimizer(tr.cfg.optimizer, m.n_params, np.float64, tr.cfg.lr)
-    tr.h, tr.c = tr.model.zero_state(tr.cfg.batch)
-    if tr.averager is not None:
-        tr.averager = Averager(tr.cfg.average, m.n_params, np.float64, tr.cfg.avg_decay)
-    return tr
-
-
-def make(corpus: str, out: str, regularised: bool = False) -> Trainer:
+def make(corpus: str, out: str, regularised: bool = False):
+    """The run set up in float64 (its model, optimizer and carried state)."""
     cfg = TrainConfig(**(REGULARISED if regularised else CONFIG))
-    return in_float64(Trainer.new([corpus], cfg, out, quiet=True))
+    return new_run([corpus], cfg, out, quiet=True, dtype=np.float64)
 
 
 def weights(tr: Trainer) -> np.ndarray:

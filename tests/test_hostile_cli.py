@@ -155,7 +155,7 @@ def test_a_file_name_that_is_not_utf8_is_printed_as_the_bytes_that_name_it(wide_
 def _mpi():
     from charrnn import parallel
 
-    if not parallel._have_mpi4py() or not os.access(parallel.mpiexec_path(), os.X_OK):
+    if not parallel.have_mpi4py() or not os.access(parallel.mpiexec_path(), os.X_OK):
         pytest.skip("needs mpi4py and mpiexec")
 
 
@@ -376,12 +376,12 @@ def test_resume_asks_for_room_for_one_checkpoint_not_three(wide_corpus, tmp_path
     """Issue 26, case 6: after a full disk, resume asked for three times last.npz, in whole MiB."""
     out = _fresh_run(wide_corpus, tmp_path / "r")
     size = os.path.getsize(os.path.join(out, "last.npz"))
-    import charrnn.train as train_mod
+    import charrnn.setup as setup_mod
 
     usage = shutil.disk_usage(out)
-    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda p: usage._replace(free=int(size * 1.5)))
+    monkeypatch.setattr(setup_mod.shutil, "disk_usage", lambda p: usage._replace(free=int(size * 1.5)))
     assert run(["train", "--resume", out, "--steps", "9", "-q"]).exit_code == 0
-    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda p: usage._replace(free=size // 2))
+    monkeypatch.setattr(setup_mod.shutil, "disk_usage", lambda p: usage._replace(free=size // 2))
     res = run(["train", "--resume", out, "--steps", "12"])
     assert res.exit_code == 1
     free, need = f"{size / 2 / 1024:.1f} KiB", f"{size / 1024:.1f} KiB"

@@ -1,4 +1,4 @@
-"""Data-parallel training over MPI (charrnn/parallel.py): N workers compute what one process with
+"""Data-parallel training over MPI (charrnn/parallel/): N workers compute what one process with
 the same --batch computes; one run directory; resume; faults; the launcher's errors.
 
 Skipped when mpi4py or the mpich wheel's mpiexec (beside the interpreter) is missing. The runs are
@@ -107,9 +107,10 @@ def test_workers_compute_what_one_process_computes_in_float64(corpus, tmp_path, 
     with weight drop, locked dropout and averaged weights): the parameters of n workers (4 streams,
     or 2, each) after 14 steps, and their average, equal the single process's to 1e-10, and are
     bit for bit the same on every worker."""
+    from charrnn.train import Trainer
     from tests import parallel_run
 
-    single = parallel_run.make(corpus, str(tmp_path / "one"), regularised)
+    single = Trainer(parallel_run.make(corpus, str(tmp_path / "one"), regularised), quiet=True)
     theta0 = single.model.theta.copy()
     single.run()
     dest = str(tmp_path / "theta")
@@ -279,9 +280,9 @@ def test_workers_must_divide_the_batch(corpus):
 @pytest.mark.parametrize("missing", ["mpi4py", "mpiexec"])
 def test_workers_without_the_extra_say_what_to_install(corpus, monkeypatch, missing):
     if missing == "mpi4py":
-        monkeypatch.setattr(parallel, "_have_mpi4py", lambda: False)
+        monkeypatch.setattr(parallel.launcher, "have_mpi4py", lambda: False)
     else:
-        monkeypatch.setattr(parallel, "mpiexec_path", lambda: "/nonexistent/bin/mpiexec")
+        monkeypatch.setattr(parallel.launcher, "mpiexec_path", lambda: "/nonexistent/bin/mpiexec")
     res = run_in_process(["train", corpus, "--workers", "2"])
     assert res.exit_code == 1
     lines = res.output.strip().splitlines()

@@ -596,12 +596,12 @@ def test_closed_stdin_closed_stderr_and_out_of_memory_are_handled(corpus, tmp_pa
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout == ""
     assert (out / "last.npz").exists()
-    from charrnn import train as train_mod
+    from charrnn import setup
 
     def oom(*a, **k):
         raise MemoryError
 
-    monkeypatch.setattr(train_mod.Trainer, "new", oom)
+    monkeypatch.setattr(setup, "new_run", oom)
     res = run(["train", corpus, "--steps", "1"])
     assert res.exit_code == 1 and "out of memory" in res.output
 

@@ -24,5 +24,5 @@ live in one flat buffer theta with named views (layout.Net, charrnn/model.py's F
 
 Entry kernels (jit.kernel) are called from Python by the checked wrappers of each module and by
 charrnn/model.py; helpers (jit.helper) only from compiled code. A parallel kernel is run by
-charrnn/threads.py's Team: every thread runs it once, start to end, for its share.
+charrnn/threads.py's ThreadTeam: every thread runs it once, start to end, for its share.
 """

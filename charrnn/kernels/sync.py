@@ -1,6 +1,6 @@
 """Atomics and spin barriers: how the threads of one parallel run meet inside a kernel.
 
-A parallel run (charrnn/threads.py: Team.run) starts every thread once, in one kernel call, for a
+A parallel run (charrnn/threads.py: ThreadTeam.run) starts every thread once, in one kernel call, for a
 whole batch, scoring span or sampling chunk. Inside, the threads meet at barriers: once per time
 step when they share a step by blocks of units, once per phase otherwise. A spin barrier costs
 about 0.4 us; a parallel region per step (Numba's prange) cost several microseconds, and its

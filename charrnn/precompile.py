@@ -1,0 +1,80 @@
+"""Compiling early: the kernels a run will need compile (or load from the disk cache) in a background
+thread while the corpus is read and encoded, so that no training step or validation waits for the
+compiler and a first run costs the compile time once, overlapped with its reading.
+
+Not here: the kernels and their cache (kernels/), when a run starts (setup.py).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from charrnn.config import TrainConfig
+from charrnn.model import Model, ModelConfig
+from charrnn.optim import make_optimizer
+from charrnn.train import train_step
+
+THREAD_NAME = "charrnn-precompile"  # the background thread's name
+_started: list[threading.Thread] = []
+
+
+def compiling() -> bool:
+    """Whether a background compile of this process is still at work (the CLI then exits at once
+    instead of shutting the interpreter down under it: cli.py)."""
+    return any(t.is_alive() for t in _started)
+
+
+class Precompile:
+    """Compile (or load from the cache) the kernels a run of `cell` will need, in a background
+    thread, while the corpus is read and encoded: the forward/backward and the dropout masks, the
+    optimizer's updates, and the scorer of validation when it will serve (two threads or more and
+    two layers or more; the kernels' types do not depend on the sizes, so a tiny model stands in).
+    A daemon thread: a run that stops early (a bad corpus) does not wait for it, and the cache
+    writes are atomic. wait() before training, so that nothing compiles during timed steps."""
+
+    def __init__(self, cfg: TrainConfig, cell: str, threads_n: int, precisions=("fp32",)):
+        self._args = (cfg, cell, threads_n, tuple(precisions))
+        self.compiled = False  # whether anything had to compile (not only load from the cache)
+        self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+        _started.append(self._thread)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether it is still at work after having had to compile something."""
+        return self.compiled and self._thread.is_alive()
+
+    def _run(self):
+        from charrnn.kernels.jit import compile_notice
+
+        with compile_notice(lambda: setattr(self, "compiled", True)):
+            self._compile()
+
+    def _compile(self):
+        cfg, cell, threads_n, precisions = self._args
+        try:
+            model = Model(ModelConfig(cell=cell, layers=2, hidden=8, vocab_size=4, nonlinearity=cfg.nonlinearity))
+            for p in precisions:  # only what the run will use: each is a kernel of its own
+                # None: chosen later, and likely above 0
+                model.warm_up(dropout=cfg.dropout != 0, weight_drop=cfg.weight_drop is None or cfg.weight_drop > 0,
+                              precision=p)
+            model.precision = precisions[-1]
+            opt = make_optimizer(cfg.optimizer, model.n_params, model.dtype, 1e-3)
+            x = np.zeros((2, 2), np.int32)
+            train_step(model, opt, x, x, *model.zero_state(2), None, 1e-3, cfg.clip, cfg.clip_mode,
+                       avg=np.zeros(model.n_params, model.dtype), rate=1.0)
+            if "fp32" not in precisions and (threads_n < 2 or cfg.layers < 2):
+                h, c = model.zero_state(2)  # validation scores in float32 by the batch kernel
+                model.forward_backward(x, x, h, c, backward=False)
+            if threads_n >= 2 and cfg.layers >= 2:
+                h, c = model.zero_state(1)
+                model.score(np.zeros(2, np.int32), np.zeros(2, np.int32), h, c)
+        except Exception:  # noqa: BLE001 - the run itself will compile, and report any error, in its own time
+            pass
+
+    def wait(self):
+        """Until it is done; in short slices, so that signal handlers run meanwhile."""
+        while self._thread.is_alive():
+            self._thread.join(0.1)
