@@ -31,7 +31,8 @@ import numpy as np
 from charrnn.config import DEFAULT_MAX_INPUT, format_size
 from charrnn.errors import DataError
 from charrnn.rundir import open_new, remove_files
-from charrnn.vocab import END_ID, MAX_CODE_POINT, START_ID, CharSet, Vocab, code_points, describe_chars
+from charrnn.vocab import (END_ID, MAX_CODE_POINT, START_ID, Capped, CharSet, Vocab,  # noqa: F401 (Capped, capped_vocab: re-exported)
+                           capped_vocab, describe_chars)
 
 DOC_MODES = ("line", "blank")
 _BLANK_SPLIT = re.compile(r"\n[ \t]*\n")
@@ -923,37 +924,3 @@ def remove_stale_token_temps(directory: str) -> list[str]:
         return remove_files(directory, pattern)
     except OSError as e:
         raise DataError(f"{e.filename or directory}: cannot clean up: {e.strerror or e}") from None
-
-
-# ---------------------------------------------------------------------------- capped vocabularies
-@dataclass(frozen=True)
-class Capped:
-    """A vocabulary cut to the most frequent characters, and what the cut cost."""
-
-    vocab: Vocab
-    dropped: int  # distinct characters left out (they become <UNK>)
-    dropped_chars: int  # their occurrences in the text
-    chars: int  # characters of the text
-
-
-def capped_vocab(corpus: Corpus, max_vocab: int | None) -> Capped | None:
-    """The vocabulary of --max-vocab: the corpus's own if it has at most `max_vocab` characters
-    (None: returned as is, without reading anything), else its `max_vocab` most frequent ones
-    (ties: the lower code point), in code-point order as always, the rest mapped to <UNK>.
-
-    Counting takes one more reading of the text, only for such corpora. Counts are over the whole
-    text; in document mode a character is kept only if it occurs inside documents (the corpus's
-    vocabulary), so separators are counted but never chosen on their own account."""
-    have = corpus.vocab.chars
-    if max_vocab is None or len(have) <= max_vocab:
-        return None
-    counts = np.zeros(MAX_CODE_POINT + 1, dtype=np.int64)
-    for text in corpus.text_chunks():
-        counts += np.bincount(code_points(text), minlength=MAX_CODE_POINT + 1)
-    cps = np.array([ord(ch) for ch in have], dtype=np.int64)  # ascending
-    # most frequent first; a stable sort on -count keeps ascending code points within a count
-    keep = np.sort(cps[np.argsort(-counts[cps], kind="stable")[:max_vocab]])
-    kept = int(counts[keep].sum())
-    total = int(counts.sum())
-    return Capped(Vocab(chr(int(cp)) for cp in keep), dropped=len(have) - max_vocab,
-                  dropped_chars=int(counts[cps].sum()) - kept, chars=total)

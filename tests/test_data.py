@@ -904,42 +904,6 @@ def test_size_check_before_writing_equals_the_exact_one(files, docs, val_frac, k
             lambda: data_mod.check_layout(exact, B, T))
 
 
-# ---------------------------------------------------------------------------- --max-vocab
-def _corpus_of(tmp_path, text, docs=None):
-    p = tmp_path / "c.txt"
-    p.write_text(text, encoding="utf-8")
-    return data_mod.read_corpus([str(p)], docs=docs)
-
-
-def test_capped_vocab_keeps_the_most_frequent_characters_in_code_point_order(tmp_path):
-    text = "c" * 5 + "a" * 3 + "b" * 3 + "d" * 3 + "é" * 9 + "z"
-    corpus = _corpus_of(tmp_path, text)
-    try:
-        assert data_mod.capped_vocab(corpus, None) is None
-        assert data_mod.capped_vocab(corpus, 6) is None  # no more characters than the cap: nothing read
-        capped = data_mod.capped_vocab(corpus, 3)
-        # é 9, c 5, then a 3-way tie of a, b, d at 3: the lowest code point, a, wins
-        assert capped.vocab.chars == ("a", "c", "é")
-        assert (capped.dropped, capped.dropped_chars, capped.chars) == (3, 7, len(text))
-        # the vocabulary the whole text would give, cut by the plain-Python rule
-        counts = {ch: text.count(ch) for ch in set(text)}
-        want = sorted(sorted(counts, key=lambda ch: (-counts[ch], ch))[:3])
-        assert list(capped.vocab.chars) == want
-    finally:
-        corpus.close()
-
-
-def test_capped_vocab_in_document_mode_never_keeps_a_separator(tmp_path):
-    text = "ab\n" * 50 + "xyz\n"  # \n is the most frequent character, but a separator in line mode
-    corpus = _corpus_of(tmp_path, text, docs="line")
-    try:
-        assert "\n" not in corpus.vocab.chars
-        capped = data_mod.capped_vocab(corpus, 2)
-        assert capped.vocab.chars == ("a", "b")
-    finally:
-        corpus.close()
-
-
 def test_a_full_temporary_directory_or_run_directory_is_a_one_line_error(tmp_path, monkeypatch):
     import errno
 
