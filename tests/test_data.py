@@ -586,7 +586,7 @@ def outcome(fn):
 
 
 def chunked_decode(data, encoding, k, name="f"):
-    return "".join(data_mod._text_chunks(io.BytesIO(data), name, encoding, k, data_mod._Limit(None)))
+    return "".join(data_mod.reading._text_chunks(io.BytesIO(data), name, encoding, k, data_mod.ByteLimit(None)))
 
 
 @settings(max_examples=400, deadline=None)
@@ -741,7 +741,7 @@ def test_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(data_mod.os, "fsync", boom)
+    monkeypatch.setattr(data_mod.tokenfile.os, "fsync", boom)
     with pytest.raises(DataError, match="could not write .*tokens.npy: disk full"):  # one line, not a traceback
         build_token_file(corpus, corpus.vocab, 0.1, str(run / "tokens.npy"))
     assert os.listdir(run) == []
@@ -926,7 +926,7 @@ def test_a_full_temporary_directory_or_run_directory_is_a_one_line_error(tmp_pat
 
 
 def test_a_document_longer_than_the_limit_is_an_error_not_unbounded_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "MAX_DOCUMENT_CHARS", 1000)
+    monkeypatch.setattr(data_mod.documents, "MAX_DOCUMENT_CHARS", 1000)
     p = tmp_path / "c.txt"
     p.write_text("short one\n\n" + "x" * 5000 + "\n\nand another\n", encoding="utf-8")
     with pytest.raises(DataError, match="a document of more than 1,000 characters"):
