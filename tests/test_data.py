@@ -27,7 +27,7 @@ from charrnn.data import (
     decode_text,
     encode_stream,
     open_token_file,
-    plan_layout,
+    plan_split,
     read_corpus,
     read_text,
     split_documents,
@@ -689,11 +689,11 @@ def test_token_file_equals_whole_text_streams(files, docs, val_frac, k, B, T):
         vocab = corpus.vocab
         dtype = compact_dtype(vocab.size)
         want_train, want_val = wholetext.train_val_ids(text, vocab, docs, val_frac, dtype)
-        layout = plan_layout(corpus, val_frac)
-        assert (layout.n_train, layout.n_val, layout.has_val) == (
+        planned = plan_split(corpus, val_frac)
+        assert (planned.n_train, planned.n_val, planned.has_val) == (
             len(want_train), 0 if want_val is None else len(want_val), want_val is not None)
         tf = build_token_file(corpus, vocab, val_frac, os.path.join(d, "tokens.npy"))
-        assert tf.layout == layout and len(tf.ids) == data_mod.total_tokens(corpus, val_frac)
+        assert tf.split == planned and len(tf.ids) == data_mod.total_tokens(corpus, val_frac)
         assert tf.ids.dtype == dtype and isinstance(tf.ids, np.memmap)
         assert tf.train.tolist() == want_train.tolist()
         assert (tf.val is None) == (want_val is None)
@@ -897,11 +897,11 @@ def test_size_check_before_writing_equals_the_exact_one(files, docs, val_frac, k
     the text again only when that bound is too small: the same errors as the exact layout."""
     with tempfile.TemporaryDirectory() as d:
         corpus = read_corpus(_write(d, files), docs=docs, chunk_bytes=k)
-        exact = plan_layout(corpus, val_frac)
+        exact = plan_split(corpus, val_frac)
         c = int(round(corpus.chars * (1 - val_frac))) if val_frac else corpus.chars
         assert all(tokens <= exact.n_train for end, tokens in corpus.marks if end <= c)
         assert outcome(lambda: data_mod.check_sizes(corpus, val_frac, B, T)) == outcome(
-            lambda: data_mod.check_layout(exact, B, T))
+            lambda: data_mod.check_split(exact, B, T))
 
 
 def test_a_full_temporary_directory_or_run_directory_is_a_one_line_error(tmp_path, monkeypatch):

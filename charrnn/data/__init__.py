@@ -25,16 +25,29 @@ from charrnn.data.corpus import Corpus, read_corpus
 from charrnn.data.documents import DOC_MODES, MAX_DOCUMENT_CHARS, document_pieces, encode_stream, split_documents
 from charrnn.data.reading import (CHUNK_BYTES, ByteLimit, InputTooLarge, Source, decode_text, input_name,
                                   open_input, read_text)
-from charrnn.data.split import Layout, check_layout, check_sizes, plan_layout, total_tokens
+from charrnn.data.split import Split, check_sizes, check_split, plan_split, splitter, total_tokens
 from charrnn.data.tokenfile import (TOKENS_FILE, TOKENS_FORMAT, TOKENS_HASH_CHUNK, TOKENS_META, TOKENS_META_LIMIT,
                                     TokenFile, build_token_file, compact_dtype, ids_digest, map_token_file,
                                     open_token_file, regular_file, remove_stale_token_temps)
 from charrnn.vocab import Capped, capped_vocab
 
+# Constants are re-exported to be read; a test that patches one patches the module that holds it
+# (charrnn.data.documents.MAX_DOCUMENT_CHARS), where the code reads it.
 __all__ = [
-    "BatchStream", "ByteLimit", "CHUNK_BYTES", "Capped", "Corpus", "DOC_MODES", "InputTooLarge", "Layout", "MAX_DOCUMENT_CHARS",
-    "Source", "TOKENS_FILE", "TOKENS_FORMAT", "TOKENS_HASH_CHUNK", "TOKENS_META", "TOKENS_META_LIMIT", "TokenFile",
-    "build_token_file", "capped_vocab", "check_layout", "check_sizes", "compact_dtype", "decode_text",
-    "document_pieces", "encode_stream", "ids_digest", "input_name", "map_token_file", "open_input", "open_token_file", "plan_layout",
-    "read_corpus", "read_text", "regular_file", "remove_stale_token_temps", "split_documents", "total_tokens",
+    # reading.py
+    "CHUNK_BYTES", "ByteLimit", "InputTooLarge", "Source", "decode_text", "input_name", "open_input", "read_text",
+    # documents.py
+    "DOC_MODES", "MAX_DOCUMENT_CHARS", "document_pieces", "encode_stream", "split_documents",
+    # corpus.py
+    "Corpus", "read_corpus",
+    # split.py
+    "Split", "check_sizes", "check_split", "plan_split", "splitter", "total_tokens",
+    # tokenfile.py
+    "TOKENS_FILE", "TOKENS_FORMAT", "TOKENS_HASH_CHUNK", "TOKENS_META", "TOKENS_META_LIMIT", "TokenFile",
+    "build_token_file", "compact_dtype", "ids_digest", "map_token_file", "open_token_file", "regular_file",
+    "remove_stale_token_temps",
+    # batches.py
+    "BatchStream",
+    # vocab.py
+    "Capped", "capped_vocab",
 ]

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from charrnn.data.corpus import Corpus
-from charrnn.data.documents import encode_documents, split_documents
-from charrnn.data.split import Layout, _pieces, plan_layout, total_tokens
+from charrnn.data.split import Split, splitter
 from charrnn.errors import DataError
 from charrnn.rundir import open_new, remove_files
-from charrnn.vocab import END_ID, MAX_CODE_POINT, START_ID, Vocab
+from charrnn.vocab import MAX_CODE_POINT, Vocab
 
 TOKENS_FILE = "tokens.npy"  # the token file in a run directory; its description beside it in tokens.json
 TOKENS_META = "tokens.json"
@@ -41,7 +40,6 @@ def compact_dtype(vocab_size: int):
     return np.uint32
 
 
-
 @dataclass
 class TokenFile:
     """The corpus as token ids in a memory-mapped .npy file (uint8, uint16 or uint32 by the
@@ -50,27 +48,27 @@ class TokenFile:
 
     path: str
     ids: np.ndarray  # (n_train + n_val,) the whole file, mapped
-    layout: Layout
+    split: Split
     meta: dict
 
     @property
     def train(self) -> np.ndarray:
-        return self.ids[: self.layout.n_train]
+        return self.ids[: self.split.n_train]
 
     @property
     def val(self) -> np.ndarray | None:
         """The validation stream, or None when no text was held out."""
-        return self.ids[self.layout.n_train :] if self.layout.has_val else None
+        return self.ids[self.split.n_train :] if self.split.has_val else None
 
 
-def _token_meta(corpus: Corpus, vocab: Vocab, val_frac: float, layout: Layout) -> dict:
+def _token_meta(corpus: Corpus, vocab: Vocab, val_frac: float, split: Split) -> dict:
     """tokens.json: what tokens.npy holds. Its "tokens" list, the vocabulary in id order, makes it
     the vocabulary's JSON form too (Vocab.from_json reads it): `train --vocab RUN/tokens.json`."""
     return {"format": TOKENS_FORMAT[0], "version": TOKENS_FORMAT[1], "sha256": corpus.sha256, "chars": corpus.chars,
             "docs": corpus.docs, "val_frac": val_frac,
             "vocab_sha256": hashlib.sha256(vocab.to_json().encode("utf-8")).hexdigest(),
-            "dtype": np.dtype(compact_dtype(vocab.size)).str, "n_train": layout.n_train, "n_val": layout.n_val,
-            "has_val": layout.has_val, "tokens": list(vocab.tokens)}
+            "dtype": np.dtype(compact_dtype(vocab.size)).str, "n_train": split.n_train, "n_val": split.n_val,
+            "has_val": split.has_val, "tokens": list(vocab.tokens)}
 
 
 def _write_token_meta(directory: str, meta: dict):
@@ -122,13 +120,13 @@ def ids_digest(ids: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _map(path: str, layout: Layout, meta: dict) -> TokenFile:
+def _map(path: str, split: Split, meta: dict) -> TokenFile:
     if not regular_file(path):
         raise ValueError("token file is not a regular file")
     ids = np.load(path, mmap_mode="r", allow_pickle=False)
-    if ids.ndim != 1 or ids.dtype.str != meta["dtype"] or len(ids) != layout.n_train + layout.n_val:
+    if ids.ndim != 1 or ids.dtype.str != meta["dtype"] or len(ids) != split.n_train + split.n_val:
         raise ValueError("token file does not match its description")
-    return TokenFile(path=path, ids=ids, layout=layout, meta=meta)
+    return TokenFile(path=path, ids=ids, split=split, meta=meta)
 
 
 def map_token_file(path: str, meta: dict) -> TokenFile | None:
@@ -137,7 +135,7 @@ def map_token_file(path: str, meta: dict) -> TokenFile | None:
     try:
         if _read_small_json(os.path.join(os.path.dirname(path), TOKENS_META), TOKENS_META_LIMIT) != meta:
             return None
-        return _map(path, Layout(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"])), meta)
+        return _map(path, Split(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"])), meta)
     except (OSError, ValueError, KeyError, TypeError, EOFError):  # EOFError: an empty .npy
         return None
 
@@ -154,8 +152,8 @@ def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float, no
     why = None
     try:
         meta = _read_small_json(meta_path, TOKENS_META_LIMIT)
-        layout = Layout(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"]))
-        want = _token_meta(corpus, vocab, val_frac, layout)
+        split = Split(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"]))
+        want = _token_meta(corpus, vocab, val_frac, split)
         recorded = meta.get("ids_sha256")
         described = {k: v for k, v in meta.items() if k != "ids_sha256"}
         # a description from before it listed the vocabulary (pinned by vocab_sha256 all the same)
@@ -166,7 +164,7 @@ def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float, no
         elif not isinstance(recorded, str):
             why = "no checksum of its ids was recorded (an older charrnn built it)"
         else:
-            tokens = _map(path, layout, meta)
+            tokens = _map(path, split, meta)
             if ids_digest(tokens.ids) != recorded:  # damaged in place, its description intact
                 why = "its ids do not match the checksum recorded when it was built (the file was damaged)"
             else:
@@ -187,47 +185,34 @@ def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float, no
 def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -> TokenFile:
     """Encode the corpus chunk by chunk into the token file at `path` (a temporary file beside it,
     then os.replace; its description, tokens.json, after it) and map it. The streams are the
-    whole-text pipeline's: stream mode <START> train [<END> when nothing is held out], then
-    <START> validation; document mode <START> doc <END> for every document of each part (where
-    validation begins is found on the way, so the text is read once more, not twice)."""
+    whole-text pipeline's, as the corpus's splitter gives them (split.py): stream mode <START>
+    train [<END> when nothing is held out], then <START> validation; document mode <START> doc
+    <END> for every document of each part (where validation begins is found on the way, so the
+    text is read once more, not twice)."""
     dtype = np.dtype(compact_dtype(vocab.size))
-    total = total_tokens(corpus, val_frac)
-    planned = plan_layout(corpus, val_frac) if corpus.docs is None else None
+    parts = splitter(corpus, val_frac)
+    total = parts.total_tokens()
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    marker = np.array([START_ID, END_ID], dtype=dtype)
     written = {"train": 0, "val": 0}
     digest = hashlib.sha256()  # of the ids as written: resume checks it (open_token_file)
-    saw_val = [False]  # document mode: whether any text was held out
+    saw_val = False  # whether any text was held out
     try:
         with open_new(tmp, "wb") as f:
             np.lib.format.write_array_header_1_0(
                 f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (total,)})
-
-            def put(part, ids):
+            for part, ids in parts.token_runs(vocab, dtype):
                 view = memoryview(np.ascontiguousarray(ids))  # ids are in the file's dtype already
                 f.write(view)
                 digest.update(view)
                 written[part] += len(ids)
-
-            if corpus.docs is None:
-                put("train", marker[:1])
-                for part, text in _pieces(corpus, val_frac):
-                    if part == "val" and not written["val"]:
-                        put("val", marker[:1])
-                    put(part, vocab.encode(text, unknown="unk", dtype=dtype))
-                if not planned.has_val:
-                    put("train", marker[1:])
-            else:
-                for part, text in _pieces(corpus, val_frac):
-                    saw_val[0] = saw_val[0] or part == "val"
-                    put(part, encode_documents(vocab, split_documents(text, corpus.docs), "unk", dtype))
+                saw_val = saw_val or part == "val"
             f.flush()
             os.fsync(f.fileno())
-        layout = Layout(written["train"], written["val"], has_val=saw_val[0] if planned is None else planned.has_val)
-        if written["train"] + written["val"] != total or planned not in (None, layout):
+        split = Split(written["train"], written["val"], has_val=saw_val)
+        if written["train"] + written["val"] != total or not parts.consistent(split):
             raise DataError(f"the corpus {', '.join(corpus.paths)} changed while it was being read; try again")
-        meta = dict(_token_meta(corpus, vocab, val_frac, layout), ids_sha256=digest.hexdigest())
+        meta = dict(_token_meta(corpus, vocab, val_frac, split), ids_sha256=digest.hexdigest())
         os.replace(tmp, path)
         _write_token_meta(directory, meta)
     except BaseException as e:
@@ -239,8 +224,7 @@ def build_token_file(corpus: Corpus, vocab: Vocab, val_frac: float, path: str) -
         if isinstance(e, OSError):
             raise DataError(f"could not write {path}: {e.strerror or e}") from None
         raise
-    return _map(path, layout, meta)
-
+    return _map(path, split, meta)
 
 
 def remove_stale_token_temps(directory: str) -> list[str]:
