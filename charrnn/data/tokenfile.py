@@ -120,6 +120,14 @@ def ids_digest(ids: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def _read_description(path: str) -> tuple[dict, Split]:
+    """tokens.json beside the token file at `path`, and the split it describes: the one reader of
+    tokens.json. OSError, ValueError, KeyError or TypeError when it cannot be read or is not a
+    description."""
+    meta = _read_small_json(os.path.join(os.path.dirname(path), TOKENS_META), TOKENS_META_LIMIT)
+    return meta, Split(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"]))
+
+
 def _map(path: str, split: Split, meta: dict) -> TokenFile:
     if not regular_file(path):
         raise ValueError("token file is not a regular file")
@@ -133,9 +141,10 @@ def map_token_file(path: str, meta: dict) -> TokenFile | None:
     """The token file at `path` if its description is `meta` (another process's TokenFile.meta:
     data-parallel workers map the file their rank 0 or their host built); None otherwise."""
     try:
-        if _read_small_json(os.path.join(os.path.dirname(path), TOKENS_META), TOKENS_META_LIMIT) != meta:
+        described, split = _read_description(path)
+        if described != meta:
             return None
-        return _map(path, Split(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"])), meta)
+        return _map(path, split, meta)
     except (OSError, ValueError, KeyError, TypeError, EOFError):  # EOFError: an empty .npy
         return None
 
@@ -151,8 +160,7 @@ def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float, no
         return None  # a run from before token files, or a directory they were cleaned out of
     why = None
     try:
-        meta = _read_small_json(meta_path, TOKENS_META_LIMIT)
-        split = Split(int(meta["n_train"]), int(meta["n_val"]), bool(meta["has_val"]))
+        meta, split = _read_description(path)
         want = _token_meta(corpus, vocab, val_frac, split)
         recorded = meta.get("ids_sha256")
         described = {k: v for k, v in meta.items() if k != "ids_sha256"}
