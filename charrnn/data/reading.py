@@ -23,7 +23,9 @@ import tempfile
 from charrnn.config import DEFAULT_MAX_INPUT, format_size
 from charrnn.errors import DataError
 
-CHUNK_BYTES = 1 << 24  # bytes read at a time: 16 MiB keeps the working set near 100 MB and numpy calls long
+# bytes read at a time: a few 16 MiB chunks are all the memory a corpus takes, and numpy's calls on
+# them stay long (peak memory by corpus size: benchmarks/results/big_corpus.txt)
+CHUNK_BYTES = 1 << 24
 
 
 def input_name(path: str) -> str:

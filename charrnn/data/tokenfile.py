@@ -112,7 +112,8 @@ TOKENS_HASH_CHUNK = 1 << 24  # bytes of the token file hashed at a time (mapped,
 
 def ids_digest(ids: np.ndarray) -> str:
     """The SHA-256 of a token array's bytes (tokens.json's ids_sha256): hashed a chunk at a time
-    from the mapping, at the speed of the machine's SHA-256 (about 1.5 GB/s with SHA extensions)."""
+    from the mapping, at the speed of the machine's SHA-256 (what that costs a resume and a build:
+    docs/robustness.md, "What the checksum costs")."""
     h = hashlib.sha256()
     flat = ids.reshape(-1).view(np.uint8)
     for start in range(0, len(flat), TOKENS_HASH_CHUNK):
