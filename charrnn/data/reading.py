@@ -4,7 +4,8 @@ What it does: strict UTF-8 (or another --encoding) decoded chunk by chunk, binar
 the BOM removed and CRLF / lone CR turned into \\n exactly as decoding the whole file would, errors
 that name byte offsets, the --max-input limit (InputTooLarge), and `Source`: corpus files in order,
 readable as often as needed (stdin and pipes are copied to an anonymous temporary file on the first
-reading). Memory is a few chunks, never the text.
+reading; a worker that `charrnn train --workers N` started reads the launcher's copy instead).
+Memory is a few chunks, never the text.
 
 Not here: what the text is cut into (documents.py), what a reading of it tells (corpus.py), models
 or the command line.

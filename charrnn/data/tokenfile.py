@@ -4,7 +4,7 @@ What it does: the corpus encoded chunk by chunk into a .npy file of uint8, uint1
 (training ids, then validation ids), written atomically beside its description; opening it again
 when it still matches the corpus, vocabulary and split (its ids checked against the recorded
 SHA-256), or mapping one that another process built (data-parallel workers); cleaning up after a
-killed build. The file is memory-mapped read-only, so its size on disk is the only cost.
+killed build. The file is memory-mapped read-only: memory holds only the pages being read.
 
 Not here: where validation begins (split.py), batches over the ids (batches.py).
 """
