@@ -1,13 +1,15 @@
-"""The vocabulary: characters <-> integer ids, the special tokens, one-hot encoding, JSON form.
+"""The vocabulary: characters <-> integer ids, the special tokens, one-hot encoding, JSON form, and
+capping a vocabulary to its most frequent characters (--max-vocab).
 
 A token is one Unicode code point or one of the special tokens <START>, <END>, <UNK>, which have
 the fixed ids 0, 1, 2. Characters follow in code-point order. This module knows nothing about
-files or models.
+files or models: capping counts characters in the chunks a corpus gives (charrnn.data.Corpus).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -257,3 +259,38 @@ class Vocab:
         out = np.zeros(ids.shape + (self.size,), dtype=dtype)
         np.put_along_axis(out, ids[..., None].astype(np.intp), 1, axis=-1)
         return out
+
+
+# ---------------------------------------------------------------------------- capped vocabularies
+@dataclass(frozen=True)
+class Capped:
+    """A vocabulary cut to the most frequent characters, and what the cut cost."""
+
+    vocab: Vocab
+    dropped: int  # distinct characters left out (they become <UNK>)
+    dropped_chars: int  # their occurrences in the text
+    chars: int  # characters of the text
+
+
+def capped_vocab(corpus, max_vocab: int | None) -> Capped | None:
+    """The vocabulary of --max-vocab for `corpus` (a charrnn.data.Corpus: its `vocab` and its
+    `text_chunks()` are all that is used): the corpus's own if it has at most `max_vocab` characters
+    (None: returned as is, without reading anything), else its `max_vocab` most frequent ones
+    (ties: the lower code point), in code-point order as always, the rest mapped to <UNK>.
+
+    Counting takes one more reading of the text, only for such corpora. Counts are over the whole
+    text; in document mode a character is kept only if it occurs inside documents (the corpus's
+    vocabulary), so separators are counted but never chosen on their own account."""
+    have = corpus.vocab.chars
+    if max_vocab is None or len(have) <= max_vocab:
+        return None
+    counts = np.zeros(MAX_CODE_POINT + 1, dtype=np.int64)
+    for text in corpus.text_chunks():
+        counts += np.bincount(code_points(text), minlength=MAX_CODE_POINT + 1)
+    cps = np.array([ord(ch) for ch in have], dtype=np.int64)  # ascending
+    # most frequent first; a stable sort on -count keeps ascending code points within a count
+    keep = np.sort(cps[np.argsort(-counts[cps], kind="stable")[:max_vocab]])
+    kept = int(counts[keep].sum())
+    total = int(counts.sum())
+    return Capped(Vocab(chr(int(cp)) for cp in keep), dropped=len(have) - max_vocab,
+                  dropped_chars=int(counts[cps].sum()) - kept, chars=total)

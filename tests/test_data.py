@@ -27,7 +27,7 @@ from charrnn.data import (
     decode_text,
     encode_stream,
     open_token_file,
-    plan_layout,
+    plan_split,
     read_corpus,
     read_text,
     split_documents,
@@ -586,7 +586,7 @@ def outcome(fn):
 
 
 def chunked_decode(data, encoding, k, name="f"):
-    return "".join(data_mod._text_chunks(io.BytesIO(data), name, encoding, k, data_mod._Limit(None)))
+    return "".join(data_mod.reading._text_chunks(io.BytesIO(data), name, encoding, k, data_mod.ByteLimit(None)))
 
 
 @settings(max_examples=400, deadline=None)
@@ -689,11 +689,11 @@ def test_token_file_equals_whole_text_streams(files, docs, val_frac, k, B, T):
         vocab = corpus.vocab
         dtype = compact_dtype(vocab.size)
         want_train, want_val = wholetext.train_val_ids(text, vocab, docs, val_frac, dtype)
-        layout = plan_layout(corpus, val_frac)
-        assert (layout.n_train, layout.n_val, layout.has_val) == (
+        planned = plan_split(corpus, val_frac)
+        assert (planned.n_train, planned.n_val, planned.has_val) == (
             len(want_train), 0 if want_val is None else len(want_val), want_val is not None)
         tf = build_token_file(corpus, vocab, val_frac, os.path.join(d, "tokens.npy"))
-        assert tf.layout == layout and len(tf.ids) == data_mod.total_tokens(corpus, val_frac)
+        assert tf.split == planned and len(tf.ids) == data_mod.total_tokens(corpus, val_frac)
         assert tf.ids.dtype == dtype and isinstance(tf.ids, np.memmap)
         assert tf.train.tolist() == want_train.tolist()
         assert (tf.val is None) == (want_val is None)
@@ -741,7 +741,7 @@ def test_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(data_mod.os, "fsync", boom)
+    monkeypatch.setattr(data_mod.tokenfile.os, "fsync", boom)
     with pytest.raises(DataError, match="could not write .*tokens.npy: disk full"):  # one line, not a traceback
         build_token_file(corpus, corpus.vocab, 0.1, str(run / "tokens.npy"))
     assert os.listdir(run) == []
@@ -897,47 +897,11 @@ def test_size_check_before_writing_equals_the_exact_one(files, docs, val_frac, k
     the text again only when that bound is too small: the same errors as the exact layout."""
     with tempfile.TemporaryDirectory() as d:
         corpus = read_corpus(_write(d, files), docs=docs, chunk_bytes=k)
-        exact = plan_layout(corpus, val_frac)
+        exact = plan_split(corpus, val_frac)
         c = int(round(corpus.chars * (1 - val_frac))) if val_frac else corpus.chars
         assert all(tokens <= exact.n_train for end, tokens in corpus.marks if end <= c)
         assert outcome(lambda: data_mod.check_sizes(corpus, val_frac, B, T)) == outcome(
-            lambda: data_mod.check_layout(exact, B, T))
-
-
-# ---------------------------------------------------------------------------- --max-vocab
-def _corpus_of(tmp_path, text, docs=None):
-    p = tmp_path / "c.txt"
-    p.write_text(text, encoding="utf-8")
-    return data_mod.read_corpus([str(p)], docs=docs)
-
-
-def test_capped_vocab_keeps_the_most_frequent_characters_in_code_point_order(tmp_path):
-    text = "c" * 5 + "a" * 3 + "b" * 3 + "d" * 3 + "é" * 9 + "z"
-    corpus = _corpus_of(tmp_path, text)
-    try:
-        assert data_mod.capped_vocab(corpus, None) is None
-        assert data_mod.capped_vocab(corpus, 6) is None  # no more characters than the cap: nothing read
-        capped = data_mod.capped_vocab(corpus, 3)
-        # é 9, c 5, then a 3-way tie of a, b, d at 3: the lowest code point, a, wins
-        assert capped.vocab.chars == ("a", "c", "é")
-        assert (capped.dropped, capped.dropped_chars, capped.chars) == (3, 7, len(text))
-        # the vocabulary the whole text would give, cut by the plain-Python rule
-        counts = {ch: text.count(ch) for ch in set(text)}
-        want = sorted(sorted(counts, key=lambda ch: (-counts[ch], ch))[:3])
-        assert list(capped.vocab.chars) == want
-    finally:
-        corpus.close()
-
-
-def test_capped_vocab_in_document_mode_never_keeps_a_separator(tmp_path):
-    text = "ab\n" * 50 + "xyz\n"  # \n is the most frequent character, but a separator in line mode
-    corpus = _corpus_of(tmp_path, text, docs="line")
-    try:
-        assert "\n" not in corpus.vocab.chars
-        capped = data_mod.capped_vocab(corpus, 2)
-        assert capped.vocab.chars == ("a", "b")
-    finally:
-        corpus.close()
+            lambda: data_mod.check_split(exact, B, T))
 
 
 def test_a_full_temporary_directory_or_run_directory_is_a_one_line_error(tmp_path, monkeypatch):
@@ -962,7 +926,7 @@ def test_a_full_temporary_directory_or_run_directory_is_a_one_line_error(tmp_pat
 
 
 def test_a_document_longer_than_the_limit_is_an_error_not_unbounded_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "MAX_DOCUMENT_CHARS", 1000)
+    monkeypatch.setattr(data_mod.documents, "MAX_DOCUMENT_CHARS", 1000)
     p = tmp_path / "c.txt"
     p.write_text("short one\n\n" + "x" * 5000 + "\n\nand another\n", encoding="utf-8")
     with pytest.raises(DataError, match="a document of more than 1,000 characters"):

@@ -246,7 +246,7 @@ def test_impossible_sizes_are_refused_before_any_work(wide_corpus, tmp_path):
 def test_a_single_document_longer_than_the_limit_is_refused(tmp_path, monkeypatch):
     """Issue 26, case 5: the check counted only the text carried across read chunks, so a document
     that ended just after a chunk's start got through (17 Mi characters with --docs line)."""
-    monkeypatch.setattr(data_mod, "MAX_DOCUMENT_CHARS", 1000)
+    monkeypatch.setattr(data_mod.documents, "MAX_DOCUMENT_CHARS", 1000)
     p = tmp_path / "c.txt"
     p.write_text("x" * 1200 + "\nshort\n", encoding="utf-8")  # 800 carried, then 400 more and a newline
     with pytest.raises(DataError, match="a document of more than 1,000 characters"):

@@ -1,6 +1,6 @@
 """Vocab: special tokens and ids, encode/decode round trips over arbitrary Unicode, unknown characters,
 strict from_tokens validation, the JSON form, real one-hot encoding (and that it equals the row/column
-gather the kernels use) and encoding speed on a large text."""
+gather the kernels use), encoding speed on a large text, and --max-vocab's capped vocabularies."""
 
 import json
 import time
@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import charrnn.vocab as vocab_mod
 from charrnn.errors import VocabError
-from charrnn.vocab import END, END_ID, SPECIALS, START, START_ID, UNK, UNK_ID, Vocab
+from charrnn.data import read_corpus
+from charrnn.vocab import END, END_ID, SPECIALS, START, START_ID, UNK, UNK_ID, Vocab, capped_vocab
 
 # Surrogate-free by default (category Cs excluded); astral-plane characters are included.
 texts = st.text(max_size=60)
@@ -391,3 +392,39 @@ def test_large_text_encodes_quickly_and_correctly():
     counts = np.bincount(ids, minlength=v.size)
     for ch in v.chars:
         assert counts[v.id_of(ch)] == text.count(ch)
+
+
+# ----------------------------------------------------------------------------- --max-vocab
+def _corpus_of(tmp_path, text, docs=None):
+    p = tmp_path / "c.txt"
+    p.write_text(text, encoding="utf-8")
+    return read_corpus([str(p)], docs=docs)
+
+
+def test_capped_vocab_keeps_the_most_frequent_characters_in_code_point_order(tmp_path):
+    text = "c" * 5 + "a" * 3 + "b" * 3 + "d" * 3 + "é" * 9 + "z"
+    corpus = _corpus_of(tmp_path, text)
+    try:
+        assert capped_vocab(corpus, None) is None
+        assert capped_vocab(corpus, 6) is None  # no more characters than the cap: nothing read
+        capped = capped_vocab(corpus, 3)
+        # é 9, c 5, then a 3-way tie of a, b, d at 3: the lowest code point, a, wins
+        assert capped.vocab.chars == ("a", "c", "é")
+        assert (capped.dropped, capped.dropped_chars, capped.chars) == (3, 7, len(text))
+        # the vocabulary the whole text would give, cut by the plain-Python rule
+        counts = {ch: text.count(ch) for ch in set(text)}
+        want = sorted(sorted(counts, key=lambda ch: (-counts[ch], ch))[:3])
+        assert list(capped.vocab.chars) == want
+    finally:
+        corpus.close()
+
+
+def test_capped_vocab_in_document_mode_never_keeps_a_separator(tmp_path):
+    text = "ab\n" * 50 + "xyz\n"  # \n is the most frequent character, but a separator in line mode
+    corpus = _corpus_of(tmp_path, text, docs="line")
+    try:
+        assert "\n" not in corpus.vocab.chars
+        capped = capped_vocab(corpus, 2)
+        assert capped.vocab.chars == ("a", "b")
+    finally:
+        corpus.close()

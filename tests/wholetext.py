@@ -1,5 +1,5 @@
 """The whole-text data pipeline as it was before corpora were read in chunks: the slow, obvious
-reference the chunked one (charrnn/data.py) must agree with exactly. Everything here holds the
+reference the chunked one (charrnn/data/) must agree with exactly. Everything here holds the
 whole text in memory; nothing here is used by the package."""
 
 import codecs

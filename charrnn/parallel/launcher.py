@@ -40,10 +40,10 @@ def _spool_streams(corpus, max_input: int | None, directory: str) -> dict:
     pipe that gave out beyond a few hundred KB, and a FIFO can be read once)."""
     import stat
 
-    from charrnn.data import _Limit, _open, _source_name
+    from charrnn.data import ByteLimit, input_name, open_input
     from charrnn.errors import DataError
 
-    limit = _Limit(max_input)
+    limit = ByteLimit(max_input)
     copies = {}
     for i, path in enumerate(corpus):
         if path in copies:
@@ -59,9 +59,9 @@ def _spool_streams(corpus, max_input: int | None, directory: str) -> dict:
                 continue  # the workers say what is wrong with it, as a single process would
             if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
                 continue
-            src, close = _open(path), True
+            src, close = open_input(path), True
         dest = os.path.join(directory, f"input{i}")
-        name = _source_name(path)
+        name = input_name(path)
         try:
             with open(dest, "wb") as out:
                 while True:
