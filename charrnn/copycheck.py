@@ -26,7 +26,6 @@ Not here: reading the run directory (checkpoint.py, data/tokenfile.py), the CLI 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -246,18 +245,9 @@ def check(index: CopyIndex, ids, copy_min: int = COPY_MIN) -> Copies:
 def training_ids(run_dir: str, vocab) -> np.ndarray | None:
     """The training part of a run's token file (memory-mapped), or None when there is none, or
     when it was written over another vocabulary than the model's (then its ids mean other characters)."""
-    from charrnn.data import TOKENS_FILE, TOKENS_META
+    from charrnn.data import TOKENS_FILE, read_token_file
 
-    path = os.path.join(run_dir, TOKENS_FILE)
-    try:
-        with open(os.path.join(run_dir, TOKENS_META), encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("tokens") != list(vocab.tokens):
-            return None
-        ids = np.load(path, mmap_mode="r", allow_pickle=False)
-        n_train = int(meta["n_train"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    tokens = read_token_file(os.path.join(run_dir, TOKENS_FILE))
+    if tokens is None or tokens.meta.get("tokens") != list(vocab.tokens):
         return None
-    if ids.ndim != 1 or ids.dtype.kind not in "iu" or not 0 < n_train <= len(ids):
-        return None
-    return ids[:n_train]
+    return tokens.train

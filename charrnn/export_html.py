@@ -198,7 +198,9 @@ const MAX_LENGTH = {max_length};
 def page(model, vocab, meta: dict, name: str) -> str:
     """The sampler page, as text."""
     cfg = model.cfg
-    documents = ((meta or {}).get("train") or {}).get("docs") is not None
+    from charrnn.run import Recorded
+
+    documents = Recorded(meta).docs is not None
     card = (f"{cfg.cell.upper()} {cfg.layers}x{cfg.hidden}, {vocab.size - 3} characters, "
             f"{model.n_params:,} parameters; exported by charrnn {__version__}. Runs in this page, offline.")
     return PAGE.format(title=html.escape(f"charrnn sampler: {name}"), card=html.escape(card), prime="",

@@ -55,6 +55,8 @@ def _reorder(w: np.ndarray, cell: str, H: int) -> np.ndarray:
 
 def build(model, vocab, meta: dict | None = None):
     """The onnx.ModelProto of the step graph for a charrnn Model and its Vocab."""
+    from charrnn.run import Recorded
+
     onnx, TensorProto, helper, numpy_helper = _onnx()
     cfg = model.cfg
     cell, L, H, V = cfg.cell, cfg.layers, cfg.hidden, cfg.vocab_size
@@ -120,7 +122,7 @@ def build(model, vocab, meta: dict | None = None):
     m.ir_version = min(m.ir_version, 8)  # IR 8 is what opset 17's runtimes read
     info = {"charrnn.vocab": json.dumps(list(vocab.tokens), ensure_ascii=False), "charrnn.cell": cell,
             "charrnn.nonlinearity": cfg.nonlinearity, "charrnn.layers": str(L), "charrnn.hidden": str(H),
-            "charrnn.docs": json.dumps(((meta or {}).get("train") or {}).get("docs"))}
+            "charrnn.docs": json.dumps(Recorded(meta).docs)}
     helper.set_model_props(m, info)
     onnx.checker.check_model(m, full_check=True)
     return m

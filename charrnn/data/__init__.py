@@ -27,7 +27,7 @@ from charrnn.data.reading import (CHUNK_BYTES, ByteLimit, InputTooLarge, Source,
                                   open_input, read_text)
 from charrnn.data.split import Split, check_sizes, check_split, plan_split, splitter, total_tokens
 from charrnn.data.tokenfile import (TOKENS_FILE, TOKENS_FORMAT, TOKENS_HASH_CHUNK, TOKENS_META, TOKENS_META_LIMIT,
-                                    TokenFile, build_token_file, compact_dtype, ids_digest, map_token_file,
+                                    TokenFile, build_token_file, compact_dtype, ids_digest, map_token_file, read_token_file,
                                     open_token_file, regular_file, remove_stale_token_temps)
 from charrnn.vocab import Capped, capped_vocab
 
@@ -44,7 +44,7 @@ __all__ = [
     "Split", "check_sizes", "check_split", "plan_split", "splitter", "total_tokens",
     # tokenfile.py
     "TOKENS_FILE", "TOKENS_FORMAT", "TOKENS_HASH_CHUNK", "TOKENS_META", "TOKENS_META_LIMIT", "TokenFile",
-    "build_token_file", "compact_dtype", "ids_digest", "map_token_file", "open_token_file", "regular_file",
+    "build_token_file", "compact_dtype", "ids_digest", "map_token_file", "open_token_file", "read_token_file", "regular_file",
     "remove_stale_token_temps",
     # batches.py
     "BatchStream",

@@ -150,6 +150,17 @@ def map_token_file(path: str, meta: dict) -> TokenFile | None:
         return None
 
 
+def read_token_file(path: str) -> TokenFile | None:
+    """The token file at `path` as its tokens.json describes it, whatever it was built from (the
+    copy check reads a run's training ids: copycheck.training_ids); None when it is missing,
+    unreadable, or not what its description says."""
+    try:
+        meta, split = _read_description(path)
+        return _map(path, split, meta)
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        return None
+
+
 def open_token_file(path: str, corpus: Corpus, vocab: Vocab, val_frac: float, notes: list | None = None
                     ) -> TokenFile | None:
     """The token file at `path` if it was built from this corpus, vocabulary and split, and its
