@@ -138,7 +138,7 @@ def test_eval_logs_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkey
     checkpoint.save(str(tmp_path / "m.npz"), m, v, {"train": {"docs": None}})
     f = tmp_path / "t.txt"
     f.write_text(text)
-    monkeypatch.setattr(cli, "EVAL_LOG_EVERY_S", 0.0)
+    monkeypatch.setattr("charrnn.cli.eval.EVAL_LOG_EVERY_S", 0.0)
     monkeypatch.setattr(evaluate, "SPAN", 500)
     res = CliRunner().invoke(cli.cli, ["eval", str(f), "--model", str(tmp_path / "m.npz"), "--json"])
     assert res.exit_code == 0, res.output

@@ -86,7 +86,7 @@ def test_sdist_holds_what_builds_and_checks_it(built):
     _, sdist = built
     with tarfile.open(sdist) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
-    for need in ("pyproject.toml", "README.md", "MANIFEST.in", "charrnn/cli.py", "charrnn/kernels/cells/lstm.py",
+    for need in ("pyproject.toml", "README.md", "MANIFEST.in", "charrnn/cli/__init__.py", "charrnn/kernels/cells/lstm.py",
                  "tests/test_info.py", "tests/data/pre_restructure_lstm.npz", "corpora/arithmetic.txt", ".ci/run",
                  ".ci/wheel_check"):
         assert need in names, need
