@@ -7,9 +7,10 @@ open). What the run chose or fitted (budget.py: the cell and size, the dropout, 
 default budget) is a Fitted value, stored beside it in the checkpoint; effective() combines the two
 into the config the loop follows.
 
-The ranges of the numeric options live here too (Bounds, TRAIN_BOUNDS, SAMPLE_BOUNDS): Click
-declares its options from them and TrainConfig / SampleOptions check them again, so a library
-caller cannot hand the loop a NaN learning rate that the command line would have refused.
+The ranges of the numeric options live here too (Bounds, TRAIN_BOUNDS, SAMPLE_BOUNDS), and the
+choices of the others (CELLS, OPTIMIZERS, SCHEDULES ...): Click declares its options from them and
+TrainConfig / SampleOptions check them again, so a library caller cannot hand the loop a NaN
+learning rate, or a schedule without its length, that the command line would have refused.
 """
 
 from __future__ import annotations
@@ -20,6 +21,30 @@ from dataclasses import asdict, dataclass, fields, replace
 
 PRECISIONS = ("fp32", "bf16", "auto")  # --precision (precision.py)
 SEED_LIMIT = 2**64  # seeds are whole numbers in [0, 2**64): the generators keep 64 bits of state
+
+# The choices of the options, written once: Click declares its options from them without importing
+# numpy, and TrainConfig and the modules that implement them check the same lists
+# (tests/test_config.py holds each to the module that implements it).
+CELLS = ("lstm", "gru", "rnn")  # --cell: the cells of kernels/cells (model.CELLS)
+NONLINEARITIES = ("tanh", "relu")  # --nonlinearity, of --cell rnn (model.py)
+DROPOUT_MODES = ("step", "locked")  # --dropout-mode: a mask per time step, or one per stream and batch
+AVERAGES = ("off", "ema", "polyak")  # --average (optim.Averager)
+OPTIMIZERS = ("adam", "rmsprop", "sgd")  # --optimizer (optim.make_optimizer)
+SCHEDULES = ("auto", "constant", "step", "cosine", "wsd")  # --schedule: auto, fitted by budget.py, and optim.Schedule's
+DECAY_SCHEDULES = ("cosine", "wsd")  # the schedules whose length is --decay-steps
+CLIP_MODES = ("norm", "value")  # --clip-mode: the gradient's global norm, or each value
+DOC_MODES = ("line", "blank")  # --docs: one document per line, or documents between blank lines (data.py)
+UNKNOWN_MODES = ("error", "unk", "extend")  # train --unknown (finetune.py)
+PRIME_UNKNOWN_MODES = ("error", "skip", "unk")  # sample --unknown: prime characters the model never saw (generate.py)
+ACTIVATIONS = ("cell", "h")  # viz --activation: an LSTM's tanh(c), or the hidden state (viz.py)
+# what `train --resume` may be given besides the run (every other option comes from the run)
+RESUME_OPTIONS = ("steps", "epochs", "minutes", "threads", "workers")
+
+
+def spelled(names, conjunction: str = "or") -> str:
+    """("a", "b", "c") as "a, b or c" (or "a, b and c")."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {conjunction} {names[-1]}"
 
 
 @dataclass(frozen=True)
@@ -186,16 +211,22 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise UsageError unless every numeric field is in its range (TRAIN_BOUNDS): finite, and
-        a whole number where the loop counts with it. Runs on construction, so no TrainConfig
-        (from the command line, a library caller or replace()) holds a NaN or a negative seed."""
+        """Raise UsageError, with the command line's message, unless every numeric field is in its
+        range (TRAIN_BOUNDS: finite, and a whole number where the loop counts with it), every
+        choice one of its values (CHOICES), a cosine or wsd schedule has its length and the
+        starting point fits its --unknown mode. Runs on construction, so no TrainConfig (from the
+        command line, a library caller or replace()) holds a NaN, a negative seed or a schedule
+        that would fail later."""
         from charrnn.errors import UsageError
 
         check_bounds(self, TRAIN_BOUNDS)
-        for name, allowed in (("dropout_mode", ("step", "locked")), ("average", ("off", "ema", "polyak")),
-                              ("precision", PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed and not (value is None and name in OPEN_CHOICES):
+                raise UsageError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        if self.schedule in DECAY_SCHEDULES and self.decay_steps is None:
+            raise UsageError(f"--schedule {self.schedule} needs --decay-steps (the schedule must not depend on the "
+                             "budget, so runs resume exactly)")
         self._check_start()
         v = self.val_chars
         if not (v is None or v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
@@ -205,8 +236,8 @@ class TrainConfig:
         """--init-from, --vocab and --unknown: one starting point at most, and a mode that fits it."""
         from charrnn.errors import UsageError
 
-        if self.unknown not in ("error", "unk", "extend"):
-            raise UsageError(f"unknown must be error, unk or extend, not {self.unknown!r}")
+        if self.unknown not in UNKNOWN_MODES:
+            raise UsageError(f"unknown must be {spelled(UNKNOWN_MODES)}, not {self.unknown!r}")
         if self.init_from is not None and self.vocab is not None:
             raise UsageError("--init-from and --vocab do not combine: --init-from brings the model's own vocabulary")
         if self.unknown == "extend" and self.vocab is not None:
@@ -263,6 +294,12 @@ def effective(cfg: TrainConfig, fitted: Fitted) -> TrainConfig:
                    weight_drop=cfg.weight_drop if cfg.weight_drop is not None else fitted.weight_drop,
                    decay_steps=fitted.decay_steps, epochs=cfg.epochs if cfg.epochs is not None else fitted.epochs)
 
+
+CHOICES = {"cell": CELLS, "nonlinearity": NONLINEARITIES, "dropout_mode": DROPOUT_MODES, "average": AVERAGES,
+           "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "clip_mode": CLIP_MODES, "docs": DOC_MODES,
+           "precision": PRECISIONS}
+"""The allowed values of every field of TrainConfig that is a choice (unknown: _check_start)."""
+OPEN_CHOICES = ("cell", "docs")  # may also be None: the cell chosen for the budget; one stream, not documents
 
 DEFAULTS = TrainConfig()
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from charrnn.config import SAMPLE_BOUNDS, check_bounds
+from charrnn.config import PRIME_UNKNOWN_MODES, SAMPLE_BOUNDS, check_bounds, spelled
 from charrnn.errors import UsageError
 from charrnn.vocab import END_ID, START_ID, UNK_ID, Vocab
 
@@ -45,8 +45,8 @@ class SampleOptions:
         """Raise UsageError unless every option is in its range (config.SAMPLE_BOUNDS): the
         command line checks the same, this keeps library callers from a NaN temperature."""
         check_bounds(self, SAMPLE_BOUNDS)
-        if self.unknown not in ("error", "skip", "unk"):
-            raise UsageError(f"unknown must be error, skip or unk, got {self.unknown!r}")
+        if self.unknown not in PRIME_UNKNOWN_MODES:
+            raise UsageError(f"unknown must be {spelled(PRIME_UNKNOWN_MODES)}, got {self.unknown!r}")
         if self.stop is not None and (not isinstance(self.stop, str) or not self.stop):
             raise UsageError(f"stop must be a non-empty string, got {self.stop!r}")
 

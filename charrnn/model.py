@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from charrnn import threads
+from charrnn.config import NONLINEARITIES
 from charrnn.kernels import bptt, cells, gemm16, layout, rng, sample, score, search, wdrop
 
-CELLS = tuple(cells.CELLS)
-NONLINEARITIES = ("tanh", "relu")
+CELLS = tuple(cells.CELLS)  # config.CELLS names them for the command line (tests/test_config.py)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from charrnn.config import AVERAGES, DECAY_SCHEDULES, SCHEDULES
 from charrnn.kernels.optim import _adam, _clip_value, _rmsprop, _scale, _sgd, _sumsq
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -197,7 +198,7 @@ class SGD(Optimizer):
         return dict(super().hparams(), momentum=self.momentum)
 
 
-OPTIMIZERS = {"adam": Adam, "rmsprop": RMSprop, "sgd": SGD}
+OPTIMIZERS = {"adam": Adam, "rmsprop": RMSprop, "sgd": SGD}  # config.OPTIMIZERS names them (tests/test_config.py)
 
 
 def make_optimizer(name: str, size: int, dtype, lr: float, **kw) -> Optimizer:
@@ -208,9 +209,6 @@ def make_optimizer(name: str, size: int, dtype, lr: float, **kw) -> Optimizer:
 
 
 # ----------------------------------------------------------------------------- weight averaging
-AVERAGES = ("off", "ema", "polyak")
-
-
 class Averager:
     """An average of the weights along training, the model a run validates and keeps as best.npz.
 
@@ -241,7 +239,7 @@ class Averager:
 
 
 # ----------------------------------------------------------------------------- schedules
-KINDS = ("constant", "step", "cosine", "wsd")
+KINDS = tuple(s for s in SCHEDULES if s != "auto")  # "auto" is fitted (budget.py) to one of these first
 WSD_DECAY_FRAC = 0.2  # the final part of a "wsd" schedule that decays linearly
 
 
@@ -267,7 +265,7 @@ class Schedule:
         self.decay_every = _check_int("decay_every", decay_every, 1)
         self.decay_factor = _check_scalar("decay_factor", decay_factor, lo_open=True)
         self.min_lr_frac = _check_scalar("min_lr_frac", min_lr_frac, hi=1.0)
-        if kind in ("cosine", "wsd") and decay_steps is None:
+        if kind in DECAY_SCHEDULES and decay_steps is None:
             raise ValueError(f"a {kind} schedule needs decay_steps")
         self.decay_steps = None if decay_steps is None else _check_int("decay_steps", decay_steps, 1)
 

@@ -31,6 +31,7 @@ import string
 import numpy as np
 
 from charrnn import __version__
+from charrnn.config import ACTIVATIONS
 from charrnn.data import encode_stream
 from charrnn.errors import DataError, UsageError
 from charrnn.export_html import script_json
@@ -66,6 +67,8 @@ def analyse(model, vocab, text: str, docs: str | None = None, top: int = 5, max_
     default for LSTMs: its units track counts such as brackets and line length more clearly than
     h, 0.65 against 0.56 for the best unit of the model in docs/inspect-and-export.md) or "h"."""
     activation = activation or ("cell" if model.cfg.cell == "lstm" else "h")
+    if activation not in ACTIVATIONS:
+        raise UsageError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {activation!r}")
     if activation == "cell" and model.cfg.cell != "lstm":
         raise UsageError(f"--activation cell is the LSTM's cell state; a {model.cfg.cell.upper()} has only h")
     if len(text) > max_chars:

@@ -13,6 +13,7 @@ import click
 
 from charrnn.cli.exits import ResultsOut, handle_errors
 from charrnn.cli.options import compile_notice, given, max_input_option, model_option, quiet_option, threads_option
+from charrnn.config import DOC_MODES
 
 EPILOG_EVAL = "Example: charrnn eval sonnets.txt --json"
 
@@ -21,7 +22,7 @@ EPILOG_EVAL = "Example: charrnn eval sonnets.txt --json"
 @click.argument("files", nargs=-1, required=True, type=str)
 @model_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file on stdout.")
-@click.option("--docs", type=click.Choice(["line", "blank", "none"]), default=None,
+@click.option("--docs", type=click.Choice([*DOC_MODES, "none"]), default=None,
               help="Score as documents (default: as the model was trained).")
 @click.option("--encoding", type=str, default=None, help="Text encoding of the files (default: strict UTF-8).")
 @click.option("--per-char", is_flag=True,

@@ -10,6 +10,7 @@ import click
 
 from charrnn.cli.exits import ResultsOut, handle_errors
 from charrnn.cli.options import compile_notice, model_option, quiet_option, threads_option
+from charrnn.config import ACTIVATIONS, DOC_MODES
 
 EPILOG_INFO = "Example: charrnn info runs/shakespeare --plot curve.png"
 
@@ -97,10 +98,10 @@ Example: charrnn viz sonnets.txt --model runs/shakespeare -o sonnets.html
 @model_option
 @click.option("-o", "--output", type=str, default=None, metavar="FILE", help="Write the page here (default: stdout).")
 @click.option("--ansi", is_flag=True, help="Print the text coloured by surprisal for a terminal instead of a page.")
-@click.option("--docs", type=click.Choice(["line", "blank", "none"]), default=None,
+@click.option("--docs", type=click.Choice([*DOC_MODES, "none"]), default=None,
               help="Score as documents (default: as the model was trained).")
 @click.option("--top", type=click.IntRange(1, 20), default=5, metavar="N", help="Guesses shown per character.")
-@click.option("--activation", type=click.Choice(["cell", "h"]), default=None,
+@click.option("--activation", type=click.Choice(ACTIVATIONS), default=None,
               help="What a unit shows: cell, an LSTM's cell state tanh(c) (the default for LSTMs), or h, the "
                    "hidden state (the only one of a GRU or RNN).")
 @click.option("--encoding", type=str, default=None, help="Text encoding of FILE (default: strict UTF-8).")

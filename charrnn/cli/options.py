@@ -11,7 +11,7 @@ import math
 
 import click
 
-from charrnn.config import DEFAULTS, SEED_LIMIT
+from charrnn.config import DEFAULTS, TRAIN_BOUNDS
 
 
 class Finite(click.FloatRange):
@@ -32,14 +32,22 @@ def finite(bounds) -> Finite:
     return Finite(min=bounds.min, max=bounds.max, min_open=bounds.min_open, max_open=bounds.max_open)
 
 
+def ints(bounds) -> click.IntRange:
+    """The Click type of a whole-number option with the given config.Bounds, its ends closed (so
+    --help shows 0<=x<=18446744073709551615, not 0<=x<18446744073709551616)."""
+    lo = None if bounds.min is None else bounds.min + (1 if bounds.min_open else 0)
+    hi = None if bounds.max is None else bounds.max - (1 if bounds.max_open else 0)
+    return click.IntRange(min=lo, max=hi)
+
+
 def seed_option(default, help):
     """--seed, shared by train and sample: a whole number in [0, 2**64), the 64 bits the
     generators are seeded with; anything else is a usage error, not an overflow later."""
-    return click.option("--seed", type=click.IntRange(0, SEED_LIMIT - 1), default=default, help=help)
+    return click.option("--seed", type=ints(TRAIN_BOUNDS["seed"]), default=default, help=help)
 
 
 def threads_option(f):
-    return click.option("--threads", type=click.IntRange(min=1), default=None,
+    return click.option("--threads", type=ints(TRAIN_BOUNDS["threads"]), default=None,
                         help="Threads for the compiled core (default: every core).")(f)
 
 

@@ -15,8 +15,9 @@ import os
 import click
 
 from charrnn.cli.exits import ResultsOut, handle_errors
-from charrnn.cli.options import compile_notice, finite, given, model_option, quiet_option, seed_option, threads_option
-from charrnn.config import BEAM_MAX, PRIME_MAX_BYTES, SAMPLE_BOUNDS, SAMPLE_HELD_MAX, format_size
+from charrnn.cli.options import (compile_notice, finite, given, ints, model_option, quiet_option, seed_option,
+                                 threads_option)
+from charrnn.config import BEAM_MAX, PRIME_MAX_BYTES, PRIME_UNKNOWN_MODES, SAMPLE_BOUNDS, SAMPLE_HELD_MAX, format_size
 
 EPILOG_SAMPLE = """\b
 Example: charrnn sample --temp 0.8 --length 500 | head -n 20
@@ -29,17 +30,17 @@ Example: charrnn sample --temp 0.8 --length 500 | head -n 20
 @click.option("--temp", type=finite(SAMPLE_BOUNDS["temp"]), default=1.0, help="Softmax temperature (0: greedy).")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample only from the K most likely characters.")
 @click.option("--top-p", type=finite(SAMPLE_BOUNDS["top_p"]), default=None, help="Sample from the smallest set holding probability P (nucleus).")
-@click.option("--length", type=click.IntRange(min=0), default=1000,
+@click.option("--length", type=ints(SAMPLE_BOUNDS["length"]), default=1000,
               help="Characters per sample (0: unbounded, or until the document ends). With --format jsonl, --beam "
                    f"or --num above 1, samples are held until they end: --num x --length (x --beam) at most "
                    f"{SAMPLE_HELD_MAX:,}.")
-@click.option("--num", type=click.IntRange(min=1, max=SAMPLE_BOUNDS["num"].max), default=1, help="Number of samples, separated by a newline.")
+@click.option("--num", type=ints(SAMPLE_BOUNDS["num"]), default=1, help="Number of samples, separated by a newline.")
 @click.option("--prime", type=str, default="", help="Text to warm the model up with; printed first.")
 @click.option("--prime-file", type=str, default=None, metavar="PATH",
               help="Read the prime from a file (- for stdin): its text exactly, a final newline included, in "
                    f"UTF-8, at most {format_size(PRIME_MAX_BYTES)} bytes. Not with --prime. Example: --prime-file intro.txt")
 @click.option("--no-prime-echo", is_flag=True, help="Do not print the prime text.")
-@click.option("--unknown", type=click.Choice(["error", "skip", "unk"]), default="error", help="Prime characters the model never saw.")
+@click.option("--unknown", type=click.Choice(PRIME_UNKNOWN_MODES), default="error", help="Prime characters the model never saw.")
 @click.option("--stop", type=str, default=None, metavar="STRING",
               help="End a sample at the first occurrence of STRING in the generated text; STRING itself is not "
                    "printed. Example: --stop $'\\n\\n' (at a blank line)")

@@ -14,8 +14,10 @@ import sys
 import click
 
 from charrnn.cli.exits import handle_errors
-from charrnn.cli.options import count_or_all, finite, max_input_option, quiet_option, seed_option, threads_option, val_chars
-from charrnn.config import DEFAULTS, PRECISIONS, TRAIN_BOUNDS
+from charrnn.cli.options import (count_or_all, finite, ints, max_input_option, quiet_option, seed_option, threads_option,
+                                 val_chars)
+from charrnn.config import (AVERAGES, CELLS, CLIP_MODES, DEFAULTS, DOC_MODES, DROPOUT_MODES, NONLINEARITIES, OPTIMIZERS,
+                            PRECISIONS, RESUME_OPTIONS, SCHEDULES, TRAIN_BOUNDS, UNKNOWN_MODES, spelled)
 
 EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
 
@@ -24,41 +26,41 @@ EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
 @click.argument("corpus", nargs=-1, type=str)
 @click.option("--out", type=str, default=None, metavar="DIR", help="Run directory. Default: runs/<corpus file stem> (a new one if that holds a run).")
 @click.option("--resume", type=str, default=None, metavar="DIR", help="Continue the run in DIR from its last.npz (corpus and options come from it).")
-@click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=DEFAULTS.cell,
+@click.option("--cell", type=click.Choice(CELLS), default=DEFAULTS.cell,
               help="Recurrent cell (default: lstm; gru for --minutes 10 or less, where it learns faster).")
-@click.option("--nonlinearity", type=click.Choice(["tanh", "relu"]), default=DEFAULTS.nonlinearity, help="For --cell rnn.")
-@click.option("--layers", type=click.IntRange(min=1, max=TRAIN_BOUNDS["layers"].max), default=DEFAULTS.layers, help="Stacked recurrent layers.")
-@click.option("--hidden", type=click.IntRange(min=1, max=TRAIN_BOUNDS["hidden"].max), default=None, help="Units per layer. Default: chosen from the corpus size and time budget.")
+@click.option("--nonlinearity", type=click.Choice(NONLINEARITIES), default=DEFAULTS.nonlinearity, help="For --cell rnn.")
+@click.option("--layers", type=ints(TRAIN_BOUNDS["layers"]), default=DEFAULTS.layers, help="Stacked recurrent layers.")
+@click.option("--hidden", type=ints(TRAIN_BOUNDS["hidden"]), default=None, help="Units per layer. Default: chosen from the corpus size and time budget.")
 @click.option("--dropout", type=finite(TRAIN_BOUNDS["dropout"]), default=None, help="Dropout on each layer's output. Default: from the epochs the budget allows and the parameters per character (fitted once a --minutes run knows its speed).")
-@click.option("--dropout-mode", type=click.Choice(["step", "locked"]), default=DEFAULTS.dropout_mode,
+@click.option("--dropout-mode", type=click.Choice(DROPOUT_MODES), default=DEFAULTS.dropout_mode,
               help="step: a new dropout mask at every time step; locked: one mask per stream for the whole batch "
                    "(variational dropout).")
 @click.option("--weight-drop", type=finite(TRAIN_BOUNDS["weight_drop"]), default=DEFAULTS.weight_drop, metavar="P",
               help="DropConnect on every layer's hidden-to-hidden weights, one mask per batch (e.g. --weight-drop 0.2). "
                    "Default: 0.3 when the budget lets the model see each character often enough to memorise it "
                    "(then with --dropout at most 0.2), else 0.")
-@click.option("--average", type=click.Choice(["off", "ema", "polyak"]), default=DEFAULTS.average,
+@click.option("--average", type=click.Choice(AVERAGES), default=DEFAULTS.average,
               help="Validate, and keep as best.npz, an average of the weights: ema (exponential moving average) or "
                    "polyak (the mean from the start of the learning rate's decay).")
 @click.option("--avg-decay", type=finite(TRAIN_BOUNDS["avg_decay"]), default=DEFAULTS.avg_decay, metavar="D",
               help="--average ema: the average spans at most about 1/(1-D) updates.")
-@click.option("--batch", type=click.IntRange(min=1, max=TRAIN_BOUNDS["batch"].max), default=DEFAULTS.batch, help="Parallel streams per step (B).")
-@click.option("--seq", type=click.IntRange(min=1), default=DEFAULTS.seq, help="Backprop-through-time steps per update (T).")
-@click.option("--seq-warmup", type=click.IntRange(min=0), default=DEFAULTS.seq_warmup, metavar="STEPS", help="Grow T from 8 to --seq over this many steps (0: off).")
+@click.option("--batch", type=ints(TRAIN_BOUNDS["batch"]), default=DEFAULTS.batch, help="Parallel streams per step (B).")
+@click.option("--seq", type=ints(TRAIN_BOUNDS["seq"]), default=DEFAULTS.seq, help="Backprop-through-time steps per update (T).")
+@click.option("--seq-warmup", type=ints(TRAIN_BOUNDS["seq_warmup"]), default=DEFAULTS.seq_warmup, metavar="STEPS", help="Grow T from 8 to --seq over this many steps (0: off).")
 @click.option("--lr", type=finite(TRAIN_BOUNDS["lr"]), default=DEFAULTS.lr, help="Peak learning rate.")
-@click.option("--optimizer", type=click.Choice(["adam", "rmsprop", "sgd"]), default=DEFAULTS.optimizer, help="Optimizer.")
-@click.option("--schedule", type=click.Choice(["auto", "constant", "step", "cosine", "wsd"]), default=DEFAULTS.schedule,
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS.optimizer, help="Optimizer.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule,
               help="Learning-rate schedule. auto: wsd fitted to a --minutes budget, else constant. cosine and wsd "
                    "(constant, then a linear decay over the last 20%) need --decay-steps.")
-@click.option("--warmup", type=click.IntRange(min=0), default=DEFAULTS.warmup, metavar="STEPS", help="Linear learning-rate warm-up.")
-@click.option("--decay-every", type=click.IntRange(min=1), default=DEFAULTS.decay_every, metavar="STEPS", help="Step schedule: decay interval.")
+@click.option("--warmup", type=ints(TRAIN_BOUNDS["warmup"]), default=DEFAULTS.warmup, metavar="STEPS", help="Linear learning-rate warm-up.")
+@click.option("--decay-every", type=ints(TRAIN_BOUNDS["decay_every"]), default=DEFAULTS.decay_every, metavar="STEPS", help="Step schedule: decay interval.")
 @click.option("--decay-factor", type=finite(TRAIN_BOUNDS["decay_factor"]), default=DEFAULTS.decay_factor, help="Step schedule: decay factor.")
-@click.option("--decay-steps", type=click.IntRange(min=1), default=None, metavar="STEPS", help="Cosine schedule length.")
+@click.option("--decay-steps", type=ints(TRAIN_BOUNDS["decay_steps"]), default=None, metavar="STEPS", help="Cosine schedule length.")
 @click.option("--clip", type=finite(TRAIN_BOUNDS["clip"]), default=DEFAULTS.clip, help="Gradient clipping threshold (0: off).")
-@click.option("--clip-mode", type=click.Choice(["norm", "value"]), default=DEFAULTS.clip_mode, help="Clip the global norm, or each value.")
+@click.option("--clip-mode", type=click.Choice(CLIP_MODES), default=DEFAULTS.clip_mode, help="Clip the global norm, or each value.")
 @click.option("--epochs", type=finite(TRAIN_BOUNDS["epochs"]), default=None, help="Stop after this many passes over the text (default 10 if no budget is given).")
 @click.option("--minutes", type=finite(TRAIN_BOUNDS["minutes"]), default=None, help="Stop after this much wall-clock time (with --resume: additional time).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Stop after this many updates in total.")
+@click.option("--steps", type=ints(TRAIN_BOUNDS["steps"]), default=None, help="Stop after this many updates in total.")
 @click.option("--val-frac", type=finite(TRAIN_BOUNDS["val_frac"]), default=DEFAULTS.val_frac, help="Fraction of the text (its end) held out for validation.")
 @click.option("--val-chars", type=str, default=None, metavar="N|all", callback=lambda ctx, p, v: val_chars(v),
               help="Held-out characters scored at each validation, from the start of the split "
@@ -67,9 +69,9 @@ EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
               callback=lambda ctx, p, v: count_or_all(v, "characters"),
               help="Keep the N most frequent characters, the rest become <UNK> (the decoder's work grows "
                    "with the vocabulary).")
-@click.option("--docs", type=click.Choice(["line", "blank"]), default=None, help="Documents: one per line, or separated by blank lines.")
-@click.option("--eval-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="Steps between validations (default: about once per epoch, 200-2000).")
-@click.option("--patience", type=click.IntRange(min=1), default=None, help="Stop after this many validations without improvement.")
+@click.option("--docs", type=click.Choice(DOC_MODES), default=None, help="Documents: one per line, or separated by blank lines.")
+@click.option("--eval-every", type=ints(TRAIN_BOUNDS["eval_every"]), default=None, metavar="STEPS", help="Steps between validations (default: about once per epoch, 200-2000).")
+@click.option("--patience", type=ints(TRAIN_BOUNDS["patience"]), default=None, help="Stop after this many validations without improvement.")
 @click.option("--forget-bias", type=finite(TRAIN_BOUNDS["forget_bias"]), default=DEFAULTS.forget_bias,
               help="LSTM forget-gate bias at initialisation (the gate saturates long before 100).")
 @click.option("--encoding", type=str, default=None, help="Text encoding of the corpus (default: strict UTF-8).")
@@ -81,14 +83,14 @@ EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
               help="Train a new model over a given vocabulary, so models share it and their scores compare: a "
                    "checkpoint, a run directory, or a JSON file such as a run's tokens.json. "
                    "E.g. charrnn train b.txt --vocab runs/a --unknown unk")
-@click.option("--unknown", type=click.Choice(["error", "unk", "extend"]), default=DEFAULTS.unknown,
+@click.option("--unknown", type=click.Choice(UNKNOWN_MODES), default=DEFAULTS.unknown,
               help="With --init-from or --vocab, characters of the text outside that vocabulary: error lists them "
                    "and stops (nothing changes a vocabulary unasked), unk reads them as <UNK>, extend adds them to "
                    "the model (--init-from only). E.g. --init-from runs/a --unknown extend")
 @seed_option(DEFAULTS.seed, "Seed for initialisation and dropout.")
 @max_input_option
 @threads_option
-@click.option("--precision", type=click.Choice(list(PRECISIONS)), default=DEFAULTS.precision,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULTS.precision,
               help="The training step's matrix products: fp32, or bf16 (bfloat16 operands, float32 sums; weights, "
                    "optimizer, cell state and loss stay float32) where the CPU has AMX or AVX512_BF16. auto: bf16 "
                    "where it is faster (AMX; with AVX512_BF16 alone, timed on the first batch), else fp32; "
@@ -142,17 +144,15 @@ def _set_up(corpus, out, resume, quiet, opts):
                              "from it elsewhere, copy the directory first)")
         ctx = click.get_current_context()
         changed = [k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
-                   and k not in ("steps", "epochs", "minutes", "threads", "workers")]
+                   and k not in RESUME_OPTIONS]
         if changed:
-            raise UsageError("with --resume only --steps, --epochs, --minutes, --threads and --workers may be given "
-                             f"(options come from the run): {', '.join('--' + k.replace('_', '-') for k in changed)}")
+            raise UsageError(f"with --resume only {spelled((_flag(k) for k in RESUME_OPTIONS), 'and')} may be given "
+                             f"(options come from the run): {', '.join(_flag(k) for k in changed)}")
         return resume_run(resume, steps=opts["steps"], epochs=opts["epochs"], minutes=opts["minutes"], quiet=quiet,
                           threads_n=opts["threads"])
     else:
         if not corpus:
             raise UsageError("give a corpus file (or - for stdin), or --resume DIR")
-        if opts["schedule"] in ("cosine", "wsd") and opts["decay_steps"] is None:
-            raise UsageError(f"--schedule {opts['schedule']} needs --decay-steps (the schedule must not depend on the budget, so runs resume exactly)")
         cfg = TrainConfig(**opts)
         ctx = click.get_current_context()
         explicit = [k for k in opts if ctx.get_parameter_source(k) not in (None, click.core.ParameterSource.DEFAULT)]
@@ -171,3 +171,7 @@ def _report(result: dict, quiet: bool):
         click.echo(f"model: {os.path.join(result['out'], 'best.npz')}", err=True)
         click.echo(f"sample from it: charrnn sample --model {shlex.quote(result['out'])}", err=True)
 
+
+def _flag(name: str) -> str:
+    """An option's name on the command line: max_vocab -> --max-vocab."""
+    return "--" + name.replace("_", "-")

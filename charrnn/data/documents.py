@@ -14,10 +14,10 @@ import re
 
 import numpy as np
 
+from charrnn.config import DOC_MODES  # --docs: one document per line, or per block between blank lines
 from charrnn.errors import DataError
 from charrnn.vocab import END_ID, START_ID, Vocab
 
-DOC_MODES = ("line", "blank")  # --docs: one document per line, or per block between blank lines
 BLANK_SEPARATOR = re.compile(r"\n[ \t]*\n")  # --docs blank: a blank line (spaces and tabs allowed) between documents
 # --docs: the longest document (characters) held whole; a text without separators is not documents
 MAX_DOCUMENT_CHARS = 1 << 24
