@@ -17,7 +17,16 @@ class UsageError(CharrnnError):
 
 
 class DataError(CharrnnError):
-    """A corpus or text could not be read or used: missing, empty, binary, not decodable."""
+    """A corpus or text could not be read or used: missing, empty, binary, not decodable.
+
+    `hint` is advice that names an option of the commands that read corpora (--encoding); it
+    follows the message after "; ". A caller without that option reports `reason`, the message
+    without the hint."""
+
+    def __init__(self, message, hint: str = ""):
+        super().__init__(f"{message}; {hint}" if hint else message)
+        self.reason = message
+        self.hint = hint
 
 
 class VocabError(CharrnnError):

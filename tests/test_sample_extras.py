@@ -174,6 +174,26 @@ def test_cli_prime_file_errors(stream_model, tmp_path, case):
             "both": "--prime-file", "unknown": "--prime-file"}[case] in res.stderr
 
 
+
+def test_undecodable_prime_file_and_corpus_name_no_encoding_option(stream_model, tmp_path):
+    """The reader's error carries its advice (--encoding, which train and eval have) apart from
+    the reason (DataError.hint, .reason): sample, which has no --encoding, reports the reason
+    alone for --prime-file and --corpus, without cutting the reader's message text."""
+    from charrnn.data import read_text
+    from charrnn.errors import DataError
+
+    f = tmp_path / "latin1.txt"
+    f.write_bytes(b"caf\xe9 cr\xe8me\n")
+    with pytest.raises(DataError) as err:
+        read_text(str(f))
+    reason = f"{f}: not valid UTF-8 at byte offset 3 (byte 0xe9)"
+    assert (err.value.reason, err.value.hint) == (reason, "if the file is in another encoding, pass --encoding")
+    assert str(err.value) == f"{reason}; if the file is in another encoding, pass --encoding"
+    res = run(["sample", "--model", stream_model, "--prime-file", str(f), "--length", "5", "-q"])
+    assert res.exit_code == 1 and res.stderr == f"charrnn: error: --prime-file: {reason}\n"
+    res = run(["sample", "--model", stream_model, "--corpus", str(f), "--copy-report", "--length", "5", "-q"])
+    assert res.exit_code == 1 and res.stderr == f"charrnn: error: --corpus: {reason}\n"
+
 def test_cli_prime_not_utf8_is_a_usage_error(stream_model):
     res = subprocess.run([sys.executable.encode(), b"-m", b"charrnn", b"sample", b"--model", stream_model.encode(),
                           b"--prime", b"a\xffb", b"--unknown", b"skip", b"-q"], capture_output=True, timeout=180)

@@ -160,8 +160,8 @@ def _read_corpus(path: str) -> str:
 
     try:
         return read_text(path)
-    except DataError as e:
-        raise DataError(f"--corpus: {e}") from None
+    except DataError as e:  # without the reader's hint, which names train's and eval's --encoding
+        raise DataError(f"--corpus: {e.reason}") from None
 
 
 def _report_copies(pieces, copies):
@@ -241,8 +241,8 @@ def _read_prime(path: str) -> str:
         size = format_size(PRIME_MAX_BYTES)
         raise DataError(f"--prime-file: more than {size} bytes, the most a prime may hold (its end may do: "
                         f"tail -c {size} FILE | charrnn sample --prime-file - ...)") from None
-    except DataError as e:  # the reader's hint names train's and eval's --encoding, which sample lacks
-        raise DataError(f"--prime-file: {str(e).split('; if the file is in another encoding')[0]}") from None
+    except DataError as e:  # without the reader's hint, which names train's and eval's --encoding
+        raise DataError(f"--prime-file: {e.reason}") from None
 
 
 def _sample_record(model, vocab, prime, prime_ids, seed, temp, copies, text, end) -> dict:

@@ -144,9 +144,9 @@ def _text_chunks(f, name: str, encoding: str | None, chunk_bytes: int, limit: By
             seen = held + data
             start = offset - pending + e.start + (len(seen) - len(e.object) if seen.endswith(e.object) else 0)
             bad = e.object[e.start : e.start + 1].hex()
-            hint = "; if the file is in another encoding, pass --encoding" if is_utf8 else ""
+            hint = "if the file is in another encoding, pass --encoding" if is_utf8 else ""
             raise DataError(
-                f"{name}: not valid {e.encoding.upper()} at byte offset {start} (byte 0x{bad}){hint}"
+                f"{name}: not valid {e.encoding.upper()} at byte offset {start} (byte 0x{bad})", hint
             ) from None
         except (ValueError, TypeError) as e:  # a codec that fails otherwise (undefined, punycode ...)
             raise DataError(f"{name}: cannot be decoded as {encoding}: {str(e) or type(e).__name__}") from None
