@@ -347,3 +347,36 @@ def test_train_config_refuses_what_the_command_line_refuses(field, value):
     with pytest.raises(UsageError, match=field):
         replace(DEFAULTS, **{field: value})
     assert TrainConfig.from_dict(DEFAULTS.to_dict()) == DEFAULTS
+
+
+def test_the_exit_skips_shutdown_only_while_the_early_compile_runs(monkeypatch):
+    """main() exits without the interpreter's shutdown while precompile's background thread still
+    compiles (precompile.compiling(), not a thread name matched here), and only then."""
+    import threading
+    import time
+
+    from charrnn import precompile
+    from charrnn.cli import app
+    from charrnn.config import TrainConfig
+
+    def settle():  # until no early compile of this process (an earlier test's run too) is at work
+        deadline = time.monotonic() + 120
+        while precompile.compiling() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    exits = []
+    monkeypatch.setattr(app.os, "_exit", exits.append)
+    gate = threading.Event()
+    monkeypatch.setattr(precompile.Precompile, "_run", lambda self: gate.wait(30))  # compiles nothing, holds on
+    settle()
+    app._exit_now_if_compiling(0)
+    assert exits == []
+    precompile.Precompile(TrainConfig(), "lstm", 1)
+    try:
+        app._exit_now_if_compiling(3)
+        assert exits == [3]
+    finally:
+        gate.set()
+    settle()
+    app._exit_now_if_compiling(0)
+    assert exits == [3]

@@ -128,9 +128,8 @@ def _exit_now_if_compiling(code):
     kernels (a run that stopped early on a cold cache: bad input, an interrupt). Shutting down
     under a compiling thread can abort inside LLVM with an assertion instead of the one-line
     message already printed; the compiler's cache writes are atomic, so nothing is lost."""
-    import threading
-
-    if not any(t.name == "charrnn-precompile" and t.is_alive() for t in threading.enumerate()):
+    precompile = sys.modules.get("charrnn.precompile")  # imported by a run that compiles early, else no thread
+    if precompile is None or not precompile.compiling():
         return
     for stream in (sys.stdout, sys.stderr):
         try:
