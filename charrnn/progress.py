@@ -1,6 +1,8 @@
 """Progress on stderr: a tqdm bar on a terminal, plain log lines otherwise, nothing with -q.
+Reporter for a training run's steps and messages, Tally for a count of work done (eval).
 
-Not here: what is reported (train.py decides), or the samples and scores on stdout (cli.py).
+Not here: what is reported (train.py and the commands decide), or the samples and scores on
+stdout (cli/).
 """
 
 from __future__ import annotations
@@ -35,24 +37,47 @@ def note(quiet: bool, text: str, stream=None):
         pass
 
 
-class Reporter:
-    """Messages and a progress line for one run."""
+class _Progress:
+    """What the progress of a run and of a count share: stderr unless told otherwise, silence when
+    quiet or when there is no stderr, a tqdm bar on a terminal and plain lines off one, at most one
+    every LOG_EVERY_S seconds, and a bar whose failures never stop the work."""
 
     LOG_EVERY_S = 30  # plain log lines (not a terminal): one every this many seconds
 
-    def __init__(self, quiet: bool, total_steps: int | None, start_step: int, stream=None):
+    def __init__(self, quiet: bool, stream=None):
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.bar = None
-        self.last_line = 0.0
         if quiet or self.stream is None:
             self.quiet = True
-            return
-        if _isatty(self.stream):
+
+    def _start_bar(self, **kw):
+        """A tqdm bar on the stream when it is a terminal (and not quiet); else plain lines."""
+        if not self.quiet and _isatty(self.stream):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step",
-                            dynamic_ncols=True, leave=True, smoothing=0.1)
+            self.bar = tqdm(file=self.stream, **kw)
+
+    def _line_due(self, last: float) -> bool:
+        return time.monotonic() - last >= self.LOG_EVERY_S
+
+    def close(self):
+        if self.bar is not None:
+            try:
+                self.bar.close()
+            except (OSError, ValueError):
+                pass
+            self.bar = None
+
+
+class Reporter(_Progress):
+    """Messages and a progress line for one run."""
+
+    def __init__(self, quiet: bool, total_steps: int | None, start_step: int, stream=None):
+        super().__init__(quiet, stream)
+        self.last_line = 0.0
+        self._start_bar(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=True,
+                        smoothing=0.1)
 
     def message(self, text: str):
         if self.quiet:
@@ -75,17 +100,35 @@ class Reporter:
                 self.bar.refresh()
             except (OSError, ValueError):
                 pass
-        elif time.monotonic() - self.last_line >= self.LOG_EVERY_S:
+        elif self._line_due(self.last_line):
             self.last_line = time.monotonic()
             self.message("step " + str(step) + " " + " ".join(f"{k}={v}" for k, v in info.items()))
 
-    def close(self):
+
+class Tally(_Progress):
+    """Progress of work of unknown size, counted as it is done (eval's characters): a bar named
+    `name` counting `unit`s on a terminal; off one, the line `line(count, count per second)` every
+    LOG_EVERY_S seconds from the start, so work that ends sooner says nothing."""
+
+    def __init__(self, quiet: bool, name: str, unit: str, line, stream=None):
+        super().__init__(quiet, stream)
+        self.line = line
+        self.count = 0
+        self.t_start = self.last_line = time.monotonic()
+        self._start_bar(total=None, unit=unit, unit_scale=True, leave=False, desc=name, mininterval=0.5, delay=1.0)
+
+    def add(self, n: int):
+        self.count += n
+        if self.quiet:
+            return
         if self.bar is not None:
             try:
-                self.bar.close()
+                self.bar.update(n)
             except (OSError, ValueError):
                 pass
-            self.bar = None
+        elif self._line_due(self.last_line):
+            self.last_line = now = time.monotonic()
+            note(False, self.line(self.count, self.count / max(now - self.t_start, 1e-9)), self.stream)
 
 
 def _isatty(stream) -> bool:

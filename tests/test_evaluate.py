@@ -128,17 +128,17 @@ def test_score_tokens_reads_a_mapped_file_span_by_span(tmp_path, monkeypatch):
 
 def test_eval_logs_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
     """Off a terminal (CliRunner's stderr is not one), eval says how far it got at intervals
-    (EVAL_LOG_EVERY_S, 0 here so every span reports); with -q it says nothing."""
+    (progress.Tally.LOG_EVERY_S, 0 here so every span reports); with -q it says nothing."""
     from click.testing import CliRunner
 
-    from charrnn import checkpoint, cli
+    from charrnn import checkpoint, cli, progress
 
     text = "the quick brown fox jumps over the lazy dog\n" * 40
     m, v = model_for(text)
     checkpoint.save(str(tmp_path / "m.npz"), m, v, {"train": {"docs": None}})
     f = tmp_path / "t.txt"
     f.write_text(text)
-    monkeypatch.setattr("charrnn.cli.eval.EVAL_LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(progress.Tally, "LOG_EVERY_S", 0.0)
     monkeypatch.setattr(evaluate, "SPAN", 500)
     res = CliRunner().invoke(cli.cli, ["eval", str(f), "--model", str(tmp_path / "m.npz"), "--json"])
     assert res.exit_code == 0, res.output

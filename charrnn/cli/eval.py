@@ -7,7 +7,6 @@ Not here: the score (evaluate.py, perchar.py), reading text (data.py).
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -66,7 +65,8 @@ def eval_cmd(files, model_path, as_json, docs, per_char, top, encoding, max_inpu
     for fname in files:
         # read in chunks of 1 MiB and scored as they come: memory does not grow with the file
         with Source([fname], encoding, max_input, chunk_bytes=1 << 20, reread=False) as source:
-            progress, done = _eval_progress(fname, quiet)
+            tally = _progress(fname, quiet)
+            progress = None if tally.quiet else tally.add
             try:
                 with compile_notice(quiet, "the scorer"):
                     if per_char:
@@ -74,7 +74,7 @@ def eval_cmd(files, model_path, as_json, docs, per_char, top, encoding, max_inpu
                     else:
                         score = score_chunks(ck.model, ck.vocab, source.chunks(), docs=docs, progress=progress)
             finally:
-                done()
+                tally.close()
         name = "<stdin>" if fname == "-" else fname
         if per_char:
             if not quiet:
@@ -102,34 +102,11 @@ def _per_char(ck, chunks, docs, top, progress, out: "ResultsOut"):
     return scorer.score
 
 
-EVAL_LOG_EVERY_S = 30.0  # eval's progress lines when stderr is not a terminal, as training's (progress.Reporter)
+def _progress(fname: str, quiet: bool):
+    """The characters of `fname` scored so far, on stderr (progress.Tally): a bar on a terminal,
+    else a line every 30 s (only long inputs get one); nothing with -q."""
+    from charrnn.progress import Tally
 
-
-def _eval_progress(fname: str, quiet: bool):
-    """(progress(n), done()): characters scored so far, on a tqdm bar on a terminal, else as a
-    plain line on stderr every 30 s (only long inputs get one); nothing with -q."""
-    import time
-
-    if quiet:
-        return None, lambda: None
     name = "<stdin>" if fname == "-" else fname
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, unit="char", unit_scale=True, file=sys.stderr, leave=False, desc=name,
-                   mininterval=0.5, delay=1.0)
-        return bar.update, bar.close
-    every = EVAL_LOG_EVERY_S
-    t0 = time.monotonic()
-    state = {"n": 0, "last": t0}
-
-    def progress(n: int):
-        state["n"] += n
-        now = time.monotonic()
-        if now - state["last"] >= every:
-            state["last"] = now
-            click.echo(f"charrnn: scoring {name}: {state['n']:,} characters so far, "
-                       f"{state['n'] / (now - t0):,.0f} chars/s", err=True)
-
-    return progress, lambda: None
-
+    return Tally(quiet, name, "char",
+                 lambda n, rate: f"charrnn: scoring {name}: {n:,} characters so far, {rate:,.0f} chars/s")
