@@ -92,6 +92,30 @@ def sample_pieces(model, vocab: Vocab, opts: SampleOptions, documents: bool = Fa
     return _chunks(model, vocab, opts, prime_ids, documents, target_s)
 
 
+def in_order(pieces):
+    """The Pieces of samples that advance in lock step (sample_pieces), rearranged into sample
+    order, for a writer that prints one sample after another: the current sample's pieces as they
+    come; a later sample's held until every sample before it has ended, then handed out as one
+    Piece (its text so far, and its end if it has ended). Only the samples not yet printing are
+    held, and nothing is sized by their number."""
+    held = {}  # sample -> its texts so far, for samples after the current one
+    ended = {}  # sample -> its end, for held samples that have ended
+    current = 0
+    for p in pieces:
+        if p.stream != current:
+            held.setdefault(p.stream, []).append(p.text)
+            if p.end is not None:
+                ended[p.stream] = p.end
+            continue
+        yield p
+        while p.end is not None and (current + 1) in held:
+            current += 1
+            p = Piece(current, "".join(held.pop(current)), ended.pop(current, None))
+            yield p
+        if p.end is not None:
+            current += 1
+
+
 def prime_tokens(vocab: Vocab, prime: str, unknown: str = "error") -> np.ndarray:
     """The token ids of a prime (no <START>); VocabError for unknown characters under "error"."""
     return vocab.encode(prime, unknown=unknown) if prime else np.zeros(0, np.int32)

@@ -377,3 +377,49 @@ def test_sample_options_are_checked_for_library_callers(field, value):
         sample_chunks(_FakeModel([]), vocab, opts)
     for ok in (SampleOptions(temp=0.0), SampleOptions(temp=1e-320, top_p=1e-300, top_k=1), SampleOptions(seed=2**64 - 1)):
         sample_chunks(_FakeModel([]), vocab, ok)  # no error
+
+
+# ----------------------------------------------------------------------------- lock step to sample order
+@hs.composite
+def lock_step(draw):
+    """Pieces of samples advancing in lock step, as sample_pieces hands them out: rounds in which
+    every sample not yet ended gives a piece, the last one of each sample carrying its end."""
+    from charrnn.generate import Piece
+
+    n = draw(hs.integers(1, 5))
+    lengths = [draw(hs.integers(1, 5)) for _ in range(n)]  # pieces per sample
+    out = []
+    for r in range(max(lengths)):
+        for b in range(n):
+            if r < lengths[b]:
+                end = "end" if r == lengths[b] - 1 else None
+                out.append(Piece(b, draw(hs.text("abc", max_size=3)), end))
+    return n, out
+
+
+@given(lock_step())
+@settings(max_examples=300, deadline=None)
+def test_in_order_puts_lock_step_pieces_in_sample_order(case):
+    """generate.in_order: every sample's text and end unchanged, one sample after another, and the
+    current sample's pieces handed out as they come (nothing of it waits for a later piece)."""
+    from charrnn.generate import in_order
+
+    n, ps = case
+    consumed = []
+
+    def source():
+        for p in ps:
+            consumed.append(p)
+            yield p
+
+    out = []
+    for q in in_order(source()):
+        if q.stream == 0 or out and out[-1].stream == q.stream and out[-1].end is None:
+            assert consumed[-1] is q  # the current sample's piece: passed on at once
+        out.append(q)
+    assert [q.stream for q in out] == sorted(q.stream for q in out)  # sample order
+    for b in range(n):
+        mine = [p for p in ps if p.stream == b]
+        got = [q for q in out if q.stream == b]
+        assert "".join(q.text for q in got) == "".join(p.text for p in mine)
+        assert [q.end for q in got if q.end] == [mine[-1].end] and got[-1].end == mine[-1].end

@@ -234,6 +234,20 @@ def test_jsonl_documents_and_stop(docs_model):
     assert json.loads(one.output)["end"] == "end"  # a document model's sample ends at <END>
 
 
+
+def test_samples_that_end_out_of_order_print_and_report_in_sample_order(docs_model):
+    """Document samples end at <END>, in any order; text and jsonl both print them in sample order
+    (generate.in_order), and --copy-report reports each one after it is printed, in sample order,
+    with the numbers the jsonl record of the same sample has."""
+    args = ["sample", "--model", docs_model, "--num", "6", "--seed", "5", "--length", "200", "--copy-min", "3", "--prime", "1"]
+    rows = [json.loads(line) for line in run([*args, "--format", "jsonl", "-q"]).output.splitlines()]
+    res = run([*args, "--copy-report"])
+    assert res.exit_code == 0
+    assert res.stdout == "".join("1" + r["text"] + "\n" for r in rows)
+    reports = [line for line in res.stderr.splitlines() if line.startswith("charrnn: sample ")]
+    assert reports == [f"charrnn: sample {i}: longest copy {r['longest_copy']} characters, "
+                       f"{100 * r['copied_frac']:.1f}% in copies" for i, r in enumerate(rows, 1)]
+
 def test_jsonl_endless_stream_sample_is_refused(stream_model):
     res = run(["sample", "--model", stream_model, "--length", "0", "--format", "jsonl"])
     assert res.exit_code == 2 and "--length" in res.output

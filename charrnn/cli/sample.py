@@ -70,7 +70,7 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     from charrnn import checkpoint
     from charrnn import threads as th
     from charrnn.errors import UsageError, VocabError
-    from charrnn.generate import SampleOptions, prime_tokens, random_seed, sample_pieces
+    from charrnn.generate import SampleOptions, in_order, prime_tokens, random_seed, sample_pieces
 
     prime, stop = _text_argument("--prime", prime), _text_argument("--stop", stop)
     _check_sample_options(click.get_current_context(), prime, prime_file, stop, beam, length, num)
@@ -106,15 +106,14 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     seed = seed if seed is not None else random_seed()  # known, so jsonl can say which
     opts = SampleOptions(temp=temp, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0,
                          length=length, num=num, prime=prime, unknown=unknown, seed=seed, stop=stop)
-    pieces = sample_pieces(ck.model, ck.vocab, opts, documents=documents)
+    pieces = in_order(sample_pieces(ck.model, ck.vocab, opts, documents=documents))
     with compile_notice(quiet, "the sampler"):
         if fmt == "jsonl":
             record = functools.partial(_sample_record, ck.model, ck.vocab, prime, prime_ids, seed, temp, copies)
             _write_jsonl_samples(pieces, record, out)
         else:
-            if copy_report and copies is not None:
-                pieces = _report_copies(pieces, copies)
-            _write_samples(((p.stream, p.text, p.end is not None) for p in pieces), num, echo, out)
+            report = _copy_report(copies) if copy_report and copies is not None else None
+            _write_samples(pieces, num, echo, out, report)
 
 
 def _copy_checker(ck, path, corpus, copy_min, wanted, quiet):
@@ -154,6 +153,17 @@ def _copy_checker(ck, path, corpus, copy_min, wanted, quiet):
     return check
 
 
+def _copy_report(copies):
+    """--copy-report: report(sample, text), the copy check of a sample that has ended, on stderr."""
+
+    def report(sample: int, text: str):
+        c = copies(text)
+        click.echo(f"charrnn: sample {sample + 1}: longest copy {c['longest_copy']} characters, "
+                   f"{100 * c['copied_frac']:.1f}% in copies", err=True)
+
+    return report
+
+
 def _read_corpus(path: str) -> str:
     from charrnn.data import read_text
     from charrnn.errors import DataError
@@ -162,18 +172,6 @@ def _read_corpus(path: str) -> str:
         return read_text(path)
     except DataError as e:  # without the reader's hint, which names train's and eval's --encoding
         raise DataError(f"--corpus: {e.reason}") from None
-
-
-def _report_copies(pieces, copies):
-    """Pass the pieces on; as each sample ends, its copy check on stderr."""
-    texts = {}
-    for p in pieces:
-        texts.setdefault(p.stream, []).append(p.text)
-        yield p
-        if p.end is not None:
-            c = copies("".join(texts.pop(p.stream)))
-            click.echo(f"charrnn: sample {p.stream + 1}: longest copy {c['longest_copy']} characters, "
-                       f"{100 * c['copied_frac']:.1f}% in copies", err=True)
 
 
 def _check_sample_options(ctx, prime, prime_file, stop, beam, length, num):
@@ -265,21 +263,35 @@ def _json_line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def _write_jsonl_samples(pieces, record, out: "ResultsOut"):
-    """One JSON object per sample, in sample order, each written and flushed as soon as it and
-    every sample before it have ended."""
-    texts = {}  # sample -> its pieces so far
-    ready = {}  # sample -> (text, end): ended, waiting for the samples before it
-    current = 0
+def _write_samples(pieces, num: int, echo: str, out: ResultsOut, report=None):
+    """--format text: the samples on stdout as they come, each after the prime `echo`, one per
+    line; `pieces` are in sample order (generate.in_order holds a later sample until its turn).
+    `report(sample, text)` runs as each sample ends, after it is written."""
+    out.write(echo)
+    out.flush()
+    texts = []  # the current sample's text, for report
     for p in pieces:
-        texts.setdefault(p.stream, []).append(p.text)
-        if p.end is None:
-            continue
-        ready[p.stream] = ("".join(texts.pop(p.stream)), p.end)
-        while current in ready:
-            out.write(_json_line(record(*ready.pop(current))))
+        out.write(p.text)
+        if report is not None:
+            texts.append(p.text)
+        if p.end is not None:
+            out.write("\n" + (echo if p.stream + 1 < num else ""))
+        out.flush()
+        if p.end is not None and report is not None:
+            report(p.stream, "".join(texts))
+            texts = []
+
+
+def _write_jsonl_samples(pieces, record, out: ResultsOut):
+    """--format jsonl: one JSON object per sample, written and flushed as soon as it has ended;
+    `pieces` are in sample order (generate.in_order), so each follows the samples before it."""
+    texts = []  # the current sample's text
+    for p in pieces:
+        texts.append(p.text)
+        if p.end is not None:
+            out.write(_json_line(record("".join(texts), p.end)))
             out.flush()
-            current += 1
+            texts = []
 
 
 def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, quiet, out: "ResultsOut",
@@ -300,27 +312,4 @@ def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, 
             out.write(_json_line(dict(record, **(copies(h.text) if copies else {}))))
         else:
             out.write(echo + h.text + "\n")
-        out.flush()
-
-
-def _write_samples(chunks, num: int, echo: str, out: ResultsOut):
-    """Write the samples to `out` (stdout) as they come: in order, each after the prime `echo`,
-    one per line. Samples advance in lock step, so later ones are buffered until their turn."""
-    pending = {}  # sample -> its text so far, for samples not yet printing (nothing sized by num:
-    finished = set()  # a huge --num fails as the sampler allocates its streams, not here)
-    current = 0
-    out.write(echo)
-    out.flush()
-    for b, text, fin in chunks:
-        if b == current:
-            out.write(text)
-        else:
-            pending.setdefault(b, []).append(text)
-        if fin:
-            finished.add(b)
-        while current < num and current in finished:
-            out.write("\n")
-            current += 1
-            if current < num:
-                out.write(echo + "".join(pending.pop(current, [])))
         out.flush()
