@@ -1,11 +1,13 @@
 """Helpers shared by the tests: the repository's root, the small training options of the CLI
-tests and `run` (charrnn in-process through Click's test runner); for the kernels, the model and
+tests, `run` (charrnn in-process through Click's test runner) and `sh` (charrnn in a subprocess); for the kernels, the model and
 sampling, small models on random data, the float64 reference run on a model's parameters and
 thread switching; and reading a checkpoint's arrays and meta record."""
 
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -44,6 +46,13 @@ def run(args, input=None, cwd=None):
         return CliRunner().invoke(cli, args, input=input, catch_exceptions=False)
     finally:
         os.chdir(old)
+
+
+def sh(args, input=None, env=None, cwd=None, timeout=180, text=True, **kw):
+    """`python -m charrnn ARGS` in a subprocess (through cli.main, as a user runs it), stdout and
+    stderr captured (str, or bytes with text=False); `env` is added to this process's environment."""
+    return subprocess.run([sys.executable, "-m", "charrnn", *args], input=input, capture_output=True, text=text,
+                          env=dict(os.environ, **(env or {})), cwd=cwd, timeout=timeout, **kw)
 
 CASES = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
 

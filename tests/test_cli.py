@@ -12,13 +12,8 @@ import pytest
 
 from charrnn import __version__
 from charrnn.cli import cli
-from tests.common import ROOT, run
+from tests.common import ROOT, run, sh
 from tests.common import SMALL_CLI as SMALL
-
-
-def sh(args, input=None, cwd=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "charrnn", *args], input=input, capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

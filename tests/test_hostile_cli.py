@@ -5,6 +5,7 @@ files of a run directory, broken streams, shell-safe printed commands, MPI with 
 The fuzz tests that drive the whole command line with random options and mangled files are in
 tests/test_hostile_fuzz.py."""
 
+import functools
 import json
 import os
 import shlex
@@ -17,28 +18,19 @@ import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from charrnn import checkpoint, data as data_mod
-from charrnn.cli import cli
 from charrnn.errors import DataError
 from tests import hostile
+from tests.common import ROOT, run
+from tests.common import sh as text_sh
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden", "16", "--batch", "8", "--seq", "16", "--threads", "1", "-q"]
 # characters outside ASCII and Latin-1, so that a locale's encoding cannot write the samples
 WIDE = "é€ü—ñ"
 
 
-def run(args, input=None):
-    return CliRunner().invoke(cli, args, input=input, catch_exceptions=False)
-
-
-def sh(args, input=None, env=None, timeout=120, cwd=None, **kw):
-    """`python -m charrnn ARGS` in a subprocess (through cli.main, as a user runs it), bytes out."""
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "charrnn", *args], input=input, capture_output=True,
-                          env=full_env, timeout=timeout, cwd=cwd, **kw)
+sh = functools.partial(text_sh, text=False, timeout=120)  # `python -m charrnn ARGS` in a subprocess, bytes in and out
 
 
 def assert_manners(res, codes=(0,)):

@@ -14,9 +14,9 @@ from hypothesis import strategies as hs
 
 from charrnn import checkpoint
 from charrnn.generate import SampleOptions, _cut, held_back, sample_pieces
-from tests.common import ROOT, run
+from tests.common import ROOT, run, sh
 from tests.common import SMALL_CLI as SMALL
-from tests.test_beam import ref_total, sh, tiny
+from tests.test_beam import ref_total, tiny
 
 
 @pytest.fixture(scope="module")
