@@ -21,7 +21,7 @@ What a hypothesis is, and how hypotheses compare:
   beam as one more stream and competes in the final ranking, so the best sequence returned is never
   ranked below greedy decoding. With K = 1 the beam is greedy decoding itself and runs alone.
 
-Not here: sampling (generate.py) and output (cli.py).
+Not here: sampling (generate.py) and output (cli/sample.py).
 """
 
 from __future__ import annotations

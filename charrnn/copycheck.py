@@ -21,7 +21,7 @@ Copies longer than MAX_DEPTH tokens are still found (the first MAX_DEPTH tokens 
 the rest is compared directly), but among several such suffixes only one is followed, so the
 length reported past MAX_DEPTH is a lower bound.
 
-Not here: reading the run directory (checkpoint.py, data/tokenfile.py), the CLI (cli.py).
+Not here: reading the run directory (checkpoint.py, data/tokenfile.py), the CLI (cli/sample.py).
 """
 
 from __future__ import annotations

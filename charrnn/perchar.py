@@ -11,7 +11,7 @@ the same Model.score kernel. So the lines of a file sum to eval's total (up to t
 float additions). The guesses and ranks come from Model.step run beside it over the same tokens
 (float32 logits, softmax in float64): they agree with the log-probabilities to float32 rounding.
 
-Not here: reading files (data.Source) or writing JSON (cli.py).
+Not here: reading files (data.Source) or writing JSON (cli/eval.py).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ and the model has at least AUTO_MIN_HIDDEN units a layer: its products run 4-10x
 on the run's own batch before the clock starts and keeps the faster. Without either, bf16 and auto
 train in float32, and a bf16 that was asked for says so.
 
-Not here: the kernels (kernels/gemm16.py, kernels/bptt.py), the option (cli.py, config.py).
+Not here: the kernels (kernels/gemm16.py, kernels/bptt.py), the option (cli/train.py, config.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ One rule for every command and format (docs/robustness.md):
   quietly with 0. A closed standard descriptor (`>&-`, `2>&-`, `<&-`) is occupied by /dev/null
   at start, so no file the run opens can take its number and receive stray writes.
 
-Not here: what the commands write (cli.py); the checks of a results stream (cli.ResultsOut).
+Not here: what the commands write (cli/); the checks of a results stream (cli/exits.py, ResultsOut).
 """
 
 from __future__ import annotations
