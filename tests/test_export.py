@@ -200,3 +200,17 @@ def test_the_docs_onnxruntime_sampler_runs(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout == PRIME + cli_greedy(model, PRIME, 80) + "\n"
+
+
+def test_html_page_is_named_after_the_run_or_the_file(tmp_path):
+    """A run's best.npz or last.npz (rundir.CHECKPOINTS) names the page after its run directory;
+    any other checkpoint after its file."""
+    import shutil
+
+    make_checkpoint(tmp_path / "m.npz")
+    run_dir = tmp_path / "my-run"
+    run_dir.mkdir()
+    shutil.copy(tmp_path / "m.npz", run_dir / "last.npz")
+    for model, name in ((tmp_path / "m.npz", "m.npz"), (run_dir, "my-run"), (run_dir / "last.npz", "my-run")):
+        res = run(["export", str(model), "--format", "html", "-q"])
+        assert res.exit_code == 0 and f"<title>charrnn sampler: {name}</title>" in res.stdout, res.output

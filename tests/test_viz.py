@@ -192,3 +192,16 @@ def test_a_gru_has_no_cell_state(tmp_path):
     f.write_text("the cat")
     res = CliRunner().invoke(cli, ["viz", str(f), "--model", str(model), "--activation", "cell", "-q"])
     assert res.exit_code == 2 and "only h" in res.output
+
+
+def test_viz_text_longer_than_it_reads_is_too_long(tmp_path):
+    """viz reads at most 4 bytes a character of the limit (data.InputTooLarge past that): a longer
+    text is one line naming the limit, not the reader's --max-input advice, which viz lacks."""
+    model = tmp_path / "m.npz"
+    make_checkpoint(model, "lstm", hidden=16)
+    huge = tmp_path / "huge.txt"
+    huge.write_text("x" * (4 * viz.MAX_CHARS + 5))
+    res = CliRunner().invoke(cli, ["viz", str(huge), "--model", str(model), "-q"])
+    assert res.exit_code == 1 and res.output == (
+        f"charrnn: error: {huge}: text too long for a page: more than 80,000 characters, the limit is 20,000 "
+        f"(show a part, e.g. head -c 20000 {huge} > part.txt)\n")

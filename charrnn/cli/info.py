@@ -67,6 +67,7 @@ def export(model_path, fmt, output, quiet):
     import os
 
     from charrnn import checkpoint, outfile
+    from charrnn.rundir import CHECKPOINTS
 
     outfile.check_writable(output, binary=fmt == "onnx")
     path, guessed = checkpoint.resolve(model_path)
@@ -78,8 +79,8 @@ def export(model_path, fmt, output, quiet):
     else:
         from charrnn import export_html
 
-        name = os.path.basename(os.path.dirname(os.path.abspath(path))) if os.path.basename(path) in (
-            "best.npz", "last.npz") else os.path.basename(path)
+        in_run = os.path.basename(path) in CHECKPOINTS  # a run's best.npz or last.npz: named after the run
+        name = os.path.basename(os.path.dirname(os.path.abspath(path)) if in_run else path)
         data = export_html.page(ck.model, ck.vocab, ck.meta, name)
     outfile.write(output, data)
     if not quiet:
@@ -120,7 +121,7 @@ def viz(file, model_path, output, ansi, docs, top, activation, encoding, threads
     from charrnn import checkpoint, outfile
     from charrnn import threads as th
     from charrnn import viz as vz
-    from charrnn.data import read_text
+    from charrnn.data import InputTooLarge, read_text
     from charrnn.errors import DataError
 
     outfile.check_writable(output)
@@ -129,9 +130,7 @@ def viz(file, model_path, output, ansi, docs, top, activation, encoding, threads
     th.set_threads(threads)
     try:
         text = read_text(file, encoding, max_input=4 * vz.MAX_CHARS + 4)  # UTF-8: at most 4 bytes a character
-    except DataError as e:
-        if "--max-input" not in str(e):
-            raise
+    except InputTooLarge:
         text = None
     if text is None or len(text) > vz.MAX_CHARS:
         raise DataError(f"{file}: text too long for a page: {'more than ' if text is None else ''}"
