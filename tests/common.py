@@ -54,6 +54,7 @@ def sh(args, input=None, env=None, cwd=None, timeout=180, text=True, **kw):
     return subprocess.run([sys.executable, "-m", "charrnn", *args], input=input, capture_output=True, text=text,
                           env=dict(os.environ, **(env or {})), cwd=cwd, timeout=timeout, **kw)
 
+
 CASES = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
 
 

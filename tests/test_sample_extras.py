@@ -174,7 +174,6 @@ def test_cli_prime_file_errors(stream_model, tmp_path, case):
             "both": "--prime-file", "unknown": "--prime-file"}[case] in res.stderr
 
 
-
 def test_undecodable_prime_file_and_corpus_name_no_encoding_option(stream_model, tmp_path):
     """The reader's error carries its advice (--encoding, which train and eval have) apart from
     the reason (DataError.hint, .reason): sample, which has no --encoding, reports the reason
@@ -193,6 +192,7 @@ def test_undecodable_prime_file_and_corpus_name_no_encoding_option(stream_model,
     assert res.exit_code == 1 and res.stderr == f"charrnn: error: --prime-file: {reason}\n"
     res = run(["sample", "--model", stream_model, "--corpus", str(f), "--copy-report", "--length", "5", "-q"])
     assert res.exit_code == 1 and res.stderr == f"charrnn: error: --corpus: {reason}\n"
+
 
 def test_cli_prime_not_utf8_is_a_usage_error(stream_model):
     res = subprocess.run([sys.executable.encode(), b"-m", b"charrnn", b"sample", b"--model", stream_model.encode(),
@@ -234,7 +234,6 @@ def test_jsonl_documents_and_stop(docs_model):
     assert json.loads(one.output)["end"] == "end"  # a document model's sample ends at <END>
 
 
-
 def test_samples_that_end_out_of_order_print_and_report_in_sample_order(docs_model):
     """Document samples end at <END>, in any order; text and jsonl both print them in sample order
     (generate.in_order), and --copy-report reports each one after it is printed, in sample order,
@@ -247,6 +246,7 @@ def test_samples_that_end_out_of_order_print_and_report_in_sample_order(docs_mod
     reports = [line for line in res.stderr.splitlines() if line.startswith("charrnn: sample ")]
     assert reports == [f"charrnn: sample {i}: longest copy {r['longest_copy']} characters, "
                        f"{100 * r['copied_frac']:.1f}% in copies" for i, r in enumerate(rows, 1)]
+
 
 def test_jsonl_endless_stream_sample_is_refused(stream_model):
     res = run(["sample", "--model", stream_model, "--length", "0", "--format", "jsonl"])

@@ -17,6 +17,7 @@ from charrnn.cli.info import export, info, viz
 from charrnn.cli.sample import sample
 from charrnn.cli.train import train
 
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="charrnn")
 def cli():
@@ -31,21 +32,13 @@ def cli():
     """
 
 
-
 for _command in (train, sample, eval_cmd, info, export, viz):
     cli.add_command(_command)
 
 
-def _raised_in_click_echo(e: BaseException) -> bool:
-    tb = e.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code is click.utils.echo.__code__:
-            return True
-        tb = tb.tb_next
-    return False
-
-
 def main():
+    """The console script `charrnn` (pyproject.toml) and `python -m charrnn`: Click, then the exit
+    status of the command line's contract, whatever happens during the interpreter's shutdown."""
     from charrnn import streams
 
     streams.setup()  # UTF-8 out whatever the locale; a broken stderr never stops the work
@@ -88,6 +81,15 @@ def _run() -> int:
         _say("charrnn: interrupted")
         return 130
     return 0
+
+
+def _raised_in_click_echo(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is click.utils.echo.__code__:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _say(line: str):
@@ -139,4 +141,3 @@ def _exit_now_if_compiling(code):
             pass
     status = code if isinstance(code, int) else (0 if code is None else 1)
     os._exit(status)
-

@@ -42,11 +42,10 @@ def eval_cmd(files, model_path, as_json, docs, per_char, top, encoding, max_inpu
     from charrnn import checkpoint
     from charrnn import threads as th
     from charrnn.data import Source
+    from charrnn.errors import UsageError
     from charrnn.evaluate import score_chunks
 
     out = ResultsOut()
-    from charrnn.errors import UsageError
-
     if files.count("-") > 1:
         raise UsageError("stdin ('-') can be given only once")
     if per_char and (len(files) > 1 or as_json):

@@ -96,6 +96,11 @@ def count_or_all(value, what: str):
     return n
 
 
+def flag(name: str) -> str:
+    """An option's name on the command line: max_vocab -> --max-vocab."""
+    return "--" + name.replace("_", "-")
+
+
 def given(ctx, name: str) -> bool:
     """Whether the option `name` was given (not left at its default)."""
     return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)

@@ -15,7 +15,7 @@ import os
 import click
 
 from charrnn.cli.exits import ResultsOut, handle_errors
-from charrnn.cli.options import (compile_notice, finite, given, ints, model_option, quiet_option, seed_option,
+from charrnn.cli.options import (compile_notice, finite, flag, given, ints, model_option, quiet_option, seed_option,
                                  threads_option)
 from charrnn.config import BEAM_MAX, PRIME_MAX_BYTES, PRIME_UNKNOWN_MODES, SAMPLE_BOUNDS, SAMPLE_HELD_MAX, format_size
 
@@ -120,8 +120,6 @@ def _copy_checker(ck, path, corpus, copy_min, wanted, quiet):
     """sample's copy check: a function text -> {longest_copy, copied_frac}, or None when it is off
     (--copy-min 0, nothing asks for it) or no training text is at hand (the run's tokens.npy, or
     --corpus FILE). Builds the suffix array once, before sampling (copycheck.py)."""
-    import os
-
     from charrnn import copycheck
     from charrnn.errors import UsageError
 
@@ -184,7 +182,7 @@ def _check_sample_options(ctx, prime, prime_file, stop, beam, length, num):
         raise UsageError("--stop needs a non-empty STRING")
     if beam is None:
         return
-    sampling = [f"--{n.replace('_', '-')}" for n in ("temp", "top_k", "top_p") if given(ctx, n)]
+    sampling = [flag(n) for n in ("temp", "top_k", "top_p") if given(ctx, n)]
     if sampling:
         raise UsageError(f"--beam searches for the most probable text at temperature 1 and draws nothing: "
                          f"drop {', '.join(sampling)}")
@@ -228,7 +226,6 @@ def _text_argument(name: str, value):
 def _read_prime(path: str) -> str:
     """--prime-file: the text of a file or stdin, read as corpora are (strict UTF-8, a BOM dropped,
     CRLF as \\n); one-line errors for a missing, binary, empty or undecodable file."""
-    from charrnn.config import PRIME_MAX_BYTES, format_size
     from charrnn.data import InputTooLarge, Source
     from charrnn.errors import DataError
 

@@ -14,8 +14,8 @@ import sys
 import click
 
 from charrnn.cli.exits import handle_errors
-from charrnn.cli.options import (count_or_all, finite, ints, max_input_option, quiet_option, seed_option, threads_option,
-                                 val_chars)
+from charrnn.cli.options import (count_or_all, finite, flag, ints, max_input_option, quiet_option, seed_option,
+                                 threads_option, val_chars)
 from charrnn.config import (AVERAGES, CELLS, CLIP_MODES, DEFAULTS, DOC_MODES, DROPOUT_MODES, NONLINEARITIES, OPTIMIZERS,
                             PRECISIONS, RESUME_OPTIONS, SCHEDULES, TRAIN_BOUNDS, UNKNOWN_MODES, spelled)
 
@@ -146,8 +146,8 @@ def _set_up(corpus, out, resume, quiet, opts):
         changed = [k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
                    and k not in RESUME_OPTIONS]
         if changed:
-            raise UsageError(f"with --resume only {spelled((_flag(k) for k in RESUME_OPTIONS), 'and')} may be given "
-                             f"(options come from the run): {', '.join(_flag(k) for k in changed)}")
+            raise UsageError(f"with --resume only {spelled((flag(k) for k in RESUME_OPTIONS), 'and')} may be given "
+                             f"(options come from the run): {', '.join(flag(k) for k in changed)}")
         return resume_run(resume, steps=opts["steps"], epochs=opts["epochs"], minutes=opts["minutes"], quiet=quiet,
                           threads_n=opts["threads"])
     else:
@@ -170,8 +170,3 @@ def _report(result: dict, quiet: bool):
             click.echo(f"best validation loss {best:.4f} nats/char ({best / math.log(2):.4f} bits/char)", err=True)
         click.echo(f"model: {os.path.join(result['out'], 'best.npz')}", err=True)
         click.echo(f"sample from it: charrnn sample --model {shlex.quote(result['out'])}", err=True)
-
-
-def _flag(name: str) -> str:
-    """An option's name on the command line: max_vocab -> --max-vocab."""
-    return "--" + name.replace("_", "-")
