@@ -22,7 +22,7 @@ _started: list[threading.Thread] = []
 
 def compiling() -> bool:
     """Whether a background compile of this process is still at work (the CLI then exits at once
-    instead of shutting the interpreter down under it: cli.py)."""
+    instead of shutting the interpreter down under it: cli/app.py)."""
     return any(t.is_alive() for t in _started)
 
 
