@@ -10,7 +10,7 @@ before any training step the extended model gives every old token the same logit
 (the new tokens only add logits); the new ones are drawn as Model.init draws every parameter.
 
 Not here: the training loop (train.py), the checkpoint format (checkpoint.py), option parsing
-(cli.py).
+(cli/).
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from charrnn import checkpoint
-from charrnn.config import TrainConfig
+from charrnn.config import UNKNOWN_MODES, TrainConfig
 from charrnn.errors import CharrnnError, UsageError
 from charrnn.model import Model, ModelConfig
 from charrnn.run import Recorded
 from charrnn.vocab import UNK_ID, Vocab, describe_chars
 
-UNKNOWN_MODES = ("error", "unk", "extend")
 EXTEND_STREAM = 1  # the new rows are drawn from PCG64(SeedSequence([seed, 1])), apart from Model.init's
 SHOWN_CHARS = 10  # characters named in a message before "..."
 MAX_VOCAB_FILE = checkpoint.MAX_META_BYTES  # a JSON vocabulary of every code point is ~22 MB

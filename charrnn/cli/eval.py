@@ -58,7 +58,9 @@ def eval_cmd(files, model_path, as_json, docs, per_char, top, encoding, max_inpu
         click.echo(f"charrnn: scoring with {path}", err=True)
     th.set_threads(threads)
     if docs is None:
-        docs = (ck.meta.get("train") or {}).get("docs")
+        from charrnn.run import Recorded  # the document mode the model was trained in
+
+        docs = Recorded(ck.meta).docs
     elif docs == "none":
         docs = None
     for fname in files:

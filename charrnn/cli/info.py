@@ -137,7 +137,9 @@ def viz(file, model_path, output, ansi, docs, top, activation, encoding, threads
                         f"{len(text) if text else 4 * vz.MAX_CHARS:,} characters, the limit is {vz.MAX_CHARS:,} "
                         f"(show a part, e.g. head -c {vz.MAX_CHARS} {file} > part.txt)")
     if docs is None:
-        docs = (ck.meta.get("train") or {}).get("docs")
+        from charrnn.run import Recorded  # the document mode the model was trained in
+
+        docs = Recorded(ck.meta).docs
     elif docs == "none":
         docs = None
     if not quiet:

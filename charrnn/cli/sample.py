@@ -82,7 +82,9 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
         cfg = ck.model.cfg
         click.echo(f"charrnn: sampling from {path} ({cfg.cell} {cfg.layers}x{cfg.hidden})", err=True)
     th.set_threads(threads)
-    documents = (ck.meta.get("train") or {}).get("docs") is not None
+    from charrnn.run import Recorded  # the document mode the model was trained in
+
+    documents = Recorded(ck.meta).docs is not None
     if fmt == "jsonl" and length == 0 and not documents and stop is None:
         raise UsageError("--format jsonl writes a sample when it ends, and with --length 0 a sample of a model "
                          "trained without --docs never does: give --length N or --stop STRING")
