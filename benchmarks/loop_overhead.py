@@ -59,7 +59,7 @@ def loop(corpus, hidden, batch, seq, steps, dropout):
     """chars/s of `charrnn train`'s steps, and the share of their time spent outside the work the
     bare loop also does (forward/backward, dropout masks, clipping, the Adam update), timed in the
     same steps: unlike the two rates, that share does not move when the machine's speed does."""
-    from charrnn import train
+    from charrnn import step, train
     from charrnn.config import TrainConfig
     from charrnn.model import Model
 
@@ -78,9 +78,9 @@ def loop(corpus, hidden, batch, seq, steps, dropout):
         _orig(self, *args, **kwargs)
         work[0] = 0.0  # compilation and warm-up steps are not training steps
 
-    saved = (Model.forward_backward, Model.dropout_masks, Model.warm_up, train.clip_grad_norm)
+    saved = (Model.forward_backward, Model.dropout_masks, Model.warm_up, step.clip_grad_norm)
     Model.forward_backward, Model.dropout_masks = timed(Model.forward_backward), timed(Model.dropout_masks)
-    Model.warm_up, train.clip_grad_norm = warm_up, timed(train.clip_grad_norm)
+    Model.warm_up, step.clip_grad_norm = warm_up, timed(step.clip_grad_norm)
     try:
         with tempfile.TemporaryDirectory() as d:
             # no --seq-warmup: its short steps would compare the curriculum, not the loop, with bare steps
@@ -90,7 +90,7 @@ def loop(corpus, hidden, batch, seq, steps, dropout):
             tr.opt.step = timed(tr.opt.step)
             cps = tr.run()["chars_per_s"]
     finally:
-        Model.forward_backward, Model.dropout_masks, Model.warm_up, train.clip_grad_norm = saved
+        Model.forward_backward, Model.dropout_masks, Model.warm_up, step.clip_grad_norm = saved
     t_steps = steps * batch * seq / cps
     return cps, (t_steps - work[0]) / work[0]
 

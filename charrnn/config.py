@@ -149,6 +149,9 @@ SAMPLE_HELD_MAX = 2**26
 BEAM_MAX = 1024
 
 
+DEFAULT_MAX_INPUT = 4 * 2**30  # bytes of corpus read at most (--max-input): 4 GiB, well above 1 GB of text
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # ---- model
@@ -178,7 +181,7 @@ class TrainConfig:
     max_vocab: int | None = 10_000
     docs: str | None = None  # None: one stream; line | blank: documents wrapped in <START> ... <END>
     encoding: str | None = None  # text encoding of the corpus (default strict UTF-8)
-    max_input: int = 4 * 2**30  # bytes of corpus read at most (--max-input; DEFAULT_MAX_INPUT): /dev/zero stops here
+    max_input: int = DEFAULT_MAX_INPUT  # bytes of corpus read at most (--max-input): /dev/zero stops here
     # ---- optimisation
     optimizer: str = "adam"  # adam | rmsprop | sgd
     lr: float = 3e-3  # peak learning rate (3e-3 beat 2e-3 in 5-minute runs, benchmarks/quality_curve.py)
@@ -199,7 +202,7 @@ class TrainConfig:
     epochs: float | None = None  # stop after this many passes over the training text
     steps: int | None = None  # stop after this many updates (counted from the start of the run)
     minutes: float | None = None  # stop after this much wall-clock time (and choose a model that fits it)
-    eval_every: int | None = None  # steps between validations; None: about every 2 minutes of expected time
+    eval_every: int | None = None  # steps between validations; None: about once per epoch (200-2000 steps; a --minutes run: fitted, budget.Fit)
     patience: int | None = None  # stop after this many validations without improvement
     seed: int = 1234  # one seed for initialisation and dropout
     threads: int | None = None  # Numba threads (BLAS stays single-threaded); None: every core
@@ -305,7 +308,6 @@ DEFAULTS = TrainConfig()
 
 
 # ---------------------------------------------------------------------------------- input size
-DEFAULT_MAX_INPUT = 4 * 2**30  # bytes of corpus read at most (--max-input): 4 GiB, well above 1 GB of text
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 

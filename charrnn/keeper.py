@@ -75,7 +75,7 @@ class Keeper:
             theta[...] = raw
 
     # ------------------------------------------------------------------ validation
-    def evaluate(self, rep, h, c, stop=None) -> str | None:
+    def validate_and_save(self, rep, h, c, stop=None) -> str | None:
         """Validate, save last.npz (and best.npz when better) and append to metrics.jsonl; the stop
         reason when patience ran out. The run state's elapsed time, loss and speed are the caller's
         to set first. Raises Cancelled, with the validation marked due in the run state, when
@@ -96,7 +96,7 @@ class Keeper:
         self.evaluated_step = self.saved_step = st.step  # on every worker: they decide alike from here
         return reason
 
-    def validate(self, stop=None) -> float | None:
+    def held_out_loss(self, stop=None) -> float | None:
         """Mean loss over the held-out positions the run scores (the first Fitted.val_chars of the
         split, or all of it), by docs/design.md's definition, of the averaged weights with --average;
         None without a split. Cancelled as soon as `stop()` says so (it is asked between spans of
@@ -111,7 +111,7 @@ class Keeper:
     def _validate_and_record(self, rep, h, c, stop) -> tuple[str | None, dict]:
         st, cfg = self.record.state, self.record.config
         with self.team.validating():
-            val = self.validate(stop=stop)
+            val = self.held_out_loss(stop=stop)
         st.eval_due = False
         improved = val is not None and val < st.best_val
         if improved:

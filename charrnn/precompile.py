@@ -14,7 +14,10 @@ import numpy as np
 from charrnn.config import TrainConfig
 from charrnn.model import Model, ModelConfig
 from charrnn.optim import make_optimizer
-from charrnn.train import train_step
+from charrnn import signals
+from charrnn.errors import Interrupted
+from charrnn.rundir import holds_run
+from charrnn.step import train_step
 
 THREAD_NAME = "charrnn-precompile"  # the background thread's name
 _started: list[threading.Thread] = []
@@ -78,3 +81,37 @@ class Precompile:
         """Until it is done; in short slices, so that signal handlers run meanwhile."""
         while self._thread.is_alive():
             self._thread.join(0.1)
+
+
+def warm_up(model: Model, precompile: Precompile | None, cfg: TrainConfig, fitted, rep, out: str, then=None):
+    """Compile (or load) the kernels of the run's training steps before its clock starts: not
+    counted against --minutes; an interrupt here has nothing to save (Interrupted, with what is
+    left of the run in `out`). The background compile first: this thread waits for it in short
+    slices, so an interrupt is seen at once (a compile in this thread would hold it for many
+    seconds). `then()`: more work before training (measuring the precision), under the same rule."""
+    from charrnn.kernels.jit import compile_notice
+
+    said = []
+
+    def notice():
+        if not said:
+            said.append(True)
+            rep.message("charrnn: compiling for this machine (first run only; about 20 s) ...")
+
+    with compile_notice(notice):
+        if precompile is not None and precompile.busy:
+            notice()
+        try:
+            if precompile is not None:
+                precompile.wait()
+            model.warm_up(dropout=cfg.dropout > 0 or fitted.dropout_pending,
+                          weight_drop=cfg.weight_drop > 0 or (fitted.dropout_pending and fitted.weight_drop_open),
+                          precision=fitted.precision)
+            if then is not None:
+                then()
+        except (KeyboardInterrupt, signals.SignalExit) as e:
+            rep.close()
+            signum = getattr(e, "signum", 2)
+            saved = f"; the run in {out} is as it was" if holds_run(out) else "; nothing to save"
+            raise Interrupted(f"stopped by {signals.name_of(signum)} before training started{saved}",
+                              signals.EXIT_CODES.get(signum, 130)) from None

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from charrnn.config import Fitted, TrainConfig, effective
 from charrnn.errors import CharrnnError, UsageError
 from charrnn.model import ModelConfig
-from charrnn.optim import WSD_DECAY_FRAC, Schedule
+from charrnn.optim import WSD_DECAY_FRAC, Schedule, make_optimizer
 from charrnn.vocab import Vocab
 
 DROPOUT_RNG = "splitmix64(seed, step, element)"  # how dropout masks are drawn (meta "rng"; model.py)
@@ -128,7 +128,7 @@ class Run:
     @classmethod
     def from_meta(cls, meta: dict, vocab: Vocab, model: ModelConfig, path: str) -> Run:
         """The run a checkpoint's meta record (at `path`, for messages) describes, for resuming it:
-        anything missing is a one-line CharrnnError. Older checkpoints are migrated here (_migrate)."""
+        anything missing is a one-line CharrnnError. Older checkpoints are migrated here (_configs)."""
         try:
             given, fitted = _configs(meta)
             state = RunState(**meta["run"])
@@ -140,6 +140,10 @@ class Run:
         lineage = {k: meta[k] for k in ("origin", "vocab_from") if k in meta} or None
         return cls(given, fitted, vocab, model, corpus, state, lineage, meta.get("run_id"),
                    str(meta.get("dtype", "float32")))
+
+    def make_optimizer(self, n_params: int, dtype):
+        """A fresh optimizer of the run's kind and learning rate (its moments zero)."""
+        return make_optimizer(self.given.optimizer, n_params, dtype, self.given.lr)
 
     # ------------------------------------------------------------------ between processes
     def to_wire(self) -> dict:
@@ -154,6 +158,15 @@ class Run:
         return cls(TrainConfig.from_dict(d["given"]), Fitted.from_dict(d["fitted"]), Vocab.from_json(d["vocab"]),
                    ModelConfig(**d["model"]), CorpusRef(tuple(c["paths"]), c["sha256"], c["chars"]),
                    RunState(**d["state"]), d["lineage"], d["run_id"], d["dtype"])
+
+
+def optimizer_steps(meta: dict, path: str) -> int:
+    """The optimizer's step count a checkpoint records (the bias correction of Adam goes on from
+    it), for resuming: a one-line CharrnnError when it is missing or not a count."""
+    t = (meta.get("optimizer") or {}).get("t") if isinstance(meta.get("optimizer"), dict) else None
+    if type(t) not in (int, float) or not t >= 0 or t != int(t):
+        raise CharrnnError(f"{path}: cannot resume: checkpoint lacks training state (the optimizer's step count)")
+    return int(t)
 
 
 # ---------------------------------------------------------------------------------- migrations

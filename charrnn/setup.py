@@ -26,7 +26,7 @@ from charrnn.optim import make_optimizer
 from charrnn.precompile import Precompile
 from charrnn.progress import note
 from charrnn.rundir import RunDir, check_run_files, holds_run, new_identity, open_new, read_identity
-from charrnn.run import CorpusRef, Run
+from charrnn.run import CorpusRef, Run, optimizer_steps
 
 LARGE_VOCAB = 2000  # tokens: above this a note says what the decoder costs (decoder_share: 40% of a 2x256 LSTM step at 2,003)
 
@@ -35,7 +35,7 @@ LARGE_VOCAB = 2000  # tokens: above this a note says what the decoder costs (dec
 class Prepared:
     """A run set up and ready for the loop: the record, and the objects built from it."""
 
-    run: Run
+    record: Run
     model: Model  # the parameters (initialised, fine-tuned from a parent, or resumed)
     opt: object  # optim.Optimizer, its moments and step count loaded on resume
     tokens: TokenFile  # the memory-mapped token file (data)
@@ -200,10 +200,10 @@ def _resume(rundir: RunDir, path: str, steps, epochs, minutes, quiet, threads_n)
         run.fitted = replace(run.fitted, epochs=None)
     if threads_n is not None:
         run.given = replace(run.given, threads=threads_n)
-    opt = make_optimizer(run.given.optimizer, ck.model.n_params, ck.model.dtype, run.given.lr)
+    opt = run.make_optimizer(ck.model.n_params, ck.model.dtype)
     bufs = {key: _load_flat(ck, path, f"optim.{key}.", np.zeros(ck.model.n_params, ck.model.dtype),
                             "optimizer state") for key in opt.state_buffers()}
-    opt.load_state(bufs, int(ck.meta["optimizer"]["t"]))
+    opt.load_state(bufs, optimizer_steps(ck.meta, path))
     h, c = ck.arrays.get("train.h"), ck.arrays.get("train.c")
     mcfg = ck.model.cfg
     if h is None or c is None or h.shape != (mcfg.layers, run.config.batch, mcfg.hidden):

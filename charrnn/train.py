@@ -26,7 +26,6 @@ import shlex
 import time
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 
 from charrnn import budget, precision, signals, threads
 from charrnn.budget import AUTO_MEASURE_STEPS, REFIT_EVERY, StepTimes, seq_len_at
@@ -34,56 +33,16 @@ from charrnn.config import Fitted, TrainConfig
 from charrnn.data import BatchStream
 from charrnn.errors import Interrupted, TrainingError
 from charrnn.evaluate import Cancelled
-from charrnn.kernels.jit import compile_notice
-from charrnn.model import Model
-from charrnn.optim import (Averager, Optimizer, clip_grad_norm, clip_grad_value, grad_norm)
-from charrnn.progress import Reporter, remaining
 from charrnn.keeper import Keeper
+from charrnn.optim import Averager
+from charrnn.precompile import warm_up
+from charrnn.progress import Reporter, remaining
 from charrnn.rundir import holds_run
-from charrnn.run import RunState  # noqa: F401 - where it lived before run.py; importers keep working
 from charrnn.signals import Signals
+from charrnn.step import train_step
 from charrnn.team import Solo, Team
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
-
-
-# ---------------------------------------------------------------------------------- one step
-@dataclass
-class StepResult:
-    loss: float  # mean loss of the batch (over every worker's streams, with a reduction)
-    norm: float  # the gradient's global norm before clipping
-    finite: bool  # False: the step was not applied (non-finite loss or gradient)
-    h: np.ndarray  # the state after the batch, to carry into the next one
-    c: np.ndarray
-
-
-def no_reduction(grad: np.ndarray, loss: float) -> float:
-    """The gradient reduction of a single process: nothing to combine."""
-    return loss
-
-
-def train_step(model: Model, opt: Optimizer, x, y, h, c, masks, lr: float, clip: float, clip_mode: str,
-               reduce=no_reduction, weight_masks=None, avg=None, rate: float = 0.0) -> StepResult:
-    """One update: forward and backward over the batch (with output dropout `masks` and weight
-    drop `weight_masks`, either None), the gradient reduction (`reduce(grad, loss)` combines the
-    gradient in place and returns the combined loss: data-parallel workers plug an all-reduce in
-    here), clipping, and the optimizer step, which a non-finite loss or gradient skips (the
-    caller decides what to do about it). The step moves the average of the weights `avg`, if
-    given, `rate` of the way to the new weights, in the optimizer's own pass."""
-    out = model.forward_backward(x, y, h, c, masks=masks, weight_masks=weight_masks, precision=model.precision)
-    grad = out["grad"]
-    loss = reduce(grad, out["loss"])
-    if clip > 0 and clip_mode == "value":
-        clip_grad_value(grad, clip)
-        norm = grad_norm(grad)
-    elif clip > 0:
-        norm = clip_grad_norm(grad, clip)
-    else:
-        norm = grad_norm(grad)
-    finite = math.isfinite(loss) and math.isfinite(norm)
-    if finite:
-        opt.step(model.theta, grad, lr, avg=avg, rate=rate)
-    return StepResult(loss, norm, finite, out["h"], out["c"])
 
 
 # ---------------------------------------------------------------------------------- the loop
@@ -131,14 +90,14 @@ class Trainer:
             raise
 
     def _take(self, prep, quiet: bool, team: Team | None, threads_default: int | None):
-        self.record = prep.run
-        self.state = prep.run.state
+        self._prep = prep
+        self.record = prep.record
+        self.state = prep.record.state
         self.model = prep.model
         self.model.precision = self.record.fitted.precision  # the training step's products (precision.py)
         self.opt = prep.opt
         self.tokens = prep.tokens  # batches and validation read the memory-mapped token file (data)
         self.out = prep.out
-        self.rundir = prep.rundir  # the locked run directory (None on workers that write nothing)
         self.quiet = quiet
         self.extra_minutes = prep.extra_minutes
         self.precompile = prep.precompile
@@ -197,10 +156,8 @@ class Trainer:
         self.schedule = self.record.schedule()
 
     def close(self):
-        """Give the run directory back: removed if this run made it and saved nothing, unlocked."""
-        if self.rundir is not None:
-            self.rundir.discard_if_unused()
-            self.rundir = None
+        """Give the run directory back (setup.Prepared.close)."""
+        self._prep.close()
 
     # ------------------------------------------------------------------ running
     def run(self) -> dict:
@@ -233,36 +190,10 @@ class Trainer:
                 f" -> {self.out}")
 
     def _warm_up(self, rep: Reporter):
-        """Compile (or load) the training kernels before the clock starts: not counted against
-        --minutes; an interrupt here has nothing to save. The background compile first: this thread
-        waits for it in short slices, so an interrupt is seen at once (a compile in this thread
-        would hold it for many seconds)."""
-        said = []
-
-        def notice():
-            if not said:
-                said.append(True)
-                rep.message("charrnn: compiling for this machine (first run only; about 20 s) ...")
-
-        cfg, fitted = self.cfg, self.fitted
-        with compile_notice(notice):
-            if self.precompile is not None and self.precompile.busy:
-                notice()
-            try:
-                if self.precompile is not None:
-                    self.precompile.wait()
-                self.model.warm_up(dropout=cfg.dropout > 0 or fitted.dropout_pending,
-                                   weight_drop=cfg.weight_drop > 0 or (fitted.dropout_pending
-                                                                       and fitted.weight_drop_open),
-                                   precision=fitted.precision)
-                if self.precision_pending:
-                    self._measure_precision(rep)
-            except (KeyboardInterrupt, signals.SignalExit) as e:
-                rep.close()
-                signum = getattr(e, "signum", 2)
-                saved = f"; the run in {self.out} is as it was" if holds_run(self.out) else "; nothing to save"
-                raise Interrupted(f"stopped by {signals.name_of(signum)} before training started{saved}",
-                                  signals.EXIT_CODES.get(signum, 130)) from None
+        """The kernels compiled (or loaded) before the clock starts (precompile.warm_up); then, for
+        --precision auto on a CPU that must measure, the precision chosen on the first batch."""
+        then = (lambda: self._measure_precision(rep)) if self.precision_pending else None
+        warm_up(self.model, self.precompile, self.cfg, self.fitted, rep, self.out, then=then)
 
     def _measure_precision(self, rep: Reporter):
         """--precision auto where the CPU has bfloat16 dot products but no AMX: time both on this
@@ -291,7 +222,7 @@ class Trainer:
             interrupted = lambda: sig.received is not None  # noqa: E731 - asked between spans of a validation
             try:
                 if st.eval_due:  # the validation an interrupt cut short, before the resumed run goes on
-                    self._evaluate(books, st.chars_per_s, rep, stop=interrupted)
+                    self._validate(books, st.chars_per_s, rep, stop=interrupted)
                 stop = None
                 while True:
                     verdict = team.agree(sig.received, books.time_up())
@@ -303,14 +234,14 @@ class Trainer:
                     fit = self._maybe_refit(rep, books, fit, auto_eval)
                     if st.step % self.eval_every == 0:
                         te = time.monotonic()
-                        stop = self._evaluate(books, books.chars_per_s(), rep, stop=interrupted)
+                        stop = self._validate(books, books.chars_per_s(), rep, stop=interrupted)
                         books.eval_cost = time.monotonic() - te
                         if stop:
                             break
                 if verdict.signal is None and self.keeper.evaluated_step != st.step and (
                         st.step % self.eval_every != 0 or st.step == 0):
                     # the final validation, unless the last step was just validated
-                    self._evaluate(books, books.chars_per_s(), rep, stop=interrupted)
+                    self._validate(books, books.chars_per_s(), rep, stop=interrupted)
             except Cancelled:
                 pass  # an interrupt arrived during a validation: saved below, the validation marked due
             except KeyboardInterrupt:
@@ -455,9 +386,9 @@ class Trainer:
             return max(0.0, self.given.minutes * 60 - self.state.elapsed)
         return None
 
-    def _evaluate(self, books: Books, cps: float, rep: Reporter, stop=None) -> str | None:
-        """A validation now (Keeper.evaluate), with the run state's time, loss and speed brought up to date."""
+    def _validate(self, books: Books, cps: float, rep: Reporter, stop=None) -> str | None:
+        """A validation now (Keeper.validate_and_save), with the run state's time, loss and speed brought up to date."""
         st = self.state
         st.elapsed = books.elapsed()
         st.train_loss, st.chars_per_s = books.smooth, cps
-        return self.keeper.evaluate(rep, self.h, self.c, stop)
+        return self.keeper.validate_and_save(rep, self.h, self.c, stop)

@@ -118,7 +118,7 @@ def run_team(preps, scripts=None, quiet=True):
     n = len(preps)
     hub = Hub(n)
     scripts = scripts or [None] * n
-    trainers = [Trainer(p, quiet, team=FakeTeam(hub, r, p.run.config.batch, scripts[r])) for r, p in enumerate(preps)]
+    trainers = [Trainer(p, quiet, team=FakeTeam(hub, r, p.record.config.batch, scripts[r])) for r, p in enumerate(preps)]
     outcome = [None] * n
 
     def work(r):

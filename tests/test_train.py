@@ -257,7 +257,7 @@ def _step_problem(B=4, seed=0):
 
 def test_train_step_is_forward_backward_clip_and_update():
     from charrnn.optim import clip_grad_norm, make_optimizer
-    from charrnn.train import train_step
+    from charrnn.step import train_step
 
     m, x, y, h, c = _step_problem()
     ref = type(m)(m.cfg, dtype=m.dtype, theta=m.theta.copy())
@@ -275,7 +275,7 @@ def test_train_step_reduction_hook_combines_workers_like_one_bigger_batch():
     """The reduction hook is where data-parallel workers meet: two halves of a batch whose
     gradients are averaged through it give the step of the whole batch."""
     from charrnn.optim import make_optimizer
-    from charrnn.train import train_step
+    from charrnn.step import train_step
 
     m, x, y, h, c = _step_problem(B=6)
     halves = [type(m)(m.cfg, dtype=m.dtype, theta=m.theta.copy()) for _ in range(2)]
@@ -298,7 +298,7 @@ def test_train_step_reduction_hook_combines_workers_like_one_bigger_batch():
 
 def test_train_step_skips_a_non_finite_update():
     from charrnn.optim import make_optimizer
-    from charrnn.train import train_step
+    from charrnn.step import train_step
 
     m, x, y, h, c = _step_problem()
     m.params["decoder.bias"][0] = np.inf

@@ -203,5 +203,5 @@ def test_viz_text_longer_than_it_reads_is_too_long(tmp_path):
     huge.write_text("x" * (4 * viz.MAX_CHARS + 5))
     res = CliRunner().invoke(cli, ["viz", str(huge), "--model", str(model), "-q"])
     assert res.exit_code == 1 and res.output == (
-        f"charrnn: error: {huge}: text too long for a page: more than 80,000 characters, the limit is 20,000 "
+        f"charrnn: error: {huge}: text too long for a page: more than 20,000 characters, the limit is 20,000 "
         f"(show a part, e.g. head -c 20000 {huge} > part.txt)\n")

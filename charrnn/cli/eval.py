@@ -1,7 +1,7 @@
 """`charrnn eval`: a score per file (nats, bits per character, perplexity), or one JSON line per
 scored character (--per-char); files read in chunks and scored as they come.
 
-Not here: the score (evaluate.py, perchar.py), reading text (data.py).
+Not here: the score (evaluate.py, perchar.py), reading text (data/).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import click
 
 from charrnn.cli.exits import ResultsOut, handle_errors
-from charrnn.cli.options import compile_notice, given, max_input_option, model_option, quiet_option, threads_option
+from charrnn.cli.options import compile_notice, document_mode, given, max_input_option, model_option, quiet_option, threads_option
 from charrnn.config import DOC_MODES
 
 EPILOG_EVAL = "Example: charrnn eval sonnets.txt --json"
@@ -57,12 +57,7 @@ def eval_cmd(files, model_path, as_json, docs, per_char, top, encoding, max_inpu
     if not quiet:
         click.echo(f"charrnn: scoring with {path}", err=True)
     th.set_threads(threads)
-    if docs is None:
-        from charrnn.run import Recorded  # the document mode the model was trained in
-
-        docs = Recorded(ck.meta).docs
-    elif docs == "none":
-        docs = None
+    docs = document_mode(docs, ck.meta)
     for fname in files:
         # read in chunks of 1 MiB and scored as they come: memory does not grow with the file
         with Source([fname], encoding, max_input, chunk_bytes=1 << 20, reread=False) as source:

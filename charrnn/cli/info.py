@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from charrnn.cli.exits import ResultsOut, handle_errors
-from charrnn.cli.options import compile_notice, model_option, quiet_option, threads_option
+from charrnn.cli.options import compile_notice, document_mode, model_option, quiet_option, threads_option
 from charrnn.config import ACTIVATIONS, DOC_MODES
 
 EPILOG_INFO = "Example: charrnn info runs/shakespeare --plot curve.png"
@@ -133,15 +133,11 @@ def viz(file, model_path, output, ansi, docs, top, activation, encoding, threads
     except InputTooLarge:
         text = None
     if text is None or len(text) > vz.MAX_CHARS:
-        raise DataError(f"{file}: text too long for a page: {'more than ' if text is None else ''}"
-                        f"{len(text) if text else 4 * vz.MAX_CHARS:,} characters, the limit is {vz.MAX_CHARS:,} "
+        raise DataError(f"{file}: text too long for a page: "
+                        f"{f'more than {vz.MAX_CHARS:,}' if text is None else f'{len(text):,}'} characters, the limit is "
+                        f"{vz.MAX_CHARS:,} "
                         f"(show a part, e.g. head -c {vz.MAX_CHARS} {file} > part.txt)")
-    if docs is None:
-        from charrnn.run import Recorded  # the document mode the model was trained in
-
-        docs = Recorded(ck.meta).docs
-    elif docs == "none":
-        docs = None
+    docs = document_mode(docs, ck.meta)
     if not quiet:
         click.echo(f"charrnn: scoring {len(text):,} characters with {path}", err=True)
     with compile_notice(quiet, "the scorer"):

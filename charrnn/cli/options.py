@@ -115,3 +115,13 @@ def compile_notice(quiet: bool, what: str):
             click.echo(f"charrnn: compiling {what} for this machine (first run only) ...", err=True)
 
     return compile_notice(say)
+
+
+def document_mode(docs: str | None, meta: dict) -> str | None:
+    """--docs of eval and viz: as given ("none": one stream), or left open, the mode the model was
+    trained in (its run record)."""
+    if docs is None:
+        from charrnn.run import Recorded
+
+        return Recorded(meta).docs
+    return None if docs == "none" else docs

@@ -141,7 +141,9 @@ def _copy_checker(ck, path, corpus, copy_min, wanted, quiet):
                 click.echo("charrnn: note: no copy check: no training text at hand (the run's tokens.npy, or "
                            "--corpus FILE)", err=True)
             return None
-        source = os.path.join(run_dir, "tokens.npy")
+        from charrnn.data import TOKENS_FILE
+
+        source = os.path.join(run_dir, TOKENS_FILE)
     index = copycheck.CopyIndex(ids)
     if not quiet:
         click.echo(f"charrnn: copy check against {source}: {len(index):,} tokens indexed in {index.build_s:.1f} s",

@@ -55,7 +55,7 @@ EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
 @click.option("--warmup", type=ints(TRAIN_BOUNDS["warmup"]), default=DEFAULTS.warmup, metavar="STEPS", help="Linear learning-rate warm-up.")
 @click.option("--decay-every", type=ints(TRAIN_BOUNDS["decay_every"]), default=DEFAULTS.decay_every, metavar="STEPS", help="Step schedule: decay interval.")
 @click.option("--decay-factor", type=finite(TRAIN_BOUNDS["decay_factor"]), default=DEFAULTS.decay_factor, help="Step schedule: decay factor.")
-@click.option("--decay-steps", type=ints(TRAIN_BOUNDS["decay_steps"]), default=None, metavar="STEPS", help="Cosine schedule length.")
+@click.option("--decay-steps", type=ints(TRAIN_BOUNDS["decay_steps"]), default=None, metavar="STEPS", help="Length of a cosine or wsd schedule.")
 @click.option("--clip", type=finite(TRAIN_BOUNDS["clip"]), default=DEFAULTS.clip, help="Gradient clipping threshold (0: off).")
 @click.option("--clip-mode", type=click.Choice(CLIP_MODES), default=DEFAULTS.clip_mode, help="Clip the global norm, or each value.")
 @click.option("--epochs", type=finite(TRAIN_BOUNDS["epochs"]), default=None, help="Stop after this many passes over the text (default 10 if no budget is given).")
@@ -103,10 +103,9 @@ EPILOG_TRAIN = "Example: charrnn train corpora/markov.txt --minutes 2"
 @handle_errors
 def train(corpus, out, resume, quiet, workers, **opts):
     """Train a model on CORPUS (one or more text files; - for stdin)."""
-    from charrnn.signals import Raising
-
-    with Raising():  # interruptible from the start; the run defers signals once it has something to save
-        _train(corpus, out, resume, quiet, workers, **opts)
+    # interruptible from the start (handle_errors' signals.Raising); the run defers signals once it
+    # has something to save
+    _train(corpus, out, resume, quiet, workers, **opts)
 
 
 def _train(corpus, out, resume, quiet, workers, **opts):

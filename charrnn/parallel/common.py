@@ -21,7 +21,7 @@ RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 LAUNCH_DIR_VARIABLE = "CHARRNN_LAUNCH_DIR"  # set by `launch`: where its workers leave their rank and process id
 
 
-def _first_int(names, default: int) -> int | None:
+def _first_int(names, default: int) -> int:
     for name in names:
         value = os.environ.get(name)
         if value:

@@ -45,7 +45,8 @@ def train(make, quiet: bool) -> dict | None:
     """`charrnn train` as one of the ranks of an MPI job. `make(quiet)` sets the run up (new or
     resumed: a setup.Prepared) on rank 0, which alone owns the run directory; the other workers
     are built from what rank 0 sends (the run record, parameters, optimizer moments and carried
-    state) and read the corpus themselves, checked against rank 0's hash. Returns rank 0's
+    state), on rank 0's token file where their host sees it, else on one their host encodes from
+    its own copy of the corpus, checked against rank 0's hash (replicate.host_tokens). Returns rank 0's
     result (None on the others)."""
     workers = Workers()
     ok = False

@@ -44,8 +44,8 @@ def _prepare(workers, make, quiet: bool, made: list):
             prep = make(quiet)
             made.append(prep)
             if prep.rundir is not None and prep.rundir.created:  # the launcher's to remove if we die unsaved
-                workers._tell_launcher("created", os.path.abspath(prep.out))
-            workers.set_batch(prep.run.config.batch)
+                workers.tell_launcher("created", os.path.abspath(prep.out))
+            workers.set_batch(prep.record.config.batch)
             spec = spec_of(prep)
         except BaseException as e:
             workers.share(("error", getattr(e, "exit_code", 1)))
@@ -65,7 +65,7 @@ def _prepare(workers, make, quiet: bool, made: list):
     except CharrnnError as e:
         error = e
     # every worker says whether it is ready; one that is not has said why
-    failed = workers.comm.allgather(0 if error is None else error.exit_code)
+    failed = workers.allgather(0 if error is None else error.exit_code)
     if any(failed):
         if error is not None and not isinstance(error, Quiet):
             raise LocalError(f"worker {workers.rank} on {workers.host}: {error}") from None
@@ -77,7 +77,7 @@ def _prepare(workers, make, quiet: bool, made: list):
 def spec_of(prep) -> dict:
     """What the other workers need to become rank 0's run, but its arrays: the run record, where
     the run's directory and token file are, and this process's budget."""
-    return {"run": prep.run.to_wire(), "out": prep.out, "extra_minutes": prep.extra_minutes,
+    return {"run": prep.record.to_wire(), "out": prep.out, "extra_minutes": prep.extra_minutes,
             "tokens": {"path": os.path.abspath(prep.tokens.path), "meta": prep.tokens.meta}}
 
 
@@ -153,7 +153,6 @@ def follow(spec: dict, path: str):
     from charrnn import precision
     from charrnn.data import map_token_file
     from charrnn.model import Model
-    from charrnn.optim import make_optimizer
     from charrnn.setup import Prepared
 
     tokens = map_token_file(path, spec["tokens"]["meta"])
@@ -164,7 +163,7 @@ def follow(spec: dict, path: str):
         raise CharrnnError(f"this worker's CPU ({platform.node()}) has no bfloat16 products, and rank 0 chose "
                            "bf16: give --precision fp32")
     model = Model(run.model, dtype=np.dtype(run.dtype))
-    opt = make_optimizer(run.given.optimizer, model.n_params, model.dtype, run.given.lr)
+    opt = run.make_optimizer(model.n_params, model.dtype)
     return Prepared(run, model, opt, tokens, spec["out"], extra_minutes=spec["extra_minutes"])
 
 
@@ -179,12 +178,12 @@ def share_arrays(workers, prep):
         workers.share_array(bufs[key])
     t = workers.share(prep.opt.t)
     prep.opt.load_state(bufs, t)
-    if prep.run.config.average != "off":
+    if prep.record.config.average != "off":
         if prep.averaged is None:
             prep.averaged = np.zeros(model.n_params, model.dtype)
         workers.share_array(prep.averaged)
     if workers.root:
-        h_all, c_all = prep.carried if prep.carried is not None else model.zero_state(prep.run.config.batch)
+        h_all, c_all = prep.carried if prep.carried is not None else model.zero_state(prep.record.config.batch)
     else:
         h_all = c_all = None
     h, c = model.zero_state(workers.b1 - workers.b0)

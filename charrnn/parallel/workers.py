@@ -81,7 +81,7 @@ class Workers:
         me = {"version": f"charrnn {__version__}, numba {numba.__version__}, numpy {np.__version__}",
               "host": self.host, "machine": _machine(), "pid": os.getpid()}
         self._rendezvous = os.environ.get(LAUNCH_DIR_VARIABLE)
-        self._tell_launcher(f"rank{self.rank}", f"{os.getpid()} {self.host}")
+        self.tell_launcher(f"rank{self.rank}", f"{os.getpid()} {self.host}")
         self.peers = self.comm.allgather(me)
         self.b0 = self.b1 = 0  # this worker's streams, set by set_batch
         self.out = None  # the run directory, for messages
@@ -99,7 +99,7 @@ class Workers:
         self._watchdog = threading.Thread(target=self._watch, name="charrnn-watchdog", daemon=True)
         self._watchdog.start()
 
-    def _tell_launcher(self, name: str, text: str):
+    def tell_launcher(self, name: str, text: str):
         """Leave a note for `launch` (which process is which rank, where the run is), if it started us."""
         if self._rendezvous:
             try:
@@ -111,7 +111,7 @@ class Workers:
     def set_out(self, out: str):
         self.out = out
         if self.root:
-            self._tell_launcher("out", os.path.abspath(out))
+            self.tell_launcher("out", os.path.abspath(out))
 
     # ------------------------------------------------------------------ streams
     @property
@@ -208,6 +208,10 @@ class Workers:
     def _finish_root(self, result):
         self.comm.Ibarrier().Wait()
         self.comm.bcast(result, root=0)
+
+    def allgather(self, obj) -> list:
+        """Every worker's `obj`, on every worker, in rank order."""
+        return self.comm.allgather(obj)
 
     def share(self, obj):
         """Rank 0's `obj` on every worker."""
