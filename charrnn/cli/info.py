@@ -27,18 +27,19 @@ def info(path, as_json, plot_path, quiet):
     """The model card of a checkpoint (MODEL.npz) or a run directory (RUN: its best.npz and
     metrics.jsonl): model, vocabulary, corpus, options as given and as fitted, progress, best
     validation loss, and for a run its loss curve as a small text plot."""
+    from charrnn import curve
     from charrnn import info as card_info
 
     out = ResultsOut()
     if plot_path is not None:
-        card_info.check_plot_path(plot_path)  # a missing extra or a bad file name before any work
+        curve.check_plot_path(plot_path)  # a missing extra or a bad file name before any work
     notes = []
     c = card_info.card(path, notes)
     if not quiet:
         for note in notes:
             click.echo(f"charrnn: {note}", err=True)
     if plot_path is not None:
-        card_info.plot(c, plot_path)
+        curve.plot(c, plot_path)
         if not quiet:
             click.echo(f"charrnn: wrote {plot_path}", err=True)
     out.write(card_info.to_json(c) + "\n" if as_json else card_info.render(c))
