@@ -150,7 +150,7 @@ def _b16_rec_pack(prec, scr, p, W_hh, G, H, nb, u0, u1, backward):
 
 def _b16_rec_times(prec, scr, p, A, W_hh, G, H, nb, u0, u1, backward, C):
     K, N = (G * H, u1 - u0) if backward else (H, G * (u1 - u0))
-    gemm16.product(prec, p, A, False, prec.wp[p], K, N, C)
+    gemm16.product(prec, p, A, False, prec.wp[p], K, N, C, False)
 
 
 def _by_precision(fn, f32, b16):
