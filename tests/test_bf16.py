@@ -168,6 +168,38 @@ def test_a_cached_kernel_finds_the_code_it_calls_by_name(backend, tmp_path):
     assert not [f for f in ("@c16_amx16", "@c16_amx32", "@c16_dot8", "@c16_cvt") if f in first["ir"]]
 
 
+# A model narrower than its vocabulary (V > G*H: an RNN or a small GRU here, an LSTM on a CJK-sized
+# vocabulary) packs the decoder's weight gradient as (positions, V): a workspace sized for
+# (positions, G*H) was written past its end, which glibc found when the process freed it.
+NARROW = """
+import gc, sys
+import numpy as np
+from charrnn import threads
+from charrnn.model import Model, ModelConfig
+threads.set_threads(1)
+for cell in ("rnn", "gru"):
+    m = Model(ModelConfig(cell=cell, layers=2, hidden=16, vocab_size=70)).init(1)
+    x = np.random.default_rng(2).integers(0, 70, size=(9, 50)).astype(np.int32)
+    h, c = m.zero_state(50)
+    for _ in range(2):
+        out = m.forward_backward(x, x, h, c, precision=sys.argv[1])
+    assert np.isfinite(out["loss"])
+    del m, out
+    gc.collect()
+print("ok")
+"""
+
+
+@needs_bf16
+@backend_params
+def test_a_vocabulary_wider_than_the_gates_stays_inside_the_workspace(backend):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", NARROW, backend], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- a training batch
 def _bf16_reference(m, x, y, h, c, masks, weights=None):
     cell, nonlin, L = m.cfg.cell, m.cfg.nonlinearity, m.cfg.layers
