@@ -9,6 +9,14 @@ only), for the same two commands run in-process.
 
     python benchmarks/startup.py                         # this checkout
     python benchmarks/startup.py --code /path/to/other   # another checkout, on PYTHONPATH
+    python benchmarks/startup.py --precision bf16        # the train commands with --precision bf16
+
+With --compare, only the cold first train, once per precision named and round, alternating (fp32,
+bf16, fp32, bf16, ...: load on a shared machine then slows both alike), each with a fresh
+NUMBA_CACHE_DIR: its wall time to the end and the CPU time it used (user + system, which other
+processes' load changes less), then the medians and their ratio to the first precision named:
+
+    python benchmarks/startup.py --compare fp32,bf16 --rounds 3
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,19 +80,50 @@ print(json.dumps({"wall": time.perf_counter() - t0, "kernels": records}))
 """
 
 
+def compare(train, env, precisions, rounds):
+    """Cold first trains, alternating the precisions; the medians of wall and CPU seconds."""
+    wall, cpu = {p: [] for p in precisions}, {p: [] for p in precisions}
+    for r in range(rounds):
+        for p in precisions:
+            with tempfile.TemporaryDirectory() as d:
+                env = dict(env, NUMBA_CACHE_DIR=os.path.join(d, "cache"))
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                _, total = timed(train + ["--precision", p, "--out", os.path.join(d, "run")], env, "stderr", None, d)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            wall[p].append(total)
+            cpu[p].append(used)
+            load = os.getloadavg()[0]
+            print(f"round {r + 1} --precision {p:5s} cold train --steps 1: {total:6.1f} s, CPU {used:6.1f} s "
+                  f"(load average {load:.2f})", flush=True)
+    first = precisions[0]
+    for p in precisions:
+        w, c = statistics.median(wall[p]), statistics.median(cpu[p])
+        print(f"median --precision {p:5s}: {w:6.1f} s, CPU {c:6.1f} s; "
+              f"{w / statistics.median(wall[first]):.2f}x and {c / statistics.median(cpu[first]):.2f}x {first}'s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--code", default=None, help="a checkout to measure instead of the installed charrnn")
     ap.add_argument("--corpus", default=CORPUS)
+    ap.add_argument("--precision", default=None, help="passed to the train commands (default: train's own)")
+    ap.add_argument("--compare", default=None, metavar="P1,P2",
+                    help="only cold first trains, alternating these precisions (see above)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
     args = ap.parse_args()
     env = dict(os.environ)
     if args.code:
         env["PYTHONPATH"] = os.path.abspath(args.code)
+    train = [sys.executable, "-m", "charrnn", "train", args.corpus, "--steps", "1", "--val-frac", "0.01",
+             "--cell", "lstm", "--hidden", "128"]
+    if args.compare:
+        return compare(train, env, args.compare.split(","), args.rounds)
+    if args.precision:
+        train += ["--precision", args.precision]
     with tempfile.TemporaryDirectory() as d:
         env["NUMBA_CACHE_DIR"] = os.path.join(d, "cache")
         run = os.path.join(d, "run")
-        train = [sys.executable, "-m", "charrnn", "train", args.corpus, "--steps", "1", "--val-frac", "0.01",
-                 "--cell", "lstm", "--hidden", "128"]
         sample = [sys.executable, "-m", "charrnn", "sample", "--model", run, "--length", "1"]
         for kind in ("cold", "warm"):
             out = os.path.join(d, "run") if kind == "cold" else os.path.join(d, "run-warm")

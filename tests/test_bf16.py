@@ -126,6 +126,80 @@ def test_matmul_with_transposed_operands(backend):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
+# The kernels call the packing and product code by name (gemm16: "compiled once, called by name"); a
+# kernel loaded from the disk cache finds that code only if workspace() compiled or loaded it first.
+CACHED = """
+import json, sys
+import numpy as np
+from charrnn.kernels import bptt, gemm16, jit
+compiled = []
+rng = np.random.default_rng(5)
+A = rng.standard_normal((70, 45)).astype(np.float32)
+B = rng.standard_normal((45, 33)).astype(np.float32)
+with jit.compile_notice(lambda: compiled.append(True)):
+    C = gemm16.op("nn", A, B, sys.argv[1])
+ir = next(iter(gemm16._op_entry.overloads.values())).library.get_llvm_str() if compiled else ""
+print(json.dumps({"C": C.tolist(), "compiled": bool(compiled), "ir": ir}))
+"""
+
+
+@needs_bf16
+@backend_params
+def test_a_cached_kernel_finds_the_code_it_calls_by_name(backend, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+
+    def run():
+        res = subprocess.run([sys.executable, "-c", CACHED, backend], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    first, again = run(), run()
+    assert first["compiled"] and not again["compiled"]  # the second process loaded the kernel from the cache
+    assert again["C"] == first["C"]
+    # the kernel holds calls to the packing and the product, not their code: their micro-kernels and
+    # conversions are linked into the entries alone (the kernel keeps AMX's tile configuration)
+    assert f"@charrnn_bf16_product_{backend}" in first["ir"] and "@charrnn_bf16_pack" in first["ir"]
+    assert not [f for f in ("@c16_amx16", "@c16_amx32", "@c16_dot8", "@c16_cvt") if f in first["ir"]]
+
+
+# A model narrower than its vocabulary (V > G*H: an RNN or a small GRU here, an LSTM on a CJK-sized
+# vocabulary) packs the decoder's weight gradient as (positions, V): a workspace sized for
+# (positions, G*H) was written past its end, which glibc found when the process freed it.
+NARROW = """
+import gc, sys
+import numpy as np
+from charrnn import threads
+from charrnn.model import Model, ModelConfig
+threads.set_threads(1)
+for cell in ("rnn", "gru"):
+    m = Model(ModelConfig(cell=cell, layers=2, hidden=16, vocab_size=70)).init(1)
+    x = np.random.default_rng(2).integers(0, 70, size=(9, 50)).astype(np.int32)
+    h, c = m.zero_state(50)
+    for _ in range(2):
+        out = m.forward_backward(x, x, h, c, precision=sys.argv[1])
+    assert np.isfinite(out["loss"])
+    del m, out
+    gc.collect()
+print("ok")
+"""
+
+
+@needs_bf16
+@backend_params
+def test_a_vocabulary_wider_than_the_gates_stays_inside_the_workspace(backend):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", NARROW, backend], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- a training batch
 def _bf16_reference(m, x, y, h, c, masks, weights=None):
     cell, nonlin, L = m.cfg.cell, m.cfg.nonlinearity, m.cfg.layers

@@ -150,7 +150,7 @@ def _b16_rec_pack(prec, scr, p, W_hh, G, H, nb, u0, u1, backward):
 
 def _b16_rec_times(prec, scr, p, A, W_hh, G, H, nb, u0, u1, backward, C):
     K, N = (G * H, u1 - u0) if backward else (H, G * (u1 - u0))
-    gemm16.product(prec, p, A, False, prec.wp[p], K, N, C)
+    gemm16.product(prec, p, A, False, prec.wp[p], K, N, C, False)
 
 
 def _by_precision(fn, f32, b16):
@@ -495,12 +495,13 @@ class Workspace:
 
 def bf16_workspace(backend, pl, G, T, B, H, V):
     """Each thread's bfloat16 buffers (gemm16.workspace) for the largest product of a (T, B) batch
-    under plan pl: K up to the thread's positions (weight gradients), N up to G*H columns."""
+    under plan pl: K up to the thread's positions (weight gradients), N up to G*H or V columns (a
+    weight gradient packs the wider of its two operands: the decoder's is (positions, V))."""
     GH = G * H
     rows = int(np.max(np.diff(pl.rb))) if pl.by_units else T * int(np.max(np.diff(pl.sb)))
     Hp = int(np.max(np.diff(pl.ub))) if pl.by_units else H
     size = gemm16.packed_b_size
-    kn = max(size(H, GH), size(H, V), size(rows, max(H, GH)), size(V, H), size(GH, H))
+    kn = max(size(H, GH), size(H, V), size(rows, max(H, GH, V)), size(V, H), size(GH, H))
     wp = max(size(H, G * Hp), size(GH, Hp))
     return gemm16.workspace(backend, pl.n, max(H, GH, V, rows), max(GH, V, H), kn, wp)
 

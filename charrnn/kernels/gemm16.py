@@ -18,10 +18,12 @@ columns, where panel row kp holds the pairs (B[2kp, j], B[2kp+1, j]) of its 32 c
 scratch (Cs) and copied out.
 
 llvmlite's IR builder has no bfloat type, so the micro-kernels are LLVM IR written as text below,
-parsed once per process, and linked into every kernel that calls them (_library); Numba caches
-the linked machine code with the kernel. Which backend a kernel uses is chosen by the type of the
-workspace it is given (AMX or DOT below, see charrnn/kernels/prec.py), so a run compiles only the
-one it uses.
+parsed once per process and linked into the code that calls them (_library). Packing and the
+product are compiled once per process (or loaded from the disk cache) as functions with C
+signatures, which the training kernels call by name instead of inlining them (see "compiled
+once, called by name" below: it keeps a first bf16 run as quick to compile as a float32 one).
+Which backend a kernel uses is chosen by the type of the workspace it is given (AMX or DOT
+below, see charrnn/kernels/bptt.py's products), so a run compiles only the one it uses.
 """
 
 import ctypes
@@ -31,8 +33,9 @@ from collections import namedtuple
 import numpy as np
 from llvmlite import binding as llb
 from llvmlite import ir
-from numba import types
-from numba.core import cgutils
+from numba import carray, types
+from numba.core import cgutils, errors
+from numba.core.compiler_lock import global_compiler_lock
 from numba.extending import intrinsic, overload
 
 from charrnn.kernels.jit import HELPER, helper, kernel
@@ -496,39 +499,37 @@ def _scatter_pairs(src, K, tmp, Bp, n, Kp):
 
 
 @helper
-def pack_b(B, trans, n0, n1, Bp, tmp):
-    """Bp <- columns n0..n1-1 of op(B) (K, .) in panels of NR columns of bfloat16 pairs, K rounded
-    up to KALIGN and the columns to NR with zeros: element (k, n) at
-    Bp[(n // NR) * Kp * NR + (k // 2) * 2 * NR + (n % NR) * 2 + k % 2]. op(B) = B, or B^T (B (., K))."""
-    K = B.shape[1] if trans else B.shape[0]
+def _pack_cols(B, n0, n1, Bp):
+    """Bp <- columns n0..n1-1 of B (K, .) in panels of NR columns of bfloat16 pairs, K rounded up to
+    KALIGN and the columns to NR with zeros: element (k, n) at
+    Bp[(n // NR) * Kp * NR + (k // 2) * 2 * NR + (n % NR) * 2 + k % 2]."""
+    K = B.shape[0]
     Kp = rup(K, KALIGN)
     N = n1 - n0
     Np = rup(N, NR)
     _zero_padding(Bp, K, Kp, N, Np)
-    if trans:
-        for n in range(N):
-            _scatter_pairs(B[n0 + n], K, tmp, Bp, n, Kp)
-    else:
-        # two rows of B make one row of pairs of every panel: one call a pair of rows (each panel
-        # row takes 32 of its columns)
-        for kp in range(K // 2):
-            _cvt_pairs_panels(B[2 * kp], n0, B[2 * kp + 1], n0, Bp, kp * 2 * NR, N, Kp * NR)
-        for jp in range(Np // NR):
-            c0 = n0 + jp * NR
-            w = min(NR, n1 - c0)
-            if K % 2:
-                r0 = B[K - 1, c0 : c0 + w]
-                dst = Bp[jp * Kp * NR + (K // 2) * 2 * NR : jp * Kp * NR + (K // 2) * 2 * NR + 2 * w]
-                for j in range(w):
-                    dst[2 * j] = bf16(r0[j])
+    # two rows of B make one row of pairs of every panel: one call a pair of rows (each panel row
+    # takes 32 of its columns)
+    for kp in range(K // 2):
+        _cvt_pairs_panels(B[2 * kp], n0, B[2 * kp + 1], n0, Bp, kp * 2 * NR, N, Kp * NR)
+    for jp in range(Np // NR):
+        c0 = n0 + jp * NR
+        w = min(NR, n1 - c0)
+        if K % 2:
+            r0 = B[K - 1, c0 : c0 + w]
+            dst = Bp[jp * Kp * NR + (K // 2) * 2 * NR : jp * Kp * NR + (K // 2) * 2 * NR + 2 * w]
+            for j in range(w):
+                dst[2 * j] = bf16(r0[j])
 
 
 @helper
-def pack_b_gates(W, G, H, u0, u1, Bp, tmp):
-    """Bp <- B = Wf^T (H, G*Hp) packed as pack_b does, where column g*Hp + u of B is row
-    g*H + u0 + u of W (G*H, H): a block of units' rows of W_hh, gate-major (bptt.pack_fwd's B)."""
+def _pack_rows(W, G, H, u0, u1, Bp, tmp):
+    """Bp <- B (K, G*Hp) packed as _pack_cols packs, Hp = u1 - u0, where column g*Hp + u of B is row
+    g*H + u0 + u of W (., K): with G = 1 the columns u0..u1-1 of W^T, and with W = W_hh (G*H, H)
+    a block of units' rows of every gate, gate-major (bptt.pack_fwd's B)."""
+    K = W.shape[1]
     Hp = u1 - u0
-    N, K = G * Hp, H
+    N = G * Hp
     Kp = rup(K, KALIGN)
     Np = rup(N, NR)
     _zero_padding(Bp, K, Kp, N, Np)
@@ -538,9 +539,8 @@ def pack_b_gates(W, G, H, u0, u1, Bp, tmp):
 
 # ----------------------------------------------------------------------------- the product
 @helper
-def _mm_dot(ws, p, Mp, Kp, N, Cs, bp):
-    """Cs (Mp, Np) <- the thread's ab (Mp, Kp) @ bp (Kp, Np) by VDPBF16PS, DOT_MR rows at a time."""
-    ab = ws.ab[p]
+def _mm_dot(kind, ab, Mp, Kp, N, Cs, bp):
+    """Cs (Mp, Np) <- ab (Mp, Kp) @ bp (Kp, Np) by VDPBF16PS, DOT_MR rows at a time."""
     Np = rup(N, NR)
     for jp in range(Np // NR):
         for i in range(0, Mp, DOT_MR):
@@ -548,10 +548,9 @@ def _mm_dot(ws, p, Mp, Kp, N, Cs, bp):
 
 
 @helper
-def _mm_amx(ws, p, Mp, Kp, N, Cs, bp):
-    """Cs (Mp, Np) <- the thread's ab (Mp, Kp) @ bp (Kp, Np) by AMX tiles, 32 rows at a time (16 for
-    the last 16); between tiles_on and tiles_off."""
-    ab = ws.ab[p]
+def _mm_amx(kind, ab, Mp, Kp, N, Cs, bp):
+    """Cs (Mp, Np) <- ab (Mp, Kp) @ bp (Kp, Np) by AMX tiles, 32 rows at a time (16 for the last
+    16); between tiles_on and tiles_off."""
     Np = rup(N, NR)
     for jp in range(Np // NR):
         for i in range(0, Mp, 32):
@@ -559,23 +558,23 @@ def _mm_amx(ws, p, Mp, Kp, N, Cs, bp):
 
 
 @helper
-def product(ws, p, A, trans_a, bp, K, N, C, trans_c=False):
-    """C (M, N) <- op(A) (M, K) @ B, B packed in bp (pack_b / pack_b_gates), in chunks of MC rows
-    of A: each chunk rounded and packed into the thread's ab, multiplied into its cs, copied out.
-    op(A) = A, or A^T (A (K, M)). With trans_c the result goes to C^T instead (C (N, M))."""
+def _product(kind, ab, ft, cs, A, trans_a, bp, K, N, C, trans_c):
+    """C (M, N) <- op(A) (M, K) @ B, B packed in bp (_pack_cols / _pack_rows), in chunks of MC rows
+    of A: each chunk rounded and packed into ab, multiplied into cs (by AMX tiles or VDPBF16PS as
+    `kind` says: _mm), copied out. op(A) = A, or A^T (A (K, M)). With trans_c the result goes to C^T
+    instead (C (N, M))."""
     M = C.shape[1] if trans_c else C.shape[0]
     Kp = rup(K, KALIGN)
     Np = rup(N, NR)
-    cs = ws.cs[p]
     if K == 0:  # an empty sum (a thread with no rows of a weight gradient)
         for i in range(C.shape[0]):
             C[i, :] = 0
         return
     for m0 in range(0, M, MC):
         m1 = min(M, m0 + MC)
-        pack_a(A, trans_a, m0, m1, K, ws.ab[p], ws.ft[p])
+        pack_a(A, trans_a, m0, m1, K, ab, ft)
         Mp = rup(m1 - m0, MALIGN)
-        _mm(ws, p, Mp, Kp, N, cs, bp)
+        _mm(kind, ab, Mp, Kp, N, cs, bp)
         if trans_c:  # in 16 x 16 tiles: the chunk's rows are read, C's rows written, a cache line at a time
             for i0 in range(0, m1 - m0, 16):
                 i1 = min(m1 - m0, i0 + 16)
@@ -591,8 +590,166 @@ def product(ws, p, A, trans_a, bp, K, N, C, trans_c=False):
                     dst[j] = src[j]
 
 
-def _mm(ws, p, Mp, Kp, N, Cs, bp):  # pragma: no cover - chosen by the workspace's type
+def _mm(kind, ab, Mp, Kp, N, Cs, bp):  # pragma: no cover - chosen by kind's type
     pass
+
+
+@overload(_mm, jit_options=HELPER)
+def _mm_ov(kind, ab, Mp, Kp, N, Cs, bp):
+    return _mm_amx if _type_name(kind).startswith("AMX") else _mm_dot
+
+
+def _type_name(t):
+    return getattr(t, "instance_class", type(t)).__name__
+
+
+# ----------------------------------------------------------------------------- compiled once, called by name
+# Packing and the product are most of the bfloat16 code. As helpers inlined into the kernels, they
+# were optimised and turned into machine code once for every level of the call tree that held them
+# (Numba compiles each helper to machine code and links its IR into every caller, which does the
+# same again: product, mm_bt, input_rows, ..., _forward_backward), which made a first bf16 run
+# about 5 s slower to compile than a float32 one. So they are kernels of their own with C
+# signatures, compiled (or loaded from the disk cache) once per process, before the first kernel
+# that calls them (link(), from workspace()); LLVM's JIT finds them by the names below
+# (llvmlite's add_symbol, as Numba's own C helpers), and the kernels call them by name
+# (_pack_call, _product_call). The arithmetic is the same code, only called instead of inlined.
+AMXKernel = namedtuple("AMXKernel", ["unused"])  # _product's `kind`: which micro-kernel (_mm)
+DOTKernel = namedtuple("DOTKernel", ["unused"])
+_F32P, _U16P, _I = types.CPointer(types.float32), types.CPointer(types.uint16), types.int64
+
+
+@kernel
+def _pack_entry(b, K0, K1, trans, n0, n1, G, H, bp, nbp, tmp, ntmp):
+    """B (K0, K1) packed into bp (nbp,): its columns n0..n1-1 (_pack_cols), or, with trans, the
+    columns of B^T as _pack_rows maps them (tmp (ntmp,): its scratch)."""
+    B = carray(b, (K0, K1))
+    if trans:
+        _pack_rows(B, G, H, n0, n1, carray(bp, nbp), carray(tmp, ntmp))
+    else:
+        _pack_cols(B, n0, n1, carray(bp, nbp))
+
+
+@kernel
+def _product_amx_entry(a, am, an, trans_a, bp, nbp, K, N, c, cm, cn, trans_c, ab, nab, ft, nft, cs, ncs):
+    """_product by AMX tiles: A (am, an), C (cm, cn), the thread's ab (nab,), ft (nft,), cs (ncs,)."""
+    _product(AMXKernel(0), carray(ab, nab), carray(ft, nft), carray(cs, ncs), carray(a, (am, an)), trans_a != 0,
+             carray(bp, nbp), K, N, carray(c, (cm, cn)), trans_c != 0)
+
+
+@kernel
+def _product_dot_entry(a, am, an, trans_a, bp, nbp, K, N, c, cm, cn, trans_c, ab, nab, ft, nft, cs, ncs):
+    """_product by VDPBF16PS, arguments as _product_amx_entry's."""
+    _product(DOTKernel(0), carray(ab, nab), carray(ft, nft), carray(cs, ncs), carray(a, (am, an)), trans_a != 0,
+             carray(bp, nbp), K, N, carray(c, (cm, cn)), trans_c != 0)
+
+
+_PRODUCT_SIG = types.void(_F32P, _I, _I, _I, _U16P, _I, _I, _I, _F32P, _I, _I, _I, _U16P, _I, _F32P, _I, _F32P, _I)
+_ENTRIES = {  # symbol: (kernel, signature)
+    "charrnn_bf16_pack": (_pack_entry, types.void(_F32P, _I, _I, _I, _I, _I, _I, _I, _U16P, _I, _U16P, _I)),
+    "charrnn_bf16_product_amx": (_product_amx_entry, _PRODUCT_SIG),
+    "charrnn_bf16_product_dot": (_product_dot_entry, _PRODUCT_SIG),
+}
+_linked = set()
+
+
+def link(symbol):
+    """Compile (or load from the cache) the entry behind `symbol` and make it known to LLVM's JIT
+    under that name: before any kernel that calls it is compiled or loaded (a cached kernel whose
+    symbol is missing would stop the process)."""
+    with global_compiler_lock:  # the lock every compile holds: no second thread links meanwhile
+        if symbol in _linked:
+            return
+        disp, sig = _ENTRIES[symbol]
+        disp.compile(sig)
+        cres = disp.overloads[sig.args]
+        llb.add_symbol(symbol, cres.library.get_pointer_to_function(cres.fndesc.llvm_cfunc_wrapper_name))
+        _linked.add(symbol)
+
+
+def _symbol_of(kind):
+    return "charrnn_bf16_product_amx" if _type_name(kind).startswith("AMX") else "charrnn_bf16_product_dot"
+
+
+def _ptr_and_shape(context, builder, ty, val):
+    arr = context.make_array(ty)(context, builder, val)
+    return [builder.bitcast(arr.data, _I8P)] + list(cgutils.unpack_tuple(builder, arr.shape, ty.ndim))
+
+
+def _check_arrays(*pairs):
+    for ty, (dtype, ndim) in pairs:
+        if not (isinstance(ty, types.Array) and ty.dtype == dtype and ty.ndim == ndim and ty.layout == "C"):
+            raise errors.TypingError(f"expected a C-contiguous {ndim}-d {dtype} array, not {ty}")
+
+
+def _call_by_name(builder, symbol, args):
+    fnty = ir.FunctionType(ir.VoidType(), [a.type for a in args])
+    builder.call(cgutils.get_or_insert_function(builder.module, fnty, symbol), args)
+
+
+def _i64(builder, val):
+    return builder.zext(val, _I64) if val.type != _I64 else val
+
+
+@intrinsic
+def _pack_call(typingctx, B, trans, n0, n1, G, H, Bp, tmp):
+    """_pack_entry, by name."""
+    _check_arrays((B, (types.float32, 2)), (Bp, (types.uint16, 1)), (tmp, (types.uint16, 1)))
+    link("charrnn_bf16_pack")
+    sig = types.void(B, trans, n0, n1, G, H, Bp, tmp)
+
+    def codegen(context, builder, sig, args):
+        b, K0, K1 = _ptr_and_shape(context, builder, sig.args[0], args[0])
+        ints = [_i64(builder, context.cast(builder, v, t, types.int64)) for v, t in zip(args[1:6], sig.args[1:6])]
+        _call_by_name(builder, "charrnn_bf16_pack", [b, K0, K1, *ints,
+                                                     *_ptr_and_shape(context, builder, sig.args[6], args[6]),
+                                                     *_ptr_and_shape(context, builder, sig.args[7], args[7])])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _product_call(typingctx, kind, ab, ft, cs, A, trans_a, bp, K, N, C, trans_c):
+    """_product_amx_entry or _product_dot_entry (by kind's type), by name."""
+    _check_arrays((ab, (types.uint16, 1)), (ft, (types.float32, 1)), (cs, (types.float32, 1)),
+                  (A, (types.float32, 2)), (bp, (types.uint16, 1)), (C, (types.float32, 2)))
+    symbol = _symbol_of(kind)
+    link(symbol)
+    sig = types.void(kind, ab, ft, cs, A, trans_a, bp, K, N, C, trans_c)
+
+    def codegen(context, builder, sig, args):
+        def arr(i):
+            return _ptr_and_shape(context, builder, sig.args[i], args[i])
+
+        def i64(i):
+            return context.cast(builder, args[i], sig.args[i], types.int64)
+
+        _call_by_name(builder, symbol, [*arr(4), i64(5), *arr(6), i64(7), i64(8), *arr(9), i64(10),
+                                        *arr(1), *arr(2), *arr(3)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@helper
+def pack_b(B, trans, n0, n1, Bp, tmp):
+    """Bp <- columns n0..n1-1 of op(B) (K, .) packed in panels (_pack_cols). op(B) = B, or B^T
+    (B (., K)); tmp: scratch for the transposed case."""
+    _pack_call(B, trans, n0, n1, 1, 0, Bp, tmp)
+
+
+@helper
+def pack_b_gates(W, G, H, u0, u1, Bp, tmp):
+    """Bp <- B = Wf^T (H, G*Hp) packed as pack_b does, where column g*Hp + u of B is row
+    g*H + u0 + u of W (G*H, H): a block of units' rows of W_hh, gate-major (bptt.pack_fwd's B)."""
+    _pack_call(W, True, u0, u1, G, H, Bp, tmp)
+
+
+@helper
+def product(ws, p, A, trans_a, bp, K, N, C, trans_c):
+    """C (M, N) <- op(A) (M, K) @ B, B packed in bp (pack_b / pack_b_gates), in the thread's buffers
+    of the workspace ws, whose type chooses the micro-kernel (_product)."""
+    _product_call(ws, ws.ab[p], ws.ft[p], ws.cs[p], A, trans_a, bp, K, N, C, trans_c)
 
 
 def tiles_on(ws, p):  # pragma: no cover - chosen by the workspace's type
@@ -622,18 +779,12 @@ def _nothing_off(ws):
 
 @overload(tiles_on, jit_options=HELPER, strict=False)
 def _tiles_on_ov(ws, p):
-    return _amx_on if getattr(ws, "instance_class", type(ws)).__name__ == "AMX" else _nothing_on
+    return _amx_on if _type_name(ws) == "AMX" else _nothing_on
 
 
 @overload(tiles_off, jit_options=HELPER, strict=False)
 def _tiles_off_ov(ws):
-    return _amx_off if getattr(ws, "instance_class", type(ws)).__name__ == "AMX" else _nothing_off
-
-
-@overload(_mm, jit_options=HELPER)
-def _mm_ov(ws, p, Mp, Kp, N, Cs, bp):
-    name = getattr(ws, "instance_class", type(ws)).__name__
-    return _mm_amx if name == "AMX" else _mm_dot
+    return _amx_off if _type_name(ws) == "AMX" else _nothing_off
 
 
 @helper
@@ -641,7 +792,7 @@ def mm_bt(ws, p, A, W, C):
     """C (M, N) <- A (M, K) @ W^T for W (N, K), in bfloat16 products."""
     bp = ws.bp[p]
     pack_b(W, True, 0, W.shape[0], bp, ws.ab[p])
-    product(ws, p, A, False, bp, W.shape[1], W.shape[0], C)
+    product(ws, p, A, False, bp, W.shape[1], W.shape[0], C, False)
 
 
 @helper
@@ -649,7 +800,7 @@ def mm_nn(ws, p, A, W, C):
     """C (M, N) <- A (M, K) @ W for W (K, N), in bfloat16 products."""
     bp = ws.bp[p]
     pack_b(W, False, 0, W.shape[1], bp, ws.ab[p])
-    product(ws, p, A, False, bp, W.shape[0], W.shape[1], C)
+    product(ws, p, A, False, bp, W.shape[0], W.shape[1], C, False)
 
 
 @helper
@@ -661,7 +812,7 @@ def mm_tn(ws, p, A, B, C):
     swap = N < M  # C^T = B^T @ A: the smaller operand is the one transposed
     left, right = (B, A) if swap else (A, B)
     pack_b(right, False, 0, right.shape[1], bp, ws.ab[p])
-    product(ws, p, left, True, bp, K, right.shape[1], C, swap)  # one call site: one copy of the code
+    product(ws, p, left, True, bp, K, right.shape[1], C, swap)
 
 
 # ----------------------------------------------------------------------------- sizes and entry points
@@ -683,6 +834,8 @@ def workspace(backend: str, n: int, K_max: int, N_max: int, KN_max: int, wp_size
         raise RuntimeError(f"this CPU cannot run bfloat16 products by {backend!r}")
     ab, bp, cs = sizes(MC, K_max, N_max, KN_max)
     cls = AMX if backend == "amx" else DOT
+    link("charrnn_bf16_pack")  # the compiled code its kernels call by name
+    link("charrnn_bf16_product_" + backend)
     cfg = per_thread(n, 64, np.uint8)
     cfg[:] = amx_tile_config()
     return cls(ab=per_thread(n, ab, np.uint16), bp=per_thread(n, bp, np.uint16),
@@ -706,7 +859,7 @@ def _matmul_body(ws, A, ta, B, tb, C):
         pack_b(B, True, 0, B.shape[0], bp, ws.ab[0])
     else:
         pack_b(B, False, 0, B.shape[1], bp, ws.ab[0])
-    product(ws, 0, A, ta, bp, K, N, C)
+    product(ws, 0, A, ta, bp, K, N, C, False)
 
 
 def matmul(A, B, trans_a=False, trans_b=False, backend=None):

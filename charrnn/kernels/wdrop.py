@@ -8,13 +8,14 @@ speed, and nothing in bptt.py knows about weight drop.
 """
 
 from charrnn.kernels.jit import kernel
+from charrnn.kernels.mathf import copy
 
 
 @kernel
 def _drop(dst, theta, offs, masks):
     """dst (P,) <- theta with each layer k's weight_hh (starting at offs[k, 1], masks[k].size
     elements) multiplied by masks[k] element by element."""
-    dst[:] = theta
+    copy(dst, theta)  # a loop: an array assignment compiles Numba's shape-mismatch error path (1.3 s)
     L = masks.shape[0]
     for k in range(L):
         m = masks[k].ravel()
