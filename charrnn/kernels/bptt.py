@@ -194,7 +194,7 @@ def layer_output(acts, k, dropout, T, s0, s1, H):
 
 
 @helper
-def fill_w0t(w0t, W_ih0, v0, v1):
+def fill_w0t_rows(w0t, W_ih0, v0, v1):
     """Rows v0..v1-1 of w0t (V, G*H) <- weight_ih_l0^T (G*H, V), in 32 x 32 tiles: an element-wise
     transpose misses the cache on every element one side strides over (V x G*H of them, 10M for a
     10,000-character vocabulary at H = 256)."""
@@ -346,7 +346,7 @@ def _forward_backward(p, cell, net, bt, acts, scr, plan, backward, prec):
     gemm16.tiles_on(prec, p)
     ep = 1
     vb = (net.V + n - 1) // n  # each thread transposes a block of the vocabulary
-    fill_w0t(acts.w0t, layer_weights(net.theta, net, 0, G)[0], min(net.V, p * vb), min(net.V, (p + 1) * vb))
+    fill_w0t_rows(acts.w0t, layer_weights(net.theta, net, 0, G)[0], min(net.V, p * vb), min(net.V, (p + 1) * vb))
     ep = barrier(sync, p, n, ep)
     for k in range(L):
         lay = layer(acts, k, T, s0, s1, G)

@@ -109,7 +109,7 @@ def _step(cell, net, tok, h, c, st):
 
 @helper
 def fill_w0t(w0t, net, G):
-    """w0t (V, G*H) <- weight_ih_l0^T."""
+    """w0t (V, G*H) <- weight_ih_l0^T, whole (bptt.fill_w0t_rows: a range of rows, tiled)."""
     W = layer_weights(net.theta, net, 0, G)[0]
     for g in range(W.shape[0]):
         for v in range(W.shape[1]):

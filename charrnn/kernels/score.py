@@ -13,7 +13,7 @@ from collections import namedtuple
 
 
 from charrnn.kernels import cells, layout
-from charrnn.kernels.bptt import F32, decoder_rows, fill_w0t, input_rows
+from charrnn.kernels.bptt import F32, decoder_rows, fill_w0t_rows, input_rows
 from charrnn.kernels.gemm import dense_wt
 from charrnn.kernels.jit import kernel
 from charrnn.kernels.layout import Layer, decoder_weights, layer_weights
@@ -44,7 +44,7 @@ def _score(p, n, cell, net, x2, y2, h, c, nll2, pipe, sync):
     nc = (N + C - 1) // C
     ep = 1
     if p == 0:
-        fill_w0t(pipe.w0t, layer_weights(net.theta, net, 0, G)[0], 0, net.V)
+        fill_w0t_rows(pipe.w0t, layer_weights(net.theta, net, 0, G)[0], 0, net.V)
     ep = barrier(sync, p, n, ep)
     for s in range(nc + L - 1):
         for k in range(p, L, n):
