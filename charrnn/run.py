@@ -91,14 +91,6 @@ class Run:
         return Schedule("constant" if cfg.schedule == "auto" else cfg.schedule, cfg.lr, warmup=cfg.warmup,
                         decay_every=cfg.decay_every, decay_factor=cfg.decay_factor, decay_steps=cfg.decay_steps)
 
-    def averaging_start(self) -> int:
-        """The update after which a Polyak average begins: where the learning rate starts to decay
-        (a wsd schedule's decay; otherwise the end of the warm-up). A function of the fitted
-        schedule, which is final before the decay begins, so a resumed run averages the same."""
-        cfg = self.config
-        if cfg.schedule == "wsd" and cfg.decay_steps is not None:
-            return cfg.warmup + int(cfg.decay_steps * (1.0 - WSD_DECAY_FRAC))
-        return cfg.warmup
 
     # ------------------------------------------------------------------ the meta record
     def to_meta(self, optimizer: dict, stream_len: int) -> dict:
@@ -167,6 +159,15 @@ def optimizer_steps(meta: dict, path: str) -> int:
     if type(t) not in (int, float) or not t >= 0 or t != int(t):
         raise CharrnnError(f"{path}: cannot resume: checkpoint lacks training state (the optimizer's step count)")
     return int(t)
+
+
+def averaging_start(cfg: TrainConfig) -> int:
+    """The update after which a Polyak average begins: where the learning rate starts to decay (a
+    wsd schedule's decay; otherwise the end of the warm-up). A function of the fitted schedule,
+    which is final before the decay begins, so a resumed run averages the same."""
+    if cfg.schedule == "wsd" and cfg.decay_steps is not None:
+        return cfg.warmup + int(cfg.decay_steps * (1.0 - WSD_DECAY_FRAC))
+    return cfg.warmup
 
 
 # ---------------------------------------------------------------------------------- migrations

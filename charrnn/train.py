@@ -38,6 +38,7 @@ from charrnn.optim import Averager
 from charrnn.precompile import warm_up
 from charrnn.progress import Reporter, remaining
 from charrnn.rundir import holds_run
+from charrnn.run import averaging_start
 from charrnn.signals import Signals
 from charrnn.step import train_step
 from charrnn.team import Solo, Team
@@ -154,6 +155,7 @@ class Trainer:
         self.record.fitted = fitted
         self.cfg = self.record.config
         self.schedule = self.record.schedule()
+        self.averaging_start = averaging_start(self.cfg)  # a --average polyak run's first averaged update
 
     def close(self):
         """Give the run directory back (setup.Prepared.close)."""
@@ -269,7 +271,7 @@ class Trainer:
         res = train_step(model, self.opt, x, y, self.h, self.c, masks, self.schedule.lr_at(st.step) * st.lr_scale,
                          cfg.clip, cfg.clip_mode, reduce=team.reduce, weight_masks=wmasks,
                          avg=None if av is None else av.avg,
-                         rate=0.0 if av is None else av.rate(st.step + 1, self.record.averaging_start()))
+                         rate=0.0 if av is None else av.rate(st.step + 1, self.averaging_start))
         if res.finite:
             books.bad = 0
             self.h, self.c = res.h, res.c
