@@ -13,7 +13,7 @@ one-line error, while a reader that goes away (`| head`) ends the program quietl
   app.py      the group and main(), the console script: exit statuses, start-up and shut-down
   exits.py    one-line errors and their exit statuses (handle_errors), stdout for results
   options.py  the options and Click types the commands share
-  train.py    train;  sample.py  sample;  eval.py  eval;  info.py  info, export and viz
+  train.py, sample.py, eval.py, info.py, export.py, viz.py: one command each
 """
 
 from charrnn.cli.app import cli, main

@@ -13,9 +13,11 @@ import click
 from charrnn import __version__
 from charrnn.cli.eval import eval_cmd
 from charrnn.cli.exits import discard_stdout, fail, one_line, quiet_exit_on_broken_pipe
-from charrnn.cli.info import export, info, viz
+from charrnn.cli.export import export
+from charrnn.cli.info import info
 from charrnn.cli.sample import sample
 from charrnn.cli.train import train
+from charrnn.cli.viz import viz
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
