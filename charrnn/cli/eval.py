@@ -11,7 +11,7 @@ import json
 import click
 
 from charrnn.cli.exits import ResultsOut, handle_errors
-from charrnn.cli.options import compile_notice, document_mode, given, max_input_option, model_option, quiet_option, threads_option
+from charrnn.cli.options import announce_compiling, document_mode, given, max_input_option, model_option, quiet_option, threads_option
 from charrnn.config import DOC_MODES
 
 EPILOG_EVAL = "Example: charrnn eval sonnets.txt --json"
@@ -64,7 +64,7 @@ def eval_cmd(files, model_path, as_json, docs, per_char, top, encoding, max_inpu
             tally = _progress(fname, quiet)
             progress = None if tally.quiet else tally.add
             try:
-                with compile_notice(quiet, "the scorer"):
+                with announce_compiling(quiet, "the scorer"):
                     if per_char:
                         score = _per_char(ck, source.chunks(), docs, top, progress, out)
                     else:

@@ -106,8 +106,9 @@ def given(ctx, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
 
 
-def compile_notice(quiet: bool, what: str):
-    """A context in which the first compilation of a kernel says so on stderr (first run only)."""
+def announce_compiling(quiet: bool, what: str):
+    """A context in which the first compilation of a kernel says so on stderr (first run only):
+    kernels/jit.compile_notice, with the CLI's line."""
     from charrnn.kernels.jit import compile_notice
 
     def say():

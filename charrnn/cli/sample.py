@@ -15,7 +15,7 @@ import os
 import click
 
 from charrnn.cli.exits import ResultsOut, handle_errors
-from charrnn.cli.options import (compile_notice, finite, flag, given, ints, model_option, quiet_option, seed_option,
+from charrnn.cli.options import (announce_compiling, finite, flag, given, ints, model_option, quiet_option, seed_option,
                                  threads_option)
 from charrnn.config import BEAM_MAX, PRIME_MAX_BYTES, PRIME_UNKNOWN_MODES, SAMPLE_BOUNDS, SAMPLE_HELD_MAX, format_size
 
@@ -109,7 +109,7 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     opts = SampleOptions(temp=temp, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0,
                          length=length, num=num, prime=prime, unknown=unknown, seed=seed, stop=stop)
     pieces = in_order(sample_pieces(ck.model, ck.vocab, opts, documents=documents))
-    with compile_notice(quiet, "the sampler"):
+    with announce_compiling(quiet, "the sampler"):
         if fmt == "jsonl":
             record = functools.partial(_sample_record, ck.model, ck.vocab, prime, prime_ids, seed, temp, copies)
             _write_jsonl_samples(pieces, record, out)
@@ -300,7 +300,7 @@ def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, 
     """sample --beam: search, then print the texts, best first; each one's log-probability on stderr."""
     from charrnn.beam import beam_search
 
-    with compile_notice(quiet, "the beam search"):
+    with announce_compiling(quiet, "the beam search"):
         found = beam_search(ck.model, ck.vocab, prime_ids, width, length, num=num, documents=documents, stop=stop)
     for rank, h in enumerate(found, 1):
         if not quiet:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from charrnn.cli.exits import handle_errors
-from charrnn.cli.options import compile_notice, document_mode, model_option, quiet_option, threads_option
+from charrnn.cli.options import announce_compiling, document_mode, model_option, quiet_option, threads_option
 from charrnn.config import ACTIVATIONS, DOC_MODES
 
 EPILOG_VIZ = """\b
@@ -62,7 +62,7 @@ def viz(file, model_path, output, ansi, docs, top, activation, encoding, threads
     docs = document_mode(docs, ck.meta)
     if not quiet:
         click.echo(f"charrnn: scoring {len(text):,} characters with {path}", err=True)
-    with compile_notice(quiet, "the scorer"):
+    with announce_compiling(quiet, "the scorer"):
         analysis = vz.analyse(ck.model, ck.vocab, text, docs, top, activation=activation)
     if ansi:
         outfile.write(output, vz.ansi(analysis))
