@@ -52,7 +52,7 @@ def eval_cmd(files, model_path, as_json, docs, per_char, top, encoding, max_inpu
         raise UsageError("--per-char scores one FILE and writes its own JSON lines (no --json)")
     if not per_char and given(click.get_current_context(), "top"):
         raise UsageError("--top goes with --per-char")
-    path, guessed = checkpoint.resolve(model_path)
+    path, _ = checkpoint.resolve(model_path)  # (the path, and whether it was guessed from ./runs)
     ck = checkpoint.load(path)
     if not quiet:
         click.echo(f"charrnn: scoring with {path}", err=True)

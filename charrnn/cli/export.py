@@ -34,7 +34,7 @@ def export(model_path, fmt, output, quiet):
     from charrnn.rundir import CHECKPOINTS
 
     outfile.check_writable(output, binary=fmt == "onnx")
-    path, guessed = checkpoint.resolve(model_path)
+    path, _ = checkpoint.resolve(model_path)  # (the path, and whether it was guessed from ./runs)
     ck = checkpoint.load(path)
     if fmt == "onnx":
         from charrnn import export_onnx

@@ -76,7 +76,7 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     _check_sample_options(click.get_current_context(), prime, prime_file, stop, beam, length, num)
     held = _held_chars(fmt, beam, num, length)  # what is held in memory, bounded before any work
     out = ResultsOut()
-    path, guessed = checkpoint.resolve(model_path)
+    path, _ = checkpoint.resolve(model_path)  # (the path, and whether it was guessed from ./runs)
     ck = checkpoint.load(path)
     if not quiet:
         cfg = ck.model.cfg

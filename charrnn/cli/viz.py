@@ -47,7 +47,7 @@ def viz(file, model_path, output, ansi, docs, top, activation, encoding, threads
     from charrnn.errors import DataError
 
     outfile.check_writable(output)
-    path, guessed = checkpoint.resolve(model_path)
+    path, _ = checkpoint.resolve(model_path)  # (the path, and whether it was guessed from ./runs)
     ck = checkpoint.load(path)
     th.set_threads(threads)
     try:
