@@ -102,6 +102,19 @@ class Splitter:
         raise NotImplementedError
 
 
+def _at_cut(text: str, pos: int, cut: int | None):
+    """The text that starts at position `pos` of the corpus, as (part, text): the part before
+    `cut` is training text, the part from it validation text (`cut` None: all training)."""
+    end = pos + len(text)
+    if cut is None or cut >= end:
+        yield "train", text
+    elif cut <= pos:
+        yield "val", text
+    else:
+        yield "train", text[: cut - pos]
+        yield "val", text[cut - pos :]
+
+
 class StreamSplitter(Splitter):
     """Stream mode: one stream <START> text <END>, cut at the nominal cut, the training ids
     <START> train [<END> when nothing is held out], the validation ids <START> validation."""
@@ -110,15 +123,8 @@ class StreamSplitter(Splitter):
         c = self.cut
         pos = 0
         for text in self.corpus.text_chunks():
-            end = pos + len(text)
-            if end <= c:
-                yield "train", text
-            elif pos >= c:
-                yield "val", text
-            else:
-                yield "train", text[: c - pos]
-                yield "val", text[c - pos :]
-            pos = end
+            yield from _at_cut(text, pos, c)
+            pos += len(text)
 
     def total_tokens(self) -> int:
         self.cut  # checks val_frac (the document mode's count does not need it, and never checked)
@@ -168,17 +174,9 @@ class DocumentSplitter(Splitter):
 
         pos = 0
         for piece in document_pieces(fed(self.corpus.text_chunks()), docs):
-            end = pos + len(piece)
-            cut = n if finder is None else finder.cut
             # cut still None: every separator seen so far ends before c, so this piece is training text
-            if cut is None or cut >= end:
-                yield "train", piece
-            elif cut <= pos:
-                yield "val", piece
-            else:
-                yield "train", piece[: cut - pos]
-                yield "val", piece[cut - pos :]
-            pos = end
+            yield from _at_cut(piece, pos, n if finder is None else finder.cut)
+            pos += len(piece)
 
     def total_tokens(self) -> int:
         return self.corpus.doc_chars + 2 * self.corpus.doc_count
