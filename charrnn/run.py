@@ -155,7 +155,8 @@ class Run:
 def optimizer_steps(meta: dict, path: str) -> int:
     """The optimizer's step count a checkpoint records (the bias correction of Adam goes on from
     it), for resuming: a one-line CharrnnError when it is missing or not a count."""
-    t = (meta.get("optimizer") or {}).get("t") if isinstance(meta.get("optimizer"), dict) else None
+    opt = meta.get("optimizer")
+    t = opt.get("t") if isinstance(opt, dict) else None
     if type(t) not in (int, float) or not t >= 0 or t != int(t):
         raise CharrnnError(f"{path}: cannot resume: checkpoint lacks training state (the optimizer's step count)")
     return int(t)

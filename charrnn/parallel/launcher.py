@@ -276,14 +276,18 @@ def _say(text: str):
         pass
 
 
-def _saved_note(rendezvous: str) -> str:
-    """'; the last checkpoint, RUN/last.npz, is intact' when the run (which rank 0 named in the
-    rendezvous directory) has one."""
+def _run_dir(rendezvous: str) -> str | None:
+    """The run directory rank 0 named in the rendezvous directory (None before it did)."""
     try:
         with open(os.path.join(rendezvous, "out"), encoding="utf-8") as f:
-            return saved_note(f.read().strip())
+            return f.read().strip()
     except OSError:
-        return ""
+        return None
+
+
+def _saved_note(rendezvous: str) -> str:
+    """'; the last checkpoint, RUN/last.npz, is intact' when the run has one."""
+    return saved_note(_run_dir(rendezvous))
 
 
 def _rank_pids(rendezvous: str) -> dict:
@@ -317,12 +321,7 @@ def _who_died(notes: list[str], rendezvous: str, first_dead: int | None = None) 
     if pid:
         rank, host = ranks.get(int(pid.group(1)), (None, pid.group(2)))
         who = worker_name(rank, pid.group(1), host) if rank is not None else f"process {pid.group(1)}"
-    try:
-        with open(os.path.join(rendezvous, "out"), encoding="utf-8") as f:
-            out = f.read().strip()
-    except OSError:
-        out = None
-    return ended(who, out, how)
+    return ended(who, _run_dir(rendezvous), how)
 
 
 def _term_with_parent():
