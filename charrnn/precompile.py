@@ -41,6 +41,7 @@ class Precompile:
         self._args = (cfg, cell, threads_n, tuple(precisions))
         self.compiled = False  # whether anything had to compile (not only load from the cache)
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+        _started[:] = [t for t in _started if t.is_alive()]  # only the ones still at work are of interest
         _started.append(self._thread)
         self._thread.start()
 
