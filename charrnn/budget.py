@@ -24,10 +24,18 @@ from charrnn.config import Fitted, TrainConfig
 from charrnn.model import approx_params
 from charrnn.optim import WSD_DECAY_FRAC
 
-SHORT_BUDGET_MINUTES = 10  # --minutes up to this: a 2x256 GRU by default (choose_size)
+# The sizes of a --minutes run, by its budget in float32 minutes: --minutes times the speed of the
+# run's products against float32 (precision.speedup; 2.5 for bf16 on AMX), since the sizes were
+# measured by what a budget buys in characters
+SHORT_BUDGET_MINUTES = 10  # up to this: a 2x256 GRU (choose_size)
+MID_BUDGET_MINUTES = 20  # up to this: a 2x384 GRU; beyond it a 2x512 LSTM
+LONG_BUDGET_MINUTES = 40  # beyond this: a 2x768 LSTM, where the text allows 8 parameters a character
 DEFAULT_EPOCHS = 10.0  # the budget of a run given none
 # (epochs x parameters per character, dropout): the measured anchors of dropout_for
 DROPOUT_LOW = (6.6, 0.1)  # 2x256 GRU, 5 minutes (10 epochs): 0.1 beat 0.05 and 0.15
+# 2x384 GRU, 5 minutes of bf16 (17 epochs, x = 26): 0.3 gave 1.4458, 0.4 1.4507 (quality_bf16.txt); and on
+# the line from DROPOUT_LOW to here, a 2x256 GRU's 10 minutes (19 epochs, x = 13): 0.2 beat 0.25 (quality_5min.txt)
+DROPOUT_MID = (26.0, 0.3)
 # 2x512 LSTM, 30 minutes (12-15 epochs, x = 42-51): 0.5 gave 1.446 and 1.449, 0.45 1.465; 2x384, 26 epochs: 0.4 beat 0.25
 DROPOUT_HIGH = (40.0, 0.5)
 NO_DROPOUT_BELOW = 50_000  # training characters: tiny corpora, a run is over long before it could overfit
@@ -36,8 +44,11 @@ NO_DROPOUT_BELOW = 50_000  # training characters: tiny corpora, a run is over lo
 # more output dropout; below it, weight drop only slows learning. Measured (equal updates,
 # benchmarks/results/quality_regularisers.txt): tiny Shakespeare at 6 (a 5-minute 2x256 GRU), 0.2
 # cost 0.016-0.024 nats/char; corpora/markov.txt at 36 (a 2x128 GRU, 59 epochs), 0.3 with dropout
-# 0.2 gave 1.323 against 1.383 with the rule's dropout 0.5 alone (the text's entropy is 1.253)
-WEIGHT_DROP_FROM = 15.0
+# 0.2 gave 1.323 against 1.383 with the rule's dropout 0.5 alone (the text's entropy is 1.253).
+# Tiny Shakespeare at 26 (a 2x384 GRU, 17 epochs in 5 minutes of bf16): 0.3 with dropout 0.2 gave
+# 1.4626 against 1.4458 with dropout 0.3 alone (benchmarks/results/quality_bf16.txt), so the
+# threshold lies between 26 and 36
+WEIGHT_DROP_FROM = 30.0
 WEIGHT_DROP = 0.3
 DROPOUT_WITH_WEIGHT_DROP = 0.2
 MIN_SEQ = 8  # first BPTT length of the --seq-warmup curriculum
@@ -51,8 +62,10 @@ DEFAULT_VAL_CHARS = 200_000
 
 
 # ---------------------------------------------------------------------------------- model sizing
-def choose_size(cfg: TrainConfig, n_train_chars: int) -> Fitted:
-    """The cell, hidden size and dropout of a new run, where the user left them open.
+def choose_size(cfg: TrainConfig, n_train_chars: int, speed: float = 1.0) -> Fitted:
+    """The cell, hidden size and dropout of a new run, where the user left them open. `speed`: how
+    many times float32's speed the run's products run at (precision.speedup), so that a --minutes
+    budget is sized by the characters it buys.
 
     The rule comes from measurements on tiny Shakespeare (benchmarks/quality_curve.py, docs/defaults.md):
     a model should have about as many parameters as the text has characters or fewer, and with a
@@ -60,21 +73,29 @@ def choose_size(cfg: TrainConfig, n_train_chars: int) -> Fitted:
     5 minutes 2x256 reached 1.459 / 1.467 nats/char (two seeds) against 1.482-1.487 for the LSTM
     (three runs). It has 3 gates to the LSTM's 4, so it runs ~25% faster, and it learns faster
     from the start (1.61 against 1.82 after the first minute); in 10 minutes it still wins, 1.467
-    against 1.501. In 30 minutes the 2x512 LSTM (dropout 0.5) wins: 1.479 against the GRU's 1.511
-    after 17-18 minutes.
+    against 1.501. In 5 minutes of bf16 (12.5 float32 minutes, 17 epochs of a 2x384 GRU or 42 of a
+    2x256) 2x384 wins: 1.4458 against 1.4652, and 1.4531 for a 2x512 GRU (10 epochs). In 30
+    minutes the 2x512 LSTM (dropout 0.5) wins: 1.479 against the GRU's 1.511 after 17-18 minutes.
 
     Dropout and weight drop come from regularise: from the epochs of --epochs or --steps (10
     without a budget), or, for --minutes, provisionally from 10 epochs until the run has measured
     its speed and refits them (Fitted.dropout_pending, refit).
     """
-    short = cfg.minutes is not None and cfg.minutes <= SHORT_BUDGET_MINUTES
-    cell = chosen_cell(cfg)
+    minutes = float32_minutes(cfg, speed)
+    cell = chosen_cell(cfg, speed)
     hidden = cfg.hidden
     n = max(n_train_chars, 1)
     if hidden is None:
-        if short:
+        if minutes is not None and minutes <= SHORT_BUDGET_MINUTES:
             hidden, cap = 256, 2
-        elif cfg.minutes is not None or n_train_chars >= 2_000_000:
+        elif minutes is not None and minutes <= MID_BUDGET_MINUTES:
+            hidden, cap = 384, 2
+        elif (minutes is not None and minutes > LONG_BUDGET_MINUTES
+              and approx_params(cell, cfg.layers, 768) <= 8 * n):
+            # 30 minutes of bf16 (75 float32 minutes): a 2x512 LSTM would see ~44 epochs, a 2x768
+            # the ~20 at which the 2x512 LSTM did best in 30 float32 minutes (1.4224 / 1.4176)
+            hidden, cap = 768, 8
+        elif minutes is not None or n_train_chars >= 2_000_000:
             # longer budgets: 512 units, up to 4 parameters per character. In 30 minutes on tiny
             # Shakespeare: 1.449 nats/char with dropout 0.5 (what dropout_for gives for its 15
             # epochs), against 1.476 for 2x384 with 0.4, which saw 26 epochs and overfit from minute 12
@@ -109,11 +130,17 @@ def val_chars_for(cfg: TrainConfig, n_val_positions: int) -> int | None:
     return None if cap >= n_val_positions else cap
 
 
-def chosen_cell(cfg: TrainConfig) -> str:
-    """The cell of a new run: the user's, or a GRU for a --minutes budget of SHORT_BUDGET_MINUTES or
-    less (choose_size). Known before the corpus is read, so its kernels can compile meanwhile."""
-    short = cfg.minutes is not None and cfg.minutes <= SHORT_BUDGET_MINUTES
-    return cfg.cell or ("gru" if short else "lstm")
+def chosen_cell(cfg: TrainConfig, speed: float = 1.0) -> str:
+    """The cell of a new run: the user's, or a GRU for a --minutes budget of MID_BUDGET_MINUTES
+    float32 minutes or less (choose_size). Known before the corpus is read, so its kernels can
+    compile meanwhile."""
+    minutes = float32_minutes(cfg, speed)
+    return cfg.cell or ("gru" if minutes is not None and minutes <= MID_BUDGET_MINUTES else "lstm")
+
+
+def float32_minutes(cfg: TrainConfig, speed: float) -> float | None:
+    """A --minutes budget as the float32 minutes that buy as many characters (None: no budget)."""
+    return None if cfg.minutes is None else cfg.minutes * speed
 
 
 def planned_epochs(cfg: TrainConfig, n_train_chars: int) -> float | None:
@@ -152,12 +179,13 @@ def chars_in(cfg: TrainConfig, steps: int) -> int:
 def dropout_for(params: int, n_train_chars: int, epochs: float) -> float:
     """Dropout for a model of `params` parameters that sees `epochs` passes over a text of
     `n_train_chars`: it grows with the logarithm of epochs x parameters per character, the exposure
-    that decides how far the model can memorise its text. Through two measured points on tiny
-    Shakespeare (benchmarks/results, docs/defaults.md): DROPOUT_LOW, a 2x256 GRU seeing 10 epochs in 5
-    minutes; DROPOUT_HIGH, a 2x512 LSTM seeing 12-15 epochs in 30 minutes. Rounded to 0.05; 0 to 0.5.
+    that decides how far the model can memorise its text. Piecewise linear in that logarithm through
+    three measured points on tiny Shakespeare (benchmarks/results, docs/defaults.md): DROPOUT_LOW, a
+    2x256 GRU seeing 10 epochs in 5 minutes; DROPOUT_MID, a 2x384 GRU seeing 17 epochs in 5 minutes
+    of bf16; DROPOUT_HIGH, a 2x512 LSTM seeing 12-15 epochs in 30 minutes. Rounded to 0.05; 0 to 0.5.
     """
     x = max(epochs, 1e-9) * params / max(n_train_chars, 1)
-    (x0, d0), (x1, d1) = DROPOUT_LOW, DROPOUT_HIGH
+    (x0, d0), (x1, d1) = (DROPOUT_LOW, DROPOUT_MID) if x < DROPOUT_MID[0] else (DROPOUT_MID, DROPOUT_HIGH)
     d = d0 + (d1 - d0) * math.log(x / x0) / math.log(x1 / x0)
     return round(min(max(d, 0.0), 0.5) * 20) / 20
 

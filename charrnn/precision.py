@@ -4,8 +4,7 @@
     --precision bf16   the products of the forward and backward passes (input, recurrent, decoder,
                        weight gradients) round their operands to bfloat16 and sum in float32;
                        weights, optimizer state, gates, cell state, loss and softmax stay float32
-    --precision auto   bf16 where the CPU multiplies bfloat16 faster, else fp32; fp32 for a
-                       --minutes budget, whose model is sized for float32's speed
+    --precision auto   bf16 where the CPU multiplies bfloat16 faster, else fp32
 
 Only training steps use it: validation, `eval`, sampling and every score the tool reports run in
 float32, and checkpoints hold float32 weights whatever trained them (the meta record says which).
@@ -30,6 +29,11 @@ AUTO_TRIES = 3  # timed forward-backward passes of each precision when auto must
 # auto keeps float32 below this many units per layer: at 2x64 and 1x32 AMX steps ran as fast as
 # float32, not faster (benchmarks/results/bf16_throughput.txt), so rounding would buy nothing
 AUTO_MIN_HIDDEN = 128
+# How many times float32's characters per second a bf16 run on AMX trains at, for sizing a --minutes
+# run's model (budget.choose_size): measured 2.0x, 2.6x and 2.8x for 2x128, 2x256 and 2x512 LSTMs,
+# 1.8x, 2.5x and 2.7x for GRUs (benchmarks/results/bf16_throughput.txt). The AVX512_BF16 backend has no
+# measurement, so auto times it on the first batch, after the model is sized: as for float32.
+AMX_SPEEDUP = 2.5
 
 
 def backend() -> str | None:
@@ -40,20 +44,14 @@ def backend() -> str | None:
     return have[0] if have else None
 
 
-def choose(requested: str, hidden: int | None = None, minutes: float | None = None) -> tuple[str, str | None]:
+def choose(requested: str, hidden: int | None = None) -> tuple[str, str | None]:
     """(precision, note) for a run that asked for `requested` with `hidden` units per layer (None:
-    not known yet) and a --minutes budget (None: none), without timing anything: precision is
-    "fp32", "bf16", or "measure" (auto on a CPU with AVX512_BF16 only: measure() decides once the
-    model is built); note is a line for stderr, or None."""
+    not known yet), without timing anything: precision is "fp32", "bf16", or "measure" (auto on a
+    CPU with AVX512_BF16 only: measure() decides once the model is built); note is a line for
+    stderr, or None."""
     if requested not in CHOICES:
         raise ValueError(f"precision must be one of {', '.join(CHOICES)}, not {requested!r}")
     if requested == "fp32" or (requested == "auto" and hidden is not None and hidden < AUTO_MIN_HIDDEN):
-        return "fp32", None
-    if requested == "auto" and minutes is not None:
-        # a time budget sizes and regularises its model for float32's speed (budget.py): at bf16's
-        # 2.5x a 5-minute default run saw 42 epochs and ended at 1.4652 nats/char on tiny
-        # Shakespeare, against float32's 1.451-1.458 (benchmarks/results/quality_bf16.txt); until
-        # those rules know the speed, auto keeps time budgets in float32
         return "fp32", None
     b = backend()
     if b is None:
@@ -63,6 +61,12 @@ def choose(requested: str, hidden: int | None = None, minutes: float | None = No
     if requested == "bf16" or b == "amx":
         return "bf16", None
     return "measure", None
+
+
+def speedup(chosen: str) -> float:
+    """How many times float32's speed a run of the `chosen` precision (choose's answer) is sized
+    for: what a --minutes budget buys in characters (budget.choose_size)."""
+    return AMX_SPEEDUP if chosen == "bf16" and backend() == "amx" else 1.0
 
 
 def measure(model, x, y, masks=None) -> str:

@@ -64,10 +64,10 @@ def new_run(paths, cfg: TrainConfig, out: str | None, quiet: bool = False, runs_
     base = finetune.load_base(cfg)  # None for an ordinary run
     cfg = finetune.adopt(cfg, base, explicit)
     if cfg.hidden is not None:  # a size no checkpoint holds is refused before the corpus is read
-        check_loadable(ModelConfig(cell=budget.chosen_cell(cfg), layers=cfg.layers, hidden=cfg.hidden, vocab_size=4,
-                                   nonlinearity=cfg.nonlinearity), cfg.batch)
-    chosen, prec_note = precision.choose(cfg.precision, cfg.hidden, cfg.minutes)
-    early = Precompile(cfg, budget.chosen_cell(cfg), threads.set_threads(cfg.threads),
+        check_loadable(ModelConfig(cell=budget.chosen_cell(cfg, _speed(cfg)), layers=cfg.layers, hidden=cfg.hidden,
+                                   vocab_size=4, nonlinearity=cfg.nonlinearity), cfg.batch)
+    chosen, prec_note = precision.choose(cfg.precision, cfg.hidden)
+    early = Precompile(cfg, budget.chosen_cell(cfg, _speed(cfg)), threads.set_threads(cfg.threads),
                        ("fp32", "bf16") if chosen == "measure" else (chosen,))
     if prec_note:
         note(quiet, prec_note)
@@ -80,13 +80,19 @@ def new_run(paths, cfg: TrainConfig, out: str | None, quiet: bool = False, runs_
     return prep
 
 
+def _speed(cfg: TrainConfig) -> float:
+    """The speed a new run is sized for (budget.choose_size): that of the precision it would take
+    before its size is known."""
+    return precision.speedup(precision.choose(cfg.precision, cfg.hidden)[0])
+
+
 def _new(cfg: TrainConfig, out: str | None, quiet: bool, runs_dir: str, corpus, base, dtype) -> Prepared:
     if cfg.docs is not None and corpus.doc_count == 0:
         raise DataError("the corpus holds no documents")
     vocab, capped, plan = _choose_vocab(cfg, corpus, base)
     n_train = int(corpus.chars * (1 - cfg.val_frac))
-    fitted = budget.choose_size(cfg, n_train)
-    chosen, _ = precision.choose(cfg.precision, fitted.hidden, cfg.minutes)
+    fitted = budget.choose_size(cfg, n_train, _speed(cfg))
+    chosen, _ = precision.choose(cfg.precision, fitted.hidden)
     fitted = replace(fitted, precision="fp32" if chosen == "measure" else chosen)
     mcfg = ModelConfig(cell=fitted.cell, layers=cfg.layers, hidden=fitted.hidden, vocab_size=vocab.size,
                        nonlinearity=cfg.nonlinearity, dropout=fitted.dropout)

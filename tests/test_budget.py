@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charrnn.budget import (DEFAULT_EPOCHS, DROPOUT_HIGH, DROPOUT_LOW, REFIT_EVERY, Fit, StepTimes, chars_in,
+from charrnn.budget import (DEFAULT_EPOCHS, DROPOUT_HIGH, DROPOUT_LOW, DROPOUT_MID, REFIT_EVERY, Fit, StepTimes, chars_in,
                             choose_size, dropout_at_end, dropout_for, planned_epochs, refit, regularise, seq_len_at,
                             steps_in)
 from charrnn.budget import DROPOUT_WITH_WEIGHT_DROP, WEIGHT_DROP, WEIGHT_DROP_FROM
@@ -98,25 +98,31 @@ def test_validation_interval_is_fitted_to_the_budget():
     assert not fit.open  # the interval is fixed once the steps have their full length
 
 
-@pytest.mark.parametrize("budget,chars,cell,hidden,dropout,wd,fit", [
-    ({"minutes": 5}, 1_000_000, "gru", 256, 0.1, 0.0, True),  # short budgets: a small, fast GRU that sees more data
-    ({"minutes": 30}, 1_000_000, "lstm", 512, 0.2, 0.3, True),  # longer ones: an LSTM of 512 units ...
-    ({"minutes": 30}, 400_000, "lstm", 256, 0.2, 0.3, True),  # ... halved while over 4 parameters per character
-    ({"minutes": 30, "epochs": 2}, 1_000_000, "lstm", 512, 0.1, 0.0, True),  # until fitted: --epochs ends it sooner
-    ({}, 1_000_000, "lstm", 256, 0.15, 0.0, False),  # no budget: 10 epochs
-    ({"epochs": 40}, 1_000_000, "lstm", 256, 0.2, 0.3, False),  # more epochs: weight drop, less output dropout
-    ({"steps": 2000}, 1_000_000, "lstm", 256, 0.0, 0.0, False),  # 4 epochs of batch 32 x seq 64: none
-    ({}, 5_000_000, "lstm", 512, 0.1, 0.0, False),
-    ({}, 20_000, "lstm", 64, 0.0, 0.0, False),  # tiny corpora: halved down to 64 units, no dropout
+@pytest.mark.parametrize("budget,speed,chars,cell,hidden,dropout,wd,fit", [
+    ({"minutes": 5}, 1, 1_000_000, "gru", 256, 0.1, 0.0, True),  # short budgets: a small, fast GRU that sees more data
+    ({"minutes": 5}, 2.5, 1_000_000, "gru", 384, 0.2, 0.0, True),  # at bf16's speed a larger one (12.5 float32 minutes)
+    ({"minutes": 15}, 1, 1_000_000, "gru", 384, 0.2, 0.0, True),  # as for that much time in float32
+    ({"minutes": 30}, 1, 1_000_000, "lstm", 512, 0.2, 0.3, True),  # longer ones: an LSTM of 512 units ...
+    ({"minutes": 10}, 2.5, 1_000_000, "lstm", 512, 0.2, 0.3, True),  # (25 float32 minutes)
+    ({"minutes": 30}, 2.5, 1_000_000, "lstm", 768, 0.2, 0.3, True),  # 75 float32 minutes: 768 units ...
+    ({"minutes": 30}, 2.5, 900_000, "lstm", 512, 0.2, 0.3, True),  # ... where the text has 8 parameters' worth
+    ({"minutes": 30}, 1, 400_000, "lstm", 256, 0.3, 0.0, True),  # ... halved while over 4 parameters per character
+    ({"minutes": 30, "epochs": 2}, 1, 1_000_000, "lstm", 512, 0.1, 0.0, True),  # until fitted: --epochs ends it sooner
+    ({}, 1, 1_000_000, "lstm", 256, 0.15, 0.0, False),  # no budget: 10 epochs
+    ({}, 2.5, 1_000_000, "lstm", 256, 0.15, 0.0, False),  # the speed sizes time budgets only
+    ({"epochs": 40}, 1, 1_000_000, "lstm", 256, 0.2, 0.3, False),  # more epochs: weight drop, less output dropout
+    ({"steps": 2000}, 1, 1_000_000, "lstm", 256, 0.0, 0.0, False),  # 4 epochs of batch 32 x seq 64: none
+    ({}, 1, 5_000_000, "lstm", 512, 0.1, 0.0, False),
+    ({}, 1, 20_000, "lstm", 64, 0.0, 0.0, False),  # tiny corpora: halved down to 64 units, no dropout
 ])
-def test_choose_size_follows_the_budget_and_the_corpus(budget, chars, cell, hidden, dropout, wd, fit):
+def test_choose_size_follows_the_budget_and_the_corpus(budget, speed, chars, cell, hidden, dropout, wd, fit):
     """The choices for typical corpora and budgets; the dropout and weight drop are provisional
     (`fit`) where a --minutes run refits them once it knows its speed. The config as given is left
     as it was."""
     given = replace(TrainConfig(), **budget)
-    f = choose_size(given, chars)
+    f = choose_size(given, chars, speed)
     assert (f.cell, f.hidden, f.dropout, f.weight_drop, f.dropout_pending) == (cell, hidden, dropout, wd, fit)
-    assert approx_params(f.cell, given.layers, f.hidden) <= 4 * chars or f.hidden <= 64
+    assert approx_params(f.cell, given.layers, f.hidden) <= (8 if f.hidden == 768 else 4) * chars or f.hidden <= 64
     assert (given.cell, given.hidden, given.dropout, given.weight_drop) == (None, None, None, None)
     assert f.epochs == (None if budget else DEFAULT_EPOCHS)  # the default budget is a fitted value
     for fixed_cell in ("lstm", "gru", "rnn"):  # what the user set is kept, and never refitted
@@ -164,12 +170,15 @@ def test_dropout_grows_with_epochs_and_parameters_per_character(params, chars, e
 
 
 def test_dropout_passes_through_its_measured_anchors():
-    """The two measured points: 10 epochs of a 2x256 GRU, 12-15 of a 2x512 LSTM on ~1 MB."""
-    for x, d in (DROPOUT_LOW, DROPOUT_HIGH):
+    """The three measured points: 10 epochs of a 2x256 GRU, 17 of a 2x384 GRU, 12-15 of a 2x512
+    LSTM on ~1 MB; and between them, monotone."""
+    for x, d in (DROPOUT_LOW, DROPOUT_MID, DROPOUT_HIGH):
         assert dropout_for(1_000_000, 1_000_000, x) == d
         assert dropout_for(500_000, 2_000_000, 4 * x) == d
     assert dropout_for(1_000_000, 1_000_000, DROPOUT_LOW[0] / 10) == 0.0
     assert dropout_for(1_000_000, 1_000_000, DROPOUT_HIGH[0] * 10) == 0.5
+    xs = np.geomspace(DROPOUT_LOW[0], DROPOUT_HIGH[0], 200)
+    assert all(np.diff([dropout_for(1_000_000, 1_000_000, x) for x in xs]) >= 0)
 
 
 @pytest.mark.parametrize("budget_s,epochs_cap", [(300.0, None), (1200.0, None), (1200.0, 3.0)])

@@ -29,11 +29,12 @@ def test_choose_follows_the_cpu(monkeypatch):
     assert precision.choose("auto", precision.AUTO_MIN_HIDDEN - 1) == ("fp32", None)  # too small to gain
     assert precision.choose("bf16", 16) == ("bf16", None)  # asked for: given
     assert precision.choose("fp32", 512) == ("fp32", None)
-    assert precision.choose("auto", 256, minutes=5) == ("fp32", None)  # a time budget sized for float32
-    assert precision.choose("bf16", 256, minutes=5) == ("bf16", None)  # unless asked for
+    assert precision.speedup("bf16") == precision.AMX_SPEEDUP > 1  # what a time budget is sized for
+    assert precision.speedup("fp32") == 1.0
     monkeypatch.setattr(gemm16, "backends", lambda: ("dot",))
     assert precision.choose("auto", 256) == ("measure", None)
     assert precision.choose("bf16", 256) == ("bf16", None)
+    assert precision.speedup("bf16") == precision.speedup("measure") == 1.0  # not measured: sized as float32
     monkeypatch.setattr(gemm16, "backends", lambda: ())
     assert precision.choose("auto", 256) == ("fp32", None)
     p, line = precision.choose("bf16", 256)

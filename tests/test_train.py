@@ -230,7 +230,7 @@ def test_resume_with_steps_fits_a_dropout_left_open(corpus, tmp_path, monkeypatc
     real_choose = charrnn.budget.choose_size
     # what a --minutes run saves before its fit: the provisional rate, still to be fitted
     monkeypatch.setattr(charrnn.budget, "choose_size",
-                        lambda cfg, n: replace(real_choose(cfg, n), dropout=0.0, dropout_pending=True))
+                        lambda cfg, n, *speed: replace(real_choose(cfg, n, *speed), dropout=0.0, dropout_pending=True))
     out = str(tmp_path / "run")
     with monkeypatch.context() as m:
         m.setattr(charrnn.budget, "dropout_at_end", lambda cfg, fitted, *a: (fitted, "not yet"))  # stopped before it
