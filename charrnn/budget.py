@@ -93,7 +93,9 @@ def choose_size(cfg: TrainConfig, n_train_chars: int, speed: float = 1.0) -> Fit
         elif (minutes is not None and minutes > LONG_BUDGET_MINUTES
               and approx_params(cell, cfg.layers, 768) <= 8 * n):
             # 30 minutes of bf16 (75 float32 minutes): a 2x512 LSTM would see ~44 epochs, a 2x768
-            # the ~20 at which the 2x512 LSTM did best in 30 float32 minutes (1.4224 / 1.4176)
+            # the ~20 at which the 2x512 LSTM did best in 30 float32 minutes (1.4224 / 1.4176). The
+            # 2x768 reached 1.4101 / 1.4230 (quality_30min.txt), best near epoch 10-13: it overfits after
+            # that with the weight drop and dropout regularise() gives it
             hidden, cap = 768, 8
         elif minutes is not None or n_train_chars >= 2_000_000:
             # longer budgets: 512 units, up to 4 parameters per character. In 30 minutes on tiny
