@@ -138,8 +138,8 @@ class Model:
     packed_steps(), which sees a change only when repacked)."""
 
     # Scoring one stream (eval, validation) runs the layers as a pipeline over chunks of this many
-    # steps when there are threads and layers to share, up to this hidden size; above it each step
-    # is big enough to split by units. Measured on 2x128 / 2x256 / 2x384 / 2x512 LSTMs, 2 threads:
+    # steps, up to this hidden size (with one thread or one layer, the same kernel runs the layers
+    # in turn); above it each step is big enough to split by units, by the batch kernel. Measured on 2x128 / 2x256 / 2x384 / 2x512 LSTMs, 2 threads:
     # the pipeline 2.1x / 1.35x / 0.78x / 0.86x the speed of the split by units; chunks of 64, 128
     # and 256 steps within noise of each other.
     PIPE_CHUNK = 256
@@ -287,7 +287,7 @@ class Model:
         N = x.shape[0]
         self._check_batch(x.reshape(N, 1), y.reshape(N, 1), h, c, None)
         nll = np.zeros(N, dtype=np.float64)
-        if cfg.layers >= 2 and threads.get_threads() >= 2 and cfg.hidden <= self.PIPE_MAX_H:
+        if cfg.hidden <= self.PIPE_MAX_H:  # one thread, or one layer: the same kernel on one thread
             key = (self.PIPE_CHUNK, threads.get_threads())
             if self._pipe is None or self._pipe[0] != key:
                 C = self.PIPE_CHUNK

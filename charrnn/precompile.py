@@ -32,8 +32,8 @@ def compiling() -> bool:
 class Precompile:
     """Compile (or load from the cache) the kernels a run of `cell` will need, in a background
     thread, while the corpus is read and encoded: the forward/backward and the dropout masks, the
-    optimizer's updates, and the scorer of validation when it will serve (two threads or more and
-    two layers or more; the kernels' types do not depend on the sizes, so a tiny model stands in).
+    optimizer's updates, and the scorer of validation (the kernels' types do not depend on the
+    sizes, so a tiny model stands in).
     A daemon thread: a run that stops early (a bad corpus) does not wait for it, and the cache
     writes are atomic. wait() before training, so that nothing compiles during timed steps."""
 
@@ -69,12 +69,8 @@ class Precompile:
             x = np.zeros((2, 2), np.int32)
             train_step(model, opt, x, x, *model.zero_state(2), None, 1e-3, cfg.clip, cfg.clip_mode,
                        avg=np.zeros(model.n_params, model.dtype), rate=1.0)
-            if "fp32" not in precisions and (threads_n < 2 or cfg.layers < 2):
-                h, c = model.zero_state(2)  # validation scores in float32 by the batch kernel
-                model.forward_backward(x, x, h, c, backward=False)
-            if threads_n >= 2 and cfg.layers >= 2:
-                h, c = model.zero_state(1)
-                model.score(np.zeros(2, np.int32), np.zeros(2, np.int32), h, c)
+            h, c = model.zero_state(1)  # validation's scorer (a model above Model.PIPE_MAX_H units
+            model.score(np.zeros(2, np.int32), np.zeros(2, np.int32), h, c)  # compiles more in warm_up)
         except Exception:  # noqa: BLE001 - the run itself will compile, and report any error, in its own time
             pass
 
@@ -85,8 +81,8 @@ class Precompile:
 
 
 def warm_up(model: Model, precompile: Precompile | None, cfg: TrainConfig, fitted, rep, out: str, then=None):
-    """Compile (or load) the kernels of the run's training steps before its clock starts: not
-    counted against --minutes; an interrupt here has nothing to save (Interrupted, with what is
+    """Compile (or load) the kernels of the run's training steps and of its validation before its
+    clock starts: not counted against --minutes; an interrupt here has nothing to save (Interrupted, with what is
     left of the run in `out`). The background compile first: this thread waits for it in short
     slices, so an interrupt is seen at once (a compile in this thread would hold it for many
     seconds). `then()`: more work before training (measuring the precision), under the same rule."""
@@ -108,6 +104,10 @@ def warm_up(model: Model, precompile: Precompile | None, cfg: TrainConfig, fitte
             model.warm_up(dropout=cfg.dropout > 0 or fitted.dropout_pending,
                           weight_drop=cfg.weight_drop > 0 or (fitted.dropout_pending and fitted.weight_drop_open),
                           precision=fitted.precision)
+            # validation's scorer, the one this model's size takes (a bf16 run's validation above
+            # Model.PIPE_MAX_H units is float32's batch kernel), so that no validation compiles
+            h, c = model.zero_state(1)
+            model.score(np.zeros(2, np.int32), np.zeros(2, np.int32), h, c)
             if then is not None:
                 then()
         except (KeyboardInterrupt, signals.SignalExit) as e:

@@ -11,17 +11,20 @@ from tests.common import CASE_IDS, CASES, make, ref_nll, ref_run, two_threads
 
 
 # ----------------------------------------------------------------------------- 5b. scoring one stream
+@pytest.mark.parametrize("path", ["pipe", "batch"])
 @pytest.mark.parametrize("nthreads,chunk", [(1, 256), (2, 3), (2, 256)], ids=["1thr", "2thr-chunk3", "2thr-chunk256"])
 @pytest.mark.parametrize("L", [1, 2, 3])
 @pytest.mark.parametrize("cell,nonlin", CASES, ids=CASE_IDS)
-def test_score_matches_reference(cell, nonlin, L, nthreads, chunk, restore_threads, monkeypatch):
-    """Model.score (the layer pipeline with 2 threads and 2+ layers, else the batch forward) gives
-    the reference's -log p(y) at every position and its final state, whatever the chunking."""
+def test_score_matches_reference(cell, nonlin, L, nthreads, chunk, path, restore_threads, monkeypatch):
+    """Model.score (the layer pipeline up to PIPE_MAX_H units, on as many threads as there are
+    layers to share; above it the batch forward) gives the reference's -log p(y) at every position
+    and its final state, whatever the chunking."""
     if nthreads == 2:
         two_threads()
     else:
         threads.set_threads(1)
     monkeypatch.setattr(Model, "PIPE_CHUNK", chunk)
+    monkeypatch.setattr(Model, "PIPE_MAX_H", 256 if path == "pipe" else 4)
     m, x, y, h, c = make(cell, nonlin, L, V=9, H=8, T=23, B=1, seed=31)
     _loss, logits, hT, cT, *_ = ref_run(m, x, y, h, c)
     h1, c1 = h.copy(), c.copy()
