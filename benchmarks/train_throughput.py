@@ -244,7 +244,7 @@ def main():
               f"{peak('charrnn'):8.0f} {peak('torch'):9.0f}")
         if "charrnn-bf16" in sides or "torch-bf16" in sides:
             bm, tb = med("charrnn-bf16"), med("torch-bf16")
-            best = max(v for v in (fm, tb) if v == v)  # PyTorch's fastest setting measured in this run
+            best = max((v for v in (fm, tb) if v == v), default=float("nan"))  # PyTorch's fastest measured here
             print(f"{'':4s} charrnn bf16 {bm:,.0f} chars/s ({med('charrnn-bf16', 'gflops'):.1f} GFLOP/s, "
                   f"{peak('charrnn-bf16'):.0f} MiB): {bm / cm:.2f}x charrnn fp32; torch bf16 autocast {tb:,.0f} "
                   f"({tb / fm:.2f}x torch-fused); charrnn bf16 / PyTorch's fastest {bm / best:.2f}x")

@@ -319,10 +319,10 @@ def _guarded(M, N, dtype, guard=80):
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-13), (np.float32, 2e-6)])
 @pytest.mark.parametrize("G,H,u0,u1", [(1, 1, 0, 1), (4, 5, 0, 5), (3, 40, 7, 33), (4, 70, 35, 70), (1, 300, 0, 300)])
-@pytest.mark.parametrize("M", [1, 2, gemm.MR - 1, gemm.MR, gemm.MR + 1, 2 * gemm.MR + 3])
+@pytest.mark.parametrize("M", [1, 2, gemm.MR - 1, gemm.MR, gemm.MR + 1, gemm.MR + 5, 2 * gemm.MR + 3])
 def test_packed_matmul_matches_numpy(dtype, rtol, G, H, u0, u1, M):
     """_mm_packed over _pack_fwd / _pack_bwd panels equals the float64 product, for row counts
-    around the tile height, partial last panels and column blocks, and K above the k block (the
+    around the tile height and cut into tiles of unequal heights, partial last panels and column blocks, and K above the k block (the
     accumulating path); nothing is written past C."""
     W, A, D = _packed_case(dtype, G, H, u0, u1, M)
     Hp = u1 - u0
