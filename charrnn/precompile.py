@@ -82,10 +82,11 @@ class Precompile:
 
 def warm_up(model: Model, precompile: Precompile | None, cfg: TrainConfig, fitted, rep, out: str, then=None):
     """Compile (or load) the kernels of the run's training steps and of its validation before its
-    clock starts: not counted against --minutes; an interrupt here has nothing to save (Interrupted, with what is
-    left of the run in `out`). The background compile first: this thread waits for it in short
-    slices, so an interrupt is seen at once (a compile in this thread would hold it for many
-    seconds). `then()`: more work before training (measuring the precision), under the same rule."""
+    clock starts: not counted against --minutes; an interrupt here has nothing to save
+    (Interrupted, with what is left of the run in `out`). The background compile first: this
+    thread waits for it in short slices, so an interrupt is seen at once (a compile in this thread
+    would hold it for many seconds). `then()`: more work before training (measuring the
+    precision), under the same rule."""
     from charrnn.kernels.jit import compile_notice
 
     said = []

@@ -9,10 +9,10 @@ is the packed micro-kernel of gemm.py on panels packed once, and a few loops ove
 
 Threads split every layer's units as in training and generation (each packs and keeps its own
 rows of W_hh and of W_ih of layers 1..), and meet at a barrier after each layer; from DECODE_SPLIT
-streams on, each decodes its share of the streams and takes their log-softmax, and they meet again;
-thread 0 runs the search's bookkeeping and reorders the state, then all meet again. The split changes no
-number: every product sums over k in the same order whatever the block, so one thread and two
-give the same hypotheses.
+streams on, each decodes its share of the streams and takes their log-softmax, and they meet
+again; thread 0 runs the search's bookkeeping and reorders the state, then all meet again. The
+split changes no number: every product sums over k in the same order whatever the block or the
+rows, so one thread and two give the same hypotheses.
 
 Steps of a beam of one (greedy decoding) use the sampler's own single-stream step (sample.step),
 so a beam of one is exactly `--temp 0` sampling.
