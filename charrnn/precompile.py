@@ -37,8 +37,8 @@ class Precompile:
     A daemon thread: a run that stops early (a bad corpus) does not wait for it, and the cache
     writes are atomic. wait() before training, so that nothing compiles during timed steps."""
 
-    def __init__(self, cfg: TrainConfig, cell: str, threads_n: int, precisions=("fp32",)):
-        self._args = (cfg, cell, threads_n, tuple(precisions))
+    def __init__(self, cfg: TrainConfig, cell: str, precisions=("fp32",)):
+        self._args = (cfg, cell, tuple(precisions))
         self.compiled = False  # whether anything had to compile (not only load from the cache)
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         _started[:] = [t for t in _started if t.is_alive()]  # only the ones still at work are of interest
@@ -57,7 +57,7 @@ class Precompile:
             self._compile()
 
     def _compile(self):
-        cfg, cell, threads_n, precisions = self._args
+        cfg, cell, precisions = self._args
         try:
             model = Model(ModelConfig(cell=cell, layers=2, hidden=8, vocab_size=4, nonlinearity=cfg.nonlinearity))
             for p in precisions:  # only what the run will use: each is a kernel of its own

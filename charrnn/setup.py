@@ -63,35 +63,31 @@ def new_run(paths, cfg: TrainConfig, out: str | None, quiet: bool = False, runs_
     optimizer and state (float64 for the tests that compare runs exactly)."""
     base = finetune.load_base(cfg)  # None for an ordinary run
     cfg = finetune.adopt(cfg, base, explicit)
-    if cfg.hidden is not None:  # a size no checkpoint holds is refused before the corpus is read
-        check_loadable(ModelConfig(cell=budget.chosen_cell(cfg, _speed(cfg)), layers=cfg.layers, hidden=cfg.hidden,
-                                   vocab_size=4, nonlinearity=cfg.nonlinearity), cfg.batch)
+    # the precision before the size is known, and the speed a time budget is sized for (choose_size)
     chosen, prec_note = precision.choose(cfg.precision, cfg.hidden)
-    early = Precompile(cfg, budget.chosen_cell(cfg, _speed(cfg)), threads.set_threads(cfg.threads),
-                       ("fp32", "bf16") if chosen == "measure" else (chosen,))
+    speed = precision.speedup(chosen)
+    if cfg.hidden is not None:  # a size no checkpoint holds is refused before the corpus is read
+        check_loadable(ModelConfig(cell=budget.chosen_cell(cfg, speed), layers=cfg.layers, hidden=cfg.hidden,
+                                   vocab_size=4, nonlinearity=cfg.nonlinearity), cfg.batch)
+    threads.set_threads(cfg.threads)
+    early = Precompile(cfg, budget.chosen_cell(cfg, speed), ("fp32", "bf16") if chosen == "measure" else (chosen,))
     if prec_note:
         note(quiet, prec_note)
     corpus = read_corpus(paths, cfg.encoding, cfg.docs, cfg.max_input)  # one reading: hash, counts, vocabulary
     try:
-        prep = _new(cfg, out, quiet, runs_dir, corpus, base, np.dtype(dtype))
+        prep = _new(cfg, out, quiet, runs_dir, corpus, base, np.dtype(dtype), speed)
     finally:
         corpus.close()  # stdin's spool
     prep.precompile = early
     return prep
 
 
-def _speed(cfg: TrainConfig) -> float:
-    """The speed a new run is sized for (budget.choose_size): that of the precision it would take
-    before its size is known."""
-    return precision.speedup(precision.choose(cfg.precision, cfg.hidden)[0])
-
-
-def _new(cfg: TrainConfig, out: str | None, quiet: bool, runs_dir: str, corpus, base, dtype) -> Prepared:
+def _new(cfg: TrainConfig, out: str | None, quiet: bool, runs_dir: str, corpus, base, dtype, speed: float) -> Prepared:
     if cfg.docs is not None and corpus.doc_count == 0:
         raise DataError("the corpus holds no documents")
     vocab, capped, plan = _choose_vocab(cfg, corpus, base)
     n_train = int(corpus.chars * (1 - cfg.val_frac))
-    fitted = budget.choose_size(cfg, n_train, _speed(cfg))
+    fitted = budget.choose_size(cfg, n_train, speed)
     chosen, _ = precision.choose(cfg.precision, fitted.hidden)
     fitted = replace(fitted, precision="fp32" if chosen == "measure" else chosen)
     mcfg = ModelConfig(cell=fitted.cell, layers=cfg.layers, hidden=fitted.hidden, vocab_size=vocab.size,
@@ -196,9 +192,8 @@ def _resume(rundir: RunDir, path: str, steps, epochs, minutes, quiet, threads_n)
     if run.fitted.precision == "bf16" and precision.backend() is None:
         note(quiet, "note: the run trained with bf16 products, which this CPU does not have; it goes on in float32")
         run.fitted = replace(run.fitted, precision="fp32")
-    early = Precompile(run.config, ck.model.cfg.cell,
-                       threads.set_threads(threads_n if threads_n is not None else run.given.threads),
-                       (run.fitted.precision,))
+    threads.set_threads(threads_n if threads_n is not None else run.given.threads)
+    early = Precompile(run.config, ck.model.cfg.cell, (run.fitted.precision,))
     tokens = _resumed_tokens(run, run_dir, ck.vocab, quiet)
     if steps is not None or epochs is not None:
         # a new budget replaces the old one, the default budget included

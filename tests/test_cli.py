@@ -366,7 +366,7 @@ def test_the_exit_skips_shutdown_only_while_the_early_compile_runs(monkeypatch):
     settle()
     app._exit_now_if_compiling(0)
     assert exits == []
-    precompile.Precompile(TrainConfig(), "lstm", 1)
+    precompile.Precompile(TrainConfig(), "lstm")
     try:
         app._exit_now_if_compiling(3)
         assert exits == [3]

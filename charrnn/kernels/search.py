@@ -372,18 +372,15 @@ def _search_threads(p, n, cell, net, pk, wk, sr, h, c, end_id, t0, t1, sync):
         for k in range(L):
             layer_block(cell, net, pk, wk, sr.tok, nb, k, p)
             ep = barrier(sync, p, n, ep)  # layer k's new state is complete
-        split = nb >= DECODE_SPLIT
-        if split:  # each thread decodes its share of the streams
-            r0, r1 = (nb * p) // n, (nb * (p + 1)) // n
+        split = nb >= DECODE_SPLIT  # each thread decodes its share of the streams, or thread 0 all
+        if split or p == 0:
+            r0, r1 = ((nb * p) // n, (nb * (p + 1)) // n) if split else (0, nb)
             decode(net, pk, wk, r0, r1)
             for r in range(r0, r1):
                 log_softmax_row(wk.logits[r], sr.lp[r])
+        if split:
             ep = barrier(sync, p, n, ep)  # every stream's logits and log-softmax are complete
         if p == 0:
-            if not split:
-                decode(net, pk, wk, 0, nb)
-                for r in range(nb):
-                    log_softmax_row(wk.logits[r], sr.lp[r])
             nk = position(sr, rows(wk.logits, 0, nb), t, end_id)
             if nk == 0:
                 raise_flag(sync, STOP, 1)
