@@ -25,10 +25,9 @@ import sys
 import tempfile
 import time
 
-from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
+from tinyshakespeare import required as corpus_path  # --source, $CHARRNN_CORPUS, ../shared/corpora, or a download
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = tinyshakespeare()
 
 # The child: charrnn train through its CLI, with train_step wrapped to note when the first step starts.
 CHILD = r"""
@@ -84,7 +83,7 @@ def run_child(env, text: str, out: str, extra) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=1000, help="size of the text in megabytes (10^6 bytes)")
-    ap.add_argument("--source", default=SOURCE, help="the text to repeat")
+    ap.add_argument("--source", default=None, help="the text to repeat")
     ap.add_argument("--text", default=None, help="use (or make) this text file, and keep it")
     ap.add_argument("--keep", action="store_true", help="keep the text made under /tmp")
     ap.add_argument("--code", default=None, help="a checkout to benchmark instead of this one (put on PYTHONPATH)")
@@ -92,6 +91,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--val-frac", default="0.0001")
     args = ap.parse_args()
+    args.source = corpus_path(args.source)
 
     env = dict(os.environ, PYTHONPATH=os.path.abspath(args.code or ROOT))
     work = tempfile.mkdtemp(prefix="charrnn-big-", dir="/tmp")

@@ -38,8 +38,7 @@ import sysconfig
 import tempfile
 import time
 
-from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
-CORPUS = tinyshakespeare()
+from tinyshakespeare import required as corpus_path  # --corpus, $CHARRNN_CORPUS, ../shared/corpora, or a download
 BASE_CHARS = 800_000
 DOC_CHARS = 400_000
 
@@ -92,7 +91,7 @@ def eval_loss(model: str, path: str) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", default=CORPUS)
+    ap.add_argument("--corpus", default=None)
     ap.add_argument("--base-steps", type=int, default=3000)
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -100,6 +99,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="directory for the runs (default: a temporary one)")
     args = ap.parse_args()
+    args.corpus = corpus_path(args.corpus)
     root = args.out or tempfile.mkdtemp(prefix="charrnn-finetune-")
     os.makedirs(root, exist_ok=True)
     with open(args.corpus, encoding="utf-8") as f:

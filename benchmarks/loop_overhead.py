@@ -21,8 +21,7 @@ import time
 
 import numpy as np
 
-from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
-CORPUS = tinyshakespeare()
+from tinyshakespeare import required as corpus_path  # --corpus, $CHARRNN_CORPUS, ../shared/corpora, or a download
 
 
 def bare(text, hidden, batch, seq, steps, dropout):
@@ -103,8 +102,9 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--corpus", default=CORPUS)
+    ap.add_argument("--corpus", default=None)
     args = ap.parse_args()
+    args.corpus = corpus_path(args.corpus)
     text = open(args.corpus, encoding="utf-8").read()
     b, lp, own = [], [], []
     for r in range(args.rounds):

@@ -23,8 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
-CORPUS = tinyshakespeare()
+from tinyshakespeare import required as corpus_path  # --corpus, $CHARRNN_CORPUS, ../shared/corpora, or a download
 
 
 def run(opts: str, minutes: float, corpus: str, out_root: str, steps: int | None = None):
@@ -46,12 +45,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--steps", type=int, default=None, help="a budget of updates instead of minutes")
-    ap.add_argument("--corpus", default=CORPUS)
+    ap.add_argument("--corpus", default=None)
     ap.add_argument("--out", default=None, help="directory for the runs (default: a temporary one)")
     ap.add_argument("configs", nargs="*", default=[""], help="extra charrnn train options per run")
     args = ap.parse_args()
-    if not os.path.exists(args.corpus):
-        raise SystemExit(f"corpus not found: {args.corpus}")
+    args.corpus = corpus_path(args.corpus)
     out_root = args.out or tempfile.mkdtemp(prefix="charrnn-quality-")
     os.makedirs(out_root, exist_ok=True)
     for opts in args.configs:

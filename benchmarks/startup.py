@@ -31,8 +31,7 @@ import sys
 import tempfile
 import time
 
-from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
-CORPUS = tinyshakespeare()
+from tinyshakespeare import required as corpus_path  # --corpus, $CHARRNN_CORPUS, ../shared/corpora, or a download
 
 
 def timed(cmd, env, marker_stream, marker, cwd):
@@ -106,12 +105,13 @@ def compare(train, env, precisions, rounds):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--code", default=None, help="a checkout to measure instead of the installed charrnn")
-    ap.add_argument("--corpus", default=CORPUS)
+    ap.add_argument("--corpus", default=None)
     ap.add_argument("--precision", default=None, help="passed to the train commands (default: train's own)")
     ap.add_argument("--compare", default=None, metavar="P1,P2",
                     help="only cold first trains, alternating these precisions (see above)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
     args = ap.parse_args()
+    args.corpus = corpus_path(args.corpus)
     env = dict(os.environ)
     if args.code:
         env["PYTHONPATH"] = os.path.abspath(args.code)

@@ -8,7 +8,7 @@ bytes): the first of
 
 and when none of them exists, a download from its public address into 3, checked against its
 SHA-256 before it is kept. A script's own --corpus option (where it has one) comes before all of
-these. The tests never use this module's corpus, and nothing here runs at import.
+these, and nothing is looked for or fetched when it is given (`required`). The tests never use this module's corpus, and nothing here runs at import.
 
     python benchmarks/tinyshakespeare.py     # print the path, downloading the file once if needed
 """
@@ -86,6 +86,16 @@ def corpus(fetch: bool = True) -> str | None:
     except (OSError, ValueError) as e:
         print(f"tinyshakespeare: {e}", file=sys.stderr)
         return None
+
+
+def required(path: str | None = None) -> str:
+    """The corpus a script runs on: `path` (its own --corpus or --source) when given, else corpus();
+    when there is none, the script ends with one line on stderr and status 1."""
+    path = path or corpus()
+    if path is None or not os.path.isfile(path):
+        sys.exit(f"corpus not found: {path}" if path else
+                 f"no corpus: set ${ENV}, or put {NAME} in ../shared/corpora or {cache_path()}")
+    return path
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ import argparse
 import os
 import time
 
-from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
-CORPUS = tinyshakespeare()
+from tinyshakespeare import required as corpus_path  # --corpus, $CHARRNN_CORPUS, ../shared/corpora, or a download
 
 
 def main():
@@ -30,8 +29,9 @@ def main():
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--corpus", default=CORPUS)
+    ap.add_argument("--corpus", default=None)
     args = ap.parse_args()
+    args.corpus = corpus_path(args.corpus)
 
     import numpy as np
     import torch

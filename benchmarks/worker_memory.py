@@ -23,8 +23,7 @@ import sys
 import tempfile
 import time
 
-from tinyshakespeare import corpus as tinyshakespeare  # $CHARRNN_CORPUS, ../shared/corpora, or a download
-SHAKESPEARE = tinyshakespeare()
+from tinyshakespeare import required as corpus_path  # --source, $CHARRNN_CORPUS, ../shared/corpora, or a download
 
 
 def smaps(pid: int) -> dict:
@@ -68,8 +67,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=1000)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--source", default=SHAKESPEARE)
+    ap.add_argument("--source", default=None)
     args = ap.parse_args()
+    args.source = corpus_path(args.source)
     tmp = tempfile.mkdtemp(prefix="charrnn-memory-")
     try:
         text = os.path.join(tmp, "big.txt")

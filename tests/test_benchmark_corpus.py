@@ -61,3 +61,18 @@ def test_the_published_checksum_is_tiny_shakespeares():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.sha256_of(shared) == mod.SHA256
+
+
+def test_a_scripts_own_path_is_used_without_looking_further_and_a_missing_one_is_one_line(ts, monkeypatch, tmp_path):
+    mine = tmp_path / "mine.txt"
+    mine.write_text("text")
+    monkeypatch.setattr(ts, "corpus", lambda fetch=True: pytest.fail("looked for another corpus"))
+    assert ts.required(str(mine)) == str(mine)
+    with pytest.raises(SystemExit, match="corpus not found: .*absent.txt"):
+        ts.required(str(tmp_path / "absent.txt"))
+
+
+def test_no_corpus_anywhere_ends_the_script_with_one_line_not_a_traceback(ts, monkeypatch):
+    monkeypatch.setattr(ts, "download", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    with pytest.raises(SystemExit, match=r"no corpus: set \$CHARRNN_CORPUS"):
+        ts.required(None)
