@@ -528,3 +528,36 @@ def test_locked_dropout_masks_are_one_mask_per_stream_for_every_step(dtype, rest
                                       a[:, :, b0:b1])
     threads.set_threads(1)
     np.testing.assert_array_equal(m.dropout_masks(T, B, seed=7, step=5, p=p, locked=True), a)
+
+
+# ----------------------------------------------------------------------------- buffers
+@pytest.mark.parametrize("huge", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5), (2, (1 << 18) + 7)])  # below and above layout.HUGE_FROM in float32
+def test_buffers_are_zeroed_aligned_writable_and_outlive_their_mapping(huge, shape):
+    import gc
+
+    from charrnn.kernels import layout
+
+    a = layout.empty(shape, np.float32, huge=huge)
+    assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data % layout.ALIGN == 0 and not a.any()
+    if huge and a.nbytes >= layout.HUGE_FROM and layout.huge_zeros(1) is not None:
+        assert a.ctypes.data % layout.HUGE_PAGE == 0  # on its own mapping, at a huge page's start
+    a[...] = 7.0
+    b = a[1:]  # a view alone keeps the memory: no use after the mapping is gone
+    del a
+    gc.collect()
+    assert (b == 7.0).all()
+    rows = layout.per_thread(2, 1000, np.float32, huge=huge)
+    assert rows.shape[0] == 2 and rows[1].ctypes.data % layout.ALIGN == 0
+
+
+def test_buffers_fall_back_to_ordinary_memory_without_private_mappings(monkeypatch):
+    import mmap
+
+    from charrnn.kernels import layout
+
+    monkeypatch.delattr(mmap, "MAP_PRIVATE")  # as on a platform without them (Windows)
+    assert layout.huge_zeros(1 << 21) is None
+    a = layout.empty((1 << 19,), np.float32, huge=True)
+    assert a.ctypes.data % layout.ALIGN == 0 and not a.any() and a.flags.writeable

@@ -839,7 +839,7 @@ def workspace(backend: str, n: int, K_max: int, N_max: int, KN_max: int, wp_size
     cfg = per_thread(n, 64, np.uint8)
     cfg[:] = amx_tile_config()
     return cls(ab=per_thread(n, ab, np.uint16), bp=per_thread(n, bp, np.uint16),
-               wp=per_thread(n, max(1, wp_size), np.uint16), cs=per_thread(n, cs, np.float32),
+               wp=per_thread(n, max(1, wp_size), np.uint16, huge=True), cs=per_thread(n, cs, np.float32),
                ft=per_thread(n, MC * KB, np.float32), cfg=cfg)
 
 

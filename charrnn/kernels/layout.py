@@ -10,6 +10,7 @@ Every array allocated here starts on a 64-byte boundary, and every per-thread ro
 packed weight panels of gemm.py never straddle a cache line and no two threads write one line.
 """
 
+import mmap
 from collections import namedtuple
 
 import numpy as np
@@ -19,6 +20,11 @@ from charrnn.kernels.jit import helper
 from charrnn.kernels.sync import sync_words
 
 ALIGN = 64  # bytes: one cache line, one AVX-512 register
+HUGE_PAGE = 1 << 21  # bytes: x86-64's transparent huge page
+# Packed weights (empty(huge=True)) from this size on go on huge pages (huge_zeros); smaller ones
+# would waste most of a 2 MiB page. Measured on the 2-core Xeon, interleaved rounds against the same
+# code without (benchmarks/results/beam_throughput.txt, train_throughput.txt).
+HUGE_FROM = 1 << 20
 
 Net = namedtuple("Net", [
     "theta",  # (P,) every parameter, flat; the views come from offs
@@ -96,20 +102,51 @@ Plan = namedtuple("Plan", [
 ])
 
 
-def empty(shape, dtype) -> np.ndarray:
-    """A zeroed C-contiguous array whose data starts on an ALIGN-byte boundary."""
+def empty(shape, dtype, huge: bool = False) -> np.ndarray:
+    """A zeroed C-contiguous array whose data starts on an ALIGN-byte boundary. `huge`: for arrays
+    every step reads whole (packed weights), on 2 MiB pages where the system gives them and the
+    array has HUGE_FROM bytes or more (huge_zeros)."""
     dtype = np.dtype(dtype)
     shape = (shape,) if np.isscalar(shape) else tuple(int(s) for s in shape)
     n = int(np.prod(shape, dtype=np.int64))
-    raw = np.zeros(n * dtype.itemsize + ALIGN, dtype=np.uint8)
-    off = (-raw.ctypes.data) % ALIGN
-    return raw[off : off + n * dtype.itemsize].view(dtype).reshape(shape)
+    nbytes = n * dtype.itemsize
+    raw = huge_zeros(nbytes) if huge and nbytes >= HUGE_FROM else None
+    if raw is None:
+        raw = np.zeros(nbytes + ALIGN, dtype=np.uint8)
+        off = (-raw.ctypes.data) % ALIGN
+        raw = raw[off : off + nbytes]
+    return raw.view(dtype).reshape(shape)
 
 
-def per_thread(n: int, length: int, dtype) -> np.ndarray:
-    """(n, length') zeroed, each row starting on an ALIGN-byte boundary (length' >= length)."""
+def huge_zeros(nbytes: int) -> np.ndarray | None:
+    """nbytes zeroed bytes starting on a 2 MiB boundary of a private anonymous mapping advised for
+    transparent huge pages (Linux's madvise(MADV_HUGEPAGE), which is what the usual "madvise"
+    setting of /sys/kernel/mm/transparent_hugepage/enabled waits for); None where the platform
+    has no such mapping. The packed weights of a thread's block (1-1.5 MiB at 256 units) are read
+    whole at every step: on 4 KiB pages, where they fall in the core's L2 depends on which
+    physical pages they got, and some processes ran measurably slower than others. The memory
+    stays mapped while any view of it lives (the array holds the mmap)."""
+    if not (hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS")):
+        return None
+    try:
+        mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, ValueError):
+        return None
+    raw = np.frombuffer(mm, dtype=np.uint8)
+    off = (-raw.ctypes.data) % HUGE_PAGE
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE, off, len(mm) - off)
+        except (OSError, ValueError):
+            pass  # an advice refused leaves ordinary pages: the same numbers, perhaps slower
+    return raw[off : off + nbytes]  # anonymous memory comes zeroed
+
+
+def per_thread(n: int, length: int, dtype, huge: bool = False) -> np.ndarray:
+    """(n, length') zeroed, each row starting on an ALIGN-byte boundary (length' >= length); `huge`
+    as for empty."""
     step = ALIGN // np.dtype(dtype).itemsize
-    return empty((n, max(1, -(-int(length) // step) * step)), dtype)
+    return empty((n, max(1, -(-int(length) // step) * step)), dtype, huge)
 
 
 def net(theta, offs, L, H, V) -> Net:
@@ -141,10 +178,10 @@ def scratch(plan: Plan, G: int, B: int, H: int, V: int, P: int, backward: bool, 
         nb, Hp = int(np.max(np.diff(plan.sb))), H
     packed, matrices = nb > 1, nb == 1 and Hp < H
     return Scratch(
-        wfp=per_thread(n, gemm.packed_size(H, G * Hp) if packed else 0, dtype),
-        wbp=per_thread(n, gemm.packed_size(G * H, Hp) if packed else 0, dtype),
-        wf=per_thread(n, G * Hp * H if matrices else 0, dtype),
-        wb=per_thread(n, G * H * Hp if matrices else 0, dtype),
+        wfp=per_thread(n, gemm.packed_size(H, G * Hp) if packed else 0, dtype, huge=True),
+        wbp=per_thread(n, gemm.packed_size(G * H, Hp) if packed else 0, dtype, huge=True),
+        wf=per_thread(n, G * Hp * H if matrices else 0, dtype, huge=True),
+        wb=per_thread(n, G * H * Hp if matrices else 0, dtype, huge=True),
         hp=per_thread(n, nb * G * Hp, dtype),
         dh=per_thread(n, nb * Hp, dtype), dc=per_thread(n, nb * Hp, dtype), direct=per_thread(n, nb * Hp, dtype),
         w0g=per_thread(n, V * G * H if backward else 0, dtype),

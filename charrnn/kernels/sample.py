@@ -380,7 +380,7 @@ def gen_buffers(cell_name: str, G: int, L: int, nb: int, H: int, ub, dtype) -> G
     Hp = int(np.max(np.diff(ub)))
     uses = lambda slot: cells.uses(cell_name, slot)  # noqa: E731
     e, pt = layout.empty, layout.per_thread
-    return Gen(wf=pt(n, L * G * Hp * H, dtype), wi=pt(n, max(L - 1, 0) * G * Hp * H, dtype),
+    return Gen(wf=pt(n, L * G * Hp * H, dtype, huge=True), wi=pt(n, max(L - 1, 0) * G * Hp * H, dtype, huge=True),
                hp=pt(n, nb * G * Hp, dtype), gp=pt(n, nb * G * Hp, dtype),
                hs=e((L, 2, nb, H), dtype), cs=e((L, 2 if uses("cs") else 0, nb, H), dtype), gates=e((1, nb, G * H), dtype),
                tcs=e((1 if uses("tcs") else 0, nb, H), dtype), hn=e((1 if uses("hn") else 0, nb, H), dtype),

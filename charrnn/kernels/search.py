@@ -419,7 +419,7 @@ def packed_buffers(cell_name: str, G: int, L: int, H: int, V: int, ub, dtype) ->
     Hp = int(np.max(np.diff(ub)))
     chunk = gemm.packed_size(H, G * Hp)
     pt = layout.per_thread
-    return Packed(whh=pt(n, L * chunk, dtype), wih=pt(n, max(L - 1, 1) * chunk, dtype),
+    return Packed(whh=pt(n, L * chunk, dtype, huge=True), wih=pt(n, max(L - 1, 1) * chunk, dtype, huge=True),
                   wd=layout.empty(gemm.packed_size(H, V), dtype), w0t=layout.empty((V, G * H), dtype),
                   ub=np.asarray(ub, dtype=np.int64), chunk=int(chunk))
 
