@@ -8,7 +8,8 @@ bytes): the first of
 
 and when none of them exists, a download from its public address into 3, checked against its
 SHA-256 before it is kept. A script's own --corpus option (where it has one) comes before all of
-these, and nothing is looked for or fetched when it is given (`required`). The tests never use this module's corpus, and nothing here runs at import.
+these, and nothing is looked for or fetched when it is given (`required`). The tests never use
+this module's corpus, and nothing here runs at import.
 
     python benchmarks/tinyshakespeare.py     # print the path, downloading the file once if needed
 """

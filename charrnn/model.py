@@ -140,8 +140,8 @@ class Model:
     # Scoring one stream (eval, validation) runs the layers as a pipeline over chunks of this many
     # steps, up to this hidden size (with one thread or one layer, the same kernel runs the layers
     # in turn); above it each step is big enough to split by units, by the batch kernel. Measured
-    # on 2x128 / 2x256 / 2x384 / 2x512 LSTMs, 2 threads: the pipeline 2.1x / 1.35x / 0.78x / 0.86x the speed of the split by units; chunks of 64, 128
-    # and 256 steps within noise of each other.
+    # on 2x128 / 2x256 / 2x384 / 2x512 LSTMs, 2 threads: the pipeline 2.1x / 1.35x / 0.78x / 0.86x
+    # the speed of the split by units; chunks of 64, 128 and 256 steps within noise of each other.
     PIPE_CHUNK = 256
     PIPE_MAX_H = 256
     # Sampling uses threads (splitting each layer's units) from this hidden size on, with at least

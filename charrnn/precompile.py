@@ -69,8 +69,9 @@ class Precompile:
             x = np.zeros((2, 2), np.int32)
             train_step(model, opt, x, x, *model.zero_state(2), None, 1e-3, cfg.clip, cfg.clip_mode,
                        avg=np.zeros(model.n_params, model.dtype), rate=1.0)
-            h, c = model.zero_state(1)  # validation's scorer (a model above Model.PIPE_MAX_H units
-            model.score(np.zeros(2, np.int32), np.zeros(2, np.int32), h, c)  # compiles more in warm_up)
+            # validation's scorer (a model above Model.PIPE_MAX_H units compiles more in warm_up)
+            h, c = model.zero_state(1)
+            model.score(np.zeros(2, np.int32), np.zeros(2, np.int32), h, c)
         except Exception:  # noqa: BLE001 - the run itself will compile, and report any error, in its own time
             pass
 

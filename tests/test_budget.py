@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charrnn.budget import (DEFAULT_EPOCHS, DROPOUT_HIGH, DROPOUT_LOW, DROPOUT_MID, REFIT_EVERY, Fit, StepTimes, chars_in,
-                            choose_size, dropout_at_end, dropout_for, planned_epochs, refit, regularise, seq_len_at,
-                            steps_in)
+from charrnn.budget import (DEFAULT_EPOCHS, DROPOUT_HIGH, DROPOUT_LOW, DROPOUT_MID, REFIT_EVERY, Fit, StepTimes,
+                            chars_in, choose_size, dropout_at_end, dropout_for, planned_epochs, refit, regularise,
+                            seq_len_at, steps_in)
 from charrnn.budget import DROPOUT_WITH_WEIGHT_DROP, WEIGHT_DROP, WEIGHT_DROP_FROM
 from charrnn.config import Fitted, TrainConfig, effective
 from charrnn.model import approx_params

@@ -322,8 +322,8 @@ def _guarded(M, N, dtype, guard=80):
 @pytest.mark.parametrize("M", [1, 2, gemm.MR - 1, gemm.MR, gemm.MR + 1, gemm.MR + 5, 2 * gemm.MR + 3])
 def test_packed_matmul_matches_numpy(dtype, rtol, G, H, u0, u1, M):
     """_mm_packed over _pack_fwd / _pack_bwd panels equals the float64 product, for row counts
-    around the tile height and cut into tiles of unequal heights, partial last panels and column blocks, and K above the k block (the
-    accumulating path); nothing is written past C."""
+    around the tile height and cut into tiles of unequal heights, partial last panels and column
+    blocks, and K above the k block (the accumulating path); nothing is written past C."""
     W, A, D = _packed_case(dtype, G, H, u0, u1, M)
     Hp = u1 - u0
     Wf = np.concatenate([W[g * H + u0 : g * H + u1] for g in range(G)])  # the block's rows, gate-major
