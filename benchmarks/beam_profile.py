@@ -57,8 +57,8 @@ def best_us(f, reps: int, rounds: int = 7) -> float:
 
 
 @njit(**HELPER)
-def _products(net, pk, wk, nb, p, reps):
-    H, G = net.H, 4
+def _products(net, pk, wk, nb, p, G, reps):
+    H = net.H
     Hp = pk.ub[p + 1] - pk.ub[p]
     for _ in range(reps):
         for k in range(net.L):
@@ -139,10 +139,11 @@ def main():
     wk, pk = ps._work[nb], ps.packed
     lp = np.zeros((nb, V))
     Hp = int(pk.ub[1] - pk.ub[0])
-    flops = 2 * nb * H * 4 * Hp * (2 * m.cfg.layers - 1)
+    G = m.cfg.G
+    flops = 2 * nb * H * G * Hp * (2 * m.cfg.layers - 1)
     print(f"2. one thread's share of a position with two threads (block 0: {Hp} units)")
-    _products(m._net, pk, wk, nb, 0, 1)
-    t = best_us(lambda: _products(m._net, pk, wk, nb, 0, 20), 4, ROUNDS) / 20
+    _products(m._net, pk, wk, nb, 0, G, 1)
+    t = best_us(lambda: _products(m._net, pk, wk, nb, 0, G, 20), 4, ROUNDS) / 20
     print(f"   products        {t:7.1f} us  ({flops / t / 1e3:.0f} GFLOP/s)")
     base = (m.cell, m._net, pk, wk, tok, nb, 0)
     for name, dec in [("layers", False), ("+ decode", True)]:
