@@ -16,7 +16,10 @@ Three parts, all timed as the best of several rounds on this process's warm kern
 3. The serial parts: the decoder, the log-softmax, the top-K of beam.py's rules and the reorder
    of the state by parents (one thread runs the last two while the others wait).
 
-    python benchmarks/beam_profile.py [--width 16] [--hidden 256]
+With --precision bf16 the search and the share run on bfloat16 products (`sample --precision
+bf16`); the products line is float32's only.
+
+    python benchmarks/beam_profile.py [--width 16] [--hidden 256] [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from numba import njit
 
 from charrnn import threads
 from charrnn.beam import beam_search
-from charrnn.kernels import search
+from charrnn.kernels import gemm16, search
 from charrnn.kernels.gemm import mm_packed
 from charrnn.kernels.jit import HELPER
 from charrnn.kernels.layout import thread_rows
@@ -70,24 +73,28 @@ def _products(net, pk, wk, nb, p, G, reps):
 
 
 @njit(**HELPER)
-def _share(cell, net, pk, wk, tok, nb, p, decode, lp, reps):
+def _share(prec, cell, net, pk, wk, tok, nb, p, decode, lp, reps):
+    gemm16.tiles_on(prec, 0)
     for _ in range(reps):
         for k in range(net.L):
-            search.layer_block(cell, net, pk, wk, tok, nb, k, p)
+            search.layer_block(prec, cell, net, pk, wk, tok, nb, k, p)
         if decode:
-            search.decode(net, pk, wk, 0, nb)
+            search.decode(prec, net, pk, wk, 0, 0, nb)
             for r in range(nb):
                 search.log_softmax_row(wk.logits[r], lp[r])
+    gemm16.tiles_off(prec)
 
 
 @njit(**HELPER)
-def _decode_lsm(net, pk, wk, nb, lp, which, reps):
+def _decode_lsm(prec, net, pk, wk, nb, lp, which, reps):
+    gemm16.tiles_on(prec, 0)
     for _ in range(reps):
         if which == 0:
-            search.decode(net, pk, wk, 0, nb)
+            search.decode(prec, net, pk, wk, 0, 0, nb)
         else:
             for r in range(nb):
                 search.log_softmax_row(wk.logits[r], lp[r])
+    gemm16.tiles_off(prec)
 
 
 @njit(**HELPER)
@@ -115,24 +122,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=16, help="beam width K")
     ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = ap.parse_args()
-    K, H = args.width, args.hidden
+    K, H, prec = args.width, args.hidden, args.precision
     nb = K + 1
     vocab = Vocab([chr(32 + i) for i in range(V - 3)])
     m = Model(ModelConfig(layers=2, hidden=H, vocab_size=V)).init(0)
     prime = vocab.encode("THE ")
-    print(f"# 2x{H} LSTM, V = {V}, --beam {K} ({nb} streams)")
+    print(f"# 2x{H} LSTM, V = {V}, --beam {K} ({nb} streams), {prec} products")
 
     print("1. the search, microseconds per position")
     for n in (1, 2):
         threads.set_threads(n)
-        beam_search(m, vocab, prime, K, 20)
-        a = best_us(lambda: beam_search(m, vocab, prime, K, 400), 1, 5)
-        b = best_us(lambda: beam_search(m, vocab, prime, K, 2400), 1, 5)
+        beam_search(m, vocab, prime, K, 20, precision=prec)
+        a = best_us(lambda: beam_search(m, vocab, prime, K, 400, precision=prec), 1, 5)
+        b = best_us(lambda: beam_search(m, vocab, prime, K, 2400, precision=prec), 1, 5)
         print(f"   {n} thread{'s' if n > 1 else ' '}  {(b - a) / 2000:7.1f} us")
     threads.set_threads(1)
 
-    ps = m.packed_steps(blocks=2)
+    ps = m.packed_steps(blocks=2, precision=prec)
     state = State(*m.zero_state(nb))
     tok = (np.arange(nb, dtype=np.int32) % (V - 3)) + 3
     ps.step(tok, state)
@@ -142,10 +150,11 @@ def main():
     G = m.cfg.G
     flops = 2 * nb * H * G * Hp * (2 * m.cfg.layers - 1)
     print(f"2. one thread's share of a position with two threads (block 0: {Hp} units)")
-    _products(m._net, pk, wk, nb, 0, G, 1)
-    t = best_us(lambda: _products(m._net, pk, wk, nb, 0, G, 20), 4, ROUNDS) / 20
-    print(f"   products        {t:7.1f} us  ({flops / t / 1e3:.0f} GFLOP/s)")
-    base = (m.cell, m._net, pk, wk, tok, nb, 0)
+    if prec == "fp32":
+        _products(m._net, pk, wk, nb, 0, G, 1)
+        t = best_us(lambda: _products(m._net, pk, wk, nb, 0, G, 20), 4, ROUNDS) / 20
+        print(f"   products        {t:7.1f} us  ({flops / t / 1e3:.0f} GFLOP/s)")
+    base = (ps.prec, m.cell, m._net, pk, wk, tok, nb, 0)
     for name, dec in [("layers", False), ("+ decode", True)]:
         _share(*base, dec, lp, 1)
         t = best_us(lambda: _share(*base, dec, lp, 20), 4, ROUNDS) / 20
@@ -153,8 +162,8 @@ def main():
 
     print("3. serial parts (one thread)")
     for name, which in [("decode", 0), ("log-softmax", 1)]:
-        _decode_lsm(m._net, pk, wk, nb, lp, which, 1)
-        print(f"   {name:15s} {best_us(lambda: _decode_lsm(m._net, pk, wk, nb, lp, which, 50), 4) / 50:7.1f} us"
+        _decode_lsm(ps.prec, m._net, pk, wk, nb, lp, which, 1)
+        print(f"   {name:15s} {best_us(lambda: _decode_lsm(ps.prec, m._net, pk, wk, nb, lp, which, 50), 4) / 50:7.1f} us"
               f"  (all {nb} streams)")
     score = np.random.default_rng(0).standard_normal(nb) * 0.1
     top_v, top_i = np.zeros(K), np.zeros(K, dtype=np.int64)

@@ -5,6 +5,8 @@ stream) beside it for scale. Each measurement runs in a fresh process after a wa
 
 With --baseline PATH, another checkout of charrnn (today's main, say) is measured as a side of
 its own, interleaved with this one (A B A B ...), and the table gives the ratio of the medians.
+A mode with -bf16 (beam16-bf16) runs `sample --precision bf16`'s search on this side and float32
+on the baseline's (which may predate the option): the ratio is bf16 against that checkout's float32.
 Every measurement records the share of the machine's CPU time that other processes used while it
 ran (/proc/stat less the worker's own os.times()): on two cores, two threads collapse under load,
 so read the ratios together with it.
@@ -23,7 +25,7 @@ import sys
 import time
 
 V = 68
-MODES = ("beam1", "beam4", "beam16", "sample1")
+MODES = ("beam1", "beam4", "beam16", "sample1")  # and beam4-bf16, beam16-bf16
 
 
 def cpu_busy():
@@ -46,11 +48,12 @@ def worker(mode: str, H: int, length: int, nthreads: int | None) -> dict:
     m = Model(ModelConfig(layers=2, hidden=H, vocab_size=V)).init(0)
     prime = vocab.encode("THE ")
     if mode.startswith("beam"):
-        K = int(mode[4:])
-        beam_search(m, vocab, prime, K, 20)  # compile / load the kernels, make the buffers
+        K, _, prec = mode[4:].partition("-")
+        K, kw = int(K), ({"precision": prec} if prec else {})
+        beam_search(m, vocab, prime, K, 20, **kw)  # compile / load the kernels, make the buffers
 
         def run():
-            return len(beam_search(m, vocab, prime, K, length)[0].text)
+            return len(beam_search(m, vocab, prime, K, length, **kw)[0].text)
     else:
         def run():
             opts = SampleOptions(temp=1.0, length=length, num=1, prime="THE ", seed=1)
@@ -93,7 +96,8 @@ def main():
                 env = dict(os.environ)
                 if side == "baseline":
                     env["PYTHONPATH"] = os.path.abspath(args.baseline)
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--hidden", str(args.hidden),
+                run_mode = mode.partition("-")[0] if side == "baseline" else mode
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", run_mode, "--hidden", str(args.hidden),
                        "--length", str(args.length)] + (["--threads", str(args.threads)] if args.threads else [])
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env,
                                      cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -102,11 +106,12 @@ def main():
                     raise SystemExit("worker failed")
                 v = json.loads(out.stdout.strip().splitlines()[-1])
                 res.setdefault((mode, side), []).append(v)
-                print(f"round {r} {mode:8s} {side:8s} {v['chars_per_s']:10,.0f} chars/s "
+                print(f"round {r} {mode:11s} {side:8s} {v['chars_per_s']:10,.0f} chars/s "
                       f"({v['chars_per_cpu_s']:10,.0f} per CPU-second)   other processes {v['other_cpu']:.0%} of the CPUs",
                       flush=True)
     print()
-    head = f"{'mode':8s} {'this':>10s}"
+    width = max(8, *(len(m) for m in modes))
+    head = f"{'mode':{width}s} {'this':>10s}"
     if args.baseline:
         head += f" {'baseline':>10s} {'ratio':>7s}   per CPU-second: {'this':>10s} {'baseline':>10s} {'ratio':>7s}"
     print(head + "   other CPU (median)")
@@ -114,7 +119,7 @@ def main():
         med = {s: statistics.median(x["chars_per_s"] for x in res[(mode, s)]) for s in sides}
         cpu = {s: statistics.median(x["chars_per_cpu_s"] for x in res[(mode, s)]) for s in sides}
         other = statistics.median(x["other_cpu"] for s in sides for x in res[(mode, s)])
-        line = f"{mode:8s} {med['this']:10,.0f}"
+        line = f"{mode:{width}s} {med['this']:10,.0f}"
         if args.baseline:
             line += (f" {med['baseline']:10,.0f} {med['this'] / med['baseline']:6.2f}x   {'':16s}{cpu['this']:10,.0f} "
                      f"{cpu['baseline']:10,.0f} {cpu['this'] / cpu['baseline']:6.2f}x")

@@ -1,10 +1,12 @@
 """Beam search over characters: the most probable continuations of a prime under the model's own
 probabilities (temperature 1), for `charrnn sample --beam K`.
 
-Each position is one Model.step over every live hypothesis (K streams, plus one greedy stream),
-one log-softmax and one top-K over the (K, V) scores in numpy, and one State.take for the parents
-of the survivors: no Python loop over hypotheses in the search itself. Sequences are rebuilt from
-back-pointers once the search ends, so nothing is printed before then.
+Each position is one step of every live hypothesis (K streams, plus one greedy stream), one
+log-softmax and one top-K over the (K, V) scores, and a reordering of the state by the parents of
+the survivors, all compiled (kernels/search.py; tests/beam_reference.py is the numpy search it
+replaced). Sequences are rebuilt from back-pointers once the search ends, so nothing is printed
+before then. The step's products are float32, or with `--precision bf16` bfloat16 operands with
+float32 sums: faster where the CPU has them, and the texts found may differ.
 
 What a hypothesis is, and how hypotheses compare:
 - It ends at <END> (a model trained with --docs), at the first occurrence of a stop string (the
@@ -133,9 +135,10 @@ def _settle(vocab, toks, lps, end, stop_len, greedy=False) -> Hypothesis:
 
 
 def beam_search(model, vocab: Vocab, prime_ids, width: int, length: int, num: int = 1,
-                documents: bool = False, stop: str | None = None) -> list[Hypothesis]:
+                documents: bool = False, stop: str | None = None, precision: str = "fp32") -> list[Hypothesis]:
     """The `num` best distinct sequences a beam of `width` finds after the prime (token ids, no
-    <START>), best first, each at most `length` tokens. See the module's docstring for the rules."""
+    <START>), best first, each at most `length` tokens. See the module's docstring for the rules.
+    `precision` "bf16": the search's products in bfloat16 with float32 sums (Model.run_search)."""
     if width < 1 or length < 1 or not 1 <= num <= width:
         raise UsageError(f"beam search needs width >= 1, length >= 1 and 1 <= num <= width "
                          f"(got width {width}, length {length}, num {num})")
@@ -152,7 +155,7 @@ def beam_search(model, vocab: Vocab, prime_ids, width: int, length: int, num: in
         model.feed(tokens[:-1], state.h, state.c)
     table = matcher.table if matcher is not None else np.zeros((1, V), dtype=np.int32)
     sr = search.search_buffers(width, length, V, banned, table, width > 1, int(tokens[-1]))
-    model.run_search(sr, state.h, state.c, END_ID)  # every position, compiled (kernels/search.py)
+    model.run_search(sr, state.h, state.c, END_ID, precision)  # every position, compiled (kernels/search.py)
     if sr.info[search.I_ERROR]:
         raise CharrnnError("the model's outputs are not finite numbers; is the checkpoint damaged?")
     trail = _Trail(sr)

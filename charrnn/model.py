@@ -164,7 +164,7 @@ class Model:
         self._pipe = None
         self._steps = {}  # streams -> sample.Step buffers
         self._gen = None
-        self._search = None  # ((width, threads), Packed, Work, sync) of the last beam search
+        self._search = None  # ((width, threads, backend), Packed, Work, sync, prec) of the last beam search
         self._dropped = None  # (buffer, Net over it): the weights of a batch run with weight drop
         self.precision = "fp32"  # the products of train.train_step's batches: fp32 | bf16 (charrnn/precision.py)
 
@@ -369,19 +369,24 @@ class Model:
         sample._feed(self.cell, self._net, tokens, h, c, st, np.empty(nb, dtype=np.int32))
         return st.logits.copy()
 
-    def packed_steps(self, blocks: int | None = None) -> "PackedSteps":
+    def packed_steps(self, blocks: int | None = None, precision: str = "fp32") -> "PackedSteps":
         """Steps of several streams on a copy of the weights packed now for the packed micro-kernel
         (kernels/gemm.py), instead of Model.step's BLAS product, which repacks them on every call.
         The copy is the weights at this call: after changing theta, call its repack(). `blocks`:
-        the blocks of units the panels are cut into (default: as a beam search's threads)."""
-        return PackedSteps(self, self.generation_threads() if blocks is None else blocks)
+        the blocks of units the panels are cut into (default: as a beam search's threads).
+        `precision`: "fp32", or "bf16" (or a backend, "amx" or "dot") for bfloat16 products with
+        float32 sums, as in run_search."""
+        return PackedSteps(self, self.generation_threads() if blocks is None else blocks, precision)
 
-    def run_search(self, sr: search.Search, h, c, end_id: int) -> None:
+    def run_search(self, sr: search.Search, h, c, end_id: int, precision: str = "fp32") -> None:
         """Run a whole beam search (kernels/search.py, for beam.py) over the record `sr`
         (search.search_buffers) from the state h, c (L, 1, H) of one stream, the prime's; sr holds
         the results. A beam of one runs the sampler's own single-stream step; a wider one packs
         the weights once, at the start of this call, and runs on the generation threads. The
-        positions go SEARCH_CHUNK at a time, so an interrupt is seen between chunks."""
+        positions go SEARCH_CHUNK at a time, so an interrupt is seen between chunks.
+        `precision` "bf16" (or a backend, "amx" or "dot") runs a wider beam's products on bfloat16
+        operands with float32 sums (a float32 model on a CPU that has them: ValueError otherwise);
+        a beam of one is the float32 sampler's greedy decoding whatever it says."""
         cfg = self.cfg
         self._check_state(h, c, 1)
         K, N = sr.top_v.shape[0], sr.parent.shape[0]
@@ -394,14 +399,16 @@ class Model:
                     return
             return
         n = self.generation_threads()
-        if self._search is None or self._search[0] != (K, n):
+        backend = self._backend(precision)
+        if self._search is None or self._search[0] != (K, n, backend):
             ub = bptt.bounds(cfg.hidden, n, align=16)
-            self._search = ((K, n), search.packed_buffers(cfg.cell, cfg.G, cfg.layers, cfg.hidden, cfg.vocab_size, ub, self.dtype),
+            args = (cfg.G, cfg.layers, cfg.hidden, cfg.vocab_size, ub)
+            self._search = ((K, n, backend), search.packed_buffers(cfg.cell, *args, self.dtype, backend),
                             search.work_buffers(cfg.cell, cfg.G, cfg.layers, K + 1, cfg.hidden, cfg.vocab_size, ub, self.dtype),
-                            layout.new_sync(len(ub) - 1))
-        _, pk, wk, sync = self._search
+                            layout.new_sync(len(ub) - 1), search.products_buffers(backend, *args))
+        _, pk, wk, sync, prec = self._search
         for t0, t1 in chunks:  # the weights are packed at t0 = 0 only: one search, one copy
-            search.search_threads(self.cell, self._net, pk, wk, sr, h, c, end_id, t0, t1, threads.team(), sync)
+            search.search_threads(prec, self.cell, self._net, pk, wk, sr, h, c, end_id, t0, t1, threads.team(), sync)
             if sr.info[search.I_DONE]:
                 return
 
@@ -435,19 +442,23 @@ class PackedSteps:
     """Model.step for several streams on packed weights (Model.packed_steps): the weights are
     copied into panels when this is made and when repack() is called, never behind the caller's
     back, so a change to theta in between is not seen until repack(). The numbers agree with
-    Model.step's to float32 rounding (the products sum in another order)."""
+    Model.step's to float32 rounding (the products sum in another order); in bf16, with a step
+    whose products round their operands to bfloat16 (tests/reference.py's bfloat16_operand)."""
 
-    def __init__(self, model: Model, blocks: int = 1):
+    def __init__(self, model: Model, blocks: int = 1, precision: str = "fp32"):
         cfg = model.cfg
         self.model = model
+        backend = model._backend(precision)
         ub = bptt.bounds(cfg.hidden, max(1, int(blocks)), align=16)
-        self.packed = search.packed_buffers(cfg.cell, cfg.G, cfg.layers, cfg.hidden, cfg.vocab_size, ub, model.dtype)
+        args = (cfg.G, cfg.layers, cfg.hidden, cfg.vocab_size, ub)
+        self.packed = search.packed_buffers(cfg.cell, *args, model.dtype, backend)
+        self.prec = search.products_buffers(backend, *args)
         self._work = {}  # streams -> search.Work
         self.repack()
 
     def repack(self) -> "PackedSteps":
         """Pack the model's weights as they are now."""
-        search._pack(self.model.cell, self.model._net, self.packed)
+        search._pack(self.prec, self.model.cell, self.model._net, self.packed)
         return self
 
     def step(self, tokens, state: State) -> np.ndarray:
@@ -464,7 +475,7 @@ class PackedSteps:
         if wk is None:
             wk = self._work[nb] = search.work_buffers(cfg.cell, cfg.G, cfg.layers, nb, cfg.hidden, cfg.vocab_size,
                                                       self.packed.ub, m.dtype)
-        search._packed_step(m.cell, m._net, self.packed, wk, tok, state.h, state.c)
+        search._packed_step(self.prec, m.cell, m._net, self.packed, wk, tok, state.h, state.c)
         return wk.logits.copy()
 
     def __enter__(self) -> "PackedSteps":

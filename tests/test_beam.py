@@ -228,13 +228,37 @@ def test_cli_beam_jsonl(model_dir):
     (["--beam", "3", "--temp", "0.5"], "--temp"), (["--beam", "3", "--top-k", "2"], "--top-k"),
     (["--beam", "3", "--top-p", "0.9"], "--top-p"), (["--beam", "3", "--length", "0"], "--length"),
     (["--beam", "2", "--num", "3"], "--num 3"), (["--beam", "0"], "--beam"), (["--beam", "x"], "--beam"),
-    (["--beam", "100000"], "--beam"),
+    (["--beam", "100000"], "--beam"), (["--precision", "bf16"], "--precision bf16 is for --beam"),
+    (["--beam", "3", "--precision", "bf8"], "--precision"),
 ])
 def test_cli_beam_refusals(model_dir, args, needle):
     res = run(["sample", "--model", model_dir, *args])
     assert res.exit_code == 2 and needle in res.output
     if "charrnn: error" in res.output:
         assert len(res.output.strip().splitlines()) == 1
+
+
+def test_cli_beam_precision_bf16(model_dir):
+    """--precision bf16 runs the search on bfloat16 products and says so on stderr (the texts those of
+    beam_search(precision="bf16")); on a CPU without them, a one-line note and float32's texts. A beam
+    of one stays the float32 sampler's greedy decoding, silently."""
+    from charrnn import checkpoint, precision
+    from charrnn.beam import beam_search
+
+    args = ["sample", "--model", model_dir, "--beam", "4", "--num", "2", "--length", "40", "--prime", "the "]
+    res = sh(args + ["--precision", "bf16"])
+    assert res.returncode == 0, res.stderr
+    ck = checkpoint.load(checkpoint.resolve(model_dir)[0])
+    have = precision.backend() is not None
+    if have:
+        assert "beam search on bf16 products" in res.stderr and "note:" not in res.stderr
+    else:
+        assert "note: this CPU has no bfloat16 products" in res.stderr
+    found = beam_search(ck.model, ck.vocab, ck.vocab.encode("the "), 4, 40, num=2, precision="bf16" if have else "fp32")
+    assert res.stdout == "".join("the " + h.text + "\n" for h in found)
+    one = sh(["sample", "--model", model_dir, "--beam", "1", "--length", "40", "--precision", "bf16", "-q"])
+    assert one.returncode == 0 and one.stderr == ""
+    assert one.stdout == run(["sample", "--model", model_dir, "--temp", "0", "--length", "40", "-q"]).output
 
 
 def test_cli_beam_pipe_ends_quietly(model_dir):

@@ -3,7 +3,9 @@ Model.packed_steps, Model.run_search): the packed step against Model.step's BLAS
 float64 reference, for every cell, 1-2 layers, several stream counts and 1-2 blocks of units;
 the packed copy sees a change of weights only when repacked; the compiled search finds the same
 hypotheses as the numpy search it replaced (tests/beam_reference.py), on one thread and on two;
-and its pieces (log-softmax, top-K with ties) against beam.py's numpy definitions."""
+its pieces (log-softmax, top-K with ties) against beam.py's numpy definitions; and the same in
+bf16 (`sample --precision bf16`) against the reference whose products round their operands to
+bfloat16 (tests/reference.py's bfloat16_operand), on every backend this CPU has."""
 
 import numpy as np
 import pytest
@@ -12,21 +14,29 @@ from hypothesis import strategies as hs
 
 from charrnn import threads
 from charrnn.beam import beam_search, log_softmax, top_flat
-from charrnn.kernels import search
+from charrnn.kernels import gemm16, search
 from charrnn.kernels.jit import kernel
 from charrnn.model import Model, ModelConfig, State
-from charrnn.vocab import END_ID, Vocab
+from charrnn.vocab import END_ID, START_ID, Vocab
 from tests import reference as ref
 from tests.beam_reference import beam_search_numpy
 from tests.common import CASE_IDS, CASES, make, ref_params, two_threads
 
 
-def ref_step(m, tok, h, c):
-    """Reference logits (nb, V) and new state of one step, float64."""
+BACKENDS = gemm16.backends()
+needs_bf16 = pytest.mark.skipif(not BACKENDS, reason="this CPU has no bfloat16 products (AVX512_BF16 or AMX)")
+backend_params = pytest.mark.parametrize("backend", BACKENDS or ["none"])
+
+
+def ref_step(m, tok, h, c, operand=None):
+    """Reference logits (nb, V) and new state of one step, float64 (with operand=bfloat16_operand:
+    the products' operands rounded to bfloat16, as the bf16 precision's)."""
     L, B = m.cfg.layers, tok.shape[0]
     x = tok.reshape(1, B).astype(np.int64)
     c0 = c.astype(np.float64) if m.cfg.cell == "lstm" else None
-    _, logits, hT, cT, _ = ref.forward(m.cfg.cell, ref_params(m), x, x, h.astype(np.float64), c0, None, m.cfg.nonlinearity)
+    kw = {"operand": operand} if operand is not None else {}
+    _, logits, hT, cT, _ = ref.forward(m.cfg.cell, ref_params(m), x, x, h.astype(np.float64), c0, None, m.cfg.nonlinearity,
+                                       **kw)
     assert hT.shape == (L, B, m.cfg.hidden)
     return logits[0], hT, cT
 
@@ -245,3 +255,109 @@ def test_search_in_chunks_is_the_same_search(width):
         del m.SEARCH_CHUNK
         same_hypotheses(want, beam_search_numpy(m, vocab, vocab.encode("ab"), width, 25, num=width, documents=docs),
                         1e-12)
+
+
+# ----------------------------------------------------------------------------- bf16 (sample --precision bf16)
+@needs_bf16
+@backend_params
+@pytest.mark.parametrize("cell,nonlin", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("L", [1, 2])
+def test_bf16_packed_step_matches_the_bf16_reference(backend, cell, nonlin, L):
+    """Logits and state of a bf16 PackedSteps.step against the reference with bfloat16 operands to
+    float32 accumulation, 1 to 17 streams (short and full tiles), 1 and 2 blocks of units; the
+    float32 packed step is measurably further from that reference (the comparison sees the rounding)."""
+    for nb in (1, 5, 17):
+        m, _, _, h, c = make(cell, nonlin, L, V=11, H=40, T=1, B=nb, dtype=np.float32, seed=30 + nb)
+        tok = np.random.default_rng(nb).integers(0, 11, nb).astype(np.int32)
+        want, wh, wc = ref_step(m, tok, h, c, ref.bfloat16_operand)
+        scale = np.max(np.abs(want))
+        f32 = m.packed_steps(1).step(tok, State(h.copy(), c.copy()))
+        assert np.max(np.abs(f32 - want)) > 20 * 2e-6 * scale
+        for blocks in (1, 2):
+            with m.packed_steps(blocks, precision=backend) as ps:
+                state = State(h.copy(), c.copy())
+                got = ps.step(tok, state)
+                assert got.shape == (nb, 11) and got.dtype == np.float32
+                np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)
+                np.testing.assert_allclose(state.h, wh, rtol=0, atol=2e-6)
+                if cell == "lstm":
+                    np.testing.assert_allclose(state.c, wc, rtol=0, atol=4e-6)
+
+
+@needs_bf16
+@backend_params
+def test_bf16_packed_steps_repack_and_blocks_change_no_number(backend):
+    """1, 2 and 3 blocks give the very same numbers in bf16 too (each column sums over k in the
+    same order whatever the block), and repack() sees a change of weights."""
+    m, _, _, h, c = make("lstm", "tanh", 2, V=13, H=64, T=1, B=7, dtype=np.float32, seed=5)
+    tok = np.arange(7, dtype=np.int32)
+    outs = [m.packed_steps(b, precision=backend).step(tok, State(h.copy(), c.copy())) for b in (1, 2, 3)]
+    for lg in outs[1:]:
+        np.testing.assert_array_equal(lg, outs[0])
+    ps = m.packed_steps(2, precision=backend)
+    m.params["rnn.weight_ih_l1"][:] *= -1.5
+    np.testing.assert_array_equal(ps.step(tok, State(h.copy(), c.copy())), outs[0])
+    want = ref_step(m, tok, h, c, ref.bfloat16_operand)[0]
+    np.testing.assert_allclose(ps.repack().step(tok, State(h.copy(), c.copy())), want, rtol=0,
+                               atol=2e-6 * np.max(np.abs(want)))
+
+
+def packed_logprob(ps, m, prime, ids):
+    """log p(ids | <START> prime) stepping PackedSteps `ps` one stream at a time, as beam_search
+    starts: the prime but its last token fed by the float32 sampler, then one step a token."""
+    tokens = np.concatenate([[START_ID], prime]).astype(np.int32)
+    state = m.new_state(1)
+    if len(tokens) > 1:
+        m.feed(tokens[:-1], state.h, state.c)
+    total, tok = 0.0, int(tokens[-1])
+    for i in ids:
+        total += float(log_softmax(ps.step(np.array([tok], dtype=np.int32), state))[0, i])
+        tok = int(i)
+    return total
+
+
+@needs_bf16
+@backend_params
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_bf16_search_scores_its_texts_as_the_bf16_step_does(backend, cell, restore_threads):
+    """Every text the bf16 search returns has the log-probability it reports under the bf16 packed
+    step (each stream's products are its own rows, so one stream at a time gives the same numbers,
+    and the step is held to the reference above); the search beats or equals greedy decoding by
+    that step; and one thread and two give the very same hypotheses (H = 128: two blocks of units,
+    the decoder split between the threads at K = 8). Not compared with a numpy search stepping the
+    reference: a state that float32 and float64 round to different sides of a bfloat16 tie moves a
+    40-step trajectory's logits by up to ~2e-4 (measured), which reorders near-equal hypotheses."""
+    m, vocab = lively("abcdefghij ", cell, "tanh", 128, seed=11)
+    m.theta[:] *= 0.5
+    prime = vocab.encode("ab")
+    for width in (3, 8):
+        threads.set_threads(1)
+        one = beam_search(m, vocab, prime, width, 40, num=width, stop="cd", precision=backend)
+        ps = m.packed_steps(1, precision=backend)
+        for h in one:
+            assert abs(packed_logprob(ps, m, prime, h.ids) - h.logprob) < 1e-9, h.text
+        greedy = []
+        state, tok = m.new_state(1), prime[-1]
+        m.feed(np.concatenate([[START_ID], prime[:-1]]).astype(np.int32), state.h, state.c)
+        for _ in range(40):
+            tok = int(np.argmax(ps.step(np.array([tok], dtype=np.int32), state)[0]))
+            greedy.append(tok)
+        if one[0].end == "length" and "cd" not in vocab.decode(greedy):  # both 40 characters: by total
+            assert one[0].logprob >= packed_logprob(ps, m, prime, greedy) - 1e-9
+        two_threads()
+        assert m.generation_threads() == 2
+        same_hypotheses(beam_search(m, vocab, prime, width, 40, num=width, stop="cd", precision=backend), one, 0.0)
+    # the bf16 search is not float32's: the texts or their scores differ
+    f32 = beam_search(m, vocab, prime, 8, 40, num=8, stop="cd")
+    assert [h.text for h in f32] != [h.text for h in one] or max(abs(a.logprob - b.logprob) for a, b in zip(f32, one)) > 1e-4
+
+
+def test_bf16_search_needs_a_float32_model_and_the_instructions(monkeypatch):
+    m, vocab = lively("abc", "lstm", "tanh", 16, seed=1, dtype=np.float64)
+    with pytest.raises(ValueError, match="float32"):
+        beam_search(m, vocab, [], 3, 5, precision="bf16")
+    m, vocab = lively("abc", "lstm", "tanh", 16, seed=1)
+    monkeypatch.setattr(gemm16, "backends", lambda: ())
+    with pytest.raises(ValueError, match="no bfloat16 products"):
+        beam_search(m, vocab, [], 3, 5, precision="bf16")
+    assert beam_search(m, vocab, [], 1, 5, precision="bf16")  # a beam of one: the float32 sampler

@@ -48,6 +48,10 @@ Example: charrnn sample --temp 0.8 --length 500 | head -n 20
               help="Beam search of width K instead of sampling: the most probable text found, scored at "
                    "temperature 1 (no --temp, --top-k, --top-p or --length 0); --num N (at most K) gives the N "
                    "best. Printed when the search ends, not streamed. Example: --beam 8 --length 200")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
+              help="The arithmetic of --beam's matrix products: fp32, or bf16 (operands rounded to bfloat16, sums "
+                   "in float32), faster on CPUs with AMX or AVX512_BF16 (elsewhere: float32, with a note). The "
+                   "texts found may differ from fp32's. --beam 1 and sampling run in float32.")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text",
               help="text: the samples, one per line. jsonl: one JSON object per sample, with text, prime, seed, "
                    "temp, logprob (natural log, at temperature 1, of the text given the prime) and end (length, "
@@ -63,8 +67,8 @@ Example: charrnn sample --temp 0.8 --length 500 | head -n 20
 @threads_option
 @quiet_option
 @handle_errors
-def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_prime_echo, unknown, stop, beam, fmt,
-           corpus, copy_min, copy_report, seed, threads, quiet):
+def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_prime_echo, unknown, stop, beam, precision,
+           fmt, corpus, copy_min, copy_report, seed, threads, quiet):
     """Generate text from a trained model, streamed to stdout (beam search prints each text when
     the search ends)."""
     from charrnn import checkpoint
@@ -73,7 +77,7 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     from charrnn.generate import SampleOptions, in_order, prime_tokens, random_seed, sample_pieces
 
     prime, stop = _text_argument("--prime", prime), _text_argument("--stop", stop)
-    _check_sample_options(click.get_current_context(), prime, prime_file, stop, beam, length, num)
+    _check_sample_options(click.get_current_context(), prime, prime_file, stop, beam, length, num, precision)
     held = _held_chars(fmt, beam, num, length)  # what is held in memory, bounded before any work
     out = ResultsOut()
     path, _ = checkpoint.resolve(model_path)  # (the path, and whether it was guessed from ./runs)
@@ -103,7 +107,7 @@ def sample(model_path, temp, top_k, top_p, length, num, prime, prime_file, no_pr
     echo = prime if (prime and not no_prime_echo) else ""
     copies = _copy_checker(ck, path, corpus, copy_min, fmt == "jsonl" or copy_report, quiet)
     if beam is not None:
-        _beam(ck, prime, prime_ids, beam, length, num, documents, stop, fmt, echo, quiet, out, copies)
+        _beam(ck, prime, prime_ids, beam, length, num, documents, stop, fmt, echo, quiet, out, copies, precision)
         return
     seed = seed if seed is not None else random_seed()  # known, so jsonl can say which
     opts = SampleOptions(temp=temp, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0,
@@ -176,7 +180,7 @@ def _read_corpus(path: str) -> str:
         raise DataError(f"--corpus: {e.reason}") from None
 
 
-def _check_sample_options(ctx, prime, prime_file, stop, beam, length, num):
+def _check_sample_options(ctx, prime, prime_file, stop, beam, length, num, precision="fp32"):
     """The usage errors of `sample` that need no model: one line each, exit status 2."""
     from charrnn.errors import UsageError
 
@@ -185,6 +189,9 @@ def _check_sample_options(ctx, prime, prime_file, stop, beam, length, num):
     if stop is not None and not stop:
         raise UsageError("--stop needs a non-empty STRING")
     if beam is None:
+        if precision != "fp32":
+            raise UsageError(f"--precision {precision} is for --beam K; sampling runs in float32: drop --precision "
+                             "or add --beam")
         return
     sampling = [flag(n) for n in ("temp", "top_k", "top_p") if given(ctx, n)]
     if sampling:
@@ -296,12 +303,23 @@ def _write_jsonl_samples(pieces, record, out: ResultsOut):
 
 
 def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, quiet, out: "ResultsOut",
-          copies=None):
+          copies=None, precision="fp32"):
     """sample --beam: search, then print the texts, best first; each one's log-probability on stderr."""
+    from charrnn import precision as prec
     from charrnn.beam import beam_search
 
+    if precision == "bf16" and width > 1:
+        if prec.backend() is None:
+            click.echo("charrnn: note: this CPU has no bfloat16 products (AVX512_BF16 or AMX); searching in float32",
+                       err=True)
+            precision = "fp32"
+        elif not quiet:
+            click.echo(f"charrnn: beam search on {prec.describe('bf16')}", err=True)
+    elif precision == "bf16":
+        precision = "fp32"  # a beam of one is the float32 sampler's greedy decoding (--help says so)
     with announce_compiling(quiet, "the beam search"):
-        found = beam_search(ck.model, ck.vocab, prime_ids, width, length, num=num, documents=documents, stop=stop)
+        found = beam_search(ck.model, ck.vocab, prime_ids, width, length, num=num, documents=documents, stop=stop,
+                            precision=precision)
     for rank, h in enumerate(found, 1):
         if not quiet:
             n = len(h.ids)

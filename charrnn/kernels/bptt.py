@@ -153,7 +153,9 @@ def _b16_rec_times(prec, scr, p, A, W_hh, G, H, nb, u0, u1, backward, C):
     gemm16.product(prec, p, A, False, prec.wp[p], K, N, C, False)
 
 
-def _by_precision(fn, f32, b16):
+def by_precision(fn, f32, b16):
+    """Make `fn(prec, ...)` compile to `f32` when prec is an F32 and to `b16` for a gemm16 workspace
+    (also kernels/search.py's products)."""
     @overload(fn, jit_options=HELPER, strict=False)
     def _ov(prec, *args):
         return f32 if _precision_of(prec) == "F32" else b16
@@ -162,7 +164,7 @@ def _by_precision(fn, f32, b16):
 for _fn, _f32, _b16 in ((times_t, _f32_times_t, _b16_times_t), (times, _f32_times, _b16_times),
                         (t_times, _f32_t_times, _b16_t_times), (rec_pack, _f32_rec_pack, _b16_rec_pack),
                         (rec_times, _f32_rec_times, _b16_rec_times)):
-    _by_precision(_fn, _f32, _b16)
+    by_precision(_fn, _f32, _b16)
 
 
 # ----------------------------------------------------------------------------- row pieces

@@ -14,8 +14,12 @@ again; thread 0 runs the search's bookkeeping and reorders the state, then all m
 split changes no number: every product sums over k in the same order whatever the block or the
 rows, so one thread and two give the same hypotheses.
 
+The products run in float32 on gemm.py's panels, or (`sample --precision bf16`) on bfloat16 operands
+with float32 sums on gemm16.py's, chosen by the type of the kernels' `prec` argument ("products, by
+precision" below); everything else (the cell, the log-softmax, the search's rules) is the same code.
+
 Steps of a beam of one (greedy decoding) use the sampler's own single-stream step (sample.step),
-so a beam of one is exactly `--temp 0` sampling.
+so a beam of one is exactly `--temp 0` sampling, in float32.
 
 The packed copy of the weights lives for one call of _search, or for the life of a Packed made
 by the caller (Model.packed_steps), which packs again on request: nothing here caches weights
@@ -30,7 +34,8 @@ from collections import namedtuple
 
 import numpy as np
 
-from charrnn.kernels import cells
+from charrnn.kernels import cells, gemm16
+from charrnn.kernels.bptt import by_precision
 from charrnn.kernels.gemm import mm_packed, pack_fwd
 from charrnn.kernels.jit import helper, kernel
 from charrnn.kernels.layout import Layer, decoder_weights, layer_weights, thread_rows
@@ -45,6 +50,7 @@ Packed = namedtuple("Packed", [
     "w0t",    # (V, G*H) weight_ih_l0 transposed: layer 0's input is a row of it
     "ub",     # (n+1,) unit bounds of the blocks
     "chunk",  # elements of one layer's panels in a block's row
+    "chunk16",  # bf16: elements of one layer's bfloat16 panels in the workspace's wp row (0: float32)
 ])
 
 Work = namedtuple("Work", [  # one step of up to NB streams
@@ -93,10 +99,31 @@ END_LENGTH, END_END, END_STOP = 0, 1, 2
 DECODE_SPLIT = 8
 
 
-# ----------------------------------------------------------------------------- packing
-@helper
-def pack_block(cell, net, pk, p):
+# ----------------------------------------------------------------------------- products, by precision
+# Every product of a step goes through the four functions below. Their first argument, `prec`,
+# chooses the arithmetic by its type when the kernel compiles, as in bptt.py: bptt.F32, the float32
+# panels of gemm.py (Packed's whh, wih and wd); or a workspace of gemm16.py (AMX or DOT), whose
+# products round their operands to bfloat16 and sum in float32 (`sample --precision bf16`). Its
+# panels: each thread's W_hh of layers 0..L-1 and then W_ih of layers 1..L-1 in its row of wp,
+# Packed.chunk16 apart, and the decoder's in bp[0], which every thread reads. Layer 0's one-hot input
+# is a row of w0t in float32 either way (a selection, not a product: as in training).
+def pack_block(prec, cell, net, pk, p):  # pragma: no cover - overloaded below
     """Block p's panels: its rows of every layer's W_hh and of W_ih of layers 1.."""
+
+
+def pack_shared(prec, cell, net, pk):  # pragma: no cover
+    """The panels every block reads: decoder.weight^T, and w0t (float32 either way)."""
+
+
+def layer_product(prec, pk, p, A, which, k, L, C, H):  # pragma: no cover
+    """C (nb, G*Hp) <- A (nb, H) @ block p's rows of W_hh (which 0) or W_ih (which 1) of layer k, ^T."""
+
+
+def decoder_product(prec, pk, p, A, C, H):  # pragma: no cover
+    """C (rows, V) <- A (rows, H) @ decoder.weight^T, in thread p's buffers."""
+
+
+def _f32_pack_block(prec, cell, net, pk, p):
     G, H, L = cell.G, net.H, net.L
     u0, u1 = pk.ub[p], pk.ub[p + 1]
     for k in range(L):
@@ -106,25 +133,70 @@ def pack_block(cell, net, pk, p):
             pack_fwd(W_ih, G, H, u0, u1, pk.wih[p][(k - 1) * pk.chunk : k * pk.chunk])
 
 
-@helper
-def pack_shared(cell, net, pk):
-    """The panels every block reads: decoder.weight^T (pack_fwd with one gate of V rows) and w0t."""
+def _f32_pack_shared(prec, cell, net, pk):
     Wd = decoder_weights(net.theta, net)[0]
-    pack_fwd(Wd, 1, net.H, 0, net.V, pk.wd)
+    pack_fwd(Wd, 1, net.H, 0, net.V, pk.wd)  # one gate of V rows
     fill_w0t(pk.w0t, net, cell.G)
 
 
+def _f32_layer_product(prec, pk, p, A, which, k, L, C, H):
+    c = pk.chunk
+    if which == 0:
+        mm_packed(A, pk.whh[p][k * c : (k + 1) * c], C, H)
+    else:
+        mm_packed(A, pk.wih[p][(k - 1) * c : k * c], C, H)
+
+
+def _f32_decoder_product(prec, pk, p, A, C, H):
+    mm_packed(A, pk.wd, C, H)
+
+
+def _b16_pack_block(prec, cell, net, pk, p):
+    G, H, L = cell.G, net.H, net.L
+    u0, u1 = pk.ub[p], pk.ub[p + 1]
+    c = pk.chunk16
+    wp = prec.wp[p]
+    for k in range(L):
+        W_ih, W_hh = layer_weights(net.theta, net, k, G)[:2]
+        gemm16.pack_b_gates(W_hh, G, H, u0, u1, wp[k * c : (k + 1) * c], prec.ab[p])
+        if k > 0:
+            gemm16.pack_b_gates(W_ih, G, H, u0, u1, wp[(L + k - 1) * c : (L + k) * c], prec.ab[p])
+
+
+def _b16_pack_shared(prec, cell, net, pk):
+    Wd = decoder_weights(net.theta, net)[0]
+    gemm16.pack_b(Wd, True, 0, net.V, prec.bp[0], prec.ab[0])
+    fill_w0t(pk.w0t, net, cell.G)
+
+
+def _b16_layer_product(prec, pk, p, A, which, k, L, C, H):
+    c = pk.chunk16
+    j = k if which == 0 else L + k - 1
+    gemm16.product(prec, p, A, False, prec.wp[p][j * c : (j + 1) * c], H, C.shape[1], C, False)
+
+
+def _b16_decoder_product(prec, pk, p, A, C, H):
+    gemm16.product(prec, p, A, False, prec.bp[0], H, C.shape[1], C, False)
+
+
+for _fn, _f32, _b16 in ((pack_block, _f32_pack_block, _b16_pack_block),
+                        (pack_shared, _f32_pack_shared, _b16_pack_shared),
+                        (layer_product, _f32_layer_product, _b16_layer_product),
+                        (decoder_product, _f32_decoder_product, _b16_decoder_product)):
+    by_precision(_fn, _f32, _b16)
+
+
 @kernel
-def _pack(cell, net, pk):
+def _pack(prec, cell, net, pk):
     """Every block's panels and the shared ones, on one thread (Model.packed_steps)."""
     for p in range(pk.ub.shape[0] - 1):
-        pack_block(cell, net, pk, p)
-    pack_shared(cell, net, pk)
+        pack_block(prec, cell, net, pk, p)
+    pack_shared(prec, cell, net, pk)
 
 
 # ----------------------------------------------------------------------------- one step, packed
 @helper
-def layer_block(cell, net, pk, wk, tok, nb, k, p):
+def layer_block(prec, cell, net, pk, wk, tok, nb, k, p):
     """Layer k of the step for units ub[p]..ub[p+1]-1 of nb streams: reads hs[k-1][1] (the layer
     below, this step) and hs[k][0] (this layer, the step before); writes hs[k][1] (and cs)."""
     G, H = cell.G, net.H
@@ -139,24 +211,25 @@ def layer_block(cell, net, pk, wk, tok, nb, k, p):
             gather_input(g2[b], W_ih, pk.w0t, tok[b], b_ih, b_hh, cell, u0, u1, H)
     else:
         gp = thread_rows(wk.gp, p, nb, G * Hp)
-        mm_packed(rows(wk.hs[k - 1, 1], 0, nb), pk.wih[p][(k - 1) * pk.chunk : k * pk.chunk], gp, H)
+        layer_product(prec, pk, p, rows(wk.hs[k - 1, 1], 0, nb), 1, k, net.L, gp, H)
         for b in range(nb):  # the block's products into the gate-major row, biases folded
             for g in range(G):
                 dst = g2[b, g * H + u0 : g * H + u1]
                 copy(dst, gp[b, g * Hp : (g + 1) * Hp])
                 cells.fold_bias(cell, dst, b_ih[g * H + u0 : g * H + u1], b_hh[g * H + u0 : g * H + u1])
-    mm_packed(rows(wk.hs[k, 0], 0, nb), pk.whh[p][k * pk.chunk : (k + 1) * pk.chunk], hp, H)
+    layer_product(prec, pk, p, rows(wk.hs[k, 0], 0, nb), 0, k, net.L, hp, H)
     cells.forward(cell, lay, 0, 0, nb, u0, u1, hp, b_hh)
 
 
 @helper
-def decode(net, pk, wk, r0, r1):
-    """logits[r0:r1] <- the top layer's new state of streams r0..r1-1 @ decoder.weight^T + decoder.bias."""
+def decode(prec, net, pk, wk, p, r0, r1):
+    """logits[r0:r1] <- the top layer's new state of streams r0..r1-1 @ decoder.weight^T + decoder.bias,
+    in thread p's buffers."""
     L, V = net.L, net.V
     if r1 <= r0:
         return
     bd = decoder_weights(net.theta, net)[1]
-    mm_packed(rows(wk.hs[L - 1, 1], r0, r1), pk.wd, rows(wk.logits, r0, r1), net.H)
+    decoder_product(prec, pk, p, rows(wk.hs[L - 1, 1], r0, r1), rows(wk.logits, r0, r1), net.H)
     for b in range(r0, r1):
         row = wk.logits[b]
         for v in range(V):
@@ -164,12 +237,13 @@ def decode(net, pk, wk, r0, r1):
 
 
 @kernel
-def _packed_step(cell, net, pk, wk, tok, h, c):
+def _packed_step(prec, cell, net, pk, wk, tok, h, c):
     """One step of nb = tok.shape[0] streams from state h, c (L, nb, H), updated in place;
     wk.logits[:nb] out. Every block in turn, on this thread."""
     nb = tok.shape[0]
     L = net.L
     lstm = wk.cs.shape[1] > 0
+    gemm16.tiles_on(prec, 0)
     for k in range(L):
         for b in range(nb):
             copy(wk.hs[k, 0, b], h[k, b])
@@ -177,13 +251,14 @@ def _packed_step(cell, net, pk, wk, tok, h, c):
                 copy(wk.cs[k, 0, b], c[k, b])
     for k in range(L):
         for p in range(pk.ub.shape[0] - 1):
-            layer_block(cell, net, pk, wk, tok, nb, k, p)
-    decode(net, pk, wk, 0, nb)
+            layer_block(prec, cell, net, pk, wk, tok, nb, k, p)
+    decode(prec, net, pk, wk, 0, 0, nb)
     for k in range(L):
         for b in range(nb):
             copy(h[k, b], wk.hs[k, 1, b])
             if lstm:
                 copy(c[k, b], wk.cs[k, 1, b])
+    gemm16.tiles_off(prec)
 
 
 # ----------------------------------------------------------------------------- one position of the search
@@ -349,7 +424,7 @@ def finish(sr):
 
 # ----------------------------------------------------------------------------- the search's loops
 @kernel
-def _search_threads(p, n, cell, net, pk, wk, sr, h, c, end_id, t0, t1, sync):
+def _search_threads(p, n, prec, cell, net, pk, wk, sr, h, c, end_id, t0, t1, sync):
     """Thread p of n: positions t0..t1-1 of the search of sr.parent.shape[0] positions (everything
     it carries from one call to the next lives in sr and wk). At t0 = 0 every stream starts from
     the state h, c (L, 1, H), the prime's, and the weights are packed: each thread its block of
@@ -357,10 +432,11 @@ def _search_threads(p, n, cell, net, pk, wk, sr, h, c, end_id, t0, t1, sync):
     L = net.L
     N = sr.parent.shape[0]
     lstm = wk.cs.shape[1] > 0
+    gemm16.tiles_on(prec, p)
     if t0 == 0:
-        pack_block(cell, net, pk, p)
+        pack_block(prec, cell, net, pk, p)
         if p == 0:
-            pack_shared(cell, net, pk)
+            pack_shared(prec, cell, net, pk)
             for k in range(L):  # every stream starts from the prime's state
                 for b in range(sr.info[I_N] + sr.info[I_GREEDY]):
                     copy(wk.hs[k, 0, b], h[k, 0])
@@ -370,12 +446,12 @@ def _search_threads(p, n, cell, net, pk, wk, sr, h, c, end_id, t0, t1, sync):
     for t in range(t0, t1):
         nb = sr.info[I_N] + sr.info[I_GREEDY]
         for k in range(L):
-            layer_block(cell, net, pk, wk, sr.tok, nb, k, p)
+            layer_block(prec, cell, net, pk, wk, sr.tok, nb, k, p)
             ep = barrier(sync, p, n, ep)  # layer k's new state is complete
         split = nb >= DECODE_SPLIT  # each thread decodes its share of the streams, or thread 0 all
         if split or p == 0:
             r0, r1 = ((nb * p) // n, (nb * (p + 1)) // n) if split else (0, nb)
-            decode(net, pk, wk, r0, r1)
+            decode(prec, net, pk, wk, p, r0, r1)
             for r in range(r0, r1):
                 log_softmax_row(wk.logits[r], sr.lp[r])
         if split:
@@ -394,6 +470,7 @@ def _search_threads(p, n, cell, net, pk, wk, sr, h, c, end_id, t0, t1, sync):
             break
     if p == 0 and (flag(sync, STOP) != 0 or t1 == N):
         finish(sr)
+    gemm16.tiles_off(prec)
 
 
 @kernel
@@ -412,16 +489,35 @@ def _search_one(cell, net, sr, st, h, c, end_id, t0, t1):
 
 
 # ----------------------------------------------------------------------------- Python side
-def packed_buffers(cell_name: str, G: int, L: int, H: int, V: int, ub, dtype) -> Packed:
+def packed_buffers(cell_name: str, G: int, L: int, H: int, V: int, ub, dtype, backend: str = "fp32") -> Packed:
+    """The packed weights' buffers: float32 panels for backend "fp32"; for a bfloat16 backend ("amx",
+    "dot") only w0t and the stride of the panels in the workspace (products_buffers)."""
     from charrnn.kernels import gemm, layout
 
     n = len(ub) - 1
     Hp = int(np.max(np.diff(ub)))
-    chunk = gemm.packed_size(H, G * Hp)
     pt = layout.per_thread
+    if backend != "fp32":
+        return Packed(whh=pt(n, 1, dtype), wih=pt(n, 1, dtype), wd=layout.empty(1, dtype),
+                      w0t=layout.empty((V, G * H), dtype), ub=np.asarray(ub, dtype=np.int64), chunk=0,
+                      chunk16=int(gemm16.packed_b_size(H, G * Hp)))
+    chunk = gemm.packed_size(H, G * Hp)
     return Packed(whh=pt(n, L * chunk, dtype, huge=True), wih=pt(n, max(L - 1, 1) * chunk, dtype, huge=True),
                   wd=layout.empty(gemm.packed_size(H, V), dtype), w0t=layout.empty((V, G * H), dtype),
-                  ub=np.asarray(ub, dtype=np.int64), chunk=int(chunk))
+                  ub=np.asarray(ub, dtype=np.int64), chunk=int(chunk), chunk16=0)
+
+
+def products_buffers(backend: str, G: int, L: int, H: int, V: int, ub):
+    """The kernels' `prec`: bptt.F32 for "fp32"; for "amx" or "dot" a gemm16 workspace whose wp rows
+    hold each thread's bfloat16 panels (2L - 1 layers' worth) and whose bp[0] holds the decoder's."""
+    from charrnn.kernels.bptt import F32
+
+    if backend == "fp32":
+        return F32(0)
+    n = len(ub) - 1
+    Hp = int(np.max(np.diff(ub)))
+    chunk16 = gemm16.packed_b_size(H, G * Hp)
+    return gemm16.workspace(backend, n, H, max(G * Hp, V), gemm16.packed_b_size(H, V), (2 * L - 1) * chunk16)
 
 
 def work_buffers(cell_name: str, G: int, L: int, NB: int, H: int, V: int, ub, dtype) -> Work:
@@ -454,6 +550,6 @@ def search_buffers(width: int, length: int, V: int, banned, table, greedy: bool,
     return sr
 
 
-def search_threads(cell, net, pk, wk, sr, h, c, end_id, t0, t1, team, sync) -> None:
+def search_threads(prec, cell, net, pk, wk, sr, h, c, end_id, t0, t1, team, sync) -> None:
     n = len(pk.ub) - 1
-    team.run(n, _search_threads, n, cell, net, pk, wk, sr, h, c, int(end_id), int(t0), int(t1), sync, sync=sync)
+    team.run(n, _search_threads, n, prec, cell, net, pk, wk, sr, h, c, int(end_id), int(t0), int(t1), sync, sync=sync)
