@@ -4,7 +4,8 @@ with random weights (V = 68), K + 1 streams (the beam and the greedy stream besi
 Three parts, all timed as the best of several rounds on this process's warm kernels:
 
 1. The search: microseconds per position, from two searches of different lengths (their
-   difference, so the start and the read-out cancel), on one thread and on two.
+   difference, so the start and the read-out cancel), on one thread, and on two splitting the
+   units or the streams (kernels/search.py; split_streams chooses between them).
 2. One thread's share of a position with two threads (block 0 of the units, kernels/search.py's
    layer_block for every layer), alone in a loop on one thread:
      products      its matrix products only (gemm.mm_packed on its panels)
@@ -77,7 +78,7 @@ def _share(prec, cell, net, pk, wk, tok, nb, p, decode, lp, reps):
     gemm16.tiles_on(prec, 0)
     for _ in range(reps):
         for k in range(net.L):
-            search.layer_block(prec, cell, net, pk, wk, tok, nb, k, p)
+            search.layer_block(prec, cell, net, pk, wk, tok, 0, nb, k, p, pk.ub[p], pk.ub[p + 1])
         if decode:
             search.decode(prec, net, pk, wk, 0, 0, nb)
             for r in range(nb):
@@ -132,12 +133,16 @@ def main():
     print(f"# 2x{H} LSTM, V = {V}, --beam {K} ({nb} streams), {prec} products")
 
     print("1. the search, microseconds per position")
-    for n in (1, 2):
+    auto = "streams" if search.split_streams(m._search_panel_bytes(m._backend(prec)), nb) else "units"
+    for n, split in ((1, None), (2, "units"), (2, "streams")):
         threads.set_threads(n)
+        m.SEARCH_SPLIT = split
         beam_search(m, vocab, prime, K, 20, precision=prec)
         a = best_us(lambda: beam_search(m, vocab, prime, K, 400, precision=prec), 1, 5)
         b = best_us(lambda: beam_search(m, vocab, prime, K, 2400, precision=prec), 1, 5)
-        print(f"   {n} thread{'s' if n > 1 else ' '}  {(b - a) / 2000:7.1f} us")
+        what = "1 thread " if n == 1 else f"2 threads, {split} split{' (the default)' if split == auto else ''}"
+        print(f"   {what:38s} {(b - a) / 2000:7.1f} us")
+    m.SEARCH_SPLIT = None
     threads.set_threads(1)
 
     ps = m.packed_steps(blocks=2, precision=prec)

@@ -151,6 +151,9 @@ class Model:
     # A beam search runs this many positions per compiled call, so that Ctrl-C is seen between
     # calls (a 2x256 LSTM: 30-100 ms at K = 4 to 16); the buffers carry the search across calls.
     SEARCH_CHUNK = 256
+    # With more than one thread, a beam search splits either the units or the streams between them
+    # (search.split_streams decides); "units" or "streams" here forces one (tests, benchmarks).
+    SEARCH_SPLIT = None
 
     def __init__(self, cfg: ModelConfig, dtype=np.float32, theta=None):
         self.cfg = cfg
@@ -400,17 +403,31 @@ class Model:
             return
         n = self.generation_threads()
         backend = self._backend(precision)
-        if self._search is None or self._search[0] != (K, n, backend):
-            ub = bptt.bounds(cfg.hidden, n, align=16)
+        streams = n >= 2 and (self.SEARCH_SPLIT == "streams" if self.SEARCH_SPLIT is not None
+                              else search.split_streams(self._search_panel_bytes(backend), K + 1))
+        if self._search is None or self._search[0] != (K, n, backend, streams):
+            ub = [0, cfg.hidden] if streams else bptt.bounds(cfg.hidden, n, align=16)
             args = (cfg.G, cfg.layers, cfg.hidden, cfg.vocab_size, ub)
-            self._search = ((K, n, backend), search.packed_buffers(cfg.cell, *args, self.dtype, backend),
-                            search.work_buffers(cfg.cell, cfg.G, cfg.layers, K + 1, cfg.hidden, cfg.vocab_size, ub, self.dtype),
-                            layout.new_sync(len(ub) - 1), search.products_buffers(backend, *args))
+            self._search = ((K, n, backend, streams), search.packed_buffers(cfg.cell, *args, self.dtype, backend, n=n),
+                            search.work_buffers(cfg.cell, cfg.G, cfg.layers, K + 1, cfg.hidden, cfg.vocab_size, ub,
+                                                self.dtype, n=n),
+                            layout.new_sync(n), search.products_buffers(backend, *args, n=n))
         _, pk, wk, sync, prec = self._search
         for t0, t1 in chunks:  # the weights are packed at t0 = 0 only: one search, one copy
-            search.search_threads(prec, self.cell, self._net, pk, wk, sr, h, c, end_id, t0, t1, threads.team(), sync)
+            search.search_threads(prec, self.cell, self._net, pk, wk, sr, h, c, end_id, t0, t1, threads.team(), sync,
+                                  streams)
             if sr.info[search.I_DONE]:
                 return
+
+    def _search_panel_bytes(self, backend: str) -> int:
+        """Bytes of the panels of every layer's products for all units: what each thread would read
+        at every position with the streams split between the threads."""
+        cfg = self.cfg
+        G, H, L = cfg.G, cfg.hidden, cfg.layers
+        if backend == "fp32":
+            from charrnn.kernels import gemm
+            return (2 * L - 1) * gemm.packed_size(H, G * H) * self.dtype.itemsize
+        return (2 * L - 1) * gemm16.packed_b_size(H, G * H) * 2
 
     def generation_threads(self) -> int:
         """Threads the generation loop uses: 1 (the serial kernel) or n >= 2."""

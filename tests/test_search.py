@@ -165,12 +165,18 @@ def test_compiled_search_agrees_on_random_models(seed, width, length, stop, docs
     same_hypotheses(beam_search(*args, **kw), beam_search_numpy(*args, **kw), 1e-12)
 
 
+SPLITS = ["units", "streams"]  # what two threads split (Model.SEARCH_SPLIT)
+
+
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_two_threads_find_the_same_hypotheses(cell):
-    """H = 128 runs on the generation threads (two blocks of units): the same texts and the very
-    same scores as one thread; and the float32 search agrees with the numpy one (BLAS logits)."""
+def test_two_threads_find_the_same_hypotheses(cell, split):
+    """H = 128 runs on the generation threads, splitting the units (two blocks) or the streams
+    between them: the same texts and the very same scores as one thread; and the float32 search
+    agrees with the numpy one (BLAS logits)."""
     m, vocab = lively("abcdefghij ", cell, "tanh", 128, seed=9)
     m.theta[:] *= 0.5
+    m.SEARCH_SPLIT = split
     before = threads.get_threads()
     try:
         threads.set_threads(1)
@@ -318,17 +324,19 @@ def packed_logprob(ps, m, prime, ids):
 
 @needs_bf16
 @backend_params
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_bf16_search_scores_its_texts_as_the_bf16_step_does(backend, cell, restore_threads):
+def test_bf16_search_scores_its_texts_as_the_bf16_step_does(backend, cell, split, restore_threads):
     """Every text the bf16 search returns has the log-probability it reports under the bf16 packed
     step (each stream's products are its own rows, so one stream at a time gives the same numbers,
     and the step is held to the reference above); the search beats or equals greedy decoding by
-    that step; and one thread and two give the very same hypotheses (H = 128: two blocks of units,
-    the decoder split between the threads at K = 8). Not compared with a numpy search stepping the
+    that step; and one thread and two give the very same hypotheses (H = 128, the units or the
+    streams split between the threads; the decoder split between them at K = 8). Not compared with a numpy search stepping the
     reference: a state that float32 and float64 round to different sides of a bfloat16 tie moves a
     40-step trajectory's logits by up to ~2e-4 (measured), which reorders near-equal hypotheses."""
     m, vocab = lively("abcdefghij ", cell, "tanh", 128, seed=11)
     m.theta[:] *= 0.5
+    m.SEARCH_SPLIT = split
     prime = vocab.encode("ab")
     for width in (3, 8):
         threads.set_threads(1)
@@ -361,3 +369,26 @@ def test_bf16_search_needs_a_float32_model_and_the_instructions(monkeypatch):
     with pytest.raises(ValueError, match="no bfloat16 products"):
         beam_search(m, vocab, [], 3, 5, precision="bf16")
     assert beam_search(m, vocab, [], 1, 5, precision="bf16")  # a beam of one: the float32 sampler
+
+
+def test_the_split_of_a_search_follows_the_cache_rule():
+    """split_streams: the streams when the panels fit in half of one core's L2, or in all of it with
+    16 or more streams; the units otherwise. Model.run_search follows it (and SEARCH_SPLIT forces it)."""
+    mib = 1 << 20
+    assert search.split_streams(mib, 5, l2=2 * mib) and search.split_streams(2 * mib, 17, l2=2 * mib)
+    assert not search.split_streams(mib + 1, 9, l2=2 * mib) and not search.split_streams(2 * mib + 1, 17, l2=2 * mib)
+    assert search.l2_bytes() >= 64 << 10
+    m, vocab = lively("abcdef", "lstm", "tanh", 128, seed=3)
+    before = threads.get_threads()
+    try:
+        two_threads()
+        assert m.generation_threads() == 2
+        want = search.split_streams(m._search_panel_bytes("fp32"), 4)
+        beam_search(m, vocab, [], 3, 10)
+        assert m._search[0][3] == want
+        for split in SPLITS:
+            m.SEARCH_SPLIT = split
+            beam_search(m, vocab, [], 3, 10)
+            assert m._search[0][3] == (split == "streams")
+    finally:
+        threads.set_threads(before)

@@ -7,12 +7,18 @@ and reordering the state by the parents of the survivors. One position of a 2x25
 step (0.6 ms: sgemm repacks the weights on every call) and ~30 numpy calls (0.05-0.5 ms); here it
 is the packed micro-kernel of gemm.py on panels packed once, and a few loops over K x V scores.
 
-Threads split every layer's units as in training and generation (each packs and keeps its own
-rows of W_hh and of W_ih of layers 1..), and meet at a barrier after each layer; from DECODE_SPLIT
-streams on, each decodes its share of the streams and takes their log-softmax, and they meet
-again; thread 0 runs the search's bookkeeping and reorders the state, then all meet again. The
-split changes no number: every product sums over k in the same order whatever the block or the
-rows, so one thread and two give the same hypotheses.
+Several threads split either the units or the streams (split_streams decides, from the size of
+the panels and the cache; Model.run_search asks it):
+- _search_threads splits every layer's units as in training and generation (each thread packs and
+  keeps its own rows of W_hh and of W_ih of layers 1..), and they meet at a barrier after each
+  layer; from DECODE_SPLIT streams on, each decodes its share of the streams and takes their
+  log-softmax, and they meet again; thread 0 runs the search's bookkeeping and reorders the state,
+  then all meet again. Every layer's new state crosses cores.
+- _search_streams gives each thread a share of the streams, stepped through every layer on its
+  own copy of all the panels: no state crosses cores between layers, and the threads meet only to
+  rank the candidates and around copying each one's rows from their parents.
+Neither split changes a number: every product sums over k in the same order whatever the block or
+the rows, so one thread and two, either way, give the same hypotheses.
 
 The products run in float32 on gemm.py's panels, or (`sample --precision bf16`) on bfloat16 operands
 with float32 sums on gemm16.py's, chosen by the type of the kernels' `prec` argument ("products, by
@@ -107,8 +113,8 @@ DECODE_SPLIT = 8
 # panels: each thread's W_hh of layers 0..L-1 and then W_ih of layers 1..L-1 in its row of wp,
 # Packed.chunk16 apart, and the decoder's in bp[0], which every thread reads. Layer 0's one-hot input
 # is a row of w0t in float32 either way (a selection, not a product: as in training).
-def pack_block(prec, cell, net, pk, p):  # pragma: no cover - overloaded below
-    """Block p's panels: its rows of every layer's W_hh and of W_ih of layers 1.."""
+def pack_block(prec, cell, net, pk, p, u0, u1):  # pragma: no cover - overloaded below
+    """Row p's panels: the rows of units u0..u1-1 of every layer's W_hh and of W_ih of layers 1.."""
 
 
 def pack_shared(prec, cell, net, pk):  # pragma: no cover
@@ -123,9 +129,8 @@ def decoder_product(prec, pk, p, A, C, H):  # pragma: no cover
     """C (rows, V) <- A (rows, H) @ decoder.weight^T, in thread p's buffers."""
 
 
-def _f32_pack_block(prec, cell, net, pk, p):
+def _f32_pack_block(prec, cell, net, pk, p, u0, u1):
     G, H, L = cell.G, net.H, net.L
-    u0, u1 = pk.ub[p], pk.ub[p + 1]
     for k in range(L):
         W_ih, W_hh = layer_weights(net.theta, net, k, G)[:2]
         pack_fwd(W_hh, G, H, u0, u1, pk.whh[p][k * pk.chunk : (k + 1) * pk.chunk])
@@ -151,9 +156,8 @@ def _f32_decoder_product(prec, pk, p, A, C, H):
     mm_packed(A, pk.wd, C, H)
 
 
-def _b16_pack_block(prec, cell, net, pk, p):
+def _b16_pack_block(prec, cell, net, pk, p, u0, u1):
     G, H, L = cell.G, net.H, net.L
-    u0, u1 = pk.ub[p], pk.ub[p + 1]
     c = pk.chunk16
     wp = prec.wp[p]
     for k in range(L):
@@ -190,35 +194,35 @@ for _fn, _f32, _b16 in ((pack_block, _f32_pack_block, _b16_pack_block),
 def _pack(prec, cell, net, pk):
     """Every block's panels and the shared ones, on one thread (Model.packed_steps)."""
     for p in range(pk.ub.shape[0] - 1):
-        pack_block(prec, cell, net, pk, p)
+        pack_block(prec, cell, net, pk, p, pk.ub[p], pk.ub[p + 1])
     pack_shared(prec, cell, net, pk)
 
 
 # ----------------------------------------------------------------------------- one step, packed
 @helper
-def layer_block(prec, cell, net, pk, wk, tok, nb, k, p):
-    """Layer k of the step for units ub[p]..ub[p+1]-1 of nb streams: reads hs[k-1][1] (the layer
-    below, this step) and hs[k][0] (this layer, the step before); writes hs[k][1] (and cs)."""
+def layer_block(prec, cell, net, pk, wk, tok, s0, s1, k, p, u0, u1):
+    """Layer k of the step for units u0..u1-1 of streams s0..s1-1, on row p's panels (packed for
+    those units) and row p of the scratch: reads hs[k-1][1] (the layer below, this step) and
+    hs[k][0] (this layer, the step before); writes hs[k][1] (and cs)."""
     G, H = cell.G, net.H
-    u0, u1 = pk.ub[p], pk.ub[p + 1]
-    Hp = u1 - u0
+    Hp, ns = u1 - u0, s1 - s0
     W_ih, W_hh, b_ih, b_hh = layer_weights(net.theta, net, k, G)
     lay = Layer(wk.gates, wk.hs[k], wk.cs[k], wk.tcs, wk.hn)
     g2 = wk.gates[0]
-    hp = thread_rows(wk.hp, p, nb, G * Hp)
+    hp = thread_rows(wk.hp, p, ns, G * Hp)
     if k == 0:
-        for b in range(nb):  # the one-hot input product: a row of w0t
+        for b in range(s0, s1):  # the one-hot input product: a row of w0t
             gather_input(g2[b], W_ih, pk.w0t, tok[b], b_ih, b_hh, cell, u0, u1, H)
     else:
-        gp = thread_rows(wk.gp, p, nb, G * Hp)
-        layer_product(prec, pk, p, rows(wk.hs[k - 1, 1], 0, nb), 1, k, net.L, gp, H)
-        for b in range(nb):  # the block's products into the gate-major row, biases folded
+        gp = thread_rows(wk.gp, p, ns, G * Hp)
+        layer_product(prec, pk, p, rows(wk.hs[k - 1, 1], s0, s1), 1, k, net.L, gp, H)
+        for b in range(s0, s1):  # the block's products into the gate-major row, biases folded
             for g in range(G):
                 dst = g2[b, g * H + u0 : g * H + u1]
-                copy(dst, gp[b, g * Hp : (g + 1) * Hp])
+                copy(dst, gp[b - s0, g * Hp : (g + 1) * Hp])
                 cells.fold_bias(cell, dst, b_ih[g * H + u0 : g * H + u1], b_hh[g * H + u0 : g * H + u1])
-    layer_product(prec, pk, p, rows(wk.hs[k, 0], 0, nb), 0, k, net.L, hp, H)
-    cells.forward(cell, lay, 0, 0, nb, u0, u1, hp, b_hh)
+    layer_product(prec, pk, p, rows(wk.hs[k, 0], s0, s1), 0, k, net.L, hp, H)
+    cells.forward(cell, lay, 0, s0, s1, u0, u1, hp, b_hh)
 
 
 @helper
@@ -251,7 +255,7 @@ def _packed_step(prec, cell, net, pk, wk, tok, h, c):
                 copy(wk.cs[k, 0, b], c[k, b])
     for k in range(L):
         for p in range(pk.ub.shape[0] - 1):
-            layer_block(prec, cell, net, pk, wk, tok, nb, k, p)
+            layer_block(prec, cell, net, pk, wk, tok, 0, nb, k, p, pk.ub[p], pk.ub[p + 1])
     decode(prec, net, pk, wk, 0, 0, nb)
     for k in range(L):
         for b in range(nb):
@@ -423,6 +427,20 @@ def finish(sr):
 
 
 # ----------------------------------------------------------------------------- the search's loops
+@helper
+def start(prec, cell, net, pk, wk, sr, h, c, p, u0, u1):
+    """The start of a search, thread p: its row of panels (units u0..u1-1); thread 0 also the shared
+    panels and every stream's state, the prime's h, c (L, 1, H)."""
+    pack_block(prec, cell, net, pk, p, u0, u1)
+    if p == 0:
+        pack_shared(prec, cell, net, pk)
+        for k in range(net.L):
+            for b in range(sr.info[I_N] + sr.info[I_GREEDY]):
+                copy(wk.hs[k, 0, b], h[k, 0])
+                if wk.cs.shape[1] > 0:
+                    copy(wk.cs[k, 0, b], c[k, 0])
+
+
 @kernel
 def _search_threads(p, n, prec, cell, net, pk, wk, sr, h, c, end_id, t0, t1, sync):
     """Thread p of n: positions t0..t1-1 of the search of sr.parent.shape[0] positions (everything
@@ -434,19 +452,12 @@ def _search_threads(p, n, prec, cell, net, pk, wk, sr, h, c, end_id, t0, t1, syn
     lstm = wk.cs.shape[1] > 0
     gemm16.tiles_on(prec, p)
     if t0 == 0:
-        pack_block(prec, cell, net, pk, p)
-        if p == 0:
-            pack_shared(prec, cell, net, pk)
-            for k in range(L):  # every stream starts from the prime's state
-                for b in range(sr.info[I_N] + sr.info[I_GREEDY]):
-                    copy(wk.hs[k, 0, b], h[k, 0])
-                    if lstm:
-                        copy(wk.cs[k, 0, b], c[k, 0])
+        start(prec, cell, net, pk, wk, sr, h, c, p, pk.ub[p], pk.ub[p + 1])
     ep = barrier(sync, p, n, 1)
     for t in range(t0, t1):
         nb = sr.info[I_N] + sr.info[I_GREEDY]
         for k in range(L):
-            layer_block(prec, cell, net, pk, wk, sr.tok, nb, k, p)
+            layer_block(prec, cell, net, pk, wk, sr.tok, 0, nb, k, p, pk.ub[p], pk.ub[p + 1])
             ep = barrier(sync, p, n, ep)  # layer k's new state is complete
         split = nb >= DECODE_SPLIT  # each thread decodes its share of the streams, or thread 0 all
         if split or p == 0:
@@ -474,6 +485,47 @@ def _search_threads(p, n, prec, cell, net, pk, wk, sr, h, c, end_id, t0, t1, syn
 
 
 @kernel
+def _search_streams(p, n, prec, cell, net, pk, wk, sr, h, c, end_id, t0, t1, sync):
+    """As _search_threads, with the streams split between the threads instead of the units: thread
+    p steps its share of the rows through every layer on its own copy of all the panels (row p of
+    pk, packed for units 0..H-1), so no state crosses cores between layers and the threads meet
+    only to rank the candidates (thread 0) and after each has copied its own rows' parents. For a
+    model whose panels fit one core's cache (Model.run_search decides)."""
+    L, H = net.L, net.H
+    N = sr.parent.shape[0]
+    lstm = wk.cs.shape[1] > 0
+    gemm16.tiles_on(prec, p)
+    if t0 == 0:
+        start(prec, cell, net, pk, wk, sr, h, c, p, 0, H)
+    ep = barrier(sync, p, n, 1)
+    for t in range(t0, t1):
+        nb = sr.info[I_N] + sr.info[I_GREEDY]
+        s0, s1 = (nb * p) // n, (nb * (p + 1)) // n
+        for k in range(L):
+            layer_block(prec, cell, net, pk, wk, sr.tok, s0, s1, k, p, 0, H)
+        decode(prec, net, pk, wk, p, s0, s1)
+        for r in range(s0, s1):
+            log_softmax_row(wk.logits[r], sr.lp[r])
+        ep = barrier(sync, p, n, ep)  # every stream's log-softmax is complete
+        if p == 0:
+            if position(sr, rows(wk.logits, 0, nb), t, end_id) == 0:
+                raise_flag(sync, STOP, 1)
+        ep = barrier(sync, p, n, ep)  # the tokens, the parents and the stop flag are visible
+        if flag(sync, STOP) != 0:
+            break
+        nk = sr.info[I_N] + sr.info[I_GREEDY]
+        for k in range(L):  # each thread its own rows of the next step, from their parents
+            for j in range((nk * p) // n, (nk * (p + 1)) // n):
+                copy(wk.hs[k, 0, j], wk.hs[k, 1, sr.keep[j]])
+                if lstm:
+                    copy(wk.cs[k, 0, j], wk.cs[k, 1, sr.keep[j]])
+        ep = barrier(sync, p, n, ep)  # read every parent before any thread writes hs[k][1] again
+    if p == 0 and (flag(sync, STOP) != 0 or t1 == N):
+        finish(sr)
+    gemm16.tiles_off(prec)
+
+
+@kernel
 def _search_one(cell, net, sr, st, h, c, end_id, t0, t1):
     """Positions t0..t1-1 of a beam of one (greedy decoding) from state h, c (L, 1, H), updated:
     the sampler's own single-stream step, so its logits are exactly those of `--temp 0` sampling."""
@@ -489,12 +541,14 @@ def _search_one(cell, net, sr, st, h, c, end_id, t0, t1):
 
 
 # ----------------------------------------------------------------------------- Python side
-def packed_buffers(cell_name: str, G: int, L: int, H: int, V: int, ub, dtype, backend: str = "fp32") -> Packed:
+def packed_buffers(cell_name: str, G: int, L: int, H: int, V: int, ub, dtype, backend: str = "fp32",
+                   n: int | None = None) -> Packed:
     """The packed weights' buffers: float32 panels for backend "fp32"; for a bfloat16 backend ("amx",
-    "dot") only w0t and the stride of the panels in the workspace (products_buffers)."""
+    "dot") only w0t and the stride of the panels in the workspace (products_buffers). One row of
+    panels per block of units ub, or n rows of the widest block (the streams split: n threads)."""
     from charrnn.kernels import gemm, layout
 
-    n = len(ub) - 1
+    n = len(ub) - 1 if n is None else n
     Hp = int(np.max(np.diff(ub)))
     pt = layout.per_thread
     if backend != "fp32":
@@ -507,23 +561,24 @@ def packed_buffers(cell_name: str, G: int, L: int, H: int, V: int, ub, dtype, ba
                   ub=np.asarray(ub, dtype=np.int64), chunk=int(chunk), chunk16=0)
 
 
-def products_buffers(backend: str, G: int, L: int, H: int, V: int, ub):
+def products_buffers(backend: str, G: int, L: int, H: int, V: int, ub, n: int | None = None):
     """The kernels' `prec`: bptt.F32 for "fp32"; for "amx" or "dot" a gemm16 workspace whose wp rows
-    hold each thread's bfloat16 panels (2L - 1 layers' worth) and whose bp[0] holds the decoder's."""
+    hold each thread's bfloat16 panels (2L - 1 layers' worth) and whose bp[0] holds the decoder's
+    (rows as packed_buffers)."""
     from charrnn.kernels.bptt import F32
 
     if backend == "fp32":
         return F32(0)
-    n = len(ub) - 1
+    n = len(ub) - 1 if n is None else n
     Hp = int(np.max(np.diff(ub)))
     chunk16 = gemm16.packed_b_size(H, G * Hp)
     return gemm16.workspace(backend, n, H, max(G * Hp, V), gemm16.packed_b_size(H, V), (2 * L - 1) * chunk16)
 
 
-def work_buffers(cell_name: str, G: int, L: int, NB: int, H: int, V: int, ub, dtype) -> Work:
+def work_buffers(cell_name: str, G: int, L: int, NB: int, H: int, V: int, ub, dtype, n: int | None = None) -> Work:
     from charrnn.kernels import layout
 
-    n = len(ub) - 1
+    n = len(ub) - 1 if n is None else n
     Hp = int(np.max(np.diff(ub)))
     uses = lambda slot: cells.uses(cell_name, slot)  # noqa: E731
     e, pt = layout.empty, layout.per_thread
@@ -550,6 +605,45 @@ def search_buffers(width: int, length: int, V: int, banned, table, greedy: bool,
     return sr
 
 
-def search_threads(prec, cell, net, pk, wk, sr, h, c, end_id, t0, t1, team, sync) -> None:
+def l2_bytes() -> int:
+    """One core's L2 cache in bytes, from Linux's sysfs; 1 MiB where it cannot be read."""
+    import glob
+
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(d + "/level") as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(d + "/size") as f:
+                text = f.read().strip().upper()
+            return int(text.rstrip("KM")) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        except (OSError, ValueError):
+            break
+    return 1 << 20
+
+
+def split_streams(panel_bytes: int, streams: int, l2: int | None = None) -> bool:
+    """Whether a beam search of `streams` streams on several threads should split the streams
+    between them rather than the units, when all the panels of its products take `panel_bytes`.
+
+    Splitting units keeps each core's share of the weights small but sends every layer's new state
+    across cores: about 33 us a position on a 2-core VM, whatever the size. Splitting streams sends
+    none, but every thread reads all the panels at every position: a good trade when they fit in
+    half of one core's L2, or in all of it with 8 or more rows a thread to share the reads.
+    Measured on the Xeon of benchmarks/results/beam_throughput.txt (2 MiB of L2), 2-layer LSTMs,
+    streams against units: 1.12-1.54x at 0.4-0.9 MB of panels (K = 4 to 16); at 1.6-1.8 MB 1.14-1.19x
+    for K = 16, 0.78-0.96x for K = 4 and 8; 0.45-0.93x at 3.1 MB and more."""
+    l2 = l2_bytes() if l2 is None else l2
+    return panel_bytes <= l2 // 2 or (panel_bytes <= l2 and streams >= 16)
+
+
+def search_threads(prec, cell, net, pk, wk, sr, h, c, end_id, t0, t1, team, sync, streams: bool = False) -> None:
+    """Positions t0..t1-1 on the team: the units split between the threads (pk's blocks), or with
+    `streams` the streams (pk one block of all units, a row of panels per thread)."""
+    if streams:
+        n = pk.whh.shape[0]
+        team.run(n, _search_streams, n, prec, cell, net, pk, wk, sr, h, c, int(end_id), int(t0), int(t1), sync,
+                 sync=sync)
+        return
     n = len(pk.ub) - 1
     team.run(n, _search_threads, n, prec, cell, net, pk, wk, sr, h, c, int(end_id), int(t0), int(t1), sync, sync=sync)
