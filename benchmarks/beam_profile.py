@@ -20,7 +20,7 @@ Three parts, all timed as the best of several rounds on this process's warm kern
 With --precision bf16 the search and the share run on bfloat16 products (`sample --precision
 bf16`); the products line is float32's only.
 
-    python benchmarks/beam_profile.py [--width 16] [--hidden 256] [--precision fp32|bf16]
+    python benchmarks/beam_profile.py [--width 16] [--hidden 256] [--precision fp32|bf16] [--threads 2]
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ def main():
     ap.add_argument("--width", type=int, default=16, help="beam width K")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--threads", type=int, default=2, help="threads of part 1's two splits (default 2)")
     args = ap.parse_args()
     K, H, prec = args.width, args.hidden, args.precision
     nb = K + 1
@@ -134,13 +135,14 @@ def main():
 
     print("1. the search, microseconds per position")
     auto = "streams" if search.split_streams(m._search_panel_bytes(m._backend(prec)), nb) else "units"
-    for n, split in ((1, None), (2, "units"), (2, "streams")):
+    nt = args.threads
+    for n, split in ((1, None), (nt, "units"), (nt, "streams")):
         threads.set_threads(n)
         m.SEARCH_SPLIT = split
         beam_search(m, vocab, prime, K, 20, precision=prec)
         a = best_us(lambda: beam_search(m, vocab, prime, K, 400, precision=prec), 1, 5)
         b = best_us(lambda: beam_search(m, vocab, prime, K, 2400, precision=prec), 1, 5)
-        what = "1 thread " if n == 1 else f"2 threads, {split} split{' (the default)' if split == auto else ''}"
+        what = "1 thread " if split is None else f"{n} threads, {split} split{' (the default)' if split == auto else ''}"
         print(f"   {what:38s} {(b - a) / 2000:7.1f} us")
     m.SEARCH_SPLIT = None
     threads.set_threads(1)
