@@ -134,7 +134,7 @@ def main():
     print(f"# 2x{H} LSTM, V = {V}, --beam {K} ({nb} streams), {prec} products")
 
     print("1. the search, microseconds per position")
-    auto = "streams" if search.split_streams(m._search_panel_bytes(m._backend(prec)), nb) else "units"
+    auto = "streams" if search.split_streams(search.panel_bytes(m._backend(prec), m.cfg.G, m.cfg.layers, H, 4), nb) else "units"
     nt = args.threads
     for n, split in ((1, None), (nt, "units"), (nt, "streams")):
         threads.set_threads(n)

@@ -404,14 +404,15 @@ class Model:
         n = self.generation_threads()
         backend = self._backend(precision)
         streams = n >= 2 and (self.SEARCH_SPLIT == "streams" if self.SEARCH_SPLIT is not None
-                              else search.split_streams(self._search_panel_bytes(backend), K + 1))
+                              else search.split_streams(self._panel_bytes(backend), K + 1))
         if self._search is None or self._search[0] != (K, n, backend, streams):
             ub = [0, cfg.hidden] if streams else bptt.bounds(cfg.hidden, n, align=16)
             args = (cfg.G, cfg.layers, cfg.hidden, cfg.vocab_size, ub)
-            self._search = ((K, n, backend, streams), search.packed_buffers(cfg.cell, *args, self.dtype, backend, n=n),
+            pk = search.packed_buffers(cfg.cell, *args, self.dtype, backend, n=n)
+            self._search = ((K, n, backend, streams), pk,
                             search.work_buffers(cfg.cell, cfg.G, cfg.layers, K + 1, cfg.hidden, cfg.vocab_size, ub,
                                                 self.dtype, n=n),
-                            layout.new_sync(n), search.products_buffers(backend, *args, n=n))
+                            layout.new_sync(n), search.products_buffers(backend, pk, *args[:-1]))
         _, pk, wk, sync, prec = self._search
         for t0, t1 in chunks:  # the weights are packed at t0 = 0 only: one search, one copy
             search.search_threads(prec, self.cell, self._net, pk, wk, sr, h, c, end_id, t0, t1, threads.team(), sync,
@@ -419,15 +420,9 @@ class Model:
             if sr.info[search.I_DONE]:
                 return
 
-    def _search_panel_bytes(self, backend: str) -> int:
-        """Bytes of the panels of every layer's products for all units: what each thread would read
-        at every position with the streams split between the threads."""
-        cfg = self.cfg
-        G, H, L = cfg.G, cfg.hidden, cfg.layers
-        if backend == "fp32":
-            from charrnn.kernels import gemm
-            return (2 * L - 1) * gemm.packed_size(H, G * H) * self.dtype.itemsize
-        return (2 * L - 1) * gemm16.packed_b_size(H, G * H) * 2
+    def _panel_bytes(self, backend: str) -> int:
+        """search.panel_bytes for this model: what each thread of a streams split reads a position."""
+        return search.panel_bytes(backend, self.cfg.G, self.cfg.layers, self.cfg.hidden, self.dtype.itemsize)
 
     def generation_threads(self) -> int:
         """Threads the generation loop uses: 1 (the serial kernel) or n >= 2."""
@@ -469,7 +464,7 @@ class PackedSteps:
         ub = bptt.bounds(cfg.hidden, max(1, int(blocks)), align=16)
         args = (cfg.G, cfg.layers, cfg.hidden, cfg.vocab_size, ub)
         self.packed = search.packed_buffers(cfg.cell, *args, model.dtype, backend)
-        self.prec = search.products_buffers(backend, *args)
+        self.prec = search.products_buffers(backend, self.packed, *args[:-1])
         self._work = {}  # streams -> search.Work
         self.repack()
 

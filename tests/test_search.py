@@ -383,7 +383,7 @@ def test_the_split_of_a_search_follows_the_cache_rule():
     try:
         two_threads()
         assert m.generation_threads() == 2
-        want = search.split_streams(m._search_panel_bytes("fp32"), 4)
+        want = search.split_streams(m._panel_bytes("fp32"), 4)
         beam_search(m, vocab, [], 3, 10)
         assert m._search[0][3] == want
         for split in SPLITS:

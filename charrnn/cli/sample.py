@@ -315,8 +315,6 @@ def _beam(ck, prime, prime_ids, width, length, num, documents, stop, fmt, echo, 
             precision = "fp32"
         elif not quiet:
             click.echo(f"charrnn: beam search on {prec.describe('bf16')}", err=True)
-    elif precision == "bf16":
-        precision = "fp32"  # a beam of one is the float32 sampler's greedy decoding (--help says so)
     with announce_compiling(quiet, "the beam search"):
         found = beam_search(ck.model, ck.vocab, prime_ids, width, length, num=num, documents=documents, stop=stop,
                             precision=precision)

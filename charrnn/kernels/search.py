@@ -36,6 +36,7 @@ Equations (temperature 1), per position, for live hypothesis r with total log-pr
     cand[r, v] = s_r + lp[r, v]  (-inf for banned v),  the K best kept, ties in flat-index order
 """
 
+import functools
 from collections import namedtuple
 
 import numpy as np
@@ -561,18 +562,17 @@ def packed_buffers(cell_name: str, G: int, L: int, H: int, V: int, ub, dtype, ba
                   ub=np.asarray(ub, dtype=np.int64), chunk=int(chunk), chunk16=0)
 
 
-def products_buffers(backend: str, G: int, L: int, H: int, V: int, ub, n: int | None = None):
-    """The kernels' `prec`: bptt.F32 for "fp32"; for "amx" or "dot" a gemm16 workspace whose wp rows
-    hold each thread's bfloat16 panels (2L - 1 layers' worth) and whose bp[0] holds the decoder's
-    (rows as packed_buffers)."""
+def products_buffers(backend: str, pk: Packed, G: int, L: int, H: int, V: int):
+    """The kernels' `prec` for the panels pk (packed_buffers of the same backend): bptt.F32 for
+    "fp32"; for "amx" or "dot" a gemm16 workspace whose wp rows hold each of pk's rows of bfloat16
+    panels (2L - 1 layers' worth, pk.chunk16 apart) and whose bp[0] holds the decoder's."""
     from charrnn.kernels.bptt import F32
 
     if backend == "fp32":
         return F32(0)
-    n = len(ub) - 1 if n is None else n
-    Hp = int(np.max(np.diff(ub)))
-    chunk16 = gemm16.packed_b_size(H, G * Hp)
-    return gemm16.workspace(backend, n, H, max(G * Hp, V), gemm16.packed_b_size(H, V), (2 * L - 1) * chunk16)
+    Hp = int(np.max(np.diff(pk.ub)))
+    return gemm16.workspace(backend, pk.whh.shape[0], H, max(G * Hp, V), gemm16.packed_b_size(H, V),
+                            (2 * L - 1) * pk.chunk16)
 
 
 def work_buffers(cell_name: str, G: int, L: int, NB: int, H: int, V: int, ub, dtype, n: int | None = None) -> Work:
@@ -605,8 +605,20 @@ def search_buffers(width: int, length: int, V: int, banned, table, greedy: bool,
     return sr
 
 
+def panel_bytes(backend: str, G: int, L: int, H: int, itemsize: int) -> int:
+    """Bytes of the panels of every layer's products for all H units (2L - 1 matrices of G*H x H):
+    what each thread reads at every position when the threads split the streams. `itemsize`: the
+    float32 panels' element size (the model's dtype); bfloat16 panels are 2 bytes."""
+    from charrnn.kernels import gemm
+
+    if backend == "fp32":
+        return (2 * L - 1) * gemm.packed_size(H, G * H) * itemsize
+    return (2 * L - 1) * gemm16.packed_b_size(H, G * H) * 2
+
+
+@functools.lru_cache(maxsize=1)
 def l2_bytes() -> int:
-    """One core's L2 cache in bytes, from Linux's sysfs; 1 MiB where it cannot be read."""
+    """One core's L2 cache in bytes, from Linux's sysfs (read once); 1 MiB where it cannot be read."""
     import glob
 
     for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
@@ -629,7 +641,8 @@ def split_streams(panel_bytes: int, streams: int, l2: int | None = None) -> bool
     Splitting units keeps each core's share of the weights small but sends every layer's new state
     across cores: about 33 us a position on a 2-core VM, whatever the size. Splitting streams sends
     none, but every thread reads all the panels at every position: a good trade when they fit in
-    half of one core's L2, or in all of it with 8 or more rows a thread to share the reads.
+    half of one core's L2, or in all of it from 16 streams on (8 rows a thread at two threads) to
+    share the reads.
     Measured on the Xeon of benchmarks/results/beam_throughput.txt (2 MiB of L2), 2-layer LSTMs,
     streams against units: 1.12-1.54x at 0.4-0.9 MB of panels (K = 4 to 16); at 1.6-1.8 MB 1.14-1.19x
     for K = 16, 0.78-0.96x for K = 4 and 8; 0.45-0.93x at 3.1 MB and more."""
@@ -640,10 +653,6 @@ def split_streams(panel_bytes: int, streams: int, l2: int | None = None) -> bool
 def search_threads(prec, cell, net, pk, wk, sr, h, c, end_id, t0, t1, team, sync, streams: bool = False) -> None:
     """Positions t0..t1-1 on the team: the units split between the threads (pk's blocks), or with
     `streams` the streams (pk one block of all units, a row of panels per thread)."""
-    if streams:
-        n = pk.whh.shape[0]
-        team.run(n, _search_streams, n, prec, cell, net, pk, wk, sr, h, c, int(end_id), int(t0), int(t1), sync,
-                 sync=sync)
-        return
-    n = len(pk.ub) - 1
-    team.run(n, _search_threads, n, prec, cell, net, pk, wk, sr, h, c, int(end_id), int(t0), int(t1), sync, sync=sync)
+    n = pk.whh.shape[0]  # a row of panels per thread, either way
+    run = _search_streams if streams else _search_threads
+    team.run(n, run, n, prec, cell, net, pk, wk, sr, h, c, int(end_id), int(t0), int(t1), sync, sync=sync)
