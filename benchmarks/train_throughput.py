@@ -16,6 +16,7 @@ threads on two cores collapse under any other load.
     python benchmarks/train_throughput.py --configs A,B --rounds 5 --seconds 8
     python benchmarks/train_throughput.py --cell gru      # GRUs (what a --minutes run trains)
     python benchmarks/train_throughput.py --baseline /path/to/other/checkout   # before/after, interleaved
+                                             # (float32, and bf16 too when charrnn-bf16 is a side)
     python benchmarks/train_throughput.py --vocab 50004 --configs B --sides charrnn   # a CJK-sized vocabulary
     python benchmarks/train_throughput.py --cell gru --configs B --weight-drop 0.2 --average   # regularised steps
 
@@ -46,6 +47,7 @@ CONFIGS = {  # name: (layers, hidden, batch, seq)
     "B": (2, 256, 32, 64),
     "C": (2, 512, 50, 50),
     "D": (3, 512, 64, 100),
+    "E": (2, 768, 32, 64),  # what --minutes 30 trains on tiny Shakespeare here (LSTM, bf16)
 }
 V = 68
 
@@ -192,8 +194,10 @@ def main():
         worker(args.worker[0], args.worker[1], args.seconds, args.threads, args.cell, args.weight_drop, args.average)
         return
     sides = args.sides.split(",")
-    if args.baseline:
+    if args.baseline:  # the other checkout's float32 step, and its bf16 step beside ours
         sides.insert(1, "baseline")
+        if "charrnn-bf16" in sides:
+            sides.insert(sides.index("charrnn-bf16") + 1, "baseline-bf16")
     if any(s.startswith("torch") for s in sides):
         try:
             import torch  # noqa: F401
@@ -208,9 +212,9 @@ def main():
         for name in args.configs.split(","):
             for side in sides:
                 env = dict(os.environ)
-                if side == "baseline":
+                if side.startswith("baseline"):
                     env["PYTHONPATH"] = os.path.abspath(args.baseline)
-                worker_side = "charrnn" if side in ("baseline", "charrnn-reg") else side
+                worker_side = {"baseline": "charrnn", "charrnn-reg": "charrnn", "baseline-bf16": "charrnn-bf16"}.get(side, side)
                 # with a charrnn-reg side, the plain charrnn side runs without the regularisers
                 reg = side != "charrnn" or "charrnn-reg" not in sides
                 wd, av = (args.weight_drop, args.average) if reg else (0.0, False)
@@ -255,6 +259,9 @@ def main():
         if args.baseline:
             bm = med("baseline")
             print(f"{'':4s} baseline {bm:,.0f} chars/s, {peak('baseline'):.0f} MiB: this checkout {cm / bm:.2f}x")
+            if "baseline-bf16" in sides:
+                bb = med("baseline-bf16")
+                print(f"{'':4s} baseline bf16 {bb:,.0f} chars/s: this checkout's bf16 {med('charrnn-bf16') / bb:.2f}x")
 
 if __name__ == "__main__":
     main()

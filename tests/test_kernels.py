@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from charrnn import threads
-from charrnn.kernels import bptt, gemm
+from charrnn.kernels import bptt, gemm, layout
 from charrnn.model import Model, ModelConfig, param_shapes
 from tests import reference as ref
 from tests.common import CASE_IDS, CASES, grad_views, make, ref_nll, ref_params, ref_run, rel_error, two_threads
@@ -384,6 +384,62 @@ def test_thread_plan_splits_streams_when_each_thread_gets_enough():
     for T, B, H, n in ((50, 50, 128, 2), (64, 32, 256, 16), (1, 1, 8, 4), (7, 3, 5, 8)):
         p = bptt.plan(T, B, H, n)
         assert p.rb[0] == 0 and p.rb[-1] == T * B and len(p.rb) == p.n + 1 and np.all(np.diff(p.rb) > 0)
+
+
+def test_thread_plan_splits_units_when_a_thread_would_read_more_weights_than_its_l2(monkeypatch):
+    """Past one core's L2, a streams split reads all of W_hh from L3 at every step for a few rows:
+    units then, up to MIN_STREAMS_PER_THREAD_PAST_L2 streams a thread; below it the old rule."""
+    monkeypatch.setattr(layout, "l2_bytes", lambda: 2 << 20)
+    big, small = 4 * 768 * 768 * 2, 4 * 384 * 384 * 2  # bf16 LSTM panels: 4.5 MiB, 1.1 MiB
+    few = bptt.MIN_STREAMS_PER_THREAD_PAST_L2
+    assert bptt.plan(64, 2 * few - 1, 768, 2, big).by_units
+    assert not bptt.plan(64, 2 * few, 768, 2, big).by_units
+    assert not bptt.plan(64, 32, 384, 2, small).by_units
+    assert bptt.plan(64, 32, 512, 2, 2 << 20).by_units  # exactly the L2: other data must fit too
+    p = bptt.plan(64, 32, 768, 2, big)
+    assert p.n == 2 and list(p.ub) == [0, 384, 768] and list(p.sb) == [0, 32]
+    assert not bptt.plan(64, 32, 64, 2, big).by_units  # a small layer stays split by streams
+
+
+def test_a_batch_plans_its_split_from_the_bytes_its_products_read(monkeypatch, restore_threads):
+    """The workspace gives plan() one layer's W_hh in the products' element size (here the float64
+    model's 8 bytes): the same batch splits by units once those bytes reach the L2, by streams
+    below, and equals the float64 reference either way."""
+    threads.set_threads(2)
+    m, x, y, h, c = make("lstm", "tanh", 2, V=6, H=128, T=3, B=20, dropout=0.25)
+    T, B = x.shape
+    masks = m.dropout_masks(T, B, seed=2, step=1)
+    for l2, by_units in ((4 * 128 * 128 * 8, True), (4 * 128 * 128 * 8 + 1, False)):
+        monkeypatch.setattr(layout, "l2_bytes", lambda l2=l2: l2)
+        m._ws = {}
+        assert_batch_matches_reference(m, x, y, h, c, masks, "lstm", "tanh")
+        (ws,) = m._ws.values()
+        assert ws.plan.by_units == by_units and ws.plan.n == 2
+
+
+def test_bf16_batches_agree_split_by_units_and_by_streams(monkeypatch, restore_threads):
+    """bf16 products count 2 bytes an element in the plan, and the split the L2 rule picks for a
+    bf16 batch gives the gradient of the other split to float32 accumulation (the bf16 reference
+    tests hold the streams split to the reference)."""
+    from charrnn.kernels import gemm16
+
+    if not gemm16.backends():
+        pytest.skip("this CPU has no bfloat16 products (AVX512_BF16 or AMX)")
+    threads.set_threads(2)
+    m = Model(ModelConfig(layers=2, hidden=128, vocab_size=9)).init(3)
+    rng = np.random.default_rng(0)
+    x, y = (rng.integers(0, 9, size=(6, 20)).astype(np.int32) for _ in range(2))
+    h, c = m.zero_state(20)
+    got = {}
+    for l2, by_units in ((4 * 128 * 128 * 2, True), (4 * 128 * 128 * 2 + 1, False)):
+        monkeypatch.setattr(layout, "l2_bytes", lambda l2=l2: l2)
+        m._ws = {}
+        out = m.forward_backward(x, y, h, c, precision="bf16")
+        (ws,) = m._ws.values()
+        assert ws.plan.by_units == by_units
+        got[by_units] = (out["loss"], out["grad"].copy())
+    assert abs(got[True][0] - got[False][0]) < 1e-6
+    np.testing.assert_allclose(got[True][1], got[False][1], rtol=0, atol=1e-5 * np.abs(got[False][1]).max())
 
 
 def test_float32_exp_is_within_two_ulp_of_the_true_value_and_keeps_the_special_values():

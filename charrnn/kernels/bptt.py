@@ -442,9 +442,17 @@ def _forward_backward(p, cell, net, bt, acts, scr, plan, backward, prec):
 # lost far less when the host made the two cores slow to talk to each other (95k against 74k at
 # 2x128: a barrier then took 250 ns instead of 55). With 8 streams per thread the two were even.
 # A big machine (32 streams on 16 threads) splits by units.
+#
+# One more case splits by units: a layer's packed W_hh larger than one core's L2. Split by streams,
+# every thread then reads all of it from L3 at every step, for its few rows; split by units, each
+# reads its share for all of them. On the same machine (2 MiB of L2; benchmarks/results/
+# train_throughput.txt), 2 threads, 32 streams, units against streams: bf16 2x512 (2 MiB of panels)
+# 1.06x, 2x640 1.17x, 2x768 1.15x, 2x1024 1.17-1.24x, but 2x384 (1.2 MiB) 0.87-0.94x; float32
+# 2x384 1.03x, 2x768 1.05-1.08x; bf16 2x768 with 48 streams 1.08x and with 64 equal.
 UNITS_SPLIT_MIN_H = 128
 MIN_UNITS_PER_THREAD = 32
 MIN_STREAMS_PER_THREAD = 8
+MIN_STREAMS_PER_THREAD_PAST_L2 = 32
 
 
 def bounds(n: int, parts: int, align: int = 1) -> np.ndarray:
@@ -461,10 +469,12 @@ def bounds(n: int, parts: int, align: int = 1) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def plan(T: int, B: int, H: int, threads: int) -> layout.Plan:
-    """How `threads` threads share a (T, B) batch of a model with H units per layer."""
+def plan(T: int, B: int, H: int, threads: int, panel_bytes: int = 0) -> layout.Plan:
+    """How `threads` threads share a (T, B) batch of a model with H units per layer, whose W_hh takes
+    `panel_bytes` packed for the time loop's products (0: small enough for any cache)."""
     n = max(1, min(threads, T * B))
-    by_units = B == 1 or (H >= UNITS_SPLIT_MIN_H and B < MIN_STREAMS_PER_THREAD * n)
+    few = MIN_STREAMS_PER_THREAD_PAST_L2 if panel_bytes >= layout.l2_bytes() else MIN_STREAMS_PER_THREAD
+    by_units = B == 1 or (H >= UNITS_SPLIT_MIN_H and B < few * n)
     if by_units:
         n = min(n, max(1, H // MIN_UNITS_PER_THREAD))
         if B * H < 256 and MIN_UNITS_PER_THREAD >= 32:  # a barrier per step would cost more than the step
@@ -488,7 +498,8 @@ class Workspace:
 
     def __init__(self, cell_name, G, net, T, B, threads, backward, dropout, dtype, precision="fp32"):
         self.key = (T, B, threads, backward, dropout, np.dtype(dtype), precision)
-        self.plan = plan(T, B, net.H, threads)
+        item = 2 if precision != "fp32" else np.dtype(dtype).itemsize  # bfloat16 panels, or the model's type
+        self.plan = plan(T, B, net.H, threads, G * net.H * net.H * item)
         self.acts = layout.acts(cell_name, G, net.L, T, B, net.H, net.V, dropout, dtype)
         self.scratch = layout.scratch(self.plan, G, B, net.H, net.V, net.theta.shape[0], backward, dtype)
         self.grad = layout.empty(net.theta.shape[0] if backward else 1, dtype)

@@ -10,6 +10,7 @@ Every array allocated here starts on a 64-byte boundary, and every per-thread ro
 packed weight panels of gemm.py never straddle a cache line and no two threads write one line.
 """
 
+import functools
 import mmap
 from collections import namedtuple
 
@@ -235,3 +236,21 @@ def layer(acts, k, T, s0, s1, G):
 def thread_rows(scr_field, p, r, c):
     """Thread p's row of a Scratch field as a C-contiguous (r, c) matrix."""
     return scr_field[p][: r * c].reshape((r, c))
+
+
+@functools.lru_cache(maxsize=1)
+def l2_bytes() -> int:
+    """One core's L2 cache in bytes, from Linux's sysfs (read once); 1 MiB where it cannot be read."""
+    import glob
+
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(d + "/level") as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(d + "/size") as f:
+                text = f.read().strip().upper()
+            return int(text.rstrip("KM")) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        except (OSError, ValueError):
+            break
+    return 1 << 20

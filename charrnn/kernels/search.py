@@ -36,7 +36,6 @@ Equations (temperature 1), per position, for live hypothesis r with total log-pr
     cand[r, v] = s_r + lp[r, v]  (-inf for banned v),  the K best kept, ties in flat-index order
 """
 
-import functools
 from collections import namedtuple
 
 import numpy as np
@@ -45,7 +44,7 @@ from charrnn.kernels import cells, gemm16
 from charrnn.kernels.bptt import by_precision
 from charrnn.kernels.gemm import mm_packed, pack_fwd
 from charrnn.kernels.jit import helper, kernel
-from charrnn.kernels.layout import Layer, decoder_weights, layer_weights, thread_rows
+from charrnn.kernels.layout import Layer, decoder_weights, l2_bytes, layer_weights, thread_rows
 from charrnn.kernels.mathf import copy, rows
 from charrnn.kernels.sample import fill_w0t, gather_input, step
 from charrnn.kernels.sync import STOP, barrier, flag, raise_flag
@@ -614,24 +613,6 @@ def panel_bytes(backend: str, G: int, L: int, H: int, itemsize: int) -> int:
     if backend == "fp32":
         return (2 * L - 1) * gemm.packed_size(H, G * H) * itemsize
     return (2 * L - 1) * gemm16.packed_b_size(H, G * H) * 2
-
-
-@functools.lru_cache(maxsize=1)
-def l2_bytes() -> int:
-    """One core's L2 cache in bytes, from Linux's sysfs (read once); 1 MiB where it cannot be read."""
-    import glob
-
-    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
-        try:
-            with open(d + "/level") as f:
-                if f.read().strip() != "2":
-                    continue
-            with open(d + "/size") as f:
-                text = f.read().strip().upper()
-            return int(text.rstrip("KM")) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-        except (OSError, ValueError):
-            break
-    return 1 << 20
 
 
 def split_streams(panel_bytes: int, streams: int, l2: int | None = None) -> bool:
