@@ -17,6 +17,8 @@ threads on two cores collapse under any other load.
     python benchmarks/train_throughput.py --cell gru      # GRUs (what a --minutes run trains)
     python benchmarks/train_throughput.py --baseline /path/to/other/checkout   # before/after, interleaved
                                              # (float32, and bf16 too when charrnn-bf16 is a side)
+    python benchmarks/train_throughput.py --configs 2x640/32x64,2x768/48x64 --sides charrnn-bf16@streams,charrnn-bf16@units
+                                             # any size; a side@units or side@streams forces the threads' split
     python benchmarks/train_throughput.py --vocab 50004 --configs B --sides charrnn   # a CJK-sized vocabulary
     python benchmarks/train_throughput.py --cell gru --configs B --weight-drop 0.2 --average   # regularised steps
 
@@ -76,8 +78,36 @@ def _own_cpu():
     return t.user + t.system
 
 
+def config(name):
+    """(layers, hidden, batch, seq) of a CONFIGS name, or of a spec such as 2x640/32x64."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    try:
+        (L, H), (B, T) = (map(int, part.split("x")) for part in name.split("/"))
+    except ValueError:
+        raise SystemExit(f"config {name!r}: a name of {sorted(CONFIGS)} or LAYERSxHIDDEN/BATCHxSEQ") from None
+    return L, H, B, T
+
+
+def force_split(split):
+    """Make every training batch in this process split its threads by `split` (units or streams),
+    whatever kernels/bptt.py's plan would choose."""
+    from charrnn.kernels import bptt
+
+    if split == "units":
+        bptt.UNITS_SPLIT_MIN_H = 0
+        bptt.MIN_STREAMS_PER_THREAD = bptt.MIN_STREAMS_PER_THREAD_PAST_L2 = 10**9
+    elif split == "streams":
+        bptt.MIN_STREAMS_PER_THREAD = bptt.MIN_STREAMS_PER_THREAD_PAST_L2 = 0
+    else:
+        raise SystemExit(f"side @{split}: @units or @streams")
+
+
 def worker(side, name, seconds, threads, cell, weight_drop=0.0, average=False):
-    L, H, B, T = CONFIGS[name]
+    L, H, B, T = config(name)
+    side, _, split = side.partition("@")
+    if split:
+        force_split(split)
     G = {"lstm": 4, "gru": 3}[cell]
     import numpy as np
 
@@ -193,6 +223,8 @@ def main():
     if args.worker:
         worker(args.worker[0], args.worker[1], args.seconds, args.threads, args.cell, args.weight_drop, args.average)
         return
+    for name in args.configs.split(","):
+        config(name)  # a bad name stops here, not in a worker
     sides = args.sides.split(",")
     if args.baseline:  # the other checkout's float32 step, and its bf16 step beside ours
         sides.insert(1, "baseline")
@@ -256,6 +288,12 @@ def main():
             rm = med("charrnn-reg")
             print(f"{'':4s} with --weight-drop {args.weight_drop:g}{' and --average' if args.average else ''}: "
                   f"{rm:,.0f} chars/s, {rm / cm:.3f}x the plain step; {rm / fm:.2f}x torch-fused")
+        for side in sides:
+            if "@" in side:
+                print(f"{'':4s} {side} {med(side):,.0f} chars/s")
+        for side in sides:
+            if side.endswith("@units") and side.replace("@units", "@streams") in sides:
+                print(f"{'':4s} {side.replace('@units', '')}: units / streams {med(side) / med(side.replace('@units', '@streams')):.2f}x")
         if args.baseline:
             bm = med("baseline")
             print(f"{'':4s} baseline {bm:,.0f} chars/s, {peak('baseline'):.0f} MiB: this checkout {cm / bm:.2f}x")
