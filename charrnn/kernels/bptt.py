@@ -443,12 +443,12 @@ def _forward_backward(p, cell, net, bt, acts, scr, plan, backward, prec):
 # 2x128: a barrier then took 250 ns instead of 55). With 8 streams per thread the two were even.
 # A big machine (32 streams on 16 threads) splits by units.
 #
-# One more case splits by units: a layer's packed W_hh larger than one core's L2. Split by streams,
+# One more case splits by units: a layer's packed W_hh as large as one core's L2. Split by streams,
 # every thread then reads all of it from L3 at every step, for its few rows; split by units, each
-# reads its share for all of them. On the same machine (2 MiB of L2; benchmarks/results/
-# train_throughput.txt), 2 threads, 32 streams, units against streams: bf16 2x512 (2 MiB of panels)
-# 1.06x, 2x640 1.17x, 2x768 1.15x, 2x1024 1.17-1.24x, but 2x384 (1.2 MiB) 0.87-0.94x; float32
-# 2x384 1.03x, 2x768 1.05-1.08x; bf16 2x768 with 48 streams 1.08x and with 64 equal.
+# reads its share for all of them. On a 2-core Xeon with 2 MiB of L2 (benchmarks/results/
+# bf16_throughput.txt, whole steps), units against streams at 32 x 64: bf16 2x512 (2 MiB of panels)
+# 1.11x, 2x640 1.19x, 2x768 1.14x, 2x1024 1.15x, but 2x384 (1.1 MiB) 0.97x; float32 2x384 to 2x1024
+# 1.03-1.05x; 2x768 with 48 streams 1.14x (bf16) and with 64 even, as 2x512 with 50 (0.98x).
 UNITS_SPLIT_MIN_H = 128
 MIN_UNITS_PER_THREAD = 32
 MIN_STREAMS_PER_THREAD = 8
