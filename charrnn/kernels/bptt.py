@@ -21,7 +21,7 @@ import numpy as np
 from numba.extending import overload
 
 from charrnn.kernels import cells, gemm16
-from charrnn.kernels.gemm import pack_bwd, pack_cols, pack_fwd, pack_rows, times_w, times_wt
+from charrnn.kernels.gemm import pack_bwd, pack_cols, pack_fwd, pack_rows, packed_size, times_w, times_wt
 from charrnn.kernels.jit import HELPER, helper, kernel
 from charrnn.kernels import layout
 from charrnn.kernels.layout import LayerGrad, decoder_weights, layer, layer_weights, part_of, thread_rows
@@ -469,6 +469,14 @@ def bounds(n: int, parts: int, align: int = 1) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
+def w_hh_bytes(precision: str, G: int, H: int, itemsize: int) -> int:
+    """Bytes of one layer's W_hh (G*H x H) packed for the time loop's products: gemm.py's float32
+    panels of `itemsize` for "fp32", gemm16.py's bfloat16 panels (2 bytes) for "amx" or "dot"."""
+    if precision == "fp32":
+        return packed_size(H, G * H) * itemsize
+    return gemm16.packed_b_size(H, G * H) * 2
+
+
 def plan(T: int, B: int, H: int, threads: int, panel_bytes: int = 0) -> layout.Plan:
     """How `threads` threads share a (T, B) batch of a model with H units per layer, whose W_hh takes
     `panel_bytes` packed for the time loop's products (0: small enough for any cache)."""
@@ -498,8 +506,7 @@ class Workspace:
 
     def __init__(self, cell_name, G, net, T, B, threads, backward, dropout, dtype, precision="fp32"):
         self.key = (T, B, threads, backward, dropout, np.dtype(dtype), precision)
-        item = 2 if precision != "fp32" else np.dtype(dtype).itemsize  # bfloat16 panels, or the model's type
-        self.plan = plan(T, B, net.H, threads, G * net.H * net.H * item)
+        self.plan = plan(T, B, net.H, threads, w_hh_bytes(precision, G, net.H, np.dtype(dtype).itemsize))
         self.acts = layout.acts(cell_name, G, net.L, T, B, net.H, net.V, dropout, dtype)
         self.scratch = layout.scratch(self.plan, G, B, net.H, net.V, net.theta.shape[0], backward, dtype)
         self.grad = layout.empty(net.theta.shape[0] if backward else 1, dtype)

@@ -41,7 +41,7 @@ from collections import namedtuple
 import numpy as np
 
 from charrnn.kernels import cells, gemm16
-from charrnn.kernels.bptt import by_precision
+from charrnn.kernels.bptt import by_precision, w_hh_bytes
 from charrnn.kernels.gemm import mm_packed, pack_fwd
 from charrnn.kernels.jit import helper, kernel
 from charrnn.kernels.layout import Layer, decoder_weights, l2_bytes, layer_weights, thread_rows
@@ -608,11 +608,7 @@ def panel_bytes(backend: str, G: int, L: int, H: int, itemsize: int) -> int:
     """Bytes of the panels of every layer's products for all H units (2L - 1 matrices of G*H x H):
     what each thread reads at every position when the threads split the streams. `itemsize`: the
     float32 panels' element size (the model's dtype); bfloat16 panels are 2 bytes."""
-    from charrnn.kernels import gemm
-
-    if backend == "fp32":
-        return (2 * L - 1) * gemm.packed_size(H, G * H) * itemsize
-    return (2 * L - 1) * gemm16.packed_b_size(H, G * H) * 2
+    return (2 * L - 1) * w_hh_bytes(backend, G, H, itemsize)
 
 
 def split_streams(panel_bytes: int, streams: int, l2: int | None = None) -> bool:
